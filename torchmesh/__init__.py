@@ -1,0 +1,34 @@
+"""torchmesh: Mesh TensorFlow's named-dimension model parallelism for eager PyTorch.
+
+Write the program once over tensors with named dims; one line of layout rules says which
+dims are split over which mesh axes; torchmesh inserts every collective.
+"""
+
+from torchmesh import tensor as _tensor  # noqa: F401  (installs MeshTensor's methods)
+from torchmesh.comm.stats import CommRecord, CommStats, comm_stats
+from torchmesh.errors import BackendError, DimError, LayoutError, ParseError, TorchMeshError
+from torchmesh.mesh import Mesh
+from torchmesh.placement.layout import TensorLayout
+from torchmesh.placement.mesh_shape import MeshShape
+from torchmesh.placement.rules import LayoutRules
+from torchmesh.printing import show_layout
+from torchmesh.tensor.construct import arange, distribute, from_local, full, ones, zeros
+from torchmesh.tensor.dims import Dim
+from torchmesh.tensor.einsum import einsum
+from torchmesh.tensor.elementwise import cast, pointwise, where
+from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.tensor.random import dropout, manual_seed, rand, randn
+from torchmesh.tensor.reduce import (
+    log_softmax,
+    logsumexp,
+    reduce_all,
+    reduce_any,
+    reduce_max,
+    reduce_mean,
+    reduce_min,
+    reduce_sum,
+    softmax,
+)
+from torchmesh.tensor.relayout import relayout, rename
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Backends: the collective contract, its autograd pairs, sim, and torch.distributed."""

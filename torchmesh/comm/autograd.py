@@ -1,0 +1,210 @@
+"""The collectives as autograd functions, each paired with its conjugate, for every backend.
+
+| forward            | backward                          |
+|--------------------|-----------------------------------|
+| all_reduce (sum)   | identity                          |
+| sum_grad (identity)| all_reduce of the gradient        |
+| all_gather         | split (keep own block, no comm)   |
+| split              | all_gather                        |
+| reduce_scatter     | all_gather                        |
+| all_to_all         | all_to_all back                   |
+| shift by n         | shift by -n                       |
+
+The invariant that makes these pairs exact: the gradient of a tensor replicated over an axis
+is the whole gradient on every device of that axis. `sum_grad` is where an input is
+broadcast against a dim split over an axis: its per-device gradients are partial sums.
+Axes of size 1 short-circuit: no call, no record.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import Function
+
+from torchmesh.comm import stats
+from torchmesh.comm.backend import Data, MeshImpl
+
+
+def _live(impl: MeshImpl, axes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(a for a in axes if impl.axis_size(a) > 1)
+
+
+def _size(impl: MeshImpl, axes: tuple[str, ...]) -> int:
+    k = 1
+    for a in axes:
+        k *= impl.axis_size(a)
+    return k
+
+
+def _needs_grad(ts: Data) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _rec(impl: MeshImpl, kind: str, axes: tuple[str, ...], ts: Data, phase: str) -> None:
+    if stats.recording():
+        stats.record(kind, axes, _size(impl, axes), ts[0], phase)
+
+
+# ---- raw calls that also record ------------------------------------------------------------
+def _all_reduce(impl, ts, axes, op, phase="forward"):
+    _rec(impl, "all_reduce", axes, ts, phase)
+    return impl.all_reduce(ts, axes, op)
+
+
+def _all_gather(impl, ts, axis, dim, phase="forward"):
+    _rec(impl, "all_gather", (axis,), ts, phase)
+    return impl.all_gather(ts, axis, dim)
+
+
+def _reduce_scatter(impl, ts, axis, dim, phase="forward"):
+    _rec(impl, "reduce_scatter", (axis,), ts, phase)
+    return impl.reduce_scatter(ts, axis, dim)
+
+
+def _all_to_all(impl, ts, axis, gather_dim, split_dim, phase="forward"):
+    _rec(impl, "all_to_all", (axis,), ts, phase)
+    return impl.all_to_all(ts, axis, gather_dim, split_dim)
+
+
+def _shift(impl, ts, axes, offset, wrap, phase="forward"):
+    _rec(impl, "shift", axes, ts, phase)
+    return impl.shift(ts, axes, offset, wrap)
+
+
+# ---- autograd pairs --------------------------------------------------------------------------
+class _AllReduce(Function):
+    @staticmethod
+    def forward(ctx, impl, axes, *ts):
+        return _all_reduce(impl, ts, axes, "sum")
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, *grads)
+
+
+class _SumGrad(Function):
+    @staticmethod
+    def forward(ctx, impl, axes, *ts):
+        ctx.impl, ctx.axes = impl, axes
+        return tuple(t.view_as(t) for t in ts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, *_all_reduce(ctx.impl, grads, ctx.axes, "sum", "backward"))
+
+
+class _AllGather(Function):
+    @staticmethod
+    def forward(ctx, impl, axis, dim, *ts):
+        ctx.impl, ctx.axis, ctx.dim = impl, axis, dim
+        return _all_gather(impl, ts, axis, dim)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, None, *(g.contiguous() for g in ctx.impl.split(grads, ctx.axis, ctx.dim)))
+
+
+class _Split(Function):
+    @staticmethod
+    def forward(ctx, impl, axis, dim, *ts):
+        ctx.impl, ctx.axis, ctx.dim = impl, axis, dim
+        return tuple(t.contiguous() for t in impl.split(ts, axis, dim))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, None, *_all_gather(ctx.impl, grads, ctx.axis, ctx.dim, "backward"))
+
+
+class _ReduceScatter(Function):
+    @staticmethod
+    def forward(ctx, impl, axis, dim, *ts):
+        ctx.impl, ctx.axis, ctx.dim = impl, axis, dim
+        return _reduce_scatter(impl, ts, axis, dim)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, None, *_all_gather(ctx.impl, grads, ctx.axis, ctx.dim, "backward"))
+
+
+class _AllToAll(Function):
+    @staticmethod
+    def forward(ctx, impl, axis, gather_dim, split_dim, *ts):
+        ctx.impl, ctx.axis, ctx.dims = impl, axis, (gather_dim, split_dim)
+        return _all_to_all(impl, ts, axis, gather_dim, split_dim)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g, s = ctx.dims
+        return (None, None, None, None, *_all_to_all(ctx.impl, grads, ctx.axis, s, g, "backward"))
+
+
+class _Shift(Function):
+    @staticmethod
+    def forward(ctx, impl, axes, offset, wrap, *ts):
+        ctx.impl, ctx.axes, ctx.offset, ctx.wrap = impl, axes, offset, wrap
+        return _shift(impl, ts, axes, offset, wrap)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        back = _shift(ctx.impl, grads, ctx.axes, -ctx.offset, ctx.wrap, "backward")
+        return (None, None, None, None, *back)
+
+
+# ---- the functions ops call ------------------------------------------------------------------
+def all_reduce(impl: MeshImpl, ts: Data, axes: tuple[str, ...], op: str = "sum") -> Data:
+    """Sum (or max/min, not differentiable) over the devices of `axes`; result replicated."""
+    axes = _live(impl, axes)
+    if not axes:
+        return ts
+    if op == "sum" and _needs_grad(ts):
+        return _AllReduce.apply(impl, axes, *ts)
+    return _all_reduce(impl, ts, axes, op)
+
+
+def sum_grad(impl: MeshImpl, ts: Data, axes: tuple[str, ...]) -> Data:
+    """Identity forward; backward sums the gradient over `axes` (an input broadcast there)."""
+    axes = _live(impl, axes)
+    if not axes or not _needs_grad(ts):
+        return ts
+    return _SumGrad.apply(impl, axes, *ts)
+
+
+def all_gather(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
+    if impl.axis_size(axis) == 1:
+        return ts
+    if _needs_grad(ts):
+        return _AllGather.apply(impl, axis, dim, *ts)
+    return _all_gather(impl, ts, axis, dim)
+
+
+def split(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
+    if impl.axis_size(axis) == 1:
+        return ts
+    if _needs_grad(ts):
+        return _Split.apply(impl, axis, dim, *ts)
+    return tuple(t.contiguous() for t in impl.split(ts, axis, dim))
+
+
+def reduce_scatter(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
+    if impl.axis_size(axis) == 1:
+        return ts
+    if _needs_grad(ts):
+        return _ReduceScatter.apply(impl, axis, dim, *ts)
+    return _reduce_scatter(impl, ts, axis, dim)
+
+
+def all_to_all(impl: MeshImpl, ts: Data, axis: str, gather_dim: int, split_dim: int) -> Data:
+    if impl.axis_size(axis) == 1:
+        return ts
+    if _needs_grad(ts):
+        return _AllToAll.apply(impl, axis, gather_dim, split_dim, *ts)
+    return _all_to_all(impl, ts, axis, gather_dim, split_dim)
+
+
+def shift(impl: MeshImpl, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
+    axes = _live(impl, axes)
+    if not axes or offset == 0:
+        return ts
+    if _needs_grad(ts):
+        return _Shift.apply(impl, axes, offset, wrap, *ts)
+    return _shift(impl, ts, axes, offset, wrap)

@@ -1,0 +1,104 @@
+"""The backend contract (Mesh TF's MeshImpl): slice-wise compute and six collectives.
+
+A MeshTensor's data is a tuple of local tensors: one per device on `sim`, one (this rank's
+shard) on `dist`, one (the global tensor) on `xla`. A backend supplies only the raw,
+non-differentiable collectives over such tuples; `comm/autograd.py` pairs them with their
+conjugates once for every backend, and the op definitions in `torchmesh/tensor/` use
+nothing else.
+
+`slice_mesh` is the mesh the local tensors are cut by. It is the real mesh on `sim` and
+`dist`; on `xla` every axis has size 1 there (each local tensor is the global one, and the
+XLA partitioner does the cutting), so every collective short-circuits to the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchmesh.placement.layout import TensorLayout, local_slices
+from torchmesh.placement.mesh_shape import MeshShape
+
+Data = tuple[torch.Tensor, ...]
+
+
+class MeshImpl:
+    """Base class of the backends. Subclasses set `name` and implement the raw collectives."""
+
+    name: str = "?"
+    default_device = torch.device("cpu")
+
+    def __init__(self, shape: MeshShape, slice_mesh: MeshShape | None = None) -> None:
+        self.shape = shape
+        self.slice_mesh = slice_mesh or shape
+        names, sizes = self.slice_mesh.names, self.slice_mesh.sizes
+        self._axis_index = {n: i for i, n in enumerate(names)}
+        self._axis_size = dict(zip(names, sizes))
+
+    # ---- what the devices of this process are -------------------------------------------
+    @property
+    def local_coords(self) -> tuple[tuple[int, ...], ...]:
+        """Mesh coordinates (in `slice_mesh`) of each local tensor of a Data tuple."""
+        raise NotImplementedError
+
+    def axis_size(self, axis: str) -> int:
+        return self._axis_size[axis]
+
+    def coord(self, coords: tuple[int, ...], axis: str) -> int:
+        return coords[self._axis_index[axis]]
+
+    # ---- slice-wise computation ----------------------------------------------------------
+    def slicewise(self, fn: Callable[..., torch.Tensor], *datas: Data) -> Data:
+        """Apply `fn` to each device's local tensors."""
+        return tuple(fn(*ts) for ts in zip(*datas))
+
+    def slicewise_at(self, fn: Callable[..., torch.Tensor], *datas: Data) -> Data:
+        """Like `slicewise`, passing each device's mesh coordinates first: fn(coords, *locals)."""
+        return tuple(fn(c, *ts) for c, ts in zip(self.local_coords, zip(*datas)))
+
+    def make(self, fn: Callable[[tuple[int, ...]], torch.Tensor]) -> Data:
+        """Build data from a function of each device's coordinates."""
+        return tuple(fn(c) for c in self.local_coords)
+
+    # ---- raw collectives (no autograd; `comm/autograd.py` wraps them) ---------------------
+    def all_reduce(self, ts: Data, axes: tuple[str, ...], op: str) -> Data:
+        raise NotImplementedError
+
+    def all_gather(self, ts: Data, axis: str, dim: int) -> Data:
+        raise NotImplementedError
+
+    def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
+        raise NotImplementedError
+
+    def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int) -> Data:
+        raise NotImplementedError
+
+    def shift(self, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
+        """Each device receives the tensor of the device `offset` blocks before it along `axes`
+        (block order: first axis major); devices with no such sender get zeros unless `wrap`."""
+        raise NotImplementedError
+
+    def split(self, ts: Data, axis: str, dim: int) -> Data:
+        """Keep this device's block over `axis` along `dim` (local, no communication)."""
+        k = self.axis_size(axis)
+        i = self._axis_index[axis]
+        return tuple(t.chunk(k, dim)[c[i]] for t, c in zip(ts, self.local_coords))
+
+    # ---- global values ------------------------------------------------------------------
+    def from_global(self, tensor: torch.Tensor, layout: TensorLayout) -> Data:
+        """Each device's block of a global tensor (every process passes the same tensor)."""
+        return self.make(lambda c: tensor[local_slices(layout, self.slice_mesh, c)].clone())
+
+    def global_value(self, data: Data) -> torch.Tensor:
+        """The global tensor from fully replicated data."""
+        return data[0]
+
+    # ---- hooks ----------------------------------------------------------------------------
+    def annotate(self, ts: Data, layout: Any) -> Data:
+        """Called on every new MeshTensor's data; the XLA backend marks its sharding here."""
+        return ts
+
+    def check(self, op: str, detail: str) -> None:
+        """Called before an op communicates; the dist backend can verify ranks agree here."""

@@ -1,0 +1,73 @@
+"""The `sim` backend: one process holds every device's shard and computes each collective
+exactly as the real one would, in group order. For notebooks, debuggers and tests."""
+
+from __future__ import annotations
+
+from functools import cached_property, reduce
+
+import torch
+
+from torchmesh.comm.backend import Data, MeshImpl
+from torchmesh.placement.mesh_shape import axis_groups
+
+_REDUCE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
+
+
+class SimImpl(MeshImpl):
+    """Every device of the mesh lives in this process; Data holds one tensor per device."""
+
+    name = "sim"
+
+    @cached_property
+    def local_coords(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(self.shape.coords(d) for d in range(self.shape.size))
+
+    def _groups(self, axes: tuple[str, ...]):
+        return axis_groups(self.shape, axes)
+
+    def all_reduce(self, ts: Data, axes: tuple[str, ...], op: str) -> Data:
+        out: list = [None] * len(ts)
+        fn = _REDUCE[op]
+        for g in self._groups(axes):
+            total = reduce(fn, (ts[i] for i in g))
+            for i in g:
+                out[i] = total.clone()
+        return tuple(out)
+
+    def all_gather(self, ts: Data, axis: str, dim: int) -> Data:
+        out: list = [None] * len(ts)
+        for g in self._groups((axis,)):
+            whole = torch.cat([ts[i] for i in g], dim)
+            for i in g:
+                out[i] = whole.clone()
+        return tuple(out)
+
+    def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
+        out: list = [None] * len(ts)
+        for g in self._groups((axis,)):
+            pieces = reduce(torch.add, (ts[i] for i in g)).chunk(len(g), dim)
+            for i, p in zip(g, pieces):
+                out[i] = p.contiguous().clone()
+        return tuple(out)
+
+    def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int) -> Data:
+        out: list = [None] * len(ts)
+        for g in self._groups((axis,)):
+            pieces = [ts[i].chunk(len(g), split_dim) for i in g]
+            for r, i in enumerate(g):
+                out[i] = torch.cat([p[r] for p in pieces], gather_dim).contiguous()
+        return tuple(out)
+
+    def shift(self, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
+        out: list = [None] * len(ts)
+        for g in self._groups(axes):
+            k = len(g)
+            for r, i in enumerate(g):
+                src = r - offset
+                if wrap:
+                    out[i] = ts[g[src % k]].clone()
+                elif 0 <= src < k:
+                    out[i] = ts[g[src]].clone()
+                else:
+                    out[i] = torch.zeros_like(ts[i])
+        return tuple(out)

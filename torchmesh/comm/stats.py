@@ -1,0 +1,103 @@
+"""`comm_stats()`: a record of every collective, with the bytes each device sends.
+
+Bytes follow the ring algorithms every backend uses (k = devices in the group, S = bytes
+of the tensor a device holds before the collective):
+
+| kind           | bytes sent per device |
+|----------------|-----------------------|
+| all_reduce     | 2 (k-1)/k * S         |
+| all_gather     | (k-1) * S             |
+| reduce_scatter | (k-1)/k * S           |
+| all_to_all     | (k-1)/k * S           |
+| shift          | S (the block moved)   |
+
+Collectives run in backward are recorded too (`phase="backward"`) when backward runs inside
+the `with` block. Axes of size 1 never communicate and are never recorded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+_ACTIVE: list["CommStats"] = []
+
+
+@dataclass(frozen=True, slots=True)
+class CommRecord:
+    """One collective: its kind, the mesh axes it ran over, and the bytes each device sent."""
+
+    kind: str
+    axes: tuple[str, ...]
+    bytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    phase: str
+
+
+@dataclass
+class CommStats:
+    """Collectives recorded inside a `with comm_stats()` block."""
+
+    records: list[CommRecord] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.bytes for r in self.records)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """{kind: number of collectives}."""
+        return dict(Counter(r.kind for r in self.records))
+
+    def bytes_by(self, key: str = "kind") -> dict:
+        """Bytes summed by 'kind', 'axes' or 'phase'."""
+        out: Counter = Counter()
+        for r in self.records:
+            out[getattr(r, key)] += r.bytes
+        return dict(out)
+
+    def __repr__(self) -> str:
+        return f"CommStats(total_bytes={self.total_bytes}, counts={self.counts})"
+
+
+@contextmanager
+def comm_stats() -> Iterator[CommStats]:
+    """Record every collective run inside the block.
+
+    >>> with comm_stats() as stats:
+    ...     pass
+    >>> stats.total_bytes
+    0
+    """
+    stats = CommStats()
+    _ACTIVE.append(stats)
+    try:
+        yield stats
+    finally:
+        _ACTIVE.remove(stats)
+
+
+def recording() -> bool:
+    return bool(_ACTIVE)
+
+
+def record(kind: str, axes: tuple[str, ...], k: int, tensor: torch.Tensor, phase: str = "forward") -> None:
+    """Add one collective over a group of `k` devices, `tensor` being a device's input."""
+    if not _ACTIVE:
+        return
+    s = tensor.numel() * tensor.element_size()
+    nbytes = {
+        "all_reduce": 2 * (k - 1) * s // k,
+        "all_gather": (k - 1) * s,
+        "reduce_scatter": (k - 1) * s // k,
+        "all_to_all": (k - 1) * s // k,
+        "shift": s,
+    }[kind]
+    rec = CommRecord(kind, axes, nbytes, tuple(tensor.shape), tensor.dtype, phase)
+    for stats in _ACTIVE:
+        stats.records.append(rec)

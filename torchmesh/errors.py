@@ -1,0 +1,81 @@
+"""One exception root for torchmesh, and the functions that write its longer messages.
+
+Every error a user can cause derives from `TorchMeshError`; the ones the SPEC calls
+`ValueError` (bad meshes, rules, layouts, dims) are also `ValueError`s, so plain
+`except ValueError` works. Messages say what went wrong, with which names and numbers,
+and what to do instead; long ones are built here so the happy path stays short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+
+class TorchMeshError(Exception):
+    """Root of every torchmesh error."""
+
+
+class ParseError(TorchMeshError, ValueError):
+    """A mesh, rules, dims or pattern string that cannot be parsed."""
+
+
+class LayoutError(TorchMeshError, ValueError):
+    """A tensor that cannot be laid out on the mesh by the rules."""
+
+
+class DimError(TorchMeshError, ValueError):
+    """Dims that do not fit an operation (missing, duplicated, mismatched sizes)."""
+
+
+class BackendError(TorchMeshError, RuntimeError):
+    """A backend that cannot run here, or an operation the backend does not offer."""
+
+
+def _names(names: Iterable[str]) -> str:
+    return "(" + ", ".join(names) + ")"
+
+
+def axis_used_twice(dims: Mapping[str, int], axis: str, dim_a: str, dim_b: str, rules: str) -> str:
+    return (
+        f"tensor with dims {_dims(dims)} cannot be laid out: dims {dim_a!r} and {dim_b!r} are both "
+        f"split over mesh axis {axis!r} by the rules {rules!r}. A mesh axis can split at most one "
+        f"dim of a tensor. Fix: rename one of the dims (x.rename({dim_b}='{dim_b}_2')), or change "
+        f"the rules so that {dim_a!r} and {dim_b!r} use different axes."
+    )
+
+
+def not_divisible(dims: Mapping[str, int], dim: str, axes: tuple[str, ...], parts: int, rules: str) -> str:
+    over = " x ".join(axes)
+    return (
+        f"tensor with dims {_dims(dims)} cannot be laid out: dim {dim!r} of size {dims[dim]} is split "
+        f"over mesh axes {over} ({parts} parts) by the rules {rules!r}, and {dims[dim]} is not "
+        f"divisible by {parts}. Fix: make {dim!r} a multiple of {parts}, or drop the rule for "
+        f"{dim!r} (x.relayout(...)) so that it is replicated."
+    )
+
+
+def unknown_axis(axis: str, dim: str, rules: str, mesh_axes: Iterable[str]) -> str:
+    return (
+        f"layout rules {rules!r} split dim {dim!r} over mesh axis {axis!r}, but the mesh has only the "
+        f"axes {_names(mesh_axes)}. Fix: name one of the mesh's axes, or add {axis!r} to the mesh."
+    )
+
+
+def missing_dims(what: str, wanted: Iterable[str], have: Iterable[str]) -> str:
+    wanted, have = list(wanted), list(have)
+    missing = [d for d in wanted if d not in have]
+    return (
+        f"{what}: dims {_names(missing)} are not dims of the tensor {_names(have)}. "
+        f"Fix: name one of {_names(have)}."
+    )
+
+
+def size_mismatch(what: str, name: str, sizes: Iterable[int]) -> str:
+    return (
+        f"{what}: dim {name!r} has different sizes {sorted(set(sizes))} in different inputs. "
+        f"Dims with the same name must have the same size; rename one of them (x.rename({name}='...'))."
+    )
+
+
+def _dims(dims: Mapping[str, int]) -> str:
+    return "(" + ", ".join(f"{n}:{s}" for n, s in dims.items()) + ")"

@@ -1,0 +1,85 @@
+"""`Mesh`: named axes, the layout rules, and the backend that runs the collectives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchmesh.comm.backend import MeshImpl
+from torchmesh.errors import BackendError
+from torchmesh.placement.layout import TensorLayout, check_rules_axes, resolve
+from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
+from torchmesh.placement.rules import LayoutRules, RulesLike
+from torchmesh.tensor.dims import Dim
+
+BACKENDS = ("sim", "dist", "xla")
+
+
+class Mesh:
+    """A device mesh with named axes, global layout rules and a backend.
+
+    >>> mesh = Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="sim")
+    >>> mesh.size, mesh.axis_names
+    (4, ('dp', 'tp'))
+
+    `backend` is "sim" (every device in this process), "dist" (one process per device,
+    under torchrun) or "xla" (torch-xla SPMD). The rules may be changed for a block of
+    code with `with mesh.rules_scope("..."):`.
+    """
+
+    def __init__(self, shape: MeshShapeLike, layout: RulesLike = "", backend: str = "sim", **options: Any):
+        self.shape: MeshShape = MeshShape.parse(shape)
+        self.rules: LayoutRules = LayoutRules.parse(layout)
+        check_rules_axes(self.rules, self.shape)
+        self.backend = backend
+        self.impl: MeshImpl = _make_impl(backend, self.shape, options)
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return self.shape.names
+
+    @property
+    def size(self) -> int:
+        return self.shape.size
+
+    def axis_size(self, axis: str) -> int:
+        return self.shape.axis_size(axis)
+
+    def layout_of(self, dims: tuple[Dim, ...]) -> TensorLayout:
+        """The layout the rules give a tensor with these dims (raises LayoutError if invalid)."""
+        return resolve(dims, self.rules, self.shape)
+
+    def rules_scope(self, layout: RulesLike):
+        """Context manager: these rules (added to, or replacing, the mesh's) inside the block."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def scope():
+            saved = self.rules
+            new = saved.updated(layout)
+            check_rules_axes(new, self.shape)
+            self.rules = new
+            try:
+                yield self
+            finally:
+                self.rules = saved
+
+        return scope()
+
+    def __repr__(self) -> str:
+        return f"Mesh({str(self.shape)!r}, layout={str(self.rules)!r}, backend={self.backend!r})"
+
+
+def _make_impl(backend: str, shape: MeshShape, options: dict) -> MeshImpl:
+    if backend == "sim":
+        from torchmesh.comm.sim import SimImpl
+
+        return SimImpl(shape, **options)
+    if backend == "dist":
+        from torchmesh.comm.dist import DistImpl
+
+        return DistImpl(shape, **options)
+    if backend == "xla":
+        from torchmesh.xla.backend import XlaImpl
+
+        return XlaImpl(shape, **options)
+    raise BackendError(f"unknown backend {backend!r}: choose one of {BACKENDS}.")

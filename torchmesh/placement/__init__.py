@@ -1,0 +1,1 @@
+"""Meshes, layout rules, per-tensor layouts and redistribution planning (pure values)."""

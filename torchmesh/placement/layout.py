@@ -1,0 +1,108 @@
+"""The layout of one tensor: for each of its dims, the mesh axes it is split over.
+
+`TensorLayout` is the per-tensor value every op plans with; `resolve` derives it from the
+global rules and checks the SPEC's validity conditions, raising before any communication.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from torchmesh import errors
+from torchmesh.errors import LayoutError
+from torchmesh.placement.mesh_shape import MeshShape
+from torchmesh.placement.rules import LayoutRules
+from torchmesh.tensor.dims import Dim
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLayout:
+    """Dims of a tensor (in storage order) and, aligned with them, the axes splitting each."""
+
+    dims: tuple[Dim, ...]
+    axes: tuple[tuple[str, ...], ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.dims)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {d.name: d.size for d in self.dims}
+
+    def axes_of(self, name: str) -> tuple[str, ...]:
+        return self.axes[self.names.index(name)]
+
+    @property
+    def used_axes(self) -> frozenset[str]:
+        return frozenset(a for ax in self.axes for a in ax)
+
+    def split_dims(self) -> dict[str, str | tuple[str, ...]]:
+        """{dim: axis} for split dims (a tuple of axes where a dim is split over several)."""
+        return {d.name: (ax[0] if len(ax) == 1 else ax) for d, ax in zip(self.dims, self.axes) if ax}
+
+    def with_dims(self, dims: tuple[Dim, ...]) -> "TensorLayout":
+        return TensorLayout(dims, self.axes)
+
+    def __str__(self) -> str:
+        parts = [f"{d.name}:{d.size}" + (f"@{','.join(a)}" if a else "") for d, a in zip(self.dims, self.axes)]
+        return "[" + " ".join(parts) + "]"
+
+
+def parts(mesh: MeshShape, axes: tuple[str, ...]) -> int:
+    return math.prod(mesh.axis_size(a) for a in axes)
+
+
+def local_shape(layout: TensorLayout, mesh: MeshShape) -> tuple[int, ...]:
+    return tuple(d.size // parts(mesh, ax) for d, ax in zip(layout.dims, layout.axes))
+
+
+def block_index(mesh: MeshShape, axes: tuple[str, ...], coords: tuple[int, ...]) -> int:
+    """Which block (of `parts(axes)`) of a dim split over `axes` a device holds."""
+    index = 0
+    for a in axes:
+        i = mesh.names.index(a)
+        index = index * mesh.sizes[i] + coords[i]
+    return index
+
+
+def local_slices(layout: TensorLayout, mesh: MeshShape, coords: tuple[int, ...]) -> tuple[slice, ...]:
+    """The global index ranges of the block a device (by mesh coords) holds."""
+    out = []
+    for d, ax in zip(layout.dims, layout.axes):
+        n = d.size // parts(mesh, ax)
+        start = block_index(mesh, ax, coords) * n
+        out.append(slice(start, start + n))
+    return tuple(out)
+
+
+@lru_cache(maxsize=8192)
+def resolve(dims: tuple[Dim, ...], rules: LayoutRules, mesh: MeshShape) -> TensorLayout:
+    """The layout the rules give a tensor with these dims; raises LayoutError if invalid."""
+    return check(TensorLayout(dims, tuple(rules.axes_of(d.name) for d in dims)), mesh, str(rules))
+
+
+def check(layout: TensorLayout, mesh: MeshShape, rules_text: str) -> TensorLayout:
+    """Check the SPEC section 1 conditions; returns the layout unchanged when valid."""
+    owner: dict[str, str] = {}
+    for d, axes in zip(layout.dims, layout.axes):
+        for a in axes:
+            if a not in mesh.names:
+                raise LayoutError(errors.unknown_axis(a, d.name, rules_text, mesh.names))
+            if a in owner:
+                raise LayoutError(errors.axis_used_twice(layout.sizes, a, owner[a], d.name, rules_text))
+            owner[a] = d.name
+        n = parts(mesh, axes)
+        if d.size % n:
+            raise LayoutError(errors.not_divisible(layout.sizes, d.name, axes, n, rules_text))
+    return layout
+
+
+def check_rules_axes(rules: LayoutRules, mesh: MeshShape) -> None:
+    """Every axis the rules name must be an axis of the mesh."""
+    for dim, axes in rules.rules:
+        for a in axes:
+            if a not in mesh.names:
+                raise LayoutError(errors.unknown_axis(a, dim, str(rules), mesh.names))

@@ -1,0 +1,133 @@
+"""The abstract mesh: named axes with sizes ("dp:2;tp:4"), no devices, no processes.
+
+Layout math depends only on this value, so it can be tested (and planned over) without a
+single process. Devices are laid out row-major: the last axis varies fastest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import Union
+
+from torchmesh.errors import ParseError
+from torchmesh.tensor.dims import check_name
+
+
+@dataclass(frozen=True, slots=True)
+class MeshShape:
+    """Named mesh axes and their sizes, e.g. `MeshShape.parse("dp:2;tp:4")`."""
+
+    axes: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        seen = set()
+        for name, size in self.axes:
+            check_name(name, "mesh axis")
+            if name in seen:
+                raise ParseError(f"mesh axis {name!r} appears twice in {self}; axis names are unique.")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ParseError(f"mesh axis {name!r} has size {size!r}; an axis size is an int >= 1.")
+            seen.add(name)
+
+    @staticmethod
+    def parse(spec: "MeshShapeLike") -> "MeshShape":
+        """Read "dp:2;tp:4", a dict {"dp": 2, "tp": 4}, or a MeshShape."""
+        if isinstance(spec, MeshShape):
+            return spec
+        if isinstance(spec, dict):
+            return MeshShape(tuple((str(k), v) for k, v in spec.items()))
+        if isinstance(spec, str):
+            return _parse_mesh(spec)
+        raise ParseError(f"cannot read a mesh from {spec!r}: write it as 'dp:2;tp:4'.")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.axes)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(s for _, s in self.axes)
+
+    @property
+    def size(self) -> int:
+        """Number of devices."""
+        return math.prod(self.sizes)
+
+    def axis_size(self, axis: str) -> int:
+        for n, s in self.axes:
+            if n == axis:
+                return s
+        raise ParseError(f"mesh {self} has no axis {axis!r}; its axes are {self.names}.")
+
+    def coords(self, device: int) -> tuple[int, ...]:
+        """Mesh coordinates of a device index (row-major)."""
+        out = []
+        for size in reversed(self.sizes):
+            out.append(device % size)
+            device //= size
+        return tuple(reversed(out))
+
+    def device(self, coords: tuple[int, ...]) -> int:
+        index = 0
+        for c, size in zip(coords, self.sizes):
+            index = index * size + c
+        return index
+
+    def __str__(self) -> str:
+        return ";".join(f"{n}:{s}" for n, s in self.axes)
+
+
+MeshShapeLike = Union[str, dict, MeshShape]
+
+
+@lru_cache(maxsize=256)
+def _parse_mesh(text: str) -> MeshShape:
+    axes = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, size = part.partition(":")
+        name, size = name.strip(), size.strip()
+        if not sep or not size.isdigit() or not size.isascii():
+            raise ParseError(
+                f"mesh {text!r}: cannot read axis {part!r}. Write each axis as name:size, "
+                f"separated by ';', for example 'dp:2;tp:4'."
+            )
+        axes.append((name, int(size)))
+    return MeshShape(tuple(axes))
+
+
+@lru_cache(maxsize=1024)
+def axis_groups(mesh: MeshShape, axes: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """Device groups that communicate over `axes`: devices equal in every other coordinate.
+
+    Each group lists its devices in the mixed-radix order of `axes` (first axis major), which
+    is also the order of the blocks of a dim split over those axes.
+    """
+    index = {n: i for i, n in enumerate(mesh.names)}
+    pos = [index[a] for a in axes]
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for d in range(mesh.size):
+        c = mesh.coords(d)
+        rest = tuple(v for i, v in enumerate(c) if i not in pos)
+        rank = 0
+        for p in pos:
+            rank = rank * mesh.sizes[p] + c[p]
+        groups.setdefault(rest, []).append((rank, d))
+    return tuple(tuple(d for _, d in sorted(g)) for g in groups.values())
+
+
+def group_rank(mesh: MeshShape, axes: tuple[str, ...], coords: tuple[int, ...]) -> int:
+    """Position of a device (by coords) within its group over `axes` (first axis major)."""
+    rank = 0
+    for a in axes:
+        i = mesh.names.index(a)
+        rank = rank * mesh.sizes[i] + coords[i]
+    return rank
+
+
+def group_size(mesh: MeshShape, axes: tuple[str, ...]) -> int:
+    return math.prod(mesh.axis_size(a) for a in axes)

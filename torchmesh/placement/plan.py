@@ -1,0 +1,98 @@
+"""Redistribution planning: a pure function from (layout A, layout B) to collective steps.
+
+Each step changes how one mesh axis splits one dim; a backend executes the steps in order.
+Steps are plain data, so plans are unit-tested without processes and cached on their inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Union
+
+from torchmesh.errors import LayoutError
+from torchmesh.placement.layout import TensorLayout
+
+
+@dataclass(frozen=True, slots=True)
+class Gather:
+    """All-gather over `axis` along dim position `dim`: its minor-most split axis is undone."""
+
+    axis: str
+    dim: int
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """Keep this device's block over `axis` along dim position `dim` (no communication)."""
+
+    axis: str
+    dim: int
+
+
+@dataclass(frozen=True, slots=True)
+class AllToAll:
+    """Move the split over `axis` from dim `gather_dim` (its minor-most axis) to `split_dim`."""
+
+    axis: str
+    gather_dim: int
+    split_dim: int
+
+
+Step = Union[Gather, Slice, AllToAll]
+
+
+@lru_cache(maxsize=8192)
+def plan_relayout(src: TensorLayout, dst: TensorLayout) -> tuple[Step, ...]:
+    """The steps that turn a tensor laid out as `src` into one laid out as `dst`.
+
+    Per dim, axes beyond the longest common prefix of src and dst are gathered (minor
+    first) and dst's extra axes are then sliced (major first). A gather and a slice of the
+    same axis become one all-to-all when nothing in between touches the sliced dim.
+    """
+    if src.dims != dst.dims:
+        raise LayoutError(f"cannot relayout {src} to {dst}: the dims differ.")
+    gathers: list[Gather] = []
+    slices: list[Slice] = []
+    for i, (a, b) in enumerate(zip(src.axes, dst.axes)):
+        common = 0
+        while common < min(len(a), len(b)) and a[common] == b[common]:
+            common += 1
+        gathers.extend(Gather(ax, i) for ax in reversed(a[common:]))
+        slices.extend(Slice(ax, i) for ax in b[common:])
+    return _fuse(gathers, slices)
+
+
+def _fuse(gathers: list[Gather], slices: list[Slice]) -> tuple[Step, ...]:
+    steps: list[Step] = list(gathers)
+    remaining: list[Slice] = []
+    first_slice_of_dim: set[int] = set()
+    for s in slices:
+        first = s.dim not in first_slice_of_dim
+        first_slice_of_dim.add(s.dim)
+        # The slice may move up to its axis' gather only if it is the first slice of its dim
+        # and its dim is not gathered after that point.
+        j = next((k for k, g in enumerate(steps) if isinstance(g, Gather) and g.axis == s.axis), None)
+        if first and j is not None and not any(
+            isinstance(g, Gather) and g.dim == s.dim for g in steps[j + 1 :]
+        ):
+            g = steps[j]
+            steps[j] = AllToAll(s.axis, g.dim, s.dim)
+        else:
+            remaining.append(s)
+    return tuple(steps) + tuple(remaining)
+
+
+def apply_step(layout: TensorLayout, step: Step) -> TensorLayout:
+    """The layout after one step (used to check plans and to build intermediate layouts)."""
+    axes = list(layout.axes)
+    if isinstance(step, Gather):
+        assert axes[step.dim][-1] == step.axis
+        axes[step.dim] = axes[step.dim][:-1]
+    elif isinstance(step, Slice):
+        axes[step.dim] = axes[step.dim] + (step.axis,)
+    else:
+        assert axes[step.gather_dim][-1] == step.axis
+        axes[step.gather_dim] = axes[step.gather_dim][:-1]
+        axes[step.split_dim] = axes[step.split_dim] + (step.axis,)
+    return TensorLayout(layout.dims, tuple(axes))

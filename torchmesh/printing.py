@@ -1,0 +1,92 @@
+"""Printing for eager debugging: `repr` of a MeshTensor, and a picture of its blocks.
+
+`repr` never communicates: it shows the shards this process holds (all of them on sim,
+one on dist), each with its mesh coordinates; devices holding the same block are shown
+once, with `*` for the axes the block is replicated over.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from torchmesh.placement.layout import block_index, local_slices, parts
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+
+def _header(x: MeshTensor) -> str:
+    dims = " ".join(f"{d.name}:{d.size}" for d in x.shape) or "()"
+    lay = ";".join(f"{n}:{a if isinstance(a, str) else ','.join(a)}" for n, a in x.layout.items()) or "replicated"
+    return f"MeshTensor({dims} | {lay} | mesh {x.mesh.shape} {x.mesh.backend} | {str(x.dtype).replace('torch.', '')}"
+
+
+def _coords_text(x: MeshTensor, coords: tuple[int, ...]) -> str:
+    used = x.tensor_layout.used_axes
+    return ",".join(f"{a}={c if a in used else '*'}" for a, c in zip(x.mesh.axis_names, coords))
+
+
+def format_tensor(x: MeshTensor, max_shards: int = 8) -> str:
+    lines = [_header(x) + ("" if not x.requires_grad else " | requires_grad") + ")"]
+    slicer = x.mesh.impl.slice_mesh
+    seen: dict[tuple, None] = {}
+    shown = 0
+    for coords, t in zip(x.mesh.impl.local_coords, x.shards):
+        key = tuple(block_index(slicer, ax, coords) for ax in x.tensor_layout.axes)
+        if key in seen:
+            continue
+        seen[key] = None
+        if shown == max_shards:
+            lines.append("  ...")
+            break
+        shown += 1
+        ranges = local_slices(x.tensor_layout, slicer, coords)
+        where = " ".join(f"{d.name}[{s.start}:{s.stop}]" for d, s in zip(x.shape, ranges))
+        body = _compact(t)
+        lines.append(f"  [{_coords_text(x, coords)}] {where}".rstrip() + ":" + body)
+    return "\n".join(lines)
+
+
+def _compact(t: torch.Tensor) -> str:
+    text = torch._tensor_str._tensor_str(t.detach().cpu(), 0) if t.numel() else "[]"
+    if "\n" in text:
+        return "\n" + "\n".join("    " + line for line in text.splitlines())
+    return " " + text
+
+
+def show_layout(x: MeshTensor) -> str:
+    """A picture of which devices hold which block of `x`, by global index ranges.
+
+    For a tensor with two split dims it is a grid (rows: first split dim, columns:
+    second); otherwise one line per block. Devices are listed by index (row-major).
+    """
+    mesh = x.mesh.shape
+    lay = x.tensor_layout
+    split = [i for i, ax in enumerate(lay.axes) if ax]
+    holders: dict[tuple, list[int]] = {}
+    for device in range(mesh.size):
+        coords = mesh.coords(device)
+        key = tuple(block_index(mesh, lay.axes[i], coords) for i in split)
+        holders.setdefault(key, []).append(device)
+
+    def rng(i: int, b: int) -> str:
+        n = lay.dims[i].size // parts(mesh, lay.axes[i])
+        return f"{lay.dims[i].name}[{b * n}:{(b + 1) * n}]"
+
+    title = f"{_header(x)})  devices by index on mesh {mesh}"
+    if len(split) == 2:
+        i, j = split
+        rows = range(parts(mesh, lay.axes[i]))
+        cols = range(parts(mesh, lay.axes[j]))
+        cells = [[f"dev {','.join(map(str, holders[(r, c)]))}" for c in cols] for r in rows]
+        width = max(max(len(c) for row in cells for c in row), *(len(rng(j, c)) for c in cols))
+        left = max(len(rng(i, r)) for r in rows)
+        out = [title, " " * left + " | " + " | ".join(rng(j, c).ljust(width) for c in cols)]
+        for r in rows:
+            out.append(rng(i, r).ljust(left) + " | " + " | ".join(cell.ljust(width) for cell in cells[r]))
+        return "\n".join(out)
+    out = [title]
+    for key in itertools.product(*(range(parts(mesh, lay.axes[i])) for i in split)):
+        where = " ".join(rng(i, b) for i, b in zip(split, key)) or "whole tensor"
+        out.append(f"  {where}: devices {holders[key]}")
+    return "\n".join(out)

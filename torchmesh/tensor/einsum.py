@@ -1,0 +1,102 @@
+"""`einsum` over dim names: "batch d, d ff -> batch ff".
+
+Contracted dims split over an axis give partial sums, all-reduced over it (or
+reduce-scattered when the output is next split over that axis). The Mesh TF form
+`einsum([x, w], output_shape=...)` is accepted too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+
+from torchmesh.errors import DimError, ParseError
+from torchmesh.tensor.contraction import OpPlan, run_op
+from torchmesh.tensor.dims import Dim, DimsLike, check_name, parse_dims
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@lru_cache(maxsize=1024)
+def parse_equation(equation: str) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...] | None]:
+    """'batch d, d ff -> batch ff' -> ((('batch','d'), ('d','ff')), ('batch','ff'))."""
+    if not isinstance(equation, str):
+        raise ParseError(f"einsum equation must be a string like 'batch d, d ff -> batch ff', got {equation!r}")
+    lhs, arrow, rhs = equation.partition("->")
+    operands = tuple(tuple(n for n in part.split() if n) for part in lhs.split(","))
+    out = tuple(n for n in rhs.split() if n) if arrow else None
+    for names in operands + ((out,) if out is not None else ()):
+        for n in names:
+            check_name(n)
+        if len(set(names)) != len(names):
+            raise ParseError(f"einsum {equation!r}: a dim appears twice in one operand.")
+    return operands, out
+
+
+def einsum(equation: "str | Sequence[MeshTensor]", *xs: MeshTensor, output_shape: DimsLike | None = None) -> MeshTensor:
+    """Einstein summation over named dims.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> x = tm.distribute(torch.ones(4, 8), "batch d", mesh)
+    >>> w = tm.distribute(torch.ones(8, 6), "d ff", mesh)
+    >>> tm.einsum("batch d, d ff -> batch ff", x, w).sizes
+    {'batch': 4, 'ff': 6}
+
+    Mesh TF form: `tm.einsum([x, w], output_shape="batch ff")`; without an output shape the
+    output keeps the dims that appear in exactly one input, in order.
+    """
+    if not isinstance(equation, str):
+        xs = tuple(equation) + xs
+        names = [x.dims for x in xs]
+        if output_shape is None:
+            flat = [n for ns in names for n in ns]
+            out = tuple(n for n in dict.fromkeys(flat) if flat.count(n) == 1)
+        else:
+            out = tuple(d.name for d in parse_dims(output_shape, _sizes(xs)))
+        equation = ", ".join(" ".join(ns) for ns in names) + " -> " + " ".join(out)
+    operands, out = parse_equation(equation)
+    if len(operands) != len(xs):
+        raise DimError(f"einsum {equation!r} names {len(operands)} operands but got {len(xs)} tensors.")
+    for i, (names, x) in enumerate(zip(operands, xs)):
+        if not isinstance(x, MeshTensor):
+            raise DimError(f"einsum {equation!r}: operand {i} is a {type(x).__name__}, not a MeshTensor; "
+                           f"wrap it with tm.distribute(tensor, '{' '.join(names)}', mesh).")
+        if set(names) != set(x.dims) or len(names) != len(x.dims):
+            raise DimError(
+                f"einsum {equation!r}: operand {i} is written ({' '.join(names)}) but the tensor has "
+                f"dims {x.dims}. Name the tensor's dims, in any order."
+            )
+    if out is None:
+        flat = [n for ns in operands for n in ns]
+        out = tuple(n for n in dict.fromkeys(flat) if flat.count(n) == 1)
+    return run_op(xs, out, _local_einsum, what=f"einsum {equation!r}")
+
+
+def _sizes(xs: Sequence[MeshTensor]) -> dict[str, int]:
+    return {n: s for x in xs for n, s in x.sizes.items()}
+
+
+def _local_einsum(plan: OpPlan):
+    eq = _letters(tuple(l.names for l in plan.in_layouts), plan.computed.names)
+    return lambda *ts: torch.einsum(eq, *ts)
+
+
+@lru_cache(maxsize=4096)
+def _letters(inputs: tuple[tuple[str, ...], ...], out: tuple[str, ...]) -> str:
+    table: dict[str, str] = {}
+    for names in inputs:
+        for n in names:
+            if n not in table:
+                if len(table) == len(_LETTERS):
+                    raise DimError(f"einsum over more than {len(_LETTERS)} distinct dims is not supported.")
+                table[n] = _LETTERS[len(table)]
+    return ",".join("".join(table[n] for n in ns) for ns in inputs) + "->" + "".join(table[n] for n in out)
+
+
+def dims_of(shape: DimsLike, xs: Sequence[MeshTensor]) -> tuple[Dim, ...]:
+    return parse_dims(shape, _sizes(xs))
+

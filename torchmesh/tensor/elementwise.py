@@ -1,0 +1,145 @@
+"""Elementwise ops, broadcast by name: operators, torch functions, `where`, casts.
+
+The result's dims are the union of the inputs' dims in order of first appearance. An input
+missing a dim that is split over an axis is broadcast there; its gradient is summed over
+that axis (`sum_grad`). No forward communication unless an input's layout differs from
+the rules.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from torchmesh.errors import DimError
+from torchmesh.tensor.contraction import OpPlan, run_op
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+
+def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> MeshTensor:
+    """Apply an elementwise torch function to MeshTensors (and scalars), aligning dims by name.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> a = tm.distribute(torch.ones(4), "ff", mesh)
+    >>> b = tm.distribute(torch.ones(3), "batch", mesh)
+    >>> tm.pointwise(torch.add, a, b).dims
+    ('ff', 'batch')
+    """
+    slots: list[tuple[bool, Any]] = []  # (is_kwarg, position or key) of each MeshTensor
+    xs: list[MeshTensor] = []
+    for i, a in enumerate(args):
+        if isinstance(a, MeshTensor):
+            slots.append((False, i))
+            xs.append(a)
+        elif isinstance(a, torch.Tensor) and a.dim() > 0:
+            raise DimError(_plain_tensor(func, a))
+    for k, v in kwargs.items():
+        if isinstance(v, MeshTensor):
+            slots.append((True, k))
+            xs.append(v)
+        elif isinstance(v, torch.Tensor) and v.dim() > 0:
+            raise DimError(_plain_tensor(func, v))
+    out_names = tuple(dict.fromkeys(n for x in xs for n in x.dims))
+    name = getattr(func, "__name__", str(func))
+
+    def local_fn(plan: OpPlan):
+        aligners = [_aligner(l.names, plan.computed.names) for l in plan.in_layouts]
+
+        def fn(*ts: torch.Tensor) -> torch.Tensor:
+            a, kw = list(args), dict(kwargs)
+            for (is_kw, key), t, align in zip(slots, ts, aligners):
+                if is_kw:
+                    kw[key] = align(t)
+                else:
+                    a[key] = align(t)
+            return func(*a, **kw)
+
+        return fn
+
+    return run_op(xs, out_names, local_fn, what=name)
+
+
+def _plain_tensor(func: Callable, t: torch.Tensor) -> str:
+    name = getattr(func, "__name__", str(func))
+    return (
+        f"{name}: got a plain torch.Tensor of shape {tuple(t.shape)} next to MeshTensors; it has no "
+        f"dim names. Fix: tm.distribute(tensor, '<dim names>', mesh) first (0-d tensors and Python "
+        f"numbers are fine as they are)."
+    )
+
+
+@lru_cache(maxsize=4096)
+def _aligner(src: tuple[str, ...], out: tuple[str, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function putting a local tensor with dims `src` into `out`'s order, size 1 where absent."""
+    order = [n for n in out if n in src]
+    perm = tuple(src.index(n) for n in order)
+    permute = perm != tuple(range(len(src)))
+    missing = tuple(i for i, n in enumerate(out) if n not in src)
+    if not permute and not missing:
+        return lambda t: t
+
+    def align(t: torch.Tensor) -> torch.Tensor:
+        if permute:
+            t = t.permute(perm)
+        for i in missing:
+            t = t.unsqueeze(i)
+        return t
+
+    return align
+
+
+# ---- the explicit tables -------------------------------------------------------------------
+#: Unary torch functions that act elementwise (also installed as methods: x.exp()).
+UNARY = {
+    "abs": torch.abs, "neg": torch.neg, "exp": torch.exp, "expm1": torch.expm1, "log": torch.log,
+    "log1p": torch.log1p, "log2": torch.log2, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
+    "square": torch.square, "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid, "relu": torch.relu, "erf": torch.erf, "sign": torch.sign,
+    "floor": torch.floor, "ceil": torch.ceil, "round": torch.round, "reciprocal": torch.reciprocal,
+    "isnan": torch.isnan, "isinf": torch.isinf, "isfinite": torch.isfinite,
+    "logical_not": torch.logical_not, "gelu": F.gelu, "silu": F.silu,
+}
+#: n-ary elementwise torch functions (first argument a tensor).
+NARY = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
+    "maximum": torch.maximum, "minimum": torch.minimum, "eq": torch.eq, "ne": torch.ne,
+    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "clamp": torch.clamp,
+    "where": torch.where, "logical_and": torch.logical_and, "logical_or": torch.logical_or,
+    "logical_xor": torch.logical_xor, "masked_fill": torch.masked_fill, "lerp": torch.lerp,
+    "remainder": torch.remainder, "atan2": torch.atan2, "fmod": torch.fmod,
+}
+#: torch.nn.functional elementwise functions reachable through __torch_function__ only.
+FUNCTIONAL = [F.relu, F.gelu, F.silu, F.elu, F.leaky_relu, F.softplus, F.sigmoid, F.tanh,
+              F.hardtanh, F.relu6, F.mish, F.logsigmoid, torch.nan_to_num, torch.true_divide,
+              torch.floor_divide, torch.bitwise_and, torch.bitwise_or, torch.isclose]
+#: Python operators: dunder name -> function of (self, other) in the operator's argument order.
+OPERATORS = {
+    "__add__": operator.add, "__sub__": operator.sub, "__mul__": operator.mul,
+    "__truediv__": operator.truediv, "__floordiv__": operator.floordiv, "__mod__": operator.mod,
+    "__pow__": operator.pow, "__eq__": operator.eq, "__ne__": operator.ne, "__lt__": operator.lt,
+    "__le__": operator.le, "__gt__": operator.gt, "__ge__": operator.ge, "__and__": operator.and_,
+    "__or__": operator.or_, "__xor__": operator.xor,
+}
+REFLECTED = {
+    "__radd__": operator.add, "__rsub__": operator.sub, "__rmul__": operator.mul,
+    "__rtruediv__": operator.truediv, "__rfloordiv__": operator.floordiv, "__rpow__": operator.pow,
+    "__rand__": operator.and_, "__ror__": operator.or_, "__rxor__": operator.xor,
+}
+UNARY_OPERATORS = {"__neg__": operator.neg, "__pos__": operator.pos, "__abs__": operator.abs,
+                   "__invert__": operator.invert}
+
+
+def where(condition: MeshTensor, x: Any, y: Any) -> MeshTensor:
+    """`torch.where` by name: dims are the union of the three inputs' dims."""
+    return pointwise(torch.where, condition, x, y)
+
+
+def cast(x: MeshTensor, dtype: torch.dtype) -> MeshTensor:
+    """The same tensor in another dtype (Mesh TF's `mtf.cast`); local, no communication."""
+    return x._map(lambda t: t.to(dtype))

@@ -1,0 +1,122 @@
+"""Reductions over named dims (sum, mean, max, min, logsumexp, any, all), softmax, log_softmax.
+
+A reduced dim split over an axis leaves per-device partial results, all-reduced over that
+axis (reduce-scattered where the result is next split over it). `max`/`min` all-reduce the
+maximum without gradient and route the gradient like `torch.amax` (evenly among ties);
+softmax and logsumexp are built from these, so vocab-parallel softmax falls out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from functools import lru_cache
+
+import torch
+
+from torchmesh import errors
+from torchmesh.errors import DimError
+from torchmesh.tensor.contraction import OpPlan, run_op
+from torchmesh.tensor.dims import parse_names
+from torchmesh.tensor.elementwise import where
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+
+
+def reduced_names(x: MeshTensor, dims: "str | Iterable[str] | None", what: str) -> tuple[str, ...]:
+    """The dims to reduce, as names ('a b', ['a', 'b'], Dim objects, or None for all)."""
+    if dims is None:
+        return x.dims
+    if isinstance(dims, str):
+        names = parse_names(dims)
+    else:
+        names = tuple(getattr(d, "name", d) for d in dims)
+    if any(n not in x.dims for n in names):
+        raise DimError(errors.missing_dims(what, names, x.dims))
+    return names
+
+
+def _reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> MeshTensor:
+    out = tuple(n for n in x.dims if n not in names)
+    local = {"sum": torch.sum, "max": torch.amax, "min": torch.amin}[kind]
+    reduce_op = "sum" if kind == "sum" else kind
+
+    def local_fn(plan: OpPlan):
+        pos = _positions(plan.in_layouts[0].names, names)
+        if not pos:
+            return lambda t: t
+        return lambda t: local(t, dim=pos)
+
+    return run_op([x], out, local_fn, reduce_op=reduce_op, what=what)
+
+
+@lru_cache(maxsize=4096)
+def _positions(have: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(have.index(n) for n in names)
+
+
+def reduce_sum(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+    """Sum over the named dims (all dims if None); all-reduce over the axes splitting them."""
+    return _reduce(x, reduced_names(x, dims, "sum"), "sum", "sum")
+
+
+def reduce_mean(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+    """Mean over the named dims (all dims if None)."""
+    names = reduced_names(x, dims, "mean")
+    count = math.prod(x.sizes[n] for n in names)
+    return _reduce(x, names, "sum", "mean") / count
+
+
+def _extreme(x: MeshTensor, dims, kind: str) -> MeshTensor:
+    names = reduced_names(x, dims, kind)
+    value = _reduce(x.detach(), names, kind, kind)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return value
+    # Gradient as torch.amax: shared evenly among the positions holding the extreme value.
+    hit = x.detach() == value
+    picked = reduce_sum(where(hit, x, 0.0), names) / reduce_sum(hit.to(x.dtype), names)
+    return value + (picked - picked.detach())
+
+
+def reduce_max(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+    """Maximum over the named dims (all if None), like torch.amax."""
+    return _extreme(x, dims, "max")
+
+
+def reduce_min(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+    """Minimum over the named dims (all if None), like torch.amin."""
+    return _extreme(x, dims, "min")
+
+
+def reduce_any(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+    """True where any element along the named dims is nonzero."""
+    return _reduce((x != 0).to(torch.uint8), reduced_names(x, dims, "any"), "max", "any") != 0
+
+
+def reduce_all(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+    """True where every element along the named dims is nonzero."""
+    return _reduce((x != 0).to(torch.uint8), reduced_names(x, dims, "all"), "min", "all") != 0
+
+
+def _stable_max(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor:
+    m = _reduce(x.detach(), names, "max", "max")
+    return where(m.isinf(), 0.0, m)
+
+
+def logsumexp(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+    """log(sum(exp(x))) over the named dims, shifted by the (global) maximum for stability."""
+    names = reduced_names(x, dims, "logsumexp")
+    m = _stable_max(x, names)
+    return reduce_sum((x - m).exp(), names).log() + m
+
+
+def softmax(x: MeshTensor, dim: str) -> MeshTensor:
+    """Softmax along one named dim; split over an axis, it costs two small all-reduces."""
+    names = reduced_names(x, dim, "softmax")
+    e = (x - _stable_max(x, names)).exp()
+    return e / reduce_sum(e, names)
+
+
+def log_softmax(x: MeshTensor, dim: str) -> MeshTensor:
+    """log(softmax(x, dim)), computed as x - logsumexp(x, dim)."""
+    return x - logsumexp(x, reduced_names(x, dim, "log_softmax"))

@@ -1,0 +1,54 @@
+"""Changing a tensor's layout or its dim names: `relayout`, `rename`, `to_layout`.
+
+The steps come from `placement.plan.plan_relayout`: all-gather where a split is undone,
+a local slice where one is added, all-to-all where an axis moves between dims.
+"""
+
+from __future__ import annotations
+
+from torchmesh import errors
+from torchmesh.errors import DimError
+from torchmesh.placement.layout import TensorLayout, check
+from torchmesh.placement.plan import plan_relayout
+from torchmesh.placement.rules import LayoutRules, RulesLike
+from torchmesh.tensor.contraction import run_steps
+from torchmesh.tensor.dims import Dim, check_name
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+
+def to_layout(x: MeshTensor, layout: TensorLayout) -> MeshTensor:
+    """`x` laid out as `layout` (same dims, any order of axes); differentiable."""
+    if layout == x._layout:
+        return x
+    if layout.dims != x._layout.dims:
+        raise DimError(f"to_layout: target dims {layout.names} differ from the tensor's {x.dims}.")
+    data = run_steps(x._mesh.impl, x._data, plan_relayout(x._layout, layout))
+    return MeshTensor(data, layout, x._mesh)
+
+
+def relayout(x: MeshTensor, rules: RulesLike = None) -> MeshTensor:
+    """The same values laid out by `rules` ("batch:dp;ff:tp"); dims they do not name are
+    replicated. With no rules: the mesh's own rules.
+
+    Later ops read their inputs in the mesh's rules (relaying out if needed), so a custom
+    layout is for holding a tensor differently (e.g. parameters sharded for storage).
+    """
+    mesh = x._mesh
+    parsed = mesh.rules if rules is None else LayoutRules.parse(rules)
+    target = TensorLayout(x._layout.dims, tuple(parsed.axes_of(n) for n in x.dims))
+    return to_layout(x, check(target, mesh.shape, str(parsed)))
+
+
+def rename(x: MeshTensor, mapping: dict[str, str] | None = None, **renames: str) -> MeshTensor:
+    """Rename dims (`x.rename(ff="hidden")`); the result is laid out by the rules for the new
+    names: split to replicated is an all-gather, replicated to split a local slice."""
+    renames = {**(mapping or {}), **renames}
+    missing = [old for old in renames if old not in x.dims]
+    if missing:
+        raise DimError(errors.missing_dims("rename", missing, x.dims))
+    dims = tuple(Dim(check_name(renames.get(d.name, d.name)), d.size) for d in x._layout.dims)
+    names = [d.name for d in dims]
+    if len(set(names)) != len(names):
+        raise DimError(f"rename {renames}: the new dims {tuple(names)} repeat a name.")
+    relabelled = MeshTensor(x._data, TensorLayout(dims, x._layout.axes), x._mesh)
+    return to_layout(relabelled, x._mesh.layout_of(dims))
