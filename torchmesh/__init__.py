@@ -29,6 +29,21 @@ from torchmesh.tensor.reduce import (
     reduce_sum,
     softmax,
 )
+from torchmesh.tensor.rearrange import rearrange
 from torchmesh.tensor.relayout import relayout, rename
+from torchmesh.tensor.gather import embedding, gather, one_hot
+from torchmesh.tensor.slicing import concat, pad, shift, slice  # noqa: A004  (tm.slice, like mtf.slice)
+
+Dimension = Dim  # Mesh TF's name
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BackendError", "CommRecord", "CommStats", "Dim", "DimError", "Dimension", "LayoutError",
+    "LayoutRules", "Mesh", "MeshShape", "MeshTensor", "ParseError", "TensorLayout", "TorchMeshError",
+    "arange", "cast", "comm_stats", "concat", "distribute", "dropout", "einsum", "embedding",
+    "from_local", "full", "gather", "log_softmax", "logsumexp", "manual_seed", "one_hot", "ones",
+    "pad", "pointwise", "rand", "randn", "rearrange", "reduce_all", "reduce_any", "reduce_max",
+    "reduce_mean", "reduce_min", "reduce_sum", "relayout", "rename", "shift", "show_layout", "slice",
+    "softmax", "where", "zeros",
+]

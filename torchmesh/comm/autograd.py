@@ -203,8 +203,10 @@ def all_to_all(impl: MeshImpl, ts: Data, axis: str, gather_dim: int, split_dim: 
 
 def shift(impl: MeshImpl, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
     axes = _live(impl, axes)
-    if not axes or offset == 0:
+    if offset == 0:
         return ts
+    if not axes:  # a group of one device: it wraps onto itself, or receives nothing
+        return ts if wrap else tuple(torch.zeros_like(t) for t in ts)
     if _needs_grad(ts):
         return _Shift.apply(impl, axes, offset, wrap, *ts)
     return _shift(impl, ts, axes, offset, wrap)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any, Union
 from functools import lru_cache
 
 import torch
@@ -17,18 +18,30 @@ import torch
 from torchmesh import errors
 from torchmesh.errors import DimError
 from torchmesh.tensor.contraction import OpPlan, run_op
-from torchmesh.tensor.dims import parse_names
+from torchmesh.tensor.dims import Dim, parse_dims, parse_names
 from torchmesh.tensor.elementwise import where
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 
 
-def reduced_names(x: MeshTensor, dims: "str | Iterable[str] | None", what: str) -> tuple[str, ...]:
-    """The dims to reduce, as names ('a b', ['a', 'b'], Dim objects, or None for all)."""
+Dims = Union[str, Iterable[Any], None]
+
+
+def reduced_names(x: MeshTensor, dims: Dims, what: str, reduced_dim: Dims = None,
+                  output_shape: Dims = None) -> tuple[str, ...]:
+    """The dims to reduce: names ('a b', ['a', 'b'], Dims), Mesh TF's `reduced_dim=` or the
+    dims missing from `output_shape=`; all dims when none is given."""
+    if reduced_dim is not None:
+        dims = [reduced_dim] if isinstance(reduced_dim, (str, Dim)) else reduced_dim
+    if output_shape is not None:
+        keep = [getattr(d, "name", d) for d in (parse_dims(output_shape, x.sizes) if isinstance(output_shape, str) else output_shape)]
+        dims = [n for n in x.dims if n not in keep]
     if dims is None:
         return x.dims
     if isinstance(dims, str):
         names = parse_names(dims)
+    elif isinstance(dims, Dim):
+        names = (dims.name,)
     else:
         names = tuple(getattr(d, "name", d) for d in dims)
     if any(n not in x.dims for n in names):
@@ -55,20 +68,19 @@ def _positions(have: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]
     return tuple(have.index(n) for n in names)
 
 
-def reduce_sum(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+def reduce_sum(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """Sum over the named dims (all dims if None); all-reduce over the axes splitting them."""
-    return _reduce(x, reduced_names(x, dims, "sum"), "sum", "sum")
+    return _reduce(x, reduced_names(x, dims, "sum", reduced_dim, output_shape), "sum", "sum")
 
 
-def reduce_mean(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+def reduce_mean(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """Mean over the named dims (all dims if None)."""
-    names = reduced_names(x, dims, "mean")
+    names = reduced_names(x, dims, "mean", reduced_dim, output_shape)
     count = math.prod(x.sizes[n] for n in names)
     return _reduce(x, names, "sum", "mean") / count
 
 
-def _extreme(x: MeshTensor, dims, kind: str) -> MeshTensor:
-    names = reduced_names(x, dims, kind)
+def _extreme(x: MeshTensor, names: tuple[str, ...], kind: str) -> MeshTensor:
     value = _reduce(x.detach(), names, kind, kind)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return value
@@ -78,24 +90,24 @@ def _extreme(x: MeshTensor, dims, kind: str) -> MeshTensor:
     return value + (picked - picked.detach())
 
 
-def reduce_max(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+def reduce_max(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """Maximum over the named dims (all if None), like torch.amax."""
-    return _extreme(x, dims, "max")
+    return _extreme(x, reduced_names(x, dims, "max", reduced_dim, output_shape), "max")
 
 
-def reduce_min(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+def reduce_min(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """Minimum over the named dims (all if None), like torch.amin."""
-    return _extreme(x, dims, "min")
+    return _extreme(x, reduced_names(x, dims, "min", reduced_dim, output_shape), "min")
 
 
-def reduce_any(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+def reduce_any(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """True where any element along the named dims is nonzero."""
-    return _reduce((x != 0).to(torch.uint8), reduced_names(x, dims, "any"), "max", "any") != 0
+    return _reduce((x != 0).to(torch.uint8), reduced_names(x, dims, "any", reduced_dim, output_shape), "max", "any") != 0
 
 
-def reduce_all(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+def reduce_all(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """True where every element along the named dims is nonzero."""
-    return _reduce((x != 0).to(torch.uint8), reduced_names(x, dims, "all"), "min", "all") != 0
+    return _reduce((x != 0).to(torch.uint8), reduced_names(x, dims, "all", reduced_dim, output_shape), "min", "all") != 0
 
 
 def _stable_max(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor:
@@ -103,7 +115,7 @@ def _stable_max(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor:
     return where(m.isinf(), 0.0, m)
 
 
-def logsumexp(x: MeshTensor, dims: "str | Iterable[str] | None" = None) -> MeshTensor:
+def logsumexp(x: MeshTensor, dims: Dims = None) -> MeshTensor:
     """log(sum(exp(x))) over the named dims, shifted by the (global) maximum for stability."""
     names = reduced_names(x, dims, "logsumexp")
     m = _stable_max(x, names)

@@ -1,0 +1,100 @@
+"""Mesh TensorFlow's vocabulary over torchmesh, so a port is mostly mechanical.
+
+    import torchmesh.mtf as mtf
+    batch = mtf.Dimension("batch", 8)
+    y = mtf.einsum([x, w], output_shape=[batch, ff])
+    s = mtf.reduce_sum(y, reduced_dim=ff)
+
+Argument orders follow Mesh TF (`shift(x, offset, dim, wrap)`, `slice(x, begin, size,
+slice_dim_name)`); the table in docs/porting-from-mesh-tensorflow.md maps each name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from torchmesh.tensor import slicing as _slicing
+from torchmesh.tensor.construct import distribute
+from torchmesh.tensor.dims import Dim, DimsLike, parse_dims
+from torchmesh.tensor.einsum import einsum
+from torchmesh.tensor.elementwise import cast
+from torchmesh.tensor.gather import gather as _gather
+from torchmesh.tensor.gather import one_hot as _one_hot
+from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.tensor.reduce import (
+    logsumexp,
+    reduce_all,
+    reduce_any,
+    reduce_max,
+    reduce_mean,
+    reduce_min,
+    reduce_sum,
+    softmax,
+)
+from torchmesh.tensor.relayout import rename
+
+if TYPE_CHECKING:
+    from torchmesh.mesh import Mesh
+
+Dimension = Dim
+
+
+def Shape(dims: DimsLike) -> tuple[Dim, ...]:  # noqa: N802  (Mesh TF's name)
+    """A tuple of Dims (Mesh TF's `mtf.Shape`)."""
+    return parse_dims(dims)
+
+
+def import_tf_tensor(mesh: "Mesh", tensor: torch.Tensor, shape: DimsLike) -> MeshTensor:
+    """`mtf.import_tf_tensor`: a global torch tensor laid out on the mesh."""
+    return distribute(tensor, [d.name for d in parse_dims(shape, dict(zip(_names(shape), tensor.shape)))], mesh)
+
+
+def _names(shape: DimsLike) -> list[str]:
+    if isinstance(shape, str):
+        return [t.split(":")[0] for t in shape.replace(",", " ").split()]
+    return [getattr(d, "name", d) for d in shape]
+
+
+def rename_dimension(x: MeshTensor, old_name: str, new_name: str) -> MeshTensor:
+    """`mtf.rename_dimension`."""
+    return rename(x, {old_name: new_name})
+
+
+def shift(x: MeshTensor, offset: int, dim: "Dim | str", wrap: bool) -> MeshTensor:
+    """`mtf.shift(x, offset, dim, wrap)`."""
+    return _slicing.shift(x, getattr(dim, "name", dim), offset, wrap)
+
+
+def slice(x: MeshTensor, begin: int, size: int, slice_dim_name: str) -> MeshTensor:  # noqa: A001
+    """`mtf.slice(x, begin, size, slice_dim_name)`."""
+    return _slicing.slice(x, slice_dim_name, begin, begin + size)
+
+
+def concat(xs: Sequence[MeshTensor], concat_dim_name: str) -> MeshTensor:
+    """`mtf.concat(xs, concat_dim_name)`."""
+    return _slicing.concat(xs, concat_dim_name)
+
+
+def gather(weights: MeshTensor, indices: MeshTensor, dim: "Dim | str") -> MeshTensor:
+    """`mtf.gather(weights, indices, dim)`: look up `indices` along `dim` of `weights`."""
+    return _gather(weights, indices, getattr(dim, "name", dim))
+
+
+def one_hot(indices: MeshTensor, output_dim: Dim, dtype: torch.dtype = torch.float32) -> MeshTensor:
+    """`mtf.one_hot(indices, output_dim)`."""
+    return _one_hot(indices, output_dim, dtype)
+
+
+def reduce_logsumexp(x: MeshTensor, reduced_dim: "Dim | str") -> MeshTensor:
+    """`mtf.reduce_logsumexp(x, reduced_dim)`."""
+    return logsumexp(x, [reduced_dim])
+
+
+__all__ = [
+    "Dimension", "Shape", "cast", "concat", "einsum", "gather", "import_tf_tensor", "one_hot",
+    "reduce_all", "reduce_any", "reduce_logsumexp", "reduce_max", "reduce_mean", "reduce_min",
+    "reduce_sum", "rename_dimension", "shift", "slice", "softmax",
+]

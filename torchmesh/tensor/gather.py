@@ -1,0 +1,122 @@
+"""Lookups over a dim that may be split: `gather` (embedding lookup, picking targets) and
+`one_hot`.
+
+Over a split dim each device looks up only the indices in its own block (others give
+zero) and the partial results are summed over the axes splitting the dim: the lookup of
+Megatron's vocab-parallel embedding, with no communication of the table.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from torchmesh import errors
+from torchmesh.errors import DimError
+from torchmesh.placement.layout import block_index, parts
+from torchmesh.tensor.contraction import OpPlan, run_op
+from torchmesh.tensor.dims import Dim, parse_dims
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+
+def gather(x: MeshTensor, index: MeshTensor, dim: str) -> MeshTensor:
+    """out[...] = x[dim = index[...]]: dims are index's dims, then x's other dims.
+
+    Dims shared by `x` and `index` are matched elementwise (picking each row's target);
+    the others are broadcast (an embedding lookup: `gather(table, ids, "vocab")`).
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> table = tm.distribute(torch.arange(12.0).reshape(6, 2), "vocab d", mesh)
+    >>> ids = tm.distribute(torch.tensor([5, 0]), "tok", mesh)
+    >>> tm.gather(table, ids, "vocab").full()
+    tensor([[10., 11.],
+            [ 0.,  1.]])
+    """
+    if dim not in x.dims:
+        raise DimError(errors.missing_dims("gather", [dim], x.dims))
+    if dim in index.dims:
+        raise DimError(f"gather along {dim!r}: the index must not have dim {dim!r}; its dims are {index.dims}.")
+    if index.dtype.is_floating_point or index.dtype.is_complex:
+        raise DimError(f"gather along {dim!r}: the index has dtype {index.dtype}; use an integer tensor.")
+    out_names = index.dims + tuple(n for n in x.dims if n != dim and n not in index.dims)
+    slicer = x.mesh.impl.slice_mesh
+
+    def local_fn(plan: OpPlan):
+        xl, il = plan.in_layouts
+        axes = xl.axes_of(dim)
+        size = xl.sizes[dim] // parts(slicer, axes)
+        kernel = _kernel(xl.names, il.names, dim, plan.computed.names)
+
+        def fn(coords, table, ids):
+            offset = block_index(slicer, axes, coords) * size if axes else 0
+            return kernel(table, ids, offset, size)
+
+        return fn
+
+    return run_op([x, index], out_names, local_fn, what=f"gather along {dim!r}", at=True)
+
+
+@lru_cache(maxsize=1024)
+def _kernel(xs: tuple[str, ...], ids: tuple[str, ...], dim: str, out: tuple[str, ...]):
+    shared = [n for n in ids if n in xs]
+    only_x = [n for n in xs if n != dim and n not in ids]
+    only_i = [n for n in ids if n not in xs]
+    x_perm = [xs.index(n) for n in shared + only_x + [dim]]
+    i_perm = [ids.index(n) for n in shared + only_i]
+    order = shared + only_i + only_x
+    out_perm = [order.index(n) for n in out]
+    s, ni, nx = len(shared), len(only_i), len(only_x)
+
+    def kernel(table: torch.Tensor, index: torch.Tensor, offset: int, size: int) -> torch.Tensor:
+        index = index.permute(i_perm) - offset
+        valid = (index >= 0) & (index < size)
+        index = torch.where(valid, index, 0)
+        table = table.permute(x_perm)
+        if s == 0:  # embedding lookup: rows of the table by index
+            picked = table.movedim(-1, 0)[index]
+            valid = valid.reshape(valid.shape + (1,) * nx)
+        else:  # elementwise pick along shared dims
+            t = table.reshape(table.shape[:s] + (1,) * ni + table.shape[s:])
+            t = t.expand(index.shape + table.shape[s:])
+            idx = index.reshape(index.shape + (1,) * nx + (1,)).expand(index.shape + table.shape[s:-1] + (1,))
+            picked = torch.gather(t, -1, idx).squeeze(-1)
+            valid = valid.reshape(valid.shape + (1,) * nx)
+        picked = torch.where(valid, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+        return picked.permute(out_perm) if out_perm != list(range(len(out))) else picked
+
+    return kernel
+
+
+def embedding(ids: MeshTensor, table: MeshTensor, vocab_dim: str = "vocab") -> MeshTensor:
+    """Embedding lookup: rows of `table` along `vocab_dim` picked by `ids` (`gather` spelled
+    like torch.nn.functional.embedding)."""
+    return gather(table, ids, vocab_dim)
+
+
+def one_hot(index: MeshTensor, dim: "Dim | str", dtype: torch.dtype = torch.float32) -> MeshTensor:
+    """A new dim `dim` ("vocab:1000" or Dim) that is 1 at `index` and 0 elsewhere; each device
+    builds only its block of a split dim, with no communication."""
+    (d,) = parse_dims([dim]) if isinstance(dim, Dim) else parse_dims(dim)
+    if d.name in index.dims:
+        raise DimError(f"one_hot: the index already has a dim {d.name!r}; name the new dim differently.")
+    mesh = index.mesh
+    dims = index.shape + (d,)
+    layout = mesh.layout_of(dims)
+    from torchmesh.tensor.relayout import to_layout
+
+    index = to_layout(index, mesh.layout_of(index.shape))
+    slicer = mesh.impl.slice_mesh
+    axes = layout.axes[-1]
+    size = d.size // parts(slicer, axes)
+
+    def fn(coords, ids):
+        offset = block_index(slicer, axes, coords) * size if axes else 0
+        return (ids.unsqueeze(-1) - offset == torch.arange(size, device=ids.device)).to(dtype)
+
+    # The index's other dims may be split by rules the one-hot result shares: same layout.
+    from torchmesh.placement.layout import TensorLayout
+
+    data = mesh.impl.slicewise_at(fn, index._data)
+    return MeshTensor(data, TensorLayout(dims, index.tensor_layout.axes + (axes,)), mesh)

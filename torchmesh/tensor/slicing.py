@@ -1,0 +1,113 @@
+"""Slice, concat and pad along a named dim, and `shift` (neighbour exchange).
+
+slice/concat/pad are local when the dim is not split; when it is, the dim is gathered
+first and the result sliced back to the rules' layout (documented in docs/concepts.md).
+`shift` along a split dim sends only the boundary rows to the neighbouring devices.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from torchmesh import errors
+from torchmesh.comm import autograd as comm
+from torchmesh.errors import DimError
+from torchmesh.placement.layout import TensorLayout
+from torchmesh.tensor.dims import Dim
+from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.tensor.relayout import to_layout
+
+
+def _whole_along(x: MeshTensor, dim: str, what: str) -> tuple[MeshTensor, int]:
+    """x with `dim` gathered (other dims as they are), and the dim's position."""
+    if dim not in x.dims:
+        raise DimError(errors.missing_dims(what, [dim], x.dims))
+    i = x.dims.index(dim)
+    lay = x.tensor_layout
+    axes = lay.axes[:i] + ((),) + lay.axes[i + 1 :]
+    return to_layout(x, TensorLayout(lay.dims, axes)), i
+
+
+def _local_result(x: MeshTensor, i: int, size: int, fn) -> MeshTensor:
+    """Apply `fn` to local tensors whose dim i is whole; the result has dim i of `size`."""
+    lay = x.tensor_layout
+    dims = lay.dims[:i] + (Dim(lay.dims[i].name, size),) + lay.dims[i + 1 :]
+    out = MeshTensor(x.mesh.impl.slicewise(fn, x._data), TensorLayout(dims, lay.axes), x.mesh)
+    return to_layout(out, x.mesh.layout_of(dims))
+
+
+def slice(x: MeshTensor, dim: str, start: int, stop: int) -> MeshTensor:  # noqa: A001
+    """Elements start..stop-1 of `dim` (Mesh TF's `mtf.slice` with begin and size)."""
+    n = x.size(dim) if dim in x.dims else 0
+    start, stop, _ = builtins.slice(start, stop).indices(n)
+    stop = max(stop, start)
+    whole, i = _whole_along(x, dim, "slice")
+    return _local_result(whole, i, stop - start, lambda t: t.narrow(i, start, stop - start))
+
+
+def concat(xs: Sequence[MeshTensor], dim: str) -> MeshTensor:
+    """Concatenate along `dim`; every other dim must match by name and size."""
+    if not xs:
+        raise DimError("concat needs at least one tensor.")
+    first = xs[0]
+    others = [d for d in first.shape if d.name != dim]
+    for x in xs:
+        if dim not in x.dims or sorted((d.name, d.size) for d in x.shape if d.name != dim) != sorted(
+            (d.name, d.size) for d in others
+        ):
+            raise DimError(f"concat along {dim!r}: every tensor needs dim {dim!r} and the same other dims; "
+                           f"got {[x.sizes for x in xs]}.")
+    wholes = [_whole_along(x, dim, "concat")[0] for x in xs]
+    i = first.dims.index(dim)
+    target = wholes[0].tensor_layout
+    aligned = []
+    for w in wholes:
+        # Put each tensor in the first one's dim order and layout (other dims), then cat locally.
+        perm = [w.dims.index(n) for n in first.dims]
+        lay = TensorLayout(tuple(w.tensor_layout.dims[p] for p in perm), tuple(w.tensor_layout.axes[p] for p in perm))
+        moved = MeshTensor(w.mesh.impl.slicewise(lambda t, perm=perm: t.permute(perm), w._data), lay, w.mesh)
+        want = TensorLayout(lay.dims, target.axes)
+        aligned.append(to_layout(moved, want))
+    size = sum(x.size(dim) for x in xs)
+    lay = target
+    dims = lay.dims[:i] + (Dim(dim, size),) + lay.dims[i + 1 :]
+    data = first.mesh.impl.slicewise(lambda *ts: torch.cat(ts, i), *(a._data for a in aligned))
+    out = MeshTensor(data, TensorLayout(dims, lay.axes), first.mesh)
+    return to_layout(out, first.mesh.layout_of(dims))
+
+
+def pad(x: MeshTensor, dim: str, before: int, after: int, value: float = 0.0) -> MeshTensor:
+    """Pad `dim` with `before` and `after` elements of `value`."""
+    whole, i = _whole_along(x, dim, "pad")
+    spec = [0, 0] * (x.ndim - 1 - i) + [before, after]
+    return _local_result(whole, i, x.size(dim) + before + after, lambda t: F.pad(t, spec, value=value))
+
+
+def shift(x: MeshTensor, dim: str, offset: int, wrap: bool = False) -> MeshTensor:
+    """out[dim=i] = x[dim=i - offset], zero-filled (or wrapped around with `wrap`).
+
+    Along a split dim each device receives only the rows it lacks from its neighbours
+    (point-to-point), as for convolutions and local attention.
+    """
+    if dim not in x.dims:
+        raise DimError(errors.missing_dims("shift", [dim], x.dims))
+    x = to_layout(x, x.mesh.layout_of(x.shape))
+    impl = x.mesh.impl
+    i = x.dims.index(dim)
+    axes = x.tensor_layout.axes[i]
+    blocks = 1
+    for a in axes:
+        blocks *= impl.axis_size(a)
+    length = x.size(dim) // blocks
+    if length == 0:
+        return x
+    q, r = divmod(offset, length)
+    # Block b of the result: the last r rows of block b-q-1, then the first L-r rows of block b-q.
+    head = comm.shift(impl, impl.slicewise(lambda t: t.narrow(i, length - r, r), x._data), axes, q + 1, wrap)
+    tail = comm.shift(impl, impl.slicewise(lambda t: t.narrow(i, 0, length - r), x._data), axes, q, wrap)
+    data = impl.slicewise(lambda a, b: torch.cat([a, b], i), head, tail)
+    return MeshTensor(data, x.tensor_layout, x.mesh)
