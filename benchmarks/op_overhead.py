@@ -1,0 +1,59 @@
+"""Eager per-op overhead of torchmesh against plain torch, on a 1-device sim mesh.
+
+    python benchmarks/op_overhead.py            # prints a table, saves benchmarks/results/op_overhead.json
+
+On a mesh of one device no collective runs, so the difference from plain torch is the
+cost of planning (a cached dict lookup) and of wrapping results: the eager hot path.
+Both sides run interleaved in one process; medians of many iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import torchmesh as tm
+
+
+def median_us(fn, iters: int = 2000) -> float:
+    for _ in range(50):
+        fn()
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    mesh = tm.Mesh("dp:1;tp:1", layout="batch:dp;ff:tp")
+    a, b = torch.randn(8, 16), torch.randn(16, 32)
+    x, w = tm.distribute(a, "batch d", mesh), tm.distribute(b, "d ff", mesh)
+    h, hh = tm.einsum("batch d, d ff -> batch ff", x, w), a @ b
+    cases = {
+        "einsum": (lambda: tm.einsum("batch d, d ff -> batch ff", x, w), lambda: torch.einsum("bd,df->bf", a, b)),
+        "add": (lambda: h + h, lambda: hh + hh),
+        "sum(ff)": (lambda: h.sum("ff"), lambda: hh.sum(1)),
+        "softmax(ff)": (lambda: tm.softmax(h, "ff"), lambda: torch.softmax(hh, 1)),
+    }
+    rows = []
+    for name, (ours, plain) in cases.items():
+        t_ours, t_plain = median_us(ours), median_us(plain)
+        rows.append({"op": name, "torchmesh_us": round(t_ours, 2), "torch_us": round(t_plain, 2),
+                     "overhead_us": round(t_ours - t_plain, 2)})
+    print(f"{'op':<12} {'torchmesh us':>13} {'torch us':>9} {'overhead us':>12}")
+    for r in rows:
+        print(f"{r['op']:<12} {r['torchmesh_us']:>13.2f} {r['torch_us']:>9.2f} {r['overhead_us']:>12.2f}")
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "op_overhead.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
