@@ -27,6 +27,10 @@ class DimError(TorchMeshError, ValueError):
     """Dims that do not fit an operation (missing, duplicated, mismatched sizes)."""
 
 
+class MeshError(TorchMeshError, ValueError):
+    """A mesh that does not fit the processes or devices it runs on."""
+
+
 class BackendError(TorchMeshError, RuntimeError):
     """A backend that cannot run here, or an operation the backend does not offer."""
 

@@ -1,18 +1,123 @@
-"""The torch.distributed backend (one process per device). Not implemented yet in this
-version: the torch.distributed backend issue adds it on the same MeshImpl contract."""
+"""The `dist` backend: one process per device, torch.distributed collectives.
+
+One code path for gloo (CPU) and NCCL (GPU); only the process-group backend and the
+default device differ, chosen by whether CUDA is available. Process groups come from
+torch's DeviceMesh (one per mesh axis); device index = global rank (row-major).
+"""
 
 from __future__ import annotations
 
-from torchmesh.comm.backend import MeshImpl
-from torchmesh.errors import BackendError
-from torchmesh.placement.mesh_shape import MeshShape
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from torchmesh.comm.backend import Data, MeshImpl
+from torchmesh.errors import BackendError, MeshError
+from torchmesh.placement.mesh_shape import MeshShape, axis_groups
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def init_default_group(timeout: float | None = None) -> None:
+    """Initialise the default process group from torchrun's environment (NCCL if CUDA, else gloo)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise BackendError(
+            "backend='dist' runs one process per device: start the script with torchrun, e.g. "
+            "torchrun --standalone --nproc-per-node 4 script.py (or call "
+            "torch.distributed.init_process_group yourself). To run it in one process, use backend='sim'."
+        )
+    kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local), **kwargs)
+    else:
+        dist.init_process_group("gloo", **kwargs)
 
 
 class DistImpl(MeshImpl):
+    """This process is one device of the mesh; Data holds its one local shard."""
+
     name = "dist"
 
-    def __init__(self, shape: MeshShape, **options) -> None:
-        raise BackendError(
-            "backend='dist' is not implemented yet in this version; use backend='sim' (the same "
-            "program, every device simulated in one process)."
-        )
+    def __init__(self, shape: MeshShape, timeout: float | None = None) -> None:
+        super().__init__(shape)
+        init_default_group(timeout)
+        world = dist.get_world_size()
+        if world != shape.size:
+            raise MeshError(
+                f"mesh {shape} has {shape.size} devices but {world} processes are running. Fix: start "
+                f"{shape.size} processes (torchrun --nproc-per-node {shape.size}) or use a mesh whose axis "
+                f"sizes multiply to {world}."
+            )
+        from torch.distributed.device_mesh import init_device_mesh
+
+        cuda = dist.get_backend() == "nccl"
+        self.default_device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.device_mesh = init_device_mesh("cuda" if cuda else "cpu", shape.sizes, mesh_dim_names=shape.names)
+        self._groups = {n: self.device_mesh.get_group(n) for n in shape.names}
+        self.rank = dist.get_rank()
+        self._coords = (shape.coords(self.rank),)
+
+    @property
+    def local_coords(self) -> tuple[tuple[int, ...], ...]:
+        return self._coords
+
+    def all_reduce(self, ts: Data, axes: tuple[str, ...], op: str) -> Data:
+        t = ts[0]
+        out = t.to(torch.uint8) if t.dtype == torch.bool else t.clone(memory_format=torch.contiguous_format)
+        for axis in axes:  # a sum over several axes is a sum over each in turn
+            dist.all_reduce(out, _OPS[op], group=self._groups[axis])
+        return (out.to(torch.bool) if t.dtype == torch.bool else out,)
+
+    def all_gather(self, ts: Data, axis: str, dim: int) -> Data:
+        x = ts[0].movedim(dim, 0).contiguous()
+        out = x.new_empty((self.axis_size(axis) * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x, group=self._groups[axis])
+        return (out.movedim(0, dim),)
+
+    def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
+        x = ts[0].movedim(dim, 0).contiguous()
+        out = x.new_empty((x.shape[0] // self.axis_size(axis), *x.shape[1:]))
+        dist.reduce_scatter_tensor(out, x, group=self._groups[axis])
+        return (out.movedim(0, dim),)
+
+    def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int) -> Data:
+        t, k = ts[0], self.axis_size(axis)
+        x = t.movedim(split_dim, 0).contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=self._groups[axis])
+        m = x.shape[0] // k
+        y = out.view(k, m, *x.shape[1:]).movedim(1, split_dim + 1)  # [k, local dims with split m]
+        y = y.movedim(0, gather_dim)  # k just before the gathered dim
+        shape = list(y.shape)
+        shape[gather_dim : gather_dim + 2] = [shape[gather_dim] * shape[gather_dim + 1]]
+        return (y.reshape(shape),)
+
+    def shift(self, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
+        t = ts[0].contiguous()
+        group = next(g for g in axis_groups(self.shape, axes) if self.rank in g)
+        k, r = len(group), group.index(self.rank)
+        dst, src = r + offset, r - offset
+        if wrap:
+            dst, src = dst % k, src % k
+        out = torch.zeros_like(t)
+        ops = []
+        if 0 <= dst < k and group[dst] != self.rank:
+            ops.append(dist.P2POp(dist.isend, t, group[dst]))
+        if 0 <= src < k:
+            if group[src] == self.rank:
+                out.copy_(t)
+            else:
+                ops.append(dist.P2POp(dist.irecv, out, group[src]))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        return (out,)
+
+    def global_value(self, data: Data) -> torch.Tensor:
+        return data[0]
