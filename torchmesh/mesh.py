@@ -48,14 +48,15 @@ class Mesh:
         """The layout the rules give a tensor with these dims (raises LayoutError if invalid)."""
         return resolve(dims, self.rules, self.shape)
 
-    def rules_scope(self, layout: RulesLike):
-        """Context manager: these rules (added to, or replacing, the mesh's) inside the block."""
+    def rules_scope(self, layout: RulesLike, replace: bool = False):
+        """Context manager: inside the block these rules are added to the mesh's (overriding
+        rules for the same dims), or, with `replace=True`, are the mesh's only rules."""
         from contextlib import contextmanager
 
         @contextmanager
         def scope():
             saved = self.rules
-            new = saved.updated(layout)
+            new = LayoutRules.parse(layout) if replace else saved.updated(layout)
             check_rules_axes(new, self.shape)
             self.rules = new
             try:

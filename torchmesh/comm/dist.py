@@ -7,6 +7,7 @@ torch's DeviceMesh (one per mesh axis); device index = global rank (row-major).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -31,12 +32,18 @@ def init_default_group(timeout: float | None = None) -> None:
             "torch.distributed.init_process_group yourself). To run it in one process, use backend='sim'."
         )
     kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    atexit.register(_shutdown)  # we made the group, we close it (gloo aborts at exit otherwise)
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local), **kwargs)
     else:
         dist.init_process_group("gloo", **kwargs)
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class DistImpl(MeshImpl):
