@@ -6,12 +6,21 @@ dims are split over which mesh axes; torchmesh inserts every collective.
 
 from torchmesh import tensor as _tensor  # noqa: F401  (installs MeshTensor's methods)
 from torchmesh.comm.stats import CommRecord, CommStats, comm_stats
-from torchmesh.errors import BackendError, DimError, LayoutError, ParseError, TorchMeshError
+from torchmesh.errors import (
+    BackendError,
+    CollectiveMismatch,
+    CollectiveTimeout,
+    DimError,
+    LayoutError,
+    MeshError,
+    ParseError,
+    TorchMeshError,
+)
 from torchmesh.mesh import Mesh
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.mesh_shape import MeshShape
 from torchmesh.placement.rules import LayoutRules
-from torchmesh.printing import show_layout
+from torchmesh.printing import show, show_layout
 from torchmesh.tensor.construct import arange, distribute, from_local, full, ones, zeros
 from torchmesh.tensor.dims import Dim
 from torchmesh.tensor.einsum import einsum
@@ -39,11 +48,11 @@ Dimension = Dim  # Mesh TF's name
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendError", "CommRecord", "CommStats", "Dim", "DimError", "Dimension", "LayoutError",
+    "BackendError", "CollectiveMismatch", "CollectiveTimeout", "MeshError", "CommRecord", "CommStats", "Dim", "DimError", "Dimension", "LayoutError",
     "LayoutRules", "Mesh", "MeshShape", "MeshTensor", "ParseError", "TensorLayout", "TorchMeshError",
     "arange", "cast", "comm_stats", "concat", "distribute", "dropout", "einsum", "embedding",
     "from_local", "full", "gather", "log_softmax", "logsumexp", "manual_seed", "one_hot", "ones",
     "pad", "pointwise", "rand", "randn", "rearrange", "reduce_all", "reduce_any", "reduce_max",
-    "reduce_mean", "reduce_min", "reduce_sum", "relayout", "rename", "shift", "show_layout", "slice",
+    "reduce_mean", "reduce_min", "reduce_sum", "relayout", "rename", "shift", "show", "show_layout", "slice",
     "softmax", "where", "zeros",
 ]

@@ -84,9 +84,20 @@ def show_layout(x: MeshTensor) -> str:
         out = [title, " " * left + " | " + " | ".join(rng(j, c).ljust(width) for c in cols)]
         for r in rows:
             out.append(rng(i, r).ljust(left) + " | " + " | ".join(cell.ljust(width) for cell in cells[r]))
-        return "\n".join(out)
+        return "\n".join(line.rstrip() for line in out)
     out = [title]
     for key in itertools.product(*(range(parts(mesh, lay.axes[i])) for i in split)):
         where = " ".join(rng(i, b) for i, b in zip(split, key)) or "whole tensor"
         out.append(f"  {where}: devices {holders[key]}")
     return "\n".join(out)
+
+
+def show(x: MeshTensor, file=None) -> None:
+    """Print `x`'s global value and the picture of its blocks, once (on rank 0 under dist).
+
+    A collective on dist (it gathers the value): call it on every rank. `repr(x)` instead
+    never communicates and shows the shards this process holds.
+    """
+    value = x.full().detach()
+    if x.mesh.impl.prints:
+        print(f"{_header(x)})\n{value}\n{show_layout(x)}", file=file)

@@ -41,6 +41,9 @@ def _needs_grad(ts: Data) -> bool:
 
 
 def _rec(impl: MeshImpl, kind: str, axes: tuple[str, ...], ts: Data, phase: str) -> None:
+    """Before every collective: verify ranks agree (when checking), then record it."""
+    if impl.checking:
+        impl.verify(kind, axes, ts[0], phase)
     if stats.recording():
         stats.record(kind, axes, _size(impl, axes), ts[0], phase)
 

@@ -29,6 +29,12 @@ class MeshImpl:
 
     name: str = "?"
     default_device = torch.device("cpu")
+    #: True when every collective is first verified across ranks (`verify`); ops then also
+    #: set `current_op` so that errors can name them.
+    checking: bool = False
+    current_op: str = ""
+    #: Whether this process prints collective output such as `tm.show` (rank 0 only on dist).
+    prints: bool = True
 
     def __init__(self, shape: MeshShape, slice_mesh: MeshShape | None = None) -> None:
         self.shape = shape
@@ -100,5 +106,5 @@ class MeshImpl:
         """Called on every new MeshTensor's data; the XLA backend marks its sharding here."""
         return ts
 
-    def check(self, op: str, detail: str) -> None:
-        """Called before an op communicates; the dist backend can verify ranks agree here."""
+    def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str) -> None:
+        """Called before each collective when `checking`: raise unless every rank agrees."""

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from torchmesh.comm.backend import Data, MeshImpl
-from torchmesh.errors import BackendError, MeshError
+from torchmesh.errors import BackendError, CollectiveMismatch, CollectiveTimeout, MeshError
 from torchmesh.placement.mesh_shape import MeshShape, axis_groups
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -41,6 +41,21 @@ def init_default_group(timeout: float | None = None) -> None:
         dist.init_process_group("gloo", **kwargs)
 
 
+def mismatch_message(fingerprints: list) -> str:
+    groups: dict = {}
+    for rank, f in enumerate(fingerprints):
+        groups.setdefault(f, []).append(rank)
+    lines = [
+        f"  ranks {ranks}: {kind} over {axes} ({phase}) of a {dtype} shard {list(shape)} in {op or 'an op'}"
+        for (kind, axes, shape, dtype, phase, op), ranks in groups.items()
+    ]
+    return (
+        "the ranks reached different collectives; every rank must run the same program (same ops, "
+        "same dims and layouts, in the same order):\n" + "\n".join(lines) + "\nFix: make the program "
+        "identical on every rank (no rank-dependent branches around torchmesh ops)."
+    )
+
+
 def _shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -51,7 +66,7 @@ class DistImpl(MeshImpl):
 
     name = "dist"
 
-    def __init__(self, shape: MeshShape, timeout: float | None = None) -> None:
+    def __init__(self, shape: MeshShape, timeout: float | None = None, check: bool | None = None) -> None:
         super().__init__(shape)
         init_default_group(timeout)
         world = dist.get_world_size()
@@ -68,7 +83,29 @@ class DistImpl(MeshImpl):
         self.device_mesh = init_device_mesh("cuda" if cuda else "cpu", shape.sizes, mesh_dim_names=shape.names)
         self._groups = {n: self.device_mesh.get_group(n) for n in shape.names}
         self.rank = dist.get_rank()
+        self.prints = self.rank == 0
         self._coords = (shape.coords(self.rank),)
+        if check is None:
+            check = os.environ.get("TORCHMESH_CHECK", "0") not in ("", "0")
+        self.checking = bool(check)
+        self.timeout = 60.0 if timeout is None else float(timeout)
+        if self.checking:  # a side group, so a check never waits behind (or blocks) real traffic
+            self._check_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
+
+    def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str) -> None:
+        """Every rank must be at the same collective: same kind, axes, shape, dtype and op."""
+        mine = (kind, axes, tuple(tensor.shape), str(tensor.dtype), phase, self.current_op)
+        everyone: list = [None] * dist.get_world_size()
+        try:
+            dist.all_gather_object(everyone, mine, group=self._check_group)
+        except RuntimeError as e:
+            raise CollectiveTimeout(
+                f"rank {self.rank} waited more than {self.timeout:.0f}s at {kind} over {axes} ({phase} of "
+                f"{self.current_op or 'an op'}) for the other ranks: one of them runs a different program, "
+                f"crashed, or is stuck. ({e})"
+            ) from None
+        if any(f != everyone[0] for f in everyone):
+            raise CollectiveMismatch(mismatch_message(everyone))
 
     @property
     def local_coords(self) -> tuple[tuple[int, ...], ...]:

@@ -7,7 +7,7 @@ global rules and checks the SPEC's validity conditions, raising before any commu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from torchmesh import errors
@@ -23,10 +23,16 @@ class TensorLayout:
 
     dims: tuple[Dim, ...]
     axes: tuple[tuple[str, ...], ...]
+    # Derived once: layouts are hashed and read on every op of the eager hot path.
+    names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(d.name for d in self.dims)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(d.name for d in self.dims))
+        object.__setattr__(self, "_hash", hash((self.dims, self.axes)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def sizes(self) -> dict[str, int]:

@@ -153,6 +153,8 @@ def run_op(
         if x._mesh is not mesh:
             raise DimError(f"{what}: inputs live on different meshes ({mesh} and {x._mesh}).")
     plan = plan_op(tuple(x._layout for x in xs), out_names, mesh.rules, mesh.shape, reduce_op, what)
+    if mesh.impl.checking:
+        mesh.impl.current_op = f"{what} {' , '.join(str(x._layout) for x in xs)} -> {plan.out}"
     datas = prepare_inputs(plan, xs)
     out = (mesh.impl.slicewise_at if at else mesh.impl.slicewise)(local_fn(plan), *datas)
     out = finish_output(plan, mesh.impl, out, reduce_op)
