@@ -22,6 +22,15 @@ def test_docs_have_python_blocks():
     assert len(list(_blocks())) >= 5
 
 
+def exec_block(code: str) -> None:
+    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_block__"})
+
+
 @pytest.mark.parametrize("code", list(_blocks()))
 def test_doc_block_runs(code, capsys):
-    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_block__"})
+    if 'backend="dist"' in code:  # a torchrun block: run it on 4 gloo processes
+        from harness import run_distributed
+
+        run_distributed(exec_block, 4, args=(code,))
+    else:
+        exec_block(code)

@@ -31,6 +31,14 @@ class MeshError(TorchMeshError, ValueError):
     """A mesh that does not fit the processes or devices it runs on."""
 
 
+class CollectiveMismatch(TorchMeshError, ValueError):
+    """Ranks reached different collectives (a program that is not the same on every rank)."""
+
+
+class CollectiveTimeout(TorchMeshError, TimeoutError):
+    """Not every rank reached a collective within the timeout."""
+
+
 class BackendError(TorchMeshError, RuntimeError):
     """A backend that cannot run here, or an operation the backend does not offer."""
 
@@ -78,6 +86,21 @@ def size_mismatch(what: str, name: str, sizes: Iterable[int]) -> str:
     return (
         f"{what}: dim {name!r} has different sizes {sorted(set(sizes))} in different inputs. "
         f"Dims with the same name must have the same size; rename one of them (x.rename({name}='...'))."
+    )
+
+
+def rename_collision(dims: Mapping[str, int], renames: Mapping[str, str], new_names: Iterable[str]) -> str:
+    new_names = list(new_names)
+    dup = next(n for i, n in enumerate(new_names) if n in new_names[:i])
+    call = ", ".join(f"{old}={new!r}" for old, new in renames.items())
+    if dup in dims and dup not in renames:
+        fix = (f"rename to a name the tensor does not have, or rename its dim {dup!r} too "
+               f"(x.rename({call}, {dup}='{dup}_2'))")
+    else:
+        fix = f"give the dims renamed to {dup!r} different names"
+    return (
+        f"rename({call}) of the tensor with dims {_dims(dims)} gives the dims {_names(new_names)}, "
+        f"where {dup!r} appears twice; the dims of one tensor have unique names. Fix: {fix}."
     )
 
 

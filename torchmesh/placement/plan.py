@@ -71,16 +71,24 @@ def _fuse(gathers: list[Gather], slices: list[Slice]) -> tuple[Step, ...]:
         first = s.dim not in first_slice_of_dim
         first_slice_of_dim.add(s.dim)
         # The slice may move up to its axis' gather only if it is the first slice of its dim
-        # and its dim is not gathered after that point.
+        # and its dim is not gathered after that point (by a gather, or by an all-to-all
+        # already fused from another dim's slice).
         j = next((k for k, g in enumerate(steps) if isinstance(g, Gather) and g.axis == s.axis), None)
-        if first and j is not None and not any(
-            isinstance(g, Gather) and g.dim == s.dim for g in steps[j + 1 :]
-        ):
+        if first and j is not None and not any(_gathers(g) == s.dim for g in steps[j + 1 :]):
             g = steps[j]
             steps[j] = AllToAll(s.axis, g.dim, s.dim)
         else:
             remaining.append(s)
     return tuple(steps) + tuple(remaining)
+
+
+def _gathers(step: Step) -> int | None:
+    """The dim position a step gathers (undoes a split of), if any."""
+    if isinstance(step, Gather):
+        return step.dim
+    if isinstance(step, AllToAll):
+        return step.gather_dim
+    return None
 
 
 def apply_step(layout: TensorLayout, step: Step) -> TensorLayout:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -82,11 +83,13 @@ def from_local(
     if any(t.dim() != len(names) for t in data) or len({tuple(t.shape) for t in data}) != 1:
         raise DimError(f"from_local: every shard must have the {len(names)} dims {names} and one shape; "
                        f"got shapes {[tuple(t.shape) for t in data]}.")
-    probe = layout_for(tuple(Dim(n, 0) for n in names), mesh, layout)
-    from torchmesh.placement.layout import parts
-
+    rules = mesh.rules if layout is None else LayoutRules.parse(layout)
     slicer = mesh.impl.slice_mesh
-    shape = tuple(Dim(n, s * parts(slicer, ax)) for n, s, ax in zip(names, data[0].shape, probe.axes))
+
+    def blocks(name: str) -> int:  # unknown axes are reported by layout_for below
+        return math.prod(slicer.axis_size(a) for a in rules.axes_of(name) if a in slicer.names)
+
+    shape = tuple(Dim(n, s * blocks(n)) for n, s in zip(names, data[0].shape))
     lay = layout_for(shape, mesh, layout)
     if requires_grad:
         data = tuple(t.requires_grad_(True) for t in data)

@@ -14,12 +14,12 @@ from typing import Union
 
 from torchmesh.errors import DimError, ParseError
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def check_name(name: object, what: str = "dim") -> str:
     """Return `name` if it is a valid identifier-like name, else raise ParseError."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ParseError(
             f"{what} name {name!r} is not valid: use letters, digits and '_', not starting with a digit "
             f"(for example 'batch', 'd_model', 'heads')."
@@ -98,7 +98,7 @@ def _parse_token(token: object, sizes: Mapping[str, int] | None) -> Dim:
     name, sep, size = token.partition(":")
     check_name(name)
     if sep:
-        if not size.isdigit():
+        if not (size.isascii() and size.isdigit()):
             raise ParseError(f"dim {token!r}: the size after ':' must be a non-negative integer.")
         return Dim(name, int(size))
     if sizes is None or name not in sizes:

@@ -57,6 +57,8 @@ def draw(kind: str, seed: int, layout: TensorLayout, slices: tuple[slice, ...], 
     row = math.prod(sizes[1:])
     rows_per_block = max(1, _BLOCK_ELEMENTS // max(row, 1))
     first = slices[0]
+    if first.start == first.stop:  # an empty first dim: no block to draw from
+        return torch.empty((0, *(s.stop - s.start for s in slices[1:])), dtype=dtype, device=device)
     lo, hi = first.start // rows_per_block, -(-first.stop // rows_per_block)
     blocks = []
     for b in range(lo, hi):

@@ -49,6 +49,6 @@ def rename(x: MeshTensor, mapping: dict[str, str] | None = None, **renames: str)
     dims = tuple(Dim(check_name(renames.get(d.name, d.name)), d.size) for d in x._layout.dims)
     names = [d.name for d in dims]
     if len(set(names)) != len(names):
-        raise DimError(f"rename {renames}: the new dims {tuple(names)} repeat a name.")
+        raise DimError(errors.rename_collision(x.sizes, renames, names))
     relabelled = MeshTensor(x._data, TensorLayout(dims, x._layout.axes), x._mesh)
     return to_layout(relabelled, x._mesh.layout_of(dims))
