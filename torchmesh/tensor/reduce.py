@@ -115,9 +115,24 @@ def _stable_max(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor:
     return where(m.isinf(), 0.0, m)
 
 
+def _whole_along(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor | None:
+    """x in the rules' layout if none of `names` is split there over an axis of size > 1
+    (then a local torch kernel computes the op exactly), else None."""
+    layout = x.mesh.layout_of(x.shape)
+    impl = x.mesh.impl
+    if any(impl.axis_size(a) > 1 for n in names for a in layout.axes_of(n)):
+        return None
+    from torchmesh.tensor.relayout import to_layout
+
+    return to_layout(x, layout)
+
+
 def logsumexp(x: MeshTensor, dims: Dims = None) -> MeshTensor:
     """log(sum(exp(x))) over the named dims, shifted by the (global) maximum for stability."""
     names = reduced_names(x, dims, "logsumexp")
+    if _whole_along(x, names) is not None:
+        return run_op([x], tuple(n for n in x.dims if n not in names),
+                      lambda plan: _local_kernel(torch.logsumexp, plan.in_layouts[0].names, names), what="logsumexp")
     m = _stable_max(x, names)
     return reduce_sum((x - m).exp(), names).log() + m
 
@@ -125,10 +140,23 @@ def logsumexp(x: MeshTensor, dims: Dims = None) -> MeshTensor:
 def softmax(x: MeshTensor, dim: str) -> MeshTensor:
     """Softmax along one named dim; split over an axis, it costs two small all-reduces."""
     names = reduced_names(x, dim, "softmax")
+    local = _whole_along(x, names)
+    if local is not None and len(names) == 1:
+        return local._map(_local_kernel(torch.softmax, local.dims, names))
     e = (x - _stable_max(x, names)).exp()
     return e / reduce_sum(e, names)
 
 
 def log_softmax(x: MeshTensor, dim: str) -> MeshTensor:
     """log(softmax(x, dim)), computed as x - logsumexp(x, dim)."""
-    return x - logsumexp(x, reduced_names(x, dim, "log_softmax"))
+    names = reduced_names(x, dim, "log_softmax")
+    local = _whole_along(x, names)
+    if local is not None and len(names) == 1:
+        return local._map(_local_kernel(torch.log_softmax, local.dims, names))
+    return x - logsumexp(x, names)
+
+
+@lru_cache(maxsize=1024)
+def _local_kernel(fn, have: tuple[str, ...], names: tuple[str, ...]):
+    pos = _positions(have, names)
+    return lambda t: fn(t, pos if len(pos) != 1 else pos[0])
