@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import torchmesh as tm
 from torchmesh.placement.layout import TensorLayout, block_index, check, local_slices
-from torchmesh.placement.mesh_shape import axis_groups, group_rank, group_size
+from torchmesh.placement.mesh_shape import axis_groups, parts
 from torchmesh.placement.plan import AllToAll, Gather, Slice, apply_step, plan_relayout
 from torchmesh.tensor.dims import Dim
 from torchmesh.tensor.relayout import to_layout
@@ -218,7 +218,7 @@ def test_axis_groups_properties(sizes, data):
     assert sorted(d for g in groups for d in g) == list(range(mesh.size))  # a partition
     others = [i for i, n in enumerate(mesh.names) if n not in axes]
     for g in groups:
-        assert len(g) == group_size(mesh, axes)
+        assert len(g) == parts(mesh, axes)
         assert len({tuple(mesh.coords(d)[i] for i in others) for d in g}) == 1  # equal off the axes
         for r, d in enumerate(g):  # in block order, first axis major
-            assert group_rank(mesh, axes, mesh.coords(d)) == r == block_index(mesh, axes, mesh.coords(d))
+            assert r == block_index(mesh, axes, mesh.coords(d))

@@ -6,13 +6,12 @@ global rules and checks the SPEC's validity conditions, raising before any commu
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from torchmesh import errors
 from torchmesh.errors import LayoutError
-from torchmesh.placement.mesh_shape import MeshShape
+from torchmesh.placement.mesh_shape import MeshShape, block_index, parts  # noqa: F401  (re-exported)
 from torchmesh.placement.rules import LayoutRules
 from torchmesh.tensor.dims import Dim
 
@@ -57,21 +56,8 @@ class TensorLayout:
         return "[" + " ".join(parts) + "]"
 
 
-def parts(mesh: MeshShape, axes: tuple[str, ...]) -> int:
-    return math.prod(mesh.axis_size(a) for a in axes)
-
-
 def local_shape(layout: TensorLayout, mesh: MeshShape) -> tuple[int, ...]:
     return tuple(d.size // parts(mesh, ax) for d, ax in zip(layout.dims, layout.axes))
-
-
-def block_index(mesh: MeshShape, axes: tuple[str, ...], coords: tuple[int, ...]) -> int:
-    """Which block (of `parts(axes)`) of a dim split over `axes` a device holds."""
-    index = 0
-    for a in axes:
-        i = mesh.names.index(a)
-        index = index * mesh.sizes[i] + coords[i]
-    return index
 
 
 def local_slices(layout: TensorLayout, mesh: MeshShape, coords: tuple[int, ...]) -> tuple[slice, ...]:

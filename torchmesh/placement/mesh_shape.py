@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Union
 
 from torchmesh.errors import ParseError
@@ -107,27 +107,25 @@ def axis_groups(mesh: MeshShape, axes: tuple[str, ...]) -> tuple[tuple[int, ...]
     Each group lists its devices in the mixed-radix order of `axes` (first axis major), which
     is also the order of the blocks of a dim split over those axes.
     """
-    index = {n: i for i, n in enumerate(mesh.names)}
-    pos = [index[a] for a in axes]
+    pos = [mesh.names.index(a) for a in axes]
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for d in range(mesh.size):
         c = mesh.coords(d)
         rest = tuple(v for i, v in enumerate(c) if i not in pos)
-        rank = 0
-        for p in pos:
-            rank = rank * mesh.sizes[p] + c[p]
-        groups.setdefault(rest, []).append((rank, d))
+        groups.setdefault(rest, []).append((block_index(mesh, axes, c), d))
     return tuple(tuple(d for _, d in sorted(g)) for g in groups.values())
 
 
-def group_rank(mesh: MeshShape, axes: tuple[str, ...], coords: tuple[int, ...]) -> int:
-    """Position of a device (by coords) within its group over `axes` (first axis major)."""
-    rank = 0
+def parts(mesh: MeshShape, axes: tuple[str, ...]) -> int:
+    """Number of blocks a dim split over `axes` has (the product of their sizes)."""
+    return math.prod(mesh.axis_size(a) for a in axes)
+
+
+def block_index(mesh: MeshShape, axes: tuple[str, ...], coords: tuple[int, ...]) -> int:
+    """Which block of a dim split over `axes` (first axis major) the device at `coords` holds;
+    also its position in its communication group over `axes`."""
+    index = 0
     for a in axes:
         i = mesh.names.index(a)
-        rank = rank * mesh.sizes[i] + coords[i]
-    return rank
-
-
-def group_size(mesh: MeshShape, axes: tuple[str, ...]) -> int:
-    return math.prod(mesh.axis_size(a) for a in axes)
+        index = index * mesh.sizes[i] + coords[i]
+    return index

@@ -160,17 +160,14 @@ def rearrange(x: MeshTensor, pattern: str, **sizes: int) -> MeshTensor:
                           mesh.impl.slice_mesh)
     src = to_layout(x, plan.source)
     out_dims = plan.computed.dims
+    out_local = [d.size // parts(mesh.impl.slice_mesh, ax) for d, ax in zip(out_dims, plan.computed.axes)]
 
     def local(t):
         shape = []
         for full_sizes, blocks in zip(plan.split_sizes, plan.first_parts):
             shape.extend((full_sizes[0] // blocks, *full_sizes[1:]))
         t = t.reshape(shape).permute(plan.perm)
-        merged = []
-        i = 0
-        for d, ax in zip(out_dims, plan.computed.axes):
-            merged.append(d.size // parts(mesh.impl.slice_mesh, ax))
-        return t.reshape(merged)
+        return t.reshape(out_local)
 
     out = MeshTensor(mesh.impl.slicewise(local, src._data), plan.computed, mesh)
     return to_layout(out, mesh.layout_of(out_dims))
