@@ -206,10 +206,16 @@ def all_to_all(impl: MeshImpl, ts: Data, axis: str, gather_dim: int, split_dim: 
 
 def shift(impl: MeshImpl, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
     axes = _live(impl, axes)
+    k = _size(impl, axes)
+    if wrap:  # a whole turn around the group is the identity
+        offset %= k
     if offset == 0:
         return ts
-    if not axes:  # a group of one device: it wraps onto itself, or receives nothing
-        return ts if wrap else tuple(torch.zeros_like(t) for t in ts)
+    if abs(offset) >= k:  # every sender is off the group (one device: it receives nothing)
+        if _needs_grad(ts):  # zeros that stay in the graph (zero gradient), as on a real group
+            return tuple(torch.where(torch.zeros((), dtype=torch.bool, device=t.device), t,
+                                     torch.zeros((), dtype=t.dtype, device=t.device)) for t in ts)
+        return tuple(torch.zeros_like(t) for t in ts)
     if _needs_grad(ts):
         return _Shift.apply(impl, axes, offset, wrap, *ts)
     return _shift(impl, ts, axes, offset, wrap)

@@ -37,13 +37,13 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
         if isinstance(a, MeshTensor):
             slots.append((False, i))
             xs.append(a)
-        elif isinstance(a, torch.Tensor) and a.dim() > 0:
+        elif isinstance(a, torch.Tensor) and (a.dim() > 0 or _tracked(a)):
             raise DimError(_plain_tensor(func, a))
     for k, v in kwargs.items():
         if isinstance(v, MeshTensor):
             slots.append((True, k))
             xs.append(v)
-        elif isinstance(v, torch.Tensor) and v.dim() > 0:
+        elif isinstance(v, torch.Tensor) and (v.dim() > 0 or _tracked(v)):
             raise DimError(_plain_tensor(func, v))
     out_names = tuple(dict.fromkeys(n for x in xs for n in x.dims))
     name = getattr(func, "__name__", str(func))
@@ -65,12 +65,23 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
     return run_op(xs, out_names, local_fn, what=name)
 
 
+def _tracked(t: torch.Tensor) -> bool:
+    """A plain tensor autograd would track: each device's copy would add its own gradient."""
+    return t.requires_grad and torch.is_grad_enabled()
+
+
 def _plain_tensor(func: Callable, t: torch.Tensor) -> str:
     name = getattr(func, "__name__", str(func))
+    if t.dim() == 0:
+        return (
+            f"{name}: got a plain 0-d torch.Tensor that requires grad next to MeshTensors; its gradient "
+            f"would add up every device's copy and depend on the mesh. Fix: make it a replicated "
+            f"MeshTensor, tm.distribute(t, '', mesh, requires_grad=True), or pass t.detach()."
+        )
     return (
         f"{name}: got a plain torch.Tensor of shape {tuple(t.shape)} next to MeshTensors; it has no "
-        f"dim names. Fix: tm.distribute(tensor, '<dim names>', mesh) first (0-d tensors and Python "
-        f"numbers are fine as they are)."
+        f"dim names. Fix: tm.distribute(tensor, '<dim names>', mesh) first (Python numbers and 0-d "
+        f"tensors that need no gradient are fine as they are)."
     )
 
 

@@ -106,6 +106,8 @@ def shift(x: MeshTensor, dim: str, offset: int, wrap: bool = False) -> MeshTenso
     if length == 0:
         return x
     q, r = divmod(offset, length)
+    if r == 0:  # whole blocks move (or none): one exchange, no empty one
+        return MeshTensor(comm.shift(impl, x._data, axes, q, wrap), x.tensor_layout, x.mesh)
     # Block b of the result: the last r rows of block b-q-1, then the first L-r rows of block b-q.
     head = comm.shift(impl, impl.slicewise(lambda t: t.narrow(i, length - r, r), x._data), axes, q + 1, wrap)
     tail = comm.shift(impl, impl.slicewise(lambda t: t.narrow(i, 0, length - r), x._data), axes, q, wrap)
