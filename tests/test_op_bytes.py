@@ -112,3 +112,10 @@ def test_size_one_axes_never_communicate():
     mesh = tm.Mesh("dp:1;tp:1", layout="batch:dp;ff:tp")
     x = tm.randn("batch:8 ff:16", mesh, seed=0, requires_grad=True)
     assert measure(lambda: (tm.softmax(x, "ff").sum("batch") * 2).sum().backward()).records == []
+
+
+def test_torch_reductions_refuse_arguments_they_would_ignore():
+    x = tm.randn("a:4 b:4", tm.Mesh("tp:2", layout="b:tp"), seed=0)
+    assert torch.sum(x, "b").dims == ("a",)
+    with pytest.raises(TypeError, match="keepdim"):
+        torch.sum(x, "b", keepdim=True)

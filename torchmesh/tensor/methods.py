@@ -74,7 +74,14 @@ def _named(fn: Callable) -> Callable:
     """torch.softmax(x, dim="ff") and friends: the dim given by name, positionally or as dim=."""
 
     def call(x: MeshTensor, dim: Any = None, *args: Any, **kwargs: Any) -> MeshTensor:
-        kwargs.pop("dtype", None)
+        if kwargs.get("dtype") is None:
+            kwargs.pop("dtype", None)
+        if args or kwargs:  # keepdim, dtype, out...: refuse rather than silently ignore
+            raise TypeError(
+                f"{fn.__name__} on a MeshTensor takes the dims by name only; got extra arguments "
+                f"{args or ''}{kwargs or ''}. Dims are never kept (names make broadcasting exact): "
+                f"use x.{fn.__name__.removeprefix('reduce_')}('<dim>') and cast with x.to(dtype)."
+            )
         return fn(x, dim)
 
     return call
