@@ -74,6 +74,7 @@ def _named(fn: Callable) -> Callable:
     """torch.softmax(x, dim="ff") and friends: the dim given by name, positionally or as dim=."""
 
     def call(x: MeshTensor, dim: Any = None, *args: Any, **kwargs: Any) -> MeshTensor:
+        kwargs.pop("_stacklevel", None)  # F.softmax's bookkeeping
         if kwargs.get("dtype") is None:
             kwargs.pop("dtype", None)
         if args or kwargs:  # keepdim, dtype, out...: refuse rather than silently ignore
