@@ -14,7 +14,7 @@ import torch
 
 from torchmesh.errors import DimError, ParseError
 from torchmesh.tensor.contraction import OpPlan, run_op
-from torchmesh.tensor.dims import Dim, DimsLike, check_name, parse_dims
+from torchmesh.tensor.dims import DimsLike, check_name, parse_dims
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -95,8 +95,3 @@ def _letters(inputs: tuple[tuple[str, ...], ...], out: tuple[str, ...]) -> str:
                     raise DimError(f"einsum over more than {len(_LETTERS)} distinct dims is not supported.")
                 table[n] = _LETTERS[len(table)]
     return ",".join("".join(table[n] for n in ns) for ns in inputs) + "->" + "".join(table[n] for n in out)
-
-
-def dims_of(shape: DimsLike, xs: Sequence[MeshTensor]) -> tuple[Dim, ...]:
-    return parse_dims(shape, _sizes(xs))
-
