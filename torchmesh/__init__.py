@@ -25,8 +25,10 @@ from torchmesh.tensor.construct import arange, distribute, from_local, full, one
 from torchmesh.tensor.dims import Dim
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.elementwise import cast, pointwise, where
+from torchmesh.tensor.gather import embedding, gather, one_hot
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.random import dropout, manual_seed, rand, randn
+from torchmesh.tensor.rearrange import rearrange
 from torchmesh.tensor.reduce import (
     log_softmax,
     logsumexp,
@@ -38,9 +40,7 @@ from torchmesh.tensor.reduce import (
     reduce_sum,
     softmax,
 )
-from torchmesh.tensor.rearrange import rearrange
 from torchmesh.tensor.relayout import relayout, rename
-from torchmesh.tensor.gather import embedding, gather, one_hot
 from torchmesh.tensor.slicing import concat, pad, shift, slice  # noqa: A004  (tm.slice, like mtf.slice)
 
 Dimension = Dim  # Mesh TF's name

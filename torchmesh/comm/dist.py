@@ -15,7 +15,12 @@ import torch
 import torch.distributed as dist
 
 from torchmesh.comm.backend import Data, MeshImpl
-from torchmesh.errors import BackendError, CollectiveMismatch, CollectiveTimeout, MeshError
+from torchmesh.errors import (
+    BackendError,
+    CollectiveMismatch,
+    CollectiveTimeout,
+    MeshError,
+)
 from torchmesh.placement.mesh_shape import MeshShape, axis_groups
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}

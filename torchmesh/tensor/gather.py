@@ -14,10 +14,11 @@ import torch
 
 from torchmesh import errors
 from torchmesh.errors import DimError
-from torchmesh.placement.layout import block_index, parts
+from torchmesh.placement.layout import TensorLayout, block_index, parts
 from torchmesh.tensor.contraction import OpPlan, run_op
 from torchmesh.tensor.dims import Dim, parse_dims
 from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.tensor.relayout import to_layout
 
 
 def gather(x: MeshTensor, index: MeshTensor, dim: str) -> MeshTensor:
@@ -104,8 +105,6 @@ def one_hot(index: MeshTensor, dim: "Dim | str", dtype: torch.dtype = torch.floa
     mesh = index.mesh
     dims = index.shape + (d,)
     layout = mesh.layout_of(dims)
-    from torchmesh.tensor.relayout import to_layout
-
     index = to_layout(index, mesh.layout_of(index.shape))
     slicer = mesh.impl.slice_mesh
     axes = layout.axes[-1]
@@ -115,8 +114,6 @@ def one_hot(index: MeshTensor, dim: "Dim | str", dtype: torch.dtype = torch.floa
         offset = block_index(slicer, axes, coords) * size if axes else 0
         return (ids.unsqueeze(-1) - offset == torch.arange(size, device=ids.device)).to(dtype)
 
-    # The index's other dims may be split by rules the one-hot result shares: same layout.
-    from torchmesh.placement.layout import TensorLayout
-
+    # The index keeps its (rules) layout; the new dim takes its rule.
     data = mesh.impl.slicewise_at(fn, index._data)
     return MeshTensor(data, TensorLayout(dims, index.tensor_layout.axes + (axes,)), mesh)

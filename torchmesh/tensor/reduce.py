@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Union
 from functools import lru_cache
+from typing import Any, Union
 
 import torch
 
@@ -21,8 +21,6 @@ from torchmesh.tensor.contraction import OpPlan, run_op
 from torchmesh.tensor.dims import Dim, parse_dims, parse_names
 from torchmesh.tensor.elementwise import where
 from torchmesh.tensor.mesh_tensor import MeshTensor
-
-
 
 Dims = Union[str, Iterable[Any], None]
 
@@ -115,7 +113,7 @@ def _stable_max(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor:
     return where(m.isinf(), 0.0, m)
 
 
-def _whole_along(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor | None:
+def _unsplit_along(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor | None:
     """x in the rules' layout if none of `names` is split there over an axis of size > 1
     (then a local torch kernel computes the op exactly), else None."""
     layout = x.mesh.layout_of(x.shape)
@@ -130,7 +128,7 @@ def _whole_along(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor | None:
 def logsumexp(x: MeshTensor, dims: Dims = None) -> MeshTensor:
     """log(sum(exp(x))) over the named dims, shifted by the (global) maximum for stability."""
     names = reduced_names(x, dims, "logsumexp")
-    if _whole_along(x, names) is not None:
+    if _unsplit_along(x, names) is not None:
         return run_op([x], tuple(n for n in x.dims if n not in names),
                       lambda plan: _local_kernel(torch.logsumexp, plan.in_layouts[0].names, names), what="logsumexp")
     m = _stable_max(x, names)
@@ -140,7 +138,7 @@ def logsumexp(x: MeshTensor, dims: Dims = None) -> MeshTensor:
 def softmax(x: MeshTensor, dim: str) -> MeshTensor:
     """Softmax along one named dim; split over an axis, it costs two small all-reduces."""
     names = reduced_names(x, dim, "softmax")
-    local = _whole_along(x, names)
+    local = _unsplit_along(x, names)
     if local is not None and len(names) == 1:
         return local._map(_local_kernel(torch.softmax, local.dims, names))
     e = (x - _stable_max(x, names)).exp()
@@ -150,7 +148,7 @@ def softmax(x: MeshTensor, dim: str) -> MeshTensor:
 def log_softmax(x: MeshTensor, dim: str) -> MeshTensor:
     """log(softmax(x, dim)), computed as x - logsumexp(x, dim)."""
     names = reduced_names(x, dim, "log_softmax")
-    local = _whole_along(x, names)
+    local = _unsplit_along(x, names)
     if local is not None and len(names) == 1:
         return local._map(_local_kernel(torch.log_softmax, local.dims, names))
     return x - logsumexp(x, names)
