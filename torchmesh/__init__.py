@@ -5,6 +5,7 @@ dims are split over which mesh axes; torchmesh inserts every collective.
 """
 
 from torchmesh import tensor as _tensor  # noqa: F401  (installs MeshTensor's methods)
+from torchmesh import nn
 from torchmesh.comm.stats import CommRecord, CommStats, comm_stats
 from torchmesh.errors import (
     BackendError,

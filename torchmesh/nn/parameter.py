@@ -1,0 +1,102 @@
+"""Mesh parameters: a MeshTensor whose shards are `nn.Parameter`s of a torch Module.
+
+`tm.nn.Module` is a `torch.nn.Module` that accepts MeshTensors as attributes. Assigning
+one registers its local shards as ordinary parameters, so `parameters()`, `state_dict()`,
+`torch.optim` and gradient hooks work unchanged; reading the attribute back gives a
+MeshTensor over those same shards (no copy), laid out as when it was assigned.
+
+How shards are registered (and so how `state_dict()` keys look):
+- dist and xla (one shard per process): a plain Parameter under the attribute's name;
+- sim (one shard per device, all in this process): a ParameterList under that name, one
+  entry per device in device order (keys `name.0`, `name.1`, ...). Replicated shards get
+  identical gradients, so torch optimizers keep them identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from torchmesh.placement.layout import TensorLayout
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+if TYPE_CHECKING:
+    from torchmesh.mesh import Mesh
+
+
+@dataclass(frozen=True, slots=True)
+class MeshParamSpec:
+    """What turns a module's registered shards back into a MeshTensor."""
+
+    layout: TensorLayout
+    mesh: "Mesh"
+
+
+class Module(torch.nn.Module):
+    """A torch.nn.Module whose attributes may be MeshTensors (registered as parameters).
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> m = tm.nn.Module()
+    >>> m.w = tm.randn("d:4 ff:6", mesh, seed=0, requires_grad=True)
+    >>> m.w.layout, [tuple(p.shape) for p in m.parameters()]
+    ({'ff': 'tp'}, [(4, 3), (4, 3)])
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, MeshTensor):
+            self.register_mesh_parameter(name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        specs = self.__dict__.get("_mesh_params")
+        if specs is not None and name in specs:
+            return _as_mesh_tensor(self, name, specs[name])
+        return super().__getattr__(name)
+
+    def __delattr__(self, name: str) -> None:
+        specs = self.__dict__.get("_mesh_params")
+        if specs is not None:
+            specs.pop(name, None)
+        super().__delattr__(name)
+
+    def register_mesh_parameter(self, name: str, value: MeshTensor) -> None:
+        """Register `value`'s local shards as this module's parameters under `name`.
+
+        The shards become leaf `nn.Parameter`s (detached from any graph), trainable when
+        `value.requires_grad`."""
+        if "_mesh_params" not in self.__dict__:
+            object.__setattr__(self, "_mesh_params", {})
+        for store in (self._parameters, self._modules, self._buffers):
+            store.pop(name, None)
+        trainable = value.requires_grad
+        shards = [torch.nn.Parameter(t.detach(), requires_grad=trainable) for t in value._data]
+        if len(shards) == 1:
+            self._parameters[name] = shards[0]
+        else:
+            self._modules[name] = torch.nn.ParameterList(shards)
+        self._mesh_params[name] = MeshParamSpec(value._layout, value._mesh)
+
+
+def _shards(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, ...]:
+    if name in module._parameters:
+        return (module._parameters[name],)
+    return tuple(module._modules[name])  # a ParameterList (sim)
+
+
+def _as_mesh_tensor(module: torch.nn.Module, name: str, spec: MeshParamSpec) -> MeshTensor:
+    return MeshTensor(_shards(module, name), spec.layout, spec.mesh)
+
+
+def mesh_parameters(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, MeshTensor]]:
+    """(qualified name, MeshTensor) for every mesh parameter of `module` and its children."""
+    for mod_name, mod in module.named_modules(prefix=prefix):
+        specs = mod.__dict__.get("_mesh_params")
+        if not specs:
+            continue
+        for name, spec in specs.items():
+            yield (f"{mod_name}.{name}" if mod_name else name), _as_mesh_tensor(mod, name, spec)
