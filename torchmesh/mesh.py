@@ -11,7 +11,7 @@ from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
 from torchmesh.placement.rules import LayoutRules, RulesLike
 from torchmesh.tensor.dims import Dim
 
-BACKENDS = ("sim", "dist", "xla")
+BACKENDS = ("sim", "dist", "xla", "abstract")
 
 
 class Mesh:
@@ -83,4 +83,8 @@ def _make_impl(backend: str, shape: MeshShape, options: dict) -> MeshImpl:
         from torchmesh.xla.backend import XlaImpl
 
         return XlaImpl(shape, **options)
+    if backend == "abstract":
+        from torchmesh.comm.abstract import AbstractImpl
+
+        return AbstractImpl(shape, **options)
     raise BackendError(f"unknown backend {backend!r}: choose one of {BACKENDS}.")

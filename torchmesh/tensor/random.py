@@ -85,8 +85,10 @@ def _random(kind: str, dims: DimsLike, mesh: "Mesh", seed, dtype, device, requir
     slicer = mesh.impl.slice_mesh
 
     def block(coords):
-        t = draw(kind, seed, lay, local_slices(lay, slicer, coords), dtype, "cpu")
-        return t.to(target)
+        slices = local_slices(lay, slicer, coords)
+        if torch.device(target).type == "meta":  # abstract evaluation: shapes only, nothing drawn
+            return torch.empty([s.stop - s.start for s in slices], dtype=dtype, device=target)
+        return draw(kind, seed, lay, slices, dtype, "cpu").to(target)
 
     data = mesh.impl.make(block)
     if requires_grad:
