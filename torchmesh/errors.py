@@ -43,6 +43,10 @@ class BackendError(TorchMeshError, RuntimeError):
     """A backend that cannot run here, or an operation the backend does not offer."""
 
 
+class CheckpointError(TorchMeshError, ValueError):
+    """A checkpoint that is incomplete, damaged, or does not fit the model it is loaded into."""
+
+
 def _names(names: Iterable[str]) -> str:
     return "(" + ", ".join(names) + ")"
 
