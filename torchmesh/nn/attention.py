@@ -1,0 +1,82 @@
+"""Multi-head attention over named dims: heads split over tp, causal mask, grouped key/value heads.
+
+Dims: the input is `batch seq d_model`; queries have `heads d_head`; keys and values have
+`kv_heads d_head` when grouped (each key/value head serves `heads / kv_heads` query heads)
+and `heads d_head` otherwise. The keys' sequence dim is renamed `kv_seq`, so a score
+tensor `batch heads seq kv_seq` has two distinct sequence dims (as in Mesh TF).
+
+With `heads` (and `kv_heads`) split over tp, every head's attention is local to a device and
+the output projection contracts `heads`: one all-reduce per layer (Megatron's attention).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torchmesh.errors import DimError
+from torchmesh.nn import init
+from torchmesh.nn.parameter import Module
+from torchmesh.tensor.construct import arange
+from torchmesh.tensor.einsum import einsum
+from torchmesh.tensor.elementwise import where
+from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.tensor.rearrange import rearrange
+from torchmesh.tensor.reduce import softmax
+from torchmesh.tensor.random import dropout
+
+if TYPE_CHECKING:
+    from torchmesh.mesh import Mesh
+
+
+class MultiHeadAttention(Module):
+    """Self-attention of a `batch seq d_model` tensor, returning the same dims.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="heads:tp;kv_heads:tp")
+    >>> attn = tm.nn.MultiHeadAttention(mesh, d_model=16, heads=4, d_head=8, kv_heads=2, seed=0)
+    >>> attn(tm.randn("batch:2 seq:5 d_model:16", mesh, seed=1)).dims
+    ('batch', 'seq', 'd_model')
+    """
+
+    def __init__(self, mesh: "Mesh", d_model: int, heads: int, d_head: int, kv_heads: int | None = None,
+                 causal: bool = True, dropout: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        if kv_heads is not None and (kv_heads <= 0 or heads % kv_heads):
+            raise DimError(f"MultiHeadAttention: heads={heads} must be a multiple of kv_heads={kv_heads} "
+                           f"(each key/value head serves heads/kv_heads query heads).")
+        self.heads, self.d_head, self.causal, self.p = heads, d_head, causal, dropout
+        self.kv_heads = None if kv_heads in (None, heads) else kv_heads
+        kv = "heads" if self.kv_heads is None else "kv_heads"
+        kv_size = heads if self.kv_heads is None else self.kv_heads
+        std = d_model**-0.5
+        s = lambda name: init.derive_seed(seed, name)  # noqa: E731
+        self.wq = init.normal(f"d_model:{d_model} heads:{heads} d_head:{d_head}", mesh, s("wq"), std)
+        self.wk = init.normal(f"d_model:{d_model} {kv}:{kv_size} d_head:{d_head}", mesh, s("wk"), std)
+        self.wv = init.normal(f"d_model:{d_model} {kv}:{kv_size} d_head:{d_head}", mesh, s("wv"), std)
+        self.wo = init.normal(f"heads:{heads} d_head:{d_head} d_model:{d_model}", mesh, s("wo"), (heads * d_head) ** -0.5)
+        self._masks: dict[int, MeshTensor] = {}
+
+    def forward(self, x: MeshTensor) -> MeshTensor:
+        kv = "heads" if self.kv_heads is None else "kv_heads"
+        q = einsum("batch seq d_model, d_model heads d_head -> batch seq heads d_head", x, self.wq)
+        k = einsum(f"batch seq d_model, d_model {kv} d_head -> batch seq {kv} d_head", x, self.wk).rename(seq="kv_seq")
+        v = einsum(f"batch seq d_model, d_model {kv} d_head -> batch seq {kv} d_head", x, self.wv).rename(seq="kv_seq")
+        if self.kv_heads is not None:  # query head h uses key/value head h // group
+            q = rearrange(q, "batch seq (kv_heads group) d_head -> batch seq kv_heads group d_head",
+                          kv_heads=self.kv_heads)
+        heads = "heads" if self.kv_heads is None else "kv_heads group"
+        scores = einsum(f"batch seq {heads} d_head, batch kv_seq {kv} d_head -> batch {heads} seq kv_seq",
+                        q, k) * self.d_head**-0.5
+        if self.causal:
+            scores = where(self._mask(x.sizes["seq"], x.mesh), scores, float("-inf"))
+        probs = dropout(softmax(scores, "kv_seq"), self.p, training=self.training)
+        out = einsum(f"batch {heads} seq kv_seq, batch kv_seq {kv} d_head -> batch seq {heads} d_head", probs, v)
+        if self.kv_heads is not None:
+            out = rearrange(out, "batch seq kv_heads group d_head -> batch seq (kv_heads group):heads d_head")
+        return einsum("batch seq heads d_head, heads d_head d_model -> batch seq d_model", out, self.wo)
+
+    def _mask(self, seq: int, mesh: "Mesh") -> MeshTensor:
+        """True where a query may attend a key (key position <= query position)."""
+        if seq not in self._masks:
+            self._masks[seq] = arange(f"seq:{seq}", mesh) >= arange(f"kv_seq:{seq}", mesh)
+        return self._masks[seq]

@@ -1,0 +1,162 @@
+"""The basic layers over named dims: Linear, Embedding, LayerNorm, RMSNorm, Dropout, FeedForward.
+
+Each is a `tm.nn.Module`: its weights are MeshTensors (registered as `nn.Parameter` shards),
+laid out by the mesh's rules like any other tensor, so the same module code is data,
+tensor or fully sharded parallel depending only on the rules. Weights come from
+`torchmesh.nn.init` with a seed per parameter, so they do not depend on the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from torchmesh import errors
+from torchmesh.errors import DimError
+from torchmesh.nn import init
+from torchmesh.nn.parameter import Module
+from torchmesh.tensor.dims import Dim, DimsLike, parse_dims
+from torchmesh.tensor.einsum import einsum
+from torchmesh.tensor.gather import embedding
+from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.tensor.random import dropout
+
+if TYPE_CHECKING:
+    from torchmesh.mesh import Mesh
+
+
+def _spec(dims: tuple[Dim, ...]) -> str:
+    return " ".join(f"{d.name}:{d.size}" for d in dims)
+
+
+class Linear(Module):
+    """y = x·W + b, contracting `in_dims` and producing `out_dims` (each one or more dims).
+
+    The weight has dims `in_dims + out_dims`; every other dim of `x` (batch, seq...) is
+    carried through. A split input dim makes partial sums (an all-reduce); a split output
+    dim needs no communication.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> lin = tm.nn.Linear(mesh, "d_model:8", "ff:16", seed=0)
+    >>> lin(tm.randn("batch:4 d_model:8", mesh, seed=1)).sizes
+    {'batch': 4, 'ff': 16}
+    """
+
+    def __init__(self, mesh: "Mesh", in_dims: DimsLike, out_dims: DimsLike, bias: bool = True,
+                 seed: int = 0, std: float | None = None) -> None:
+        super().__init__()
+        self.in_dims, self.out_dims = parse_dims(in_dims), parse_dims(out_dims)
+        fan_in = math.prod(d.size for d in self.in_dims)
+        std = fan_in**-0.5 if std is None else std
+        self.weight = init.normal(_spec(self.in_dims + self.out_dims), mesh, init.derive_seed(seed, "weight"), std)
+        self.has_bias = bias
+        if bias:
+            self.bias = init.zeros_param(_spec(self.out_dims), mesh)
+
+    def forward(self, x: MeshTensor) -> MeshTensor:
+        w = self.weight
+        y = einsum(_linear_equation(x.dims, w.dims, tuple(d.name for d in self.in_dims)), x, w)
+        return y + self.bias if self.has_bias else y
+
+
+@lru_cache(maxsize=1024)
+def _linear_equation(x: tuple[str, ...], w: tuple[str, ...], contracted: tuple[str, ...]) -> str:
+    missing = [n for n in contracted if n not in x]
+    if missing:
+        raise DimError(errors.missing_dims("Linear: input", contracted, x))
+    out = [n for n in x if n not in contracted] + [n for n in w if n not in contracted]
+    return f"{' '.join(x)}, {' '.join(w)} -> {' '.join(out)}"
+
+
+class Embedding(Module):
+    """Rows of a table `vocab_dim x dims` picked by integer ids.
+
+    With `vocab` split over an axis, each device looks up the ids in its block of the
+    vocabulary (others give 0) and the rows are all-reduced: Megatron's vocab-parallel
+    embedding, with the table never gathered.
+    """
+
+    def __init__(self, mesh: "Mesh", vocab_dim: DimsLike, dims: DimsLike, seed: int = 0, std: float = 0.02) -> None:
+        super().__init__()
+        (self.vocab_dim,) = parse_dims(vocab_dim)
+        self.dims = parse_dims(dims)
+        self.weight = init.normal(_spec((self.vocab_dim, *self.dims)), mesh, init.derive_seed(seed, "weight"), std)
+
+    def forward(self, ids: MeshTensor) -> MeshTensor:
+        return embedding(ids, self.weight, self.vocab_dim.name)
+
+
+class LayerNorm(Module):
+    """Normalise over `dim` (mean 0, variance 1), then scale and shift (learned, over `dim`).
+
+    Over a split `dim` the mean and variance are all-reduced, so the result does not
+    depend on the layout."""
+
+    def __init__(self, mesh: "Mesh", dim: DimsLike, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        (self.dim,) = parse_dims(dim)
+        self.eps = eps
+        self.weight = init.ones_param(_spec((self.dim,)), mesh)
+        self.has_bias = bias
+        if bias:
+            self.bias = init.zeros_param(_spec((self.dim,)), mesh)
+
+    def forward(self, x: MeshTensor) -> MeshTensor:
+        name = self.dim.name
+        centred = x - x.mean(name)
+        y = centred * ((centred * centred).mean(name) + self.eps).rsqrt() * self.weight
+        return y + self.bias if self.has_bias else y
+
+
+class RMSNorm(Module):
+    """x / sqrt(mean(x²) + eps) over `dim`, times a learned scale (no centring, no shift)."""
+
+    def __init__(self, mesh: "Mesh", dim: DimsLike, eps: float = 1e-6) -> None:
+        super().__init__()
+        (self.dim,) = parse_dims(dim)
+        self.eps = eps
+        self.weight = init.ones_param(_spec((self.dim,)), mesh)
+
+    def forward(self, x: MeshTensor) -> MeshTensor:
+        return x * ((x * x).mean(self.dim.name) + self.eps).rsqrt() * self.weight
+
+
+class Dropout(Module):
+    """Dropout whose mask does not depend on the mesh: it is drawn by `tm.dropout` from the
+    global stream (`tm.manual_seed`), the same on every rank and every layout. Identity in
+    eval mode or when p == 0."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise DimError(f"Dropout: p must be in [0, 1); got {p}.")
+        self.p = p
+
+    def forward(self, x: MeshTensor) -> MeshTensor:
+        return dropout(x, self.p, training=self.training)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": torch.relu, "silu": F.silu}
+
+
+class FeedForward(Module):
+    """The Transformer's MLP: `d_model -> ff -> d_model` with an activation between.
+
+    With `ff` split over tp this is Megatron's column- then row-parallel pair: the first
+    matmul needs no communication, the second one all-reduce."""
+
+    def __init__(self, mesh: "Mesh", d_model: DimsLike, ff: DimsLike, activation: str = "gelu", seed: int = 0) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise DimError(f"FeedForward: unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+        self.activation = activation
+        self.w_in = Linear(mesh, d_model, ff, seed=init.derive_seed(seed, "w_in"))
+        self.w_out = Linear(mesh, ff, d_model, seed=init.derive_seed(seed, "w_out"))
+
+    def forward(self, x: MeshTensor) -> MeshTensor:
+        return self.w_out(ACTIVATIONS[self.activation](self.w_in(x)))
