@@ -1,0 +1,178 @@
+"""Abstract evaluation of one training step: what a device computes, sends and holds.
+
+`profile_step(builder, mesh, rules)` builds the model on a mesh with the `abstract` backend
+(one representative shard per tensor, on torch's meta device: no data, no processes), runs
+the loss forward and backward, and records:
+
+- every collective, through `tm.comm_stats()` (the same records, bytes per device, as a
+  real run on `sim` or `dist`), summed by (kind, axes, phase);
+- the FLOPs of the device's local kernels, forward and backward, through torch's
+  `FlopCounterMode` (matmuls and einsums; elementwise ops are not counted);
+- memory per device: parameter shards, their gradients, optimizer state (AdamW: two
+  moments per parameter; Adafactor: a row and a column accumulator per matrix, a full one
+  for vectors; SGD: none), and the activations autograd saves for backward (sizes of the
+  tensors `saved_tensors_hooks` sees during forward, each storage once, parameters not
+  counted twice). Activations peak at the end of forward; the reported peak is the sum
+  of the four, an upper bound (gradients fill in as activations are freed).
+
+A model is given as a *builder*: `builder(mesh) -> (module, loss_fn)`, where `module` is a
+`torch.nn.Module` (typically a `tm.nn.Module`) holding the parameters and `loss_fn()` runs
+one forward pass and returns the 0-d MeshTensor loss. The builder must make its inputs and
+parameters with torchmesh constructors (`tm.randn`, `tm.zeros`, `tm.nn` layers), which
+draw nothing on the abstract backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from torchmesh.comm.stats import comm_stats
+from torchmesh.mesh import Mesh
+from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
+from torchmesh.placement.rules import RulesLike
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+Builder = Callable[[Mesh], "tuple[torch.nn.Module, Callable[[], MeshTensor]]"]
+CommKey = tuple[str, tuple[str, ...], str]  # (kind, axes, phase)
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+
+
+@dataclass(frozen=True, slots=True)
+class StepProfile:
+    """Per-device counts of one training step (bytes, FLOPs), from abstract evaluation.
+
+    Profiles are linear in the model's layers, so they add, subtract and scale
+    (`extrapolate` uses this to evaluate a deep model from one- and two-layer ones)."""
+
+    mesh: MeshShape
+    rules: str
+    comm: tuple[tuple[CommKey, int, int], ...]  # ((kind, axes, phase), count, bytes), sorted
+    flops: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+
+    @property
+    def comm_bytes(self) -> int:
+        return sum(b for _, _, b in self.comm)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Peak memory per device (upper bound): parameters, gradients, optimizer state, activations."""
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+    def bytes_by_axes(self) -> dict[tuple[str, ...], int]:
+        out: dict[tuple[str, ...], int] = {}
+        for (_, axes, _), _, b in self.comm:
+            out[axes] = out.get(axes, 0) + b
+        return out
+
+    def bytes_by_key(self) -> dict[CommKey, int]:
+        return {k: b for k, _, b in self.comm}
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (kind, _, _), n, _ in self.comm:
+            out[kind] = out.get(kind, 0) + n
+        return out
+
+    def combine(self, other: "StepProfile", a: int, b: int) -> "StepProfile":
+        """The profile a * self + b * other (integer weights; used to extrapolate layers)."""
+        comm: dict[CommKey, list[int]] = {}
+        for weight, prof in ((a, self), (b, other)):
+            for key, n, nbytes in prof.comm:
+                acc = comm.setdefault(key, [0, 0])
+                acc[0] += weight * n
+                acc[1] += weight * nbytes
+        return StepProfile(
+            self.mesh, self.rules,
+            tuple(sorted((k, n, nb) for k, (n, nb) in comm.items() if n or nb)),
+            *(a * getattr(self, f) + b * getattr(other, f) for f in _LINEAR),
+        )
+
+
+_LINEAR = ("flops", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes")
+
+
+def extrapolate(one_layer: StepProfile, two_layers: StepProfile, layers: int) -> StepProfile:
+    """The profile of a model with `layers` identical layers, from its 1- and 2-layer profiles:
+    p(L) = p(1) + (L - 1) (p(2) - p(1)), exact when the layers are identical."""
+    return one_layer.combine(two_layers, 2 - layers, layers - 1)
+
+
+def profile_step(builder: Builder, mesh: MeshShapeLike, rules: RulesLike, optimizer: str = "adamw") -> StepProfile:
+    """Evaluate one training step of `builder`'s model abstractly on `mesh` under `rules`."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS}.")
+    m = Mesh(mesh, layout=rules, backend="abstract")
+    module, loss_fn = builder(m)
+    params = [p for p in module.parameters()]
+    saved = _SavedTensors(params)
+    with comm_stats() as stats, FlopCounterMode(display=False) as flops:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            loss = loss_fn()
+        loss.backward()
+    trainable = [p for p in params if p.requires_grad]
+    comm: dict[CommKey, list[int]] = {}
+    for r in stats.records:
+        acc = comm.setdefault((r.kind, r.axes, r.phase), [0, 0])
+        acc[0] += 1
+        acc[1] += r.bytes
+    return StepProfile(
+        mesh=m.shape,
+        rules=str(m.rules),
+        comm=tuple(sorted((k, n, b) for k, (n, b) in comm.items())),
+        flops=int(flops.get_total_flops()),
+        param_bytes=_nbytes(params),
+        grad_bytes=_nbytes(trainable),
+        optimizer_bytes=optimizer_state_bytes(trainable, optimizer),
+        activation_bytes=saved.total,
+    )
+
+
+def optimizer_state_bytes(shards: Iterable[torch.Tensor], optimizer: str) -> int:
+    """Bytes of optimizer state for these local parameter shards."""
+    if optimizer == "sgd":
+        return 0
+    if optimizer == "adamw":
+        return 2 * _nbytes(shards)
+    total = 0
+    for p in shards:  # adafactor: factored second moments, no first moment
+        if p.dim() >= 2:
+            n = p.numel()
+            total += (n // p.shape[-1] + n // p.shape[-2]) * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _nbytes(ts: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+class _SavedTensors:
+    """saved_tensors_hooks pair summing the sizes of the distinct tensors saved for backward."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self._seen: set[int] = {id(p) for p in params}
+        self._keep: list[torch.Tensor] = []  # keeps ids unique while counting
+        self.total = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        root = t
+        while root._base is not None:
+            root = root._base
+        if id(root) not in self._seen:
+            self._seen.add(id(root))
+            self._keep.append(root)
+            self.total += root.numel() * root.element_size()
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
