@@ -86,18 +86,23 @@ def recording() -> bool:
     return bool(_ACTIVE)
 
 
-def record(kind: str, axes: tuple[str, ...], k: int, tensor: torch.Tensor, phase: str = "forward") -> None:
-    """Add one collective over a group of `k` devices, `tensor` being a device's input."""
-    if not _ACTIVE:
-        return
-    s = tensor.numel() * tensor.element_size()
-    nbytes = {
+def bytes_sent(kind: str, k: int, s: int) -> int:
+    """Bytes one device sends in a `kind` collective over `k` devices holding `s` bytes each
+    (the table above; also used to count other libraries' collectives the same way)."""
+    return {
         "all_reduce": 2 * (k - 1) * s // k,
         "all_gather": (k - 1) * s,
         "reduce_scatter": (k - 1) * s // k,
         "all_to_all": (k - 1) * s // k,
         "shift": s,
     }[kind]
+
+
+def record(kind: str, axes: tuple[str, ...], k: int, tensor: torch.Tensor, phase: str = "forward") -> None:
+    """Add one collective over a group of `k` devices, `tensor` being a device's input."""
+    if not _ACTIVE:
+        return
+    nbytes = bytes_sent(kind, k, tensor.numel() * tensor.element_size())
     rec = CommRecord(kind, axes, nbytes, tuple(tensor.shape), tensor.dtype, phase)
     for stats in _ACTIVE:
         stats.records.append(rec)

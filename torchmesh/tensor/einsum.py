@@ -81,8 +81,51 @@ def _sizes(xs: Sequence[MeshTensor]) -> dict[str, int]:
 
 
 def _local_einsum(plan: OpPlan):
-    eq = _letters(tuple(l.names for l in plan.in_layouts), plan.computed.names)
+    inputs = tuple(l.names for l in plan.in_layouts)
+    out = plan.computed.names
+    if len(inputs) == 2:
+        lowered = _as_matmul(*inputs, out)
+        if lowered is not None:
+            return lowered
+    eq = _letters(inputs, out)
     return lambda *ts: torch.einsum(eq, *ts)
+
+
+@lru_cache(maxsize=4096)
+def _as_matmul(a: tuple[str, ...], b: tuple[str, ...], out: tuple[str, ...]):
+    """A two-operand einsum as one (batched) matmul on permuted views, or None.
+
+    Dims split into batch (in a, b and out), left (a and out), right (b and out) and
+    contracted (a and b only): a -> [batch, left, k], b -> [batch, k, right]. For the common
+    layer shapes every permutation is the identity and this is a plain `mm`, whose backward
+    is two `mm`s: eager torch.einsum's reshapes cost more than the product on small tensors.
+    """
+    if any(n not in b and n not in out for n in a) or any(n not in a and n not in out for n in b):
+        return None  # a dim summed within one operand: leave it to torch.einsum
+    batch = tuple(n for n in out if n in a and n in b)
+    left = tuple(n for n in out if n in a and n not in b)
+    right = tuple(n for n in out if n in b and n not in a)
+    contracted = tuple(n for n in a if n in b and n not in out)
+    a_perm = tuple(a.index(n) for n in batch + left + contracted)
+    b_perm = tuple(b.index(n) for n in batch + contracted + right)
+    result = batch + left + right
+    out_perm = tuple(result.index(n) for n in out)
+    nb, nl, nr = len(batch), len(left), len(right)
+    identity = tuple(range(len(result)))
+
+    def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if a_perm != tuple(range(len(a_perm))):
+            x = x.permute(a_perm)
+        if b_perm != tuple(range(len(b_perm))):
+            y = y.permute(b_perm)
+        bs, ls, rs = x.shape[:nb], x.shape[nb : nb + nl], y.shape[y.dim() - nr :]
+        k = y.shape[nb : y.dim() - nr].numel()
+        x = x.reshape(bs.numel(), ls.numel(), k) if nb else x.reshape(ls.numel(), k)
+        y = y.reshape(bs.numel(), k, rs.numel()) if nb else y.reshape(k, rs.numel())
+        r = (torch.bmm(x, y) if nb else torch.mm(x, y)).view((*bs, *ls, *rs))
+        return r if out_perm == identity else r.permute(out_perm)
+
+    return matmul
 
 
 @lru_cache(maxsize=4096)

@@ -1,0 +1,354 @@
+"""Tensor parallelism on 2 gloo processes: torchmesh against a hand-written Megatron-style
+version (raw torch.distributed calls) and against DTensor's parallelize_module.
+
+    python benchmarks/tp_mlp.py                 # ~2 minutes on 2 cores
+    python benchmarks/tp_mlp.py --steps 50      # a quicker, noisier run
+
+It starts 2 processes itself (gloo on 127.0.0.1, one thread each) and prints three tables:
+1. fwd+bwd step time of a TP MLP (B=64 D=256 F=1024) and of a Transformer block
+   (attention with heads split + MLP), the three versions interleaved step by step,
+   medians of many steps, ratios to the raw version;
+2. eager per-op overhead on small tensors (einsum, add, sum; layouts that need no
+   communication) against DTensor and plain torch on the local shards;
+3. bytes each device sends per step: torchmesh's comm_stats against DTensor's collectives
+   as seen by CommDebugMode, both counted with the same ring formulas.
+Every version's loss is checked equal before timing. Results: benchmarks/results/tp_mlp.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the gloo process harness
+
+MLP = dict(B=64, D=256, F=1024)
+BLOCK = dict(B=8, S=128, D=256, H=8, DH=32, F=1024)
+
+
+# ---- raw torch.distributed (Megatron's f and g operators) -----------------------------------
+class _AllReduce(torch.autograd.Function):
+    """g: all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _CopyToParallel(torch.autograd.Function):
+    """f: identity forward, all-reduce backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def local_cols(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """This rank's block of `w` along `dim` (2 ranks)."""
+    return w.chunk(dist.get_world_size(), dim)[dist.get_rank()].clone().requires_grad_()
+
+
+def causal_mask(s: int) -> torch.Tensor:
+    return torch.full((s, s), float("-inf")).triu(1)
+
+
+# ---- the three versions of each workload -------------------------------------------------------
+def mlp_versions(mesh, device_mesh):
+    import torchmesh as tm
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    B, D, Fd = MLP["B"], MLP["D"], MLP["F"]
+    torch.manual_seed(0)
+    x, w1, w2 = torch.randn(B, D), torch.randn(D, Fd) / D**0.5, torch.randn(Fd, D) / Fd**0.5
+
+    tx = tm.distribute(x, "batch d_model", mesh)
+    tw1 = tm.distribute(w1, "d_model ff", mesh, requires_grad=True)
+    tw2 = tm.distribute(w2, "ff d_model", mesh, requires_grad=True)
+
+    def torchmesh_step():
+        h = torch.relu(tm.einsum("batch d_model, d_model ff -> batch ff", tx, tw1))
+        y = tm.einsum("batch ff, ff d_model -> batch d_model", h, tw2)
+        loss = (y * y).sum()
+        loss.backward()
+        tw1.grad = tw2.grad = None
+        return loss.item()
+
+    rw1, rw2 = local_cols(w1, 1), local_cols(w2, 0)
+
+    def raw_step():
+        y = _AllReduce.apply(torch.relu(x @ rw1) @ rw2)
+        loss = (y * y).sum()
+        loss.backward()
+        rw1.grad = rw2.grad = None
+        return loss.item()
+
+    model = nn.Sequential()
+    model.add_module("w1", nn.Linear(D, Fd, bias=False))
+    model.add_module("relu", nn.ReLU())
+    model.add_module("w2", nn.Linear(Fd, D, bias=False))
+    with torch.no_grad():
+        model.w1.weight.copy_(w1.T)
+        model.w2.weight.copy_(w2.T)
+    model = parallelize_module(model, device_mesh, {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
+
+    def dtensor_step():
+        y = model(x)
+        loss = (y * y).sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return {"torchmesh": torchmesh_step, "raw": raw_step, "dtensor": dtensor_step}
+
+
+class Block(nn.Module):
+    """A plain torch Transformer block (no norms), torchtitan style: heads inferred from shapes."""
+
+    def __init__(self, D, H, DH, Fd):
+        super().__init__()
+        self.dh = DH
+        self.wq, self.wk, self.wv = (nn.Linear(D, H * DH, bias=False) for _ in range(3))
+        self.wo = nn.Linear(H * DH, D, bias=False)
+        self.w1, self.w2 = nn.Linear(D, Fd, bias=False), nn.Linear(Fd, D, bias=False)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = (w(x).view(b, s, -1, self.dh).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dh) + mask, -1)
+        x = x + self.wo((att @ v).transpose(1, 2).reshape(b, s, -1))
+        return x + self.w2(torch.relu(self.w1(x)))
+
+
+def block_versions(mesh, device_mesh):
+    import torchmesh as tm
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    B, S, D, H, DH, Fd = (BLOCK[k] for k in ("B", "S", "D", "H", "DH", "F"))
+    torch.manual_seed(0)
+    ref = Block(D, H, DH, Fd)
+    x = torch.randn(B, S, D)
+    mask = causal_mask(S)
+
+    # torchmesh: the weights by name, heads and ff split over tp by the rules.
+    wq, wk, wv = (tm.distribute(w.weight.detach().T.reshape(D, H, DH), "d_model heads d_head", mesh,
+                                requires_grad=True) for w in (ref.wq, ref.wk, ref.wv))
+    wo = tm.distribute(ref.wo.weight.detach().T.reshape(H, DH, D), "heads d_head d_model", mesh, requires_grad=True)
+    w1 = tm.distribute(ref.w1.weight.detach().T.contiguous(), "d_model ff", mesh, requires_grad=True)
+    w2 = tm.distribute(ref.w2.weight.detach().T.contiguous(), "ff d_model", mesh, requires_grad=True)
+    params = (wq, wk, wv, wo, w1, w2)
+    tx = tm.distribute(x, "batch seq d_model", mesh)
+    tmask = tm.distribute(mask, "seq kv_seq", mesh)
+
+    def torchmesh_step():
+        q = tm.einsum("batch seq d_model, d_model heads d_head -> batch heads seq d_head", tx, wq)
+        xk = tx.rename(seq="kv_seq")
+        k = tm.einsum("batch kv_seq d_model, d_model heads d_head -> batch heads kv_seq d_head", xk, wk)
+        v = tm.einsum("batch kv_seq d_model, d_model heads d_head -> batch heads kv_seq d_head", xk, wv)
+        s = tm.einsum("batch heads seq d_head, batch heads kv_seq d_head -> batch heads seq kv_seq", q, k)
+        att = tm.softmax(s * (1 / math.sqrt(DH)) + tmask, "kv_seq")
+        o = tm.einsum("batch heads seq kv_seq, batch heads kv_seq d_head -> batch seq heads d_head", att, v)
+        h = tx + tm.einsum("batch seq heads d_head, heads d_head d_model -> batch seq d_model", o, wo)
+        f = torch.relu(tm.einsum("batch seq d_model, d_model ff -> batch seq ff", h, w1))
+        y = h + tm.einsum("batch seq ff, ff d_model -> batch seq d_model", f, w2)
+        loss = (y * y).mean()
+        loss.backward()
+        for p in params:
+            p.grad = None
+        return loss.item()
+
+    # raw: this rank's heads and ff columns, f/g operators where Megatron puts them.
+    cols = lambda lin: local_cols(lin.weight.detach().T, 1)  # noqa: E731
+    rq, rk, rv, r1 = cols(ref.wq), cols(ref.wk), cols(ref.wv), cols(ref.w1)
+    ro, r2 = local_cols(ref.wo.weight.detach().T, 0), local_cols(ref.w2.weight.detach().T, 0)
+    raw_params = (rq, rk, rv, ro, r1, r2)
+
+    def raw_step():
+        b, s, _ = x.shape
+        q, k, v = ((x @ w).view(b, s, -1, DH).transpose(1, 2) for w in (rq, rk, rv))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(DH) + mask, -1)
+        h = x + _AllReduce.apply((att @ v).transpose(1, 2).reshape(b, s, -1) @ ro)
+        y = h + _AllReduce.apply(torch.relu(_CopyToParallel.apply(h) @ r1) @ r2)
+        loss = (y * y).mean()
+        loss.backward()
+        for p in raw_params:
+            p.grad = None
+        return loss.item()
+
+    model = parallelize_module(ref, device_mesh, {
+        "wq": ColwiseParallel(), "wk": ColwiseParallel(), "wv": ColwiseParallel(), "wo": RowwiseParallel(),
+        "w1": ColwiseParallel(), "w2": RowwiseParallel(),
+    })
+
+    def dtensor_step():
+        y = model(x, mask)
+        loss = (y * y).mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return {"torchmesh": torchmesh_step, "raw": raw_step, "dtensor": dtensor_step}
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+def interleaved_ms(fns: dict, steps: int, warmup: int = 10) -> dict[str, float]:
+    """Median step time of each version, the versions taking turns step by step."""
+    names = list(fns)
+    samples = {n: [] for n in names}
+    for i in range(warmup + steps):
+        for n in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first
+            dist.barrier()
+            t0 = time.perf_counter()
+            fns[n]()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                samples[n].append(dt)
+    return {n: statistics.median(s) * 1e3 for n, s in samples.items()}
+
+
+def op_overhead_us(mesh, device_mesh, iters: int) -> list[dict]:
+    """Small ops whose layouts need no communication: the cost of the eager machinery."""
+    import torchmesh as tm
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    a, b = torch.randn(8, 16), torch.randn(16, 32)
+    x, w = tm.distribute(a, "batch d", mesh), tm.distribute(b, "d ff", mesh)
+    h = tm.einsum("batch d, d ff -> batch ff", x, w)
+    da, db = distribute_tensor(a, device_mesh, [Replicate()]), distribute_tensor(b, device_mesh, [Shard(1)])
+    dh = da @ db
+    la, lb = a, b.chunk(2, 1)[dist.get_rank()].contiguous()
+    lh = la @ lb
+    cases = {
+        "einsum": (lambda: tm.einsum("batch d, d ff -> batch ff", x, w), lambda: da @ db, lambda: la @ lb),
+        "add": (lambda: h + h, lambda: dh + dh, lambda: lh + lh),
+        "sum(batch)": (lambda: h.sum("batch"), lambda: dh.sum(0), lambda: lh.sum(0)),
+    }
+    rows = []
+    for op, fns in cases.items():
+        times = []
+        for fn in fns:
+            for _ in range(100):
+                fn()
+            s = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                s.append(time.perf_counter() - t0)
+            times.append(statistics.median(s) * 1e6)
+        rows.append({"op": op, "torchmesh_us": times[0], "dtensor_us": times[1], "torch_us": times[2]})
+    return rows
+
+
+def step_bytes(mesh, versions: dict) -> dict:
+    """Bytes each device sends in one step, counted the same way for both libraries."""
+    import torchmesh as tm
+
+    with tm.comm_stats() as stats:
+        versions["torchmesh"]()
+    with DTensorBytes() as dt:
+        versions["dtensor"]()
+    return {"torchmesh": {"bytes": stats.total_bytes, "counts": stats.counts},
+            "dtensor": {"bytes": dt.bytes, "counts": dict(dt.counts)}}
+
+
+def DTensorBytes():
+    """CommDebugMode that also adds up bytes per device with torchmesh's ring formulas."""
+    from collections import Counter
+
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from torchmesh.comm.stats import bytes_sent
+
+    kinds = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
+             "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}
+
+    class Mode(CommDebugMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes, self.counts = 0, Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._overloadpacket.__name__
+            if name in kinds and isinstance(args[0], torch.Tensor):
+                k = dist.get_world_size()
+                self.bytes += bytes_sent(kinds[name], k, args[0].numel() * args[0].element_size())
+                self.counts[kinds[name]] += 1
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    return Mode()
+
+
+def rank_body(steps: int, op_iters: int) -> dict:
+    import torchmesh as tm
+
+    torch.set_num_threads(1)
+    mesh = tm.Mesh("tp:2", layout="ff:tp;heads:tp", backend="dist")
+    device_mesh = mesh.impl.device_mesh
+    out = {}
+    for name, build in (("mlp", mlp_versions), ("block", block_versions)):
+        versions = build(mesh, device_mesh)
+        losses = {n: fn() for n, fn in versions.items()}
+        ref = losses["raw"]
+        for n, v in losses.items():
+            assert abs(v - ref) <= 1e-4 * abs(ref), f"{name}: {n} loss {v} != raw {ref}"
+        out[name] = {"ms": interleaved_ms(versions, steps), "bytes": step_bytes(mesh, versions), "loss": losses}
+    out["ops"] = op_overhead_us(mesh, device_mesh, op_iters)
+    return out
+
+
+def main() -> None:
+    from harness import run_distributed
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--op-iters", type=int, default=3000)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "tp_mlp.json")
+    args = parser.parse_args()
+    result = run_distributed(rank_body, 2, args=(args.steps, args.op_iters), timeout=3600)[0]
+
+    print(f"fwd+bwd step, 2 gloo processes, medians of {args.steps} interleaved steps")
+    print(f"{'workload':<8} {'torchmesh ms':>13} {'raw ms':>8} {'dtensor ms':>11} {'tm/raw':>7} {'dtensor/raw':>12} {'tm/dtensor':>11}")
+    for name in ("mlp", "block"):
+        ms = result[name]["ms"]
+        print(f"{name:<8} {ms['torchmesh']:>13.3f} {ms['raw']:>8.3f} {ms['dtensor']:>11.3f} "
+              f"{ms['torchmesh'] / ms['raw']:>7.2f} {ms['dtensor'] / ms['raw']:>12.2f} {ms['torchmesh'] / ms['dtensor']:>11.2f}")
+    print("\neager per-op time on small tensors (no communication), microseconds")
+    print(f"{'op':<11} {'torchmesh':>10} {'dtensor':>9} {'torch':>7} {'tm/dtensor':>11}")
+    for r in result["ops"]:
+        print(f"{r['op']:<11} {r['torchmesh_us']:>10.1f} {r['dtensor_us']:>9.1f} {r['torch_us']:>7.1f} "
+              f"{r['torchmesh_us'] / r['dtensor_us']:>11.2f}")
+    print("\nbytes each device sends per step (ring formulas)")
+    for name in ("mlp", "block"):
+        b = result[name]["bytes"]
+        print(f"{name:<8} torchmesh {b['torchmesh']['bytes']:>9} {b['torchmesh']['counts']}   "
+              f"dtensor {b['dtensor']['bytes']:>9} {b['dtensor']['counts']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {**vars(args), "out": str(args.out)}, "mlp_shape": MLP,
+                                    "block_shape": BLOCK, **result}, indent=2))
+    print(f"\nsaved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
