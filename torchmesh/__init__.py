@@ -6,9 +6,19 @@ dims are split over which mesh axes; torchmesh inserts every collective.
 
 from torchmesh import tensor as _tensor  # noqa: F401  (installs MeshTensor's methods)
 from torchmesh import nn
+from torchmesh.checkpoint import (
+    export_state_dict,
+    from_dtensor,
+    import_state_dict,
+    latest_checkpoint,
+    load,
+    save,
+    to_dtensor,
+)
 from torchmesh.comm.stats import CommRecord, CommStats, comm_stats
 from torchmesh.errors import (
     BackendError,
+    CheckpointError,
     CollectiveMismatch,
     CollectiveTimeout,
     DimError,
@@ -49,6 +59,8 @@ Dimension = Dim  # Mesh TF's name
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError", "export_state_dict", "from_dtensor", "import_state_dict", "latest_checkpoint",
+    "load", "save", "to_dtensor",
     "BackendError", "CollectiveMismatch", "CollectiveTimeout", "MeshError", "CommRecord", "CommStats", "Dim", "DimError", "Dimension", "LayoutError",
     "LayoutRules", "Mesh", "MeshShape", "MeshTensor", "ParseError", "TensorLayout", "TorchMeshError",
     "arange", "cast", "comm_stats", "concat", "distribute", "dropout", "einsum", "embedding",

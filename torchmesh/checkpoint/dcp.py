@@ -1,0 +1,368 @@
+"""`tm.save` and `tm.load`: resharding checkpoints through torch.distributed.checkpoint (DCP).
+
+Every value is written as its global tensor (see `state.py`), so a checkpoint written on
+one mesh, layout and number of processes loads on any other: DCP reads, on each process,
+exactly the blocks that process needs. On dist the ranks write their blocks in parallel;
+on sim (one process) DCP runs without a process group.
+
+Saves are atomic. Every rank writes into `<path>.partial`; when all are done, rank 0 writes
+the completion marker (each file's size and CRC-32, see `integrity.py`) and renames the
+directory to `<path>`. A save interrupted midway (a rank killed) leaves at most a
+`.partial` directory without a marker, which `load` refuses and `latest_checkpoint` skips:
+the previous checkpoint stays complete. Loading checks the files against the marker first,
+so a missing or truncated file is an error naming it, never wrong values. On several
+machines, `path` must be on a filesystem every rank can see.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from torchmesh.checkpoint import integrity
+from torchmesh.checkpoint.state import (
+    GROUPS_KEY,
+    STEP_KEY,
+    ParamRef,
+    empty_global,
+    global_value,
+    group_hyperparameters,
+    local_blocks,
+    model_mesh,
+    model_slots,
+    optimizer_refs,
+    optimizer_slots,
+)
+from torchmesh.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torchmesh.mesh import Mesh
+
+OBJECTS_KEY = "torchmesh/objects"  # every non-tensor value, pickled together (one small blob)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What `tm.load` restored: where from, the saved `step`, and the saved `extra` values."""
+
+    path: Path
+    step: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Processes:
+    """The processes that take part in a save or load: every rank on dist, just this one otherwise."""
+
+    def __init__(self, mesh: "Mesh | None") -> None:
+        if mesh is not None:
+            self.dist = mesh.backend == "dist"
+        else:  # a model without mesh parameters: every rank of a running job, if any
+            self.dist = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.dist else 0
+        self.world = dist.get_world_size() if self.dist else 1
+
+    def barrier(self) -> None:
+        if self.dist:
+            dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        if not self.dist:
+            return [value]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+
+def save(
+    path: "str | os.PathLike[str]",
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save the model's parameters, the optimizer's state, `step` and `extra` as global values
+    into the directory `path`, atomically. Call it on every rank (dist); returns the path.
+
+    `extra` holds small picklable values that are the same on every rank (a data position,
+    a scheduler's state). Loadable on any mesh, layout and number of processes.
+
+    >>> import tempfile, torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> model = tm.nn.Module(); model.w = tm.randn("d:4 ff:6", mesh, seed=0, requires_grad=True)
+    >>> root = tempfile.mkdtemp()
+    >>> tm.save(f"{root}/step_3", model=model, step=3).name
+    'step_3'
+    """
+    import torch.distributed.checkpoint as dcp
+
+    final = Path(path)
+    procs = _Processes(model_mesh(model))
+    state, objects = _save_state(model, optimizer)
+    objects[STEP_KEY] = step
+    objects.update({f"extra/{k}": v for k, v in (extra or {}).items()})
+    state[OBJECTS_KEY] = pickle.dumps(objects)
+
+    partial = final.with_name(final.name + ".partial")
+    if procs.rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    procs.barrier()
+    with _quiet():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), no_dist=not procs.dist)
+    files: dict[str, dict[str, int]] = {}
+    for mine in procs.gather(integrity.describe(partial.glob(f"__{procs.rank}_*"))):
+        files.update(mine)
+    if procs.rank == 0:
+        files.update(integrity.describe([partial / ".metadata"]))
+        mesh = model_mesh(model)
+        info = {"step": step, "mesh": None if mesh is None else str(mesh.shape), "processes": procs.world}
+        integrity.write_marker(partial, files, info)
+        _replace(partial, final)
+    procs.barrier()
+    return final
+
+
+def load(
+    path: "str | os.PathLike[str]",
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    verify: bool = True,
+) -> Loaded:
+    """Load a checkpoint written by `tm.save` (on any mesh) into the model's parameters and the
+    optimizer's state, laid out as they are now. Call it on every rank (dist).
+
+    The files are checked against the completion marker first (sizes always, CRC-32 with
+    `verify=True`, the work split among the ranks); a problem raises `CheckpointError` naming
+    the file. Returns `Loaded(path, step, extra)`.
+
+    >>> import tempfile, torch, torchmesh as tm
+    >>> model = tm.nn.Module(); model.w = tm.zeros("d:4 ff:6", tm.Mesh("dp:2", layout="d:dp"))
+    >>> saved = tm.nn.Module(); saved.w = tm.randn("d:4 ff:6", tm.Mesh("tp:2", layout="ff:tp"), seed=0)
+    >>> root = tempfile.mkdtemp(); _ = tm.save(f"{root}/ckpt", model=saved, step=7)
+    >>> tm.load(f"{root}/ckpt", model=model).step, torch.equal(model.w.full(), saved.w.full())
+    (7, True)
+    """
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(path)
+    procs = _Processes(model_mesh(model))
+    marker = integrity.read_marker(directory)
+    _check_files(directory, marker["files"], procs, verify)
+    reader = dcp.FileSystemReader(directory)
+    stored = reader.read_metadata().state_dict_metadata
+
+    state: dict[str, Any] = {OBJECTS_KEY: b""}
+    model_targets = _model_targets(model, stored, state) if model is not None else []
+    optim_targets = _optimizer_targets(model, optimizer, stored, state) if optimizer is not None else []
+    with _quiet():
+        dcp.load(state, storage_reader=reader, no_dist=not procs.dist)
+    objects = pickle.loads(state[OBJECTS_KEY])
+
+    with torch.no_grad():
+        for key, slot in model_targets:
+            for target, block in zip(slot.tensors, local_blocks(state[key], slot.layout, slot.mesh)):
+                target.copy_(block)
+    if optimizer is not None:
+        _restore_optimizer(model, optimizer, optim_targets, state, objects)
+    extra = {k[len("extra/"):]: v for k, v in objects.items() if k.startswith("extra/")}
+    return Loaded(directory, objects.get(STEP_KEY), extra)
+
+
+def latest_checkpoint(directory: "str | os.PathLike[str]") -> Path | None:
+    """The newest complete checkpoint (highest saved step) among the subdirectories of
+    `directory`, or None. Interrupted saves (no completion marker) are skipped.
+
+    >>> import tempfile, torchmesh as tm
+    >>> tm.latest_checkpoint(tempfile.mkdtemp()) is None
+    True
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return None
+    best: tuple[int, str] | None = None
+    found: Path | None = None
+    for child in root.iterdir():
+        if not (child / integrity.MARKER).is_file():
+            continue
+        try:
+            step = integrity.read_marker(child).get("step")
+        except CheckpointError:
+            continue
+        rank = (step if isinstance(step, int) else -1, child.name)
+        if best is None or rank > best:
+            best, found = rank, child
+    return found
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence DCP's notices that are expected here: single-process mode on sim (chosen on
+    purpose) and its own use of the deprecated TypedStorage."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        yield
+
+
+# ---- save helpers ----------------------------------------------------------------------------
+
+
+def _save_state(model, optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    state: dict[str, Any] = {}
+    objects: dict[str, Any] = {}
+    slots = model_slots(model) if model is not None else []
+    if optimizer is not None:
+        if model is None:
+            raise CheckpointError("tm.save(optimizer=...) needs model=... too: the model's parameter names "
+                                  "name the optimizer's state in the checkpoint.")
+        optim_slots, optim_objects = optimizer_slots(model, optimizer)
+        slots += optim_slots
+        objects.update(optim_objects)
+        objects[GROUPS_KEY] = group_hyperparameters(optimizer)
+    for slot in slots:
+        state[slot.key] = global_value(slot)
+    return state, objects
+
+
+def _replace(partial: Path, final: Path) -> None:
+    """Move the finished directory into place; an older checkpoint under the same name goes."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+
+
+# ---- load helpers ----------------------------------------------------------------------------
+
+
+def _check_files(directory: Path, files: dict, procs: _Processes, verify: bool) -> None:
+    names = sorted(files)
+    mine = names[procs.rank :: procs.world] if verify else []
+    found = [p for ps in procs.gather(integrity.problems(directory, files, mine)) for p in ps]
+    if found:
+        raise CheckpointError(integrity.damaged_message(directory, sorted(set(found))))
+
+
+def _stored_shape(stored: dict, key: str) -> tuple[int, ...] | None:
+    meta = stored.get(key)
+    return None if meta is None or not hasattr(meta, "size") else tuple(meta.size)
+
+
+def _model_targets(model, stored: dict, state: dict) -> list:
+    slots = model_slots(model)
+    missing, wrong = [], []
+    for slot in slots:
+        want = _global_shape(slot.layout, slot.tensors[0])
+        have = _stored_shape(stored, slot.key)
+        if have is None:
+            missing.append(slot.key)
+        elif have != want:
+            wrong.append(f"{slot.key}: checkpoint {list(have)}, model {list(want)}")
+    unexpected = sorted(set(k for k in stored if k.startswith("model/")) - {s.key for s in slots})
+    if missing or wrong or unexpected:
+        raise CheckpointError(_mismatch_message(missing, wrong, unexpected))
+    for slot in slots:
+        dtype = stored[slot.key].properties.dtype
+        state[slot.key] = empty_global(slot.layout, slot.mesh, slot.tensors[0], dtype)
+    return [(slot.key, slot) for slot in slots]
+
+
+def _optimizer_targets(model, optimizer, stored: dict, state: dict) -> list:
+    """(key, ParamRef, stat, like_param) for every stored state tensor of the optimizer's params."""
+    if model is None:
+        raise CheckpointError("tm.load(optimizer=...) needs model=... too: the model's parameter names "
+                              "name the optimizer's state in the checkpoint.")
+    targets = []
+    for ref in optimizer_refs(model, optimizer):
+        prefix = f"optim/{ref.name}/"
+        shape = _global_shape(ref.layout, ref.shards[0])
+        for key in sorted(k for k in stored if k.startswith(prefix)):
+            have = _stored_shape(stored, key)
+            if have is None:
+                continue
+            like_param = ref.layout is not None and have == shape and len(have) > 0
+            if not like_param and len(have) > 0 and ref.layout is not None:
+                raise CheckpointError(
+                    f"checkpoint value {key!r} has shape {list(have)}, but the parameter {ref.name!r} now "
+                    f"has the global shape {list(shape)}: the checkpoint was written for another model."
+                )
+            dtype = stored[key].properties.dtype
+            if like_param:
+                state[key] = empty_global(ref.layout, ref.mesh, ref.shards[0], dtype)
+            else:
+                state[key] = torch.empty(have, dtype=dtype)
+            targets.append((key, ref, key[len(prefix):], like_param))
+    return targets
+
+
+def _restore_optimizer(model, optimizer, targets: list, state: dict, objects: dict) -> None:
+    groups = objects.get(GROUPS_KEY)
+    if groups is not None:
+        if len(groups) != len(optimizer.param_groups):
+            raise CheckpointError(
+                f"the checkpoint's optimizer has {len(groups)} parameter groups, this one has "
+                f"{len(optimizer.param_groups)}. Fix: build the optimizer with the same groups as when saving."
+            )
+        for group, saved in zip(optimizer.param_groups, groups):
+            group.update(saved)
+    fresh: dict[int, dict[str, Any]] = defaultdict(dict)
+    refs: dict[str, ParamRef] = {r.name: r for r in optimizer_refs(model, optimizer)}
+    for key, ref, stat, like_param in targets:
+        if like_param:
+            blocks = local_blocks(state[key], ref.layout, ref.mesh)
+        else:
+            blocks = tuple(state[key] for _ in ref.shards)
+        for i, block in enumerate(blocks):
+            on_param = block.dim() > 0 or _on_param_device(optimizer, ref.shards[i])
+            device = ref.shards[i].device if on_param else torch.device("cpu")
+            fresh[id(ref.shards[i])][stat] = block.detach().clone().to(device)
+    for key, value in objects.items():
+        name, _, stat = key[len("optim/"):].rpartition("/")
+        if key.startswith("optim/") and name in refs:
+            for shard in refs[name].shards:
+                fresh[id(shard)][stat] = value
+    for ref in refs.values():
+        for shard in ref.shards:
+            if id(shard) in fresh:
+                optimizer.state[shard] = fresh[id(shard)]
+            else:
+                optimizer.state.pop(shard, None)
+
+
+def _on_param_device(optimizer, param: torch.Tensor) -> bool:
+    """Whether torch.optim keeps scalar state (`step`) on the parameter's device for it."""
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return bool(group.get("capturable") or group.get("fused"))
+    return False
+
+
+def _global_shape(layout, like: torch.Tensor) -> tuple[int, ...]:
+    return tuple(like.shape) if layout is None else tuple(d.size for d in layout.dims)
+
+
+def _mismatch_message(missing: list[str], wrong: list[str], unexpected: list[str]) -> str:
+    lines = ["the checkpoint does not fit the model:"]
+    if missing:
+        lines.append(f"  not in the checkpoint: {missing}")
+    if wrong:
+        lines += [f"  different shape: {w}" for w in wrong]
+    if unexpected:
+        lines.append(f"  in the checkpoint but not in the model: {unexpected}")
+    lines.append("Fix: build the model with the same configuration (dims, names) as the one that was saved.")
+    return "\n".join(lines)

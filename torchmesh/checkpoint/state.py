@@ -1,0 +1,161 @@
+"""What a checkpoint holds, as global values, and how they map onto this process's tensors.
+
+A checkpoint never stores shards: each value is stored under a name as the *global* tensor
+(a DTensor on dist, whose blocks DCP writes rank by rank; a plain tensor on sim), so it can
+be read back onto any mesh and layout. The names:
+
+- `model/<name>`: a mesh parameter (`tm.nn.mesh_parameters`) or any other tensor of the
+  model's `state_dict()` (replicated: the same on every device);
+- `optim/<name>/<stat>`: torch.optim state of a parameter (AdamW's `exp_avg`, `exp_avg_sq`,
+  `step`...). A state tensor shaped like the parameter's shard is laid out like the
+  parameter; a 0-d tensor or a number (`step`) is replicated;
+- `optim/param_groups`: each group's hyperparameters (`lr`, `betas`...), without `params`;
+- `step` and `extra/<key>`: the training step and the caller's replicated Python values.
+
+A `Slot` is one tensor-valued name together with the local tensors it comes from or goes to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from torchmesh.errors import CheckpointError
+from torchmesh.nn.parameter import mesh_parameters
+from torchmesh.placement.layout import TensorLayout
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+if TYPE_CHECKING:
+    from torchmesh.mesh import Mesh
+
+GROUPS_KEY = "optim/param_groups"
+STEP_KEY = "step"
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One tensor in a checkpoint: `tensors` are this process's tensors for it (the shards of a
+    mesh parameter, one per local device; one tensor for a replicated value)."""
+
+    key: str
+    tensors: tuple[torch.Tensor, ...]
+    layout: TensorLayout | None = None  # None: replicated, the same tensor everywhere
+    mesh: "Mesh | None" = None
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRef:
+    """A model parameter as the optimizer sees it: its checkpoint name, and its shards."""
+
+    name: str
+    shards: tuple[torch.Tensor, ...]
+    layout: TensorLayout | None
+    mesh: "Mesh | None"
+
+
+def model_params(model: torch.nn.Module) -> list[ParamRef]:
+    """Every tensor of `model.state_dict()`, mesh parameters grouped into one entry each."""
+    refs = [ParamRef(name, tuple(x._data), x.tensor_layout, x.mesh) for name, x in mesh_parameters(model)]
+    owned = {id(t) for r in refs for t in r.shards}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in owned:
+            refs.append(ParamRef(name, (t,), None, None))
+    return refs
+
+
+def model_mesh(model: torch.nn.Module | None) -> "Mesh | None":
+    """The mesh of the model's first mesh parameter (None for a model without any)."""
+    if model is None:
+        return None
+    for _, x in mesh_parameters(model):
+        return x.mesh
+    return None
+
+
+def model_slots(model: torch.nn.Module) -> list[Slot]:
+    return [Slot(f"model/{r.name}", r.shards, r.layout, r.mesh) for r in model_params(model)]
+
+
+def optimizer_refs(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[ParamRef]:
+    """The model parameters the optimizer updates, each with all of its shards, in model order."""
+    refs = model_params(model)
+    by_id = {id(t): r for r in refs for t in r.shards}
+    used: dict[str, ParamRef] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref = by_id.get(id(p))
+            if ref is None:
+                raise CheckpointError(
+                    f"the optimizer updates a tensor of shape {tuple(p.shape)} that is not a parameter of "
+                    f"the model passed with it, so it has no name in the checkpoint. Fix: pass the model "
+                    f"whose parameters the optimizer was built from."
+                )
+            used[ref.name] = ref
+    return [r for r in refs if r.name in used]
+
+
+def optimizer_slots(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[Slot], dict[str, Any]]:
+    """Slots for every state tensor, and the non-tensor state values (by key)."""
+    slots: list[Slot] = []
+    objects: dict[str, Any] = {}
+    for ref in optimizer_refs(model, optimizer):
+        first = optimizer.state.get(ref.shards[0], {})
+        for stat, value in first.items():
+            key = f"optim/{ref.name}/{stat}"
+            if not isinstance(value, torch.Tensor):
+                objects[key] = value
+            elif ref.layout is not None and value.shape == ref.shards[0].shape and value.dim() > 0:
+                values = tuple(optimizer.state[p][stat] for p in ref.shards)
+                slots.append(Slot(key, values, ref.layout, ref.mesh))
+            elif value.dim() == 0 or ref.layout is None:
+                slots.append(Slot(key, (value,)))
+            else:
+                raise CheckpointError(
+                    f"optimizer state {stat!r} of the mesh parameter {ref.name!r} has shape "
+                    f"{tuple(value.shape)}, neither the shard's shape {tuple(ref.shards[0].shape)} nor a "
+                    f"scalar, so its layout on the mesh is unknown and it cannot be resharded. Fix: keep "
+                    f"per-parameter state shaped like the parameter's shard (or 0-d)."
+                )
+    return slots, objects
+
+
+def group_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def global_value(slot: Slot) -> torch.Tensor:
+    """The value DCP writes for a slot: a DTensor on dist, the global tensor otherwise."""
+    with torch.no_grad():
+        if slot.layout is None:
+            return slot.tensors[0].detach()
+        x = MeshTensor(tuple(t.detach() for t in slot.tensors), slot.layout, slot.mesh)
+        if slot.mesh.backend == "dist":
+            from torchmesh.checkpoint.dtensor import to_dtensor
+
+            return to_dtensor(x)
+        return x.full()
+
+
+def empty_global(layout: TensorLayout | None, mesh: "Mesh | None", like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor for DCP to load a global value into: this process's block of it on dist (as a
+    DTensor), the whole value otherwise."""
+    if layout is not None and mesh.backend == "dist":
+        from torchmesh.checkpoint.dtensor import to_dtensor
+
+        local = torch.empty(like.shape, dtype=dtype, device=like.device)
+        return to_dtensor(MeshTensor((local,), layout, mesh))
+    shape = like.shape if layout is None else tuple(d.size for d in layout.dims)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def local_blocks(loaded: torch.Tensor, layout: TensorLayout | None, mesh: "Mesh | None") -> tuple[torch.Tensor, ...]:
+    """This process's blocks of a loaded global value, in local device order."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(loaded, DTensor):
+        return (loaded.to_local(),)
+    if layout is None:
+        return (loaded,)
+    return mesh.impl.from_global(loaded, layout)
