@@ -1,0 +1,136 @@
+"""Training parity: 20 AdamW steps of a small TransformerLM (dropout off) on sharded meshes give,
+step for step, the losses of plain single-device torch over the same global weights (within
+1e-4 relative): on sim dp:2;tp:2, on 4 gloo processes (dp:2;tp:2 and tp:4), on 2 gloo
+processes (tp:2). Also: parameter bytes per rank are total/N for weights split N ways, and
+bf16 autocast runs on sim and dist and stays close to fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchmesh as tm
+from harness import run_distributed
+from reference_lm import global_weights, lm_loss
+
+RULES = "batch:dp;ff:tp;heads:tp;kv_heads:tp;vocab:tp"
+CONFIG = tm.nn.LMConfig(vocab=32, d_model=16, heads=8, d_head=4, ff=32, layers=2, seq=8, kv_heads=4)
+BATCH, STEPS, LR = 4, 20, 1e-2
+#: Weights split over tp by the rules (the rest are replicated).
+TP_SPLIT = ("embed.weight", "attn.wq", "attn.wk", "attn.wv", "attn.wo", "w_in.weight", "w_in.bias",
+            "w_out.weight", "head.weight")
+
+
+def rules_for(mesh_spec: str) -> str:
+    axes = {part.split(":")[0] for part in mesh_spec.split(";")}
+    return ";".join(r for r in RULES.split(";") if r.split(":")[1] in axes)
+
+
+def batch(step: int) -> torch.Tensor:
+    """The global token batch of a step: [BATCH, seq + 1] ids (inputs and shifted targets)."""
+    return torch.randint(0, CONFIG.vocab, (BATCH, CONFIG.seq + 1), generator=torch.Generator().manual_seed(step))
+
+
+def train_mesh(mesh: tm.Mesh, steps: int = STEPS, autocast: bool = False) -> list[float]:
+    model = tm.nn.TransformerLM(mesh, CONFIG, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for step in range(steps):
+        ids = tm.distribute(batch(step), "batch seq", mesh)
+        inputs, targets = tm.slice(ids, "seq", 0, CONFIG.seq), tm.slice(ids, "seq", 1, CONFIG.seq + 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = tm.nn.cross_entropy(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def train_reference(steps: int = STEPS) -> list[float]:
+    """Plain torch on one device, from the weights a one-device mesh gets for the same seed."""
+    one = tm.Mesh("dp:1;tp:1", layout=RULES, backend="sim")
+    weights = global_weights(tm.nn.TransformerLM(one, CONFIG, seed=0))
+    optimizer = torch.optim.AdamW(weights.values(), lr=LR)
+    losses = []
+    for step in range(steps):
+        ids = batch(step)
+        loss = lm_loss(weights, ids[:, :-1], ids[:, 1:], CONFIG)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_same_losses(got: list[float], want: list[float], what: str) -> None:
+    assert len(got) == len(want)
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert abs(a - b) <= 1e-4 * abs(b), f"{what}: step {step} loss {a} != single-device {b}"
+
+
+def assert_param_bytes(model: torch.nn.Module, mesh: tm.Mesh) -> None:
+    """Each weight split over tp holds 1/tp of its bytes on every device; the rest hold all."""
+    tp = mesh.axis_size("tp") if "tp" in mesh.axis_names else 1
+    total = local = expected = 0
+    for name, p in tm.nn.mesh_parameters(model):
+        split = tp if name.endswith(TP_SPLIT) else 1
+        shard_bytes = p.shards[0].numel() * p.shards[0].element_size()
+        full_bytes = p.numel() * p.shards[0].element_size()
+        assert shard_bytes * split == full_bytes, f"{name}: {shard_bytes} bytes per device, {full_bytes} in all"
+        total, local, expected = total + full_bytes, local + shard_bytes, expected + full_bytes // split
+    assert local == expected < total or tp == 1
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[float]:
+    return train_reference()
+
+
+def test_losses_fall(reference):
+    assert reference[-1] < reference[0] - 0.3
+
+
+def test_sim_dp2_tp2_matches_single_device(reference):
+    mesh = tm.Mesh("dp:2;tp:2", layout=RULES, backend="sim")
+    assert_same_losses(train_mesh(mesh), reference, "sim dp:2;tp:2")
+
+
+def test_param_bytes_per_device_sim():
+    mesh = tm.Mesh("tp:4", layout=rules_for("tp:4"), backend="sim")
+    model = tm.nn.TransformerLM(mesh, CONFIG, seed=0)
+    assert_param_bytes(model, mesh)
+    split = sum(p.numel() for n, p in tm.nn.mesh_parameters(model) if n.endswith(TP_SPLIT))
+    assert split > 0.8 * sum(p.numel() for _, p in tm.nn.mesh_parameters(model))
+
+
+def test_bf16_autocast_sim_close_to_fp32(reference):
+    mesh = tm.Mesh("dp:2;tp:2", layout=RULES, backend="sim")
+    bf16 = train_mesh(mesh, steps=5, autocast=True)
+    for a, b in zip(bf16, reference[:5]):
+        assert abs(a - b) <= 2e-2 * abs(b)
+
+
+def train_on_ranks(mesh_specs: tuple[str, ...], autocast: bool) -> dict[str, list[float]]:
+    """Body run on every gloo rank: parity training on each mesh (plus bf16 on the first)."""
+    out = {}
+    for spec in mesh_specs:
+        mesh = tm.Mesh(spec, layout=rules_for(spec), backend="dist")
+        model = tm.nn.TransformerLM(mesh, CONFIG, seed=0)
+        assert_param_bytes(model, mesh)
+        out[spec] = train_mesh(mesh)
+    if autocast:
+        out["bf16"] = train_mesh(tm.Mesh(mesh_specs[0], layout=rules_for(mesh_specs[0]), backend="dist"),
+                                 steps=5, autocast=True)
+    return out
+
+
+@pytest.mark.parametrize("nprocs,mesh_specs", [(4, ("dp:2;tp:2", "tp:4")), (2, ("tp:2",))])
+def test_gloo_matches_single_device(reference, nprocs, mesh_specs):
+    results = run_distributed(train_on_ranks, nprocs, args=(mesh_specs, nprocs == 4), timeout=240)
+    for rank, result in enumerate(results):
+        for spec in mesh_specs:
+            assert_same_losses(result[spec], reference, f"{nprocs} gloo processes, {spec}, rank {rank}")
+        if "bf16" in result:
+            for a, b in zip(result["bf16"], reference[:5]):
+                assert abs(a - b) <= 2e-2 * abs(b)
