@@ -176,3 +176,11 @@ class _SavedTensors:
     @staticmethod
     def unpack(t: torch.Tensor) -> torch.Tensor:
         return t
+
+
+def model_dims(builder: Builder) -> set[str]:
+    """The dim names of a model's parameters, plus 'batch' (built once, abstractly, on one device)."""
+    from torchmesh.nn.parameter import mesh_parameters
+
+    module, _ = builder(Mesh("one:1", backend="abstract"))
+    return {"batch"} | {d for _, p in mesh_parameters(module) for d in p.dims}

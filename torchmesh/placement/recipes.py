@@ -1,0 +1,82 @@
+"""Model builders for planning: a TransformerLM of about N parameters, and its training step.
+
+The scaling recipe (`lm_config`), GPT-3's shape family (depth grows with width):
+
+- `d_model` = (N / 0.09375)^(1/3) rounded to a multiple of 2048 (at least 1024): with
+  `layers = d_model / 128`, a model has about 12 · layers · d_model² = 0.09375 · d_model³
+  parameters, and a multiple of 2048 gives a head count divisible by 16;
+- `heads` = d_model / 128, `d_head` = 128, `ff` = 4 · d_model, `vocab` = 32768;
+- `layers` = (N - 2 · vocab · d_model) / (12 · d_model²), rounded, at least 1 (so the total,
+  embeddings and output projection included, is about N);
+- `seq` = 1024 by default. A MoE variant (`experts > 0`) makes every block's feed-forward a
+  mixture of that many experts (top-2), so it has about `experts` times the FFN parameters.
+
+The training step (`lm_builder`): a batch of `batch` sequences of token ids, the model's
+logits, `tm.nn.cross_entropy` (plus the weighted MoE load-balancing loss), backward.
+
+A deep model is evaluated from its one- and two-layer versions (`profile_lm`), exactly,
+since its layers are identical (`torchmesh.placement.profile.extrapolate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from torchmesh.mesh import Mesh
+from torchmesh.placement.mesh_shape import MeshShapeLike
+from torchmesh.placement.profile import Builder, StepProfile, extrapolate, profile_step
+from torchmesh.tensor.construct import zeros
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+VOCAB = 32768
+SEQ = 1024
+
+
+def lm_config(params: float, seq: int = SEQ, vocab: int = VOCAB, experts: int = 0):
+    """A `tm.nn.LMConfig` of about `params` parameters (the recipe in the module docstring)."""
+    from torchmesh.nn.transformer import LMConfig
+
+    d = max(1024, 2048 * round((params / 0.09375) ** (1 / 3) / 2048))
+    layers = max(1, round((params - 2 * vocab * d) / (12 * d * d)))
+    return LMConfig(vocab=vocab, d_model=d, heads=d // 128, d_head=128, ff=4 * d, layers=layers, seq=seq,
+                    num_experts=experts)
+
+
+def lm_parameters(config) -> int:
+    """The exact parameter count of a TransformerLM with this config (an abstract build)."""
+    from torchmesh.nn.transformer import TransformerLM
+
+    model = TransformerLM(Mesh("one:1", backend="abstract"), config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def lm_builder(config, batch: int) -> Builder:
+    """The training step of a TransformerLM on `batch` sequences of `config.seq` tokens."""
+    from torchmesh.nn.losses import cross_entropy
+    from torchmesh.nn.transformer import TransformerLM
+
+    def build(mesh: Mesh) -> tuple[torch.nn.Module, Callable[[], MeshTensor]]:
+        model = TransformerLM(mesh, config, seed=0)
+        ids = zeros(f"batch:{batch} seq:{config.seq}", mesh, dtype=torch.long)
+
+        def loss() -> MeshTensor:
+            out = cross_entropy(model(ids), ids)
+            if config.num_experts:
+                out = out + config.aux_loss_weight * model.aux_loss()
+            return out
+
+        return model, loss
+
+    return build
+
+
+def profile_lm(config, batch: int, mesh: MeshShapeLike, rules: str, optimizer: str = "adamw") -> StepProfile:
+    """The step profile of the full-depth model, from its 1- and 2-layer versions."""
+    if config.layers <= 2:
+        return profile_step(lm_builder(config, batch), mesh, rules, optimizer)
+    one, two = (profile_step(lm_builder(dataclasses.replace(config, layers=n), batch), mesh, rules, optimizer)
+                for n in (1, 2))
+    return extrapolate(one, two, config.layers)

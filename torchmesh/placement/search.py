@@ -1,0 +1,193 @@
+"""Automatic layout search: enumerate layout rules, price each abstractly, explain the ranking.
+
+In the spirit of Mesh TF's auto layout, but every candidate is shown with why it lost.
+
+A model's dims play *roles*: `data` (the batch), `tensor` (Megatron-style model dims:
+heads, ff, vocab), `expert` (the experts of a MoE) and `weight` (weight dims sharded over
+the data axes, FSDP/ZeRO-3, for models whose layers gather their weights). A candidate gives
+each mesh axis a set of roles, and a role's dims are split over the axes that carry it
+(in mesh order, major first). Roles that can share an axis: `data` with `expert` (experts
+live where the batch is split, tokens move by all-to-all) and with `weight`; `tensor`
+takes an axis alone. Every axis carries some role: an axis that splits nothing repeats the
+same work on each of its devices, which is never faster.
+
+Each candidate is evaluated by `profile` (abstract evaluation, no devices) and priced by the
+cost model; the result ranks those that fit device memory by estimated step time, then
+those that do not fit by how much memory they need, then the invalid ones (a dim not
+divisible by its axes, say).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from torchmesh.errors import TorchMeshError
+from torchmesh.placement.cost import StepCost, estimate
+from torchmesh.placement.hardware import Hardware
+from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
+from torchmesh.placement.profile import StepProfile
+
+#: The dims of each role in torchmesh's models (tm.nn.TransformerLM, tm.nn MoE).
+DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
+    "data": ("batch",),
+    "tensor": ("heads", "kv_heads", "ff", "vocab"),
+    "expert": ("experts",),
+}
+
+#: Roles that may share a mesh axis (any other combination is not enumerated).
+SHAREABLE = frozenset({frozenset({"data", "expert"}), frozenset({"data", "weight"}),
+                       frozenset({"data", "expert", "weight"})})
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One layout: which roles each mesh axis carries, the rules that follow, and its cost
+    (or the error that made it invalid)."""
+
+    assignment: tuple[tuple[str, tuple[str, ...]], ...]  # (axis, roles)
+    rules: str
+    cost: StepCost | None = None
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        """e.g. 'data(dp) tensor(tp)' or 'data(dp,tp)'."""
+        by_role: dict[str, list[str]] = {}
+        for axis, roles in self.assignment:
+            for r in roles:
+                by_role.setdefault(r, []).append(axis)
+        return " ".join(f"{r}({','.join(a)})" for r, a in by_role.items())
+
+    @property
+    def fits(self) -> bool:
+        return self.cost is not None and self.cost.fits
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """Candidates ranked best first; `best` is the fastest that fits (None if none fits)."""
+
+    mesh: MeshShape
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def best(self) -> Candidate | None:
+        first = self.candidates[0] if self.candidates else None
+        return first if first is not None and first.fits else None
+
+    def find(self, name: str) -> Candidate | None:
+        """The candidate called `name` (e.g. 'data(dp,tp)'), or None."""
+        return next((c for c in self.candidates if c.name == name), None)
+
+    def why(self, c: Candidate) -> str:
+        """Why `c` ranks where it does, in a few words."""
+        if c.error is not None:
+            return f"invalid: {c.error}"
+        assert c.cost is not None
+        cost = c.cost
+        if not cost.fits:
+            over = cost.memory_bytes - cost.memory_limit
+            return (f"does not fit: needs {_gb(cost.memory_bytes)}, {_gb(over)} over {_gb(cost.memory_limit)} "
+                    f"({_largest_memory(cost.profile)} largest)")
+        best = self.best
+        term, seconds = cost.dominant()
+        if best is None or best is c:
+            return f"fastest that fits; {term} dominates ({_pct(seconds, cost.step_s)} of the step)"
+        ratio = cost.step_s / best.cost.step_s if best.cost.step_s else float("inf")
+        return f"slower ({ratio:.2f}x the best): {term} dominates ({_pct(seconds, cost.step_s)} of the step)"
+
+    def table(self) -> str:
+        """A text table of every candidate: memory, bytes sent, estimated time, verdict."""
+        head = ("", "layout", "memory/device", "sent/device", "compute", "comm", "step", "why")
+        rows = [head]
+        for i, c in enumerate(self.candidates):
+            mark = "*" if c is self.best else ("x" if not c.fits else "")
+            if c.cost is None:
+                rows.append((mark, c.name, "-", "-", "-", "-", "-", self.why(c)))
+                continue
+            k = c.cost
+            rows.append((mark, c.name, _gb(k.memory_bytes), _gb(k.profile.comm_bytes), _s(k.compute_s),
+                         _s(k.comm_total_s), _s(k.step_s), self.why(c)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def candidates(mesh: MeshShapeLike, roles: Mapping[str, tuple[str, ...]]) -> list[Candidate]:
+    """Every assignment of roles to the mesh's axes (see the module docstring), unpriced."""
+    shape = MeshShape.parse(mesh)
+    names = [r for r in roles if roles[r]]
+    choices = {frozenset({r}) for r in names if r != "weight"}  # weight sharding rides on data axes
+    choices |= {s for s in SHAREABLE if s <= set(names)}
+    ordered = sorted(choices, key=lambda s: (len(s), sorted(s)))
+    out = []
+    for combo in itertools.product(ordered, repeat=len(shape.names)):
+        assignment = tuple((a, tuple(sorted(s, key=names.index))) for a, s in zip(shape.names, combo))
+        out.append(Candidate(assignment, rules_for(assignment, roles)))
+    return out
+
+
+def rules_for(assignment: tuple[tuple[str, tuple[str, ...]], ...], roles: Mapping[str, tuple[str, ...]]) -> str:
+    """The layout rules of an assignment: each role's dims over the axes carrying it."""
+    parts = []
+    for role, dims in roles.items():
+        axes = [a for a, rs in assignment if role in rs]
+        if axes:
+            parts += [f"{d}:{','.join(axes)}" for d in dims]
+    return ";".join(parts)
+
+
+def search(
+    profile: Callable[[str], StepProfile],
+    mesh: MeshShapeLike,
+    hardware: Hardware,
+    memory: int | None = None,
+    roles: Mapping[str, tuple[str, ...]] = DEFAULT_ROLES,
+) -> SearchResult:
+    """Price every candidate layout with `profile(rules)` and rank them (see the module doc).
+
+    `memory` is the device memory in bytes (default: the hardware's)."""
+    shape = MeshShape.parse(mesh)
+    priced = []
+    for c in candidates(shape, roles):
+        try:
+            cost = estimate(profile(c.rules), hardware, memory)
+            priced.append(Candidate(c.assignment, c.rules, cost=cost))
+        except (TorchMeshError, ValueError) as e:
+            priced.append(Candidate(c.assignment, c.rules, error=_first_sentence(str(e))))
+    priced.sort(key=_rank)
+    return SearchResult(shape, tuple(priced))
+
+
+def _rank(c: Candidate) -> tuple:
+    if c.cost is None:
+        return (2, 0.0, c.name)
+    if not c.cost.fits:
+        return (1, float(c.cost.memory_bytes), c.name)
+    return (0, c.cost.step_s, c.name)
+
+
+def _largest_memory(p: StepProfile) -> str:
+    terms = {"parameters": p.param_bytes, "gradients": p.grad_bytes, "optimizer state": p.optimizer_bytes,
+             "activations": p.activation_bytes}
+    name = max(terms, key=terms.__getitem__)
+    return f"{name} {_gb(terms[name])}"
+
+
+def _first_sentence(text: str) -> str:
+    cut = text.find(". Fix:")
+    return text if cut < 0 else text[: cut + 1]
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB" if n >= 1e3 else f"{n:.0f} B"
+
+
+def _s(t: float) -> str:
+    return f"{t * 1e3:.3f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
