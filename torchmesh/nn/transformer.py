@@ -20,7 +20,6 @@ from torchmesh.nn.layers import Dropout, Embedding, FeedForward, LayerNorm, Line
 from torchmesh.nn.parameter import Module
 from torchmesh.tensor.construct import zeros
 from torchmesh.tensor.mesh_tensor import MeshTensor
-from torchmesh.tensor.random import _state
 from torchmesh.tensor.slicing import slice as tm_slice
 
 if TYPE_CHECKING:
@@ -86,16 +85,10 @@ class TransformerBlock(Module):
 
 
 def _moe(mesh: "Mesh", config: LMConfig, seed: int) -> Module:
-    """The MoE feed-forward, built with the global random stream seeded from `seed` (so it
-    is reproducible per block); the caller's stream is restored afterwards."""
+    """The MoE feed-forward (imported here: only MoE models need it), seeded per block."""
     from torchmesh.nn.moe import MoE
 
-    saved = dict(_state)
-    try:
-        _state["seed"], _state["counter"] = seed, 0
-        return MoE(mesh, config)
-    finally:
-        _state.update(saved)
+    return MoE(mesh, config, seed=seed)
 
 
 class TransformerLM(Module):
