@@ -28,10 +28,10 @@ def _coords_text(x: MeshTensor, coords: tuple[int, ...]) -> str:
 
 def format_tensor(x: MeshTensor, max_shards: int = 8) -> str:
     lines = [_header(x) + ("" if not x.requires_grad else " | requires_grad") + ")"]
-    slicer = x.mesh.impl.slice_mesh
+    slicer, held = x.mesh.impl.device_shards(x._data)
     seen: dict[tuple, None] = {}
     shown = 0
-    for coords, t in zip(x.mesh.impl.local_coords, x.shards):
+    for coords, t in held:
         key = tuple(block_index(slicer, ax, coords) for ax in x.tensor_layout.axes)
         if key in seen:
             continue

@@ -101,6 +101,11 @@ class MeshImpl:
         """The global tensor from fully replicated data."""
         return data[0]
 
+    def device_shards(self, data: Data) -> tuple[MeshShape, list[tuple[tuple[int, ...], torch.Tensor]]]:
+        """The blocks this process can show (for printing): the mesh their coordinates are on,
+        and (coordinates, block) pairs. Here the local tensors; on xla, each device's block."""
+        return self.slice_mesh, list(zip(self.local_coords, data))
+
     # ---- hooks ----------------------------------------------------------------------------
     def annotate(self, ts: Data, layout: Any) -> Data:
         """Called on every new MeshTensor's data; the XLA backend marks its sharding here."""

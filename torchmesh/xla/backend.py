@@ -1,12 +1,22 @@
 """torch-xla SPMD backend. Each local tensor is the global XLA tensor (`slice_mesh` has
 every axis of size 1, so the shared op definitions run on global values and every
-collective short-circuits); each result's layout becomes a `mark_sharding` annotation and
-XLA's SPMD partitioner inserts the collectives."""
+collective short-circuits); each result's layout becomes a sharding annotation and XLA's
+SPMD partitioner inserts the collectives.
+
+The mesh is a `torch_xla.distributed.spmd.Mesh` over the runtime's devices in row-major
+order (device id = the device's index on the torchmesh mesh), with the same axis names;
+a layout becomes the partition spec that names, for each dim, the axes splitting it.
+"""
 
 from __future__ import annotations
 
-from torchmesh.comm.backend import MeshImpl
-from torchmesh.errors import BackendError
+from functools import lru_cache
+
+import torch
+
+from torchmesh.comm.backend import Data, MeshImpl
+from torchmesh.errors import BackendError, MeshError
+from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.mesh_shape import MeshShape
 
 
@@ -20,12 +30,104 @@ def _require_torch_xla():
         ) from None
 
 
+PartitionSpec = tuple  # for each dim: None (replicated), an axis name, or a tuple of axis names
+
+
+@lru_cache(maxsize=4096)
+def partition_spec(axes: tuple[tuple[str, ...], ...]) -> PartitionSpec:
+    """The torch-xla partition spec of a layout's axes: `(("dp",), (), ("dp", "tp"))` is
+    `("dp", None, ("dp", "tp"))` (several axes for one dim: major to minor)."""
+    return tuple(None if not a else a[0] if len(a) == 1 else a for a in axes)
+
+
 class XlaImpl(MeshImpl):
+    """One controller holds each tensor as one global XLA tensor annotated with its sharding."""
+
     name = "xla"
 
-    def __init__(self, shape: MeshShape, **options) -> None:
+    def __init__(self, shape: MeshShape) -> None:
         _require_torch_xla()
-        raise BackendError(
-            "the xla backend is not implemented yet in this version (tracked as the XLA backend "
-            "issue); use backend='sim' or backend='dist'."
-        )
+        import numpy as np
+        import torch_xla
+        import torch_xla.distributed.spmd as xs
+        import torch_xla.runtime as xr
+
+        if not xr.is_spmd():
+            xr.use_spmd()  # must precede the first XLA tensor; a no-op warning otherwise
+        n = xr.global_runtime_device_count()
+        if n != shape.size:
+            raise MeshError(
+                f"mesh {shape} has {shape.size} devices but the XLA runtime has {n} "
+                f"({xr.device_type()}). Fix: use a mesh whose axis sizes multiply to {n}, or, on CPU, "
+                f"set CPU_NUM_DEVICES={shape.size} (with PJRT_DEVICE=CPU) before torch_xla is imported."
+            )
+        super().__init__(shape, MeshShape(tuple((name, 1) for name in shape.names)))
+        self.default_device = torch_xla.device()
+        self.xla_mesh = xs.Mesh(np.arange(n), shape.sizes, shape.names)
+        self._spec_text: dict[PartitionSpec, str] = {}
+
+    @property
+    def local_coords(self) -> tuple[tuple[int, ...], ...]:
+        return ((0,) * len(self.shape.names),)
+
+    # ---- global values ---------------------------------------------------------------------
+    def from_global(self, tensor: torch.Tensor, layout: TensorLayout) -> Data:
+        return (tensor.detach().to(self.default_device),)
+
+    def global_value(self, data: Data) -> torch.Tensor:
+        return data[0].to("cpu")
+
+    # ---- sharding annotation -----------------------------------------------------------------
+    def annotate(self, ts: Data, layout: TensorLayout) -> Data:
+        """Mark the sharding `layout` implies on the (single) global tensor."""
+        return (self.with_sharding(ts[0], partition_spec(layout.axes)),)
+
+    def with_sharding(self, t: torch.Tensor, spec: PartitionSpec) -> torch.Tensor:
+        """`t` annotated with `spec`: in place when `t` carries no sharding yet and no
+        gradient flows through it (fresh data, or an op's result outside autograd); else a
+        new tensor (an annotated copy, whose gradient is annotated with `spec` as well), so a
+        tensor already laid out another way (a relayout that moves no data here) keeps its own."""
+        import torch_xla
+        import torch_xla.distributed.spmd as xs
+
+        current = torch_xla._XLAC._get_xla_sharding_spec(t)
+        if current and current == self._spec_text.get(spec):
+            return t
+        if not current and (t.grad_fn is None or not t.requires_grad):
+            xs.mark_sharding(t, self.xla_mesh, spec)
+            self._spec_text.setdefault(spec, torch_xla._XLAC._get_xla_sharding_spec(t))
+            return t
+        if t.requires_grad:
+            return _Annotate.apply(t, self, spec)
+        return self._annotated_copy(t, spec)
+
+    def _annotated_copy(self, t: torch.Tensor, spec: PartitionSpec) -> torch.Tensor:
+        import torch_xla
+        import torch_xla.distributed.spmd as xs
+
+        out = t.clone()
+        xs.annotate_custom_sharding(out, self.xla_mesh, spec)
+        self._spec_text.setdefault(spec, torch_xla._XLAC._get_xla_sharding_spec(out))
+        return out
+
+    # ---- what each device holds ------------------------------------------------------------------
+    def device_shards(self, data: Data) -> tuple[MeshShape, list[tuple[tuple[int, ...], torch.Tensor]]]:
+        """Each device's block as torch-xla holds it (runs the pending computation): the real
+        mesh, and (mesh coordinates, CPU tensor) in device order."""
+        from torchmesh.xla.shards import device_blocks
+
+        return self.shape, [(self.shape.coords(b.device), b.value) for b in device_blocks(data[0])]
+
+
+class _Annotate(torch.autograd.Function):
+    """An annotated copy whose gradient is annotated the same way (guides the partitioner in
+    backward, as torch-xla's mark_sharding_with_gradients does)."""
+
+    @staticmethod
+    def forward(ctx, t, impl, spec):
+        ctx.impl, ctx.spec = impl, spec
+        return impl._annotated_copy(t, spec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.impl._annotated_copy(grad, ctx.spec), None, None

@@ -1,0 +1,49 @@
+"""The XLA suite runs only in the subprocess tests/test_xla.py starts, with PJRT_DEVICE=CPU
+and CPU_NUM_DEVICES set before torch_xla is imported; an ordinary `pytest tests` skips it.
+
+Under XLA, `reference.assert_matches` (which `reference.check_op` calls) is replaced by a
+check of what each XLA device really holds: the global value, and every device's block as
+torch-xla reports it (its index ranges and values) against the block the layout gives that
+device on the mesh. So a sharding annotation that is missing or wrong fails, not just a value.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if not os.environ.get("PJRT_DEVICE"):
+    collect_ignore_glob = ["*.py"]
+else:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: reference, test_ops
+    import torch
+    import torch_xla.runtime as xr
+
+    xr.use_spmd()
+
+    import reference
+
+    import torchmesh as tm
+    from torchmesh.placement.layout import local_slices
+    from torchmesh.xla.shards import device_blocks
+
+    def assert_matches_on_devices(x: tm.MeshTensor, ref: torch.Tensor, ref_dims, what: str = "", **tol) -> None:
+        ref_dims = reference.names_of(ref_dims) if isinstance(ref_dims, str) else tuple(ref_dims)
+        tol = tol or reference.TOL
+        ref = reference.in_order(ref.detach(), ref_dims, x.dims)
+        assert tuple(x.sizes.values()) == tuple(ref.shape), f"{what}: sizes {x.sizes} vs {tuple(ref.shape)}"
+        assert x.dtype == ref.dtype, f"{what}: dtype {x.dtype} vs {ref.dtype}"
+        torch.testing.assert_close(x.full(), ref, **tol, msg=lambda m: f"{what} (full): {m}")
+        if x.mesh.backend != "xla":
+            return
+        shape = x.mesh.shape
+        blocks = device_blocks(x.local)
+        assert [b.device for b in blocks] == list(range(shape.size)), f"{what}: devices {[b.device for b in blocks]}"
+        for b in blocks:
+            want = local_slices(x.tensor_layout, shape, shape.coords(b.device))
+            if ref.dim():
+                assert b.index == want, f"{what}: device {b.device} holds {b.index}, its layout block is {want}"
+            torch.testing.assert_close(b.value, ref[want], **tol, msg=lambda m, d=b.device: f"{what} device {d}: {m}")
+
+    reference.assert_matches = assert_matches_on_devices

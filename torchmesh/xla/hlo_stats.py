@@ -1,0 +1,160 @@
+"""Communication accounting on xla: the collectives of the compiled, partitioned program.
+
+On xla no collective runs in Python (each op's result is only annotated), so `comm_stats()`
+records nothing there. The collectives are those XLA's SPMD partitioner put into the
+program that computes some tensors; `compiled_comm_stats(loss, w.grad, ...)` compiles it
+(torch-xla's post-optimization HLO) and reports each all-reduce, all-gather,
+reduce-scatter, all-to-all and collective-permute as a `CommRecord`, in the form and with
+the byte formulas of `tm.comm_stats` (a collective-permute is a `shift`), the mesh axes
+read off its device groups, and `phase="compiled"` (one program holds forward and
+backward).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from torchmesh.comm.stats import CommRecord, CommStats
+from torchmesh.placement.mesh_shape import MeshShape
+
+#: HLO opcode -> comm_stats kind. Async forms (`-start`) count once; `-done` is not counted.
+KINDS = {
+    "all-reduce": "all_reduce",
+    "all-gather": "all_gather",
+    "reduce-scatter": "reduce_scatter",
+    "all-to-all": "all_to_all",
+    "collective-permute": "shift",
+}
+_DTYPES = {
+    "pred": torch.bool, "s8": torch.int8, "u8": torch.uint8, "s16": torch.int16, "s32": torch.int32,
+    "s64": torch.int64, "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32,
+    "f64": torch.float64,
+}
+_INSTRUCTION = re.compile(
+    r"=\s*(?P<result>.*?)\s(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(?P<start>-start)?\((?P<operands>[^)]*)\)(?P<attrs>.*)$"
+)
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_EXPLICIT_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _bytes(kind: str, k: int, s: int) -> int:
+    """The ring formulas of torchmesh/comm/stats.py (bytes one device sends)."""
+    return {
+        "all_reduce": 2 * (k - 1) * s // k,
+        "all_gather": (k - 1) * s,
+        "reduce_scatter": (k - 1) * s // k,
+        "all_to_all": (k - 1) * s // k,
+        "shift": s,
+    }[kind]
+
+
+def parse_groups(attrs: str, n_devices: int) -> list[list[int]]:
+    """The device groups of a collective's attributes: explicit `{{0,1},{2,3}}`, torch-xla's
+    iota form `[2,2]<=[2,2]T(1,0)`, or (none given) every device in one group."""
+    m = _IOTA_GROUPS.search(attrs)
+    if m:
+        shape = [int(v) for v in m.group(1).split(",")]
+        ids = np.arange(math.prod(int(v) for v in m.group(2).split(","))).reshape(
+            [int(v) for v in m.group(2).split(",")])
+        if m.group(3):
+            ids = ids.transpose([int(v) for v in m.group(3).split(",")])
+        return ids.reshape(shape[0], -1).tolist()
+    m = _EXPLICIT_GROUPS.search(attrs)
+    if m and m.group(1).strip():
+        return [[int(v) for v in g.split(",") if v.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
+    return [list(range(n_devices))]
+
+
+def axes_between(mesh: MeshShape, devices: Iterable[int]) -> tuple[str, ...]:
+    """The mesh axes along which these devices' coordinates differ, in mesh order."""
+    coords = [mesh.coords(d) for d in devices]
+    return tuple(name for i, name in enumerate(mesh.names) if len({c[i] for c in coords}) > 1)
+
+
+def parse_hlo(text: str, mesh: MeshShape) -> list[CommRecord]:
+    """Every collective instruction of a (partitioned) HLO module's text, as records."""
+    records = []
+    for line in text.splitlines():
+        m = _INSTRUCTION.search(line)
+        if not m:
+            continue
+        kind = KINDS[m.group("op")]
+        shapes = _SHAPE.findall(m.group("operands"))
+        if not shapes:
+            continue
+        dtype = _DTYPES.get(shapes[0][0], torch.float32)
+        first = tuple(int(v) for v in shapes[0][1].split(",") if v)
+        size = sum(math.prod(int(v) for v in dims.split(",") if v) * _element_size(_DTYPES.get(t, torch.float32))
+                   for t, dims in shapes)
+        attrs = m.group("attrs")
+        if kind == "shift":
+            found = _PAIRS.search(attrs)
+            pairs = re.findall(r"\{(\d+),(\d+)\}", found.group(1)) if found else []
+            moved = [(int(a), int(b)) for a, b in pairs if a != b]
+            if not moved:
+                continue  # every device keeps its own block: nothing is sent
+            axes = axes_between(mesh, {d for p in moved for d in p})
+            k = 2
+        else:
+            groups = parse_groups(attrs, mesh.size)
+            k = len(groups[0])
+            if k == 1:
+                continue
+            axes = axes_between(mesh, groups[0])
+        records.append(CommRecord(kind, axes, _bytes(kind, k, size), first, dtype, "compiled"))
+    return records
+
+
+@contextmanager
+def _post_optimization_hlo():
+    saved = os.environ.get("XLA_DUMP_POST_OPTIMIZATIONS")
+    os.environ["XLA_DUMP_POST_OPTIMIZATIONS"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["XLA_DUMP_POST_OPTIMIZATIONS"]
+        else:
+            os.environ["XLA_DUMP_POST_OPTIMIZATIONS"] = saved
+
+
+def compiled_hlo(*tensors) -> str:
+    """The partitioned HLO text of the program computing these MeshTensors (or XLA tensors)."""
+    import torch_xla
+
+    xs = [t._data[0] if hasattr(t, "_data") else t for t in tensors]
+    with _post_optimization_hlo():
+        return torch_xla._XLAC._get_xla_tensors_hlo(xs)
+
+
+def compiled_comm_stats(*tensors) -> CommStats:
+    """The collectives XLA compiles into the program computing these MeshTensors (all on one
+    xla mesh), as `tm.comm_stats` reports them.
+
+    Pass everything a step produces (the loss and the gradients, or the updated parameters):
+    tensors left out are not part of the compiled program, nor is their communication.
+    """
+    meshes = {t.mesh for t in tensors if hasattr(t, "mesh")}
+    if len(meshes) != 1 or next(iter(meshes)).backend != "xla":
+        from torchmesh.errors import BackendError
+
+        raise BackendError(
+            "compiled_comm_stats counts the collectives of an xla program: pass MeshTensors of one "
+            "Mesh(..., backend='xla'). On sim and dist, use `with tm.comm_stats() as stats:`."
+        )
+    mesh = next(iter(meshes))
+    return CommStats(parse_hlo(compiled_hlo(*tensors), mesh.shape))

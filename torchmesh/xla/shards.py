@@ -1,0 +1,43 @@
+"""What each XLA device holds of a global tensor, read from torch-xla's sharding (not from
+the layout), so that printing and tests show where the data really is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBlock:
+    """One device's block of a global XLA tensor: the device index (row-major on the
+    torchmesh mesh), its global index ranges (one slice per dim), and a CPU copy."""
+
+    device: int
+    index: tuple[slice, ...]
+    value: torch.Tensor
+
+
+def sharding_text(t: torch.Tensor) -> str:
+    """torch-xla's sharding of `t`, e.g. '{devices=[2,1,2]0,2,1,3 last_tile_dim_replicate}'
+    ('' when it has none yet)."""
+    import torch_xla
+
+    return torch_xla._XLAC._get_xla_sharding_spec(t)
+
+
+def device_blocks(t: torch.Tensor) -> list[DeviceBlock]:
+    """Every device's block of `t`, in device order (runs `t`'s pending computation)."""
+    import torch_xla
+
+    t = t.detach()
+    torch_xla._XLAC._xla_sync_multi([t], [], True)
+    shards = torch_xla._XLAC._get_local_shards([t])[0]
+    where = torch_xla._XLAC._get_local_shard_replica_and_indices([t])[0]
+    out = []
+    for (data, device), (_, indices) in zip(shards, where):
+        index = tuple(slice(0, n) for n in t.shape) if indices is Ellipsis else tuple(slice(s.start, s.stop) for s in indices)
+        sizes = tuple(s.stop - s.start for s in index)
+        value = data[tuple(slice(0, n) for n in sizes)] if tuple(data.shape) != sizes else data
+        out.append(DeviceBlock(int(str(device).rsplit(":", 1)[-1]), index, value.cpu()))
+    return sorted(out, key=lambda b: b.device)
