@@ -88,7 +88,9 @@ def test_einsum_reduce_scatter(k):
     s = measure(lambda: out.backward(gradient=g))
     assert recs(s) == [
         ("all_gather", ("tp",), ag(k, 16 // k * F32), "backward"),  # reduce-scatter's conjugate
-        ("all_reduce", ("tp",), ar(k, 16 * F32), "backward"),  # y broadcast against b split over tp
+        # y gathered over tp, then broadcast against b split over tp: its partial gradients
+        # are summed and re-split in one reduce-scatter (not an all-reduce and a slice)
+        ("reduce_scatter", ("tp",), rs(k, 16 * F32), "backward"),
     ]
     torch.testing.assert_close(y.grad.full(), x.full().sum() * g.full())
 

@@ -5,6 +5,7 @@
 | all_reduce (sum)   | identity                          |
 | sum_grad (identity)| all_reduce of the gradient        |
 | all_gather         | split (keep own block, no comm)   |
+| all_gather, input broadcast there | reduce_scatter     |
 | split              | all_gather                        |
 | reduce_scatter     | all_gather                        |
 | all_to_all         | all_to_all back                   |
@@ -107,6 +108,18 @@ class _AllGather(Function):
         return (None, None, None, *(g.contiguous() for g in ctx.impl.split(grads, ctx.axis, ctx.dim)))
 
 
+class _AllGatherReduceGrad(Function):
+    @staticmethod
+    def forward(ctx, impl, axis, dim, *ts):
+        ctx.impl, ctx.axis, ctx.dim = impl, axis, dim
+        return _all_gather(impl, ts, axis, dim)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = tuple(g.contiguous() for g in grads)
+        return (None, None, None, *_reduce_scatter(ctx.impl, grads, ctx.axis, ctx.dim, "backward"))
+
+
 class _Split(Function):
     @staticmethod
     def forward(ctx, impl, axis, dim, *ts):
@@ -177,6 +190,17 @@ def all_gather(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
         return ts
     if _needs_grad(ts):
         return _AllGather.apply(impl, axis, dim, *ts)
+    return _all_gather(impl, ts, axis, dim)
+
+
+def all_gather_reduce_grad(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
+    """All-gather whose backward reduce-scatters: for an input gathered over `axis` and then
+    broadcast against a dim split over it (a fully sharded parameter), each device's gradient
+    is a partial sum, and summing it and keeping one's own block is one reduce-scatter."""
+    if impl.axis_size(axis) == 1:
+        return ts
+    if _needs_grad(ts):
+        return _AllGatherReduceGrad.apply(impl, axis, dim, *ts)
     return _all_gather(impl, ts, axis, dim)
 
 

@@ -7,7 +7,10 @@ of layouts and rules, decides:
 1. which axes split each iteration dim: the rules' axes, reduced dims served first, a dim
    losing any axis already taken (it is then computed whole, its inputs gathered);
 2. for each input, the relayout to that computation layout, and the axes over which it is
-   broadcast against split dims (`sum_grad`: its gradient is summed there);
+   broadcast against split dims (`sum_grad`: its gradient is summed there). An input that is
+   all-gathered over such an axis (a fully sharded parameter meeting split activations) has
+   its gradient summed and re-split in one reduce-scatter (`in_gather_rs`), not an
+   all-reduce then a local slice;
 3. for the output, the axes it is a partial sum over: reduce-scattered where the output is
    next split over that axis, else all-reduced; then sliced to the rules' layout.
 """
@@ -38,6 +41,9 @@ class OpPlan:
     computed: TensorLayout
     finish: tuple[tuple, ...]
     out: TensorLayout
+    #: per input, the axes of its all-gathers whose backward is a reduce-scatter (they are
+    #: broadcast axes too, and left out of `in_bcast`).
+    in_gather_rs: tuple[tuple[str, ...], ...] = ()
 
 
 @lru_cache(maxsize=8192)
@@ -76,13 +82,17 @@ def plan_op(
         assigned[name] = tuple(prefix)
         taken.update(prefix)
 
-    in_layouts, in_steps, in_bcast = [], [], []
+    in_layouts, in_steps, in_bcast, in_gather_rs = [], [], [], []
     for layout in inputs:
         target = check(TensorLayout(layout.dims, tuple(assigned[n] for n in layout.names)), mesh, str(rules))
         in_layouts.append(target)
-        in_steps.append(plan_relayout(layout, target))
+        steps = plan_relayout(layout, target)
+        in_steps.append(steps)
         own = target.used_axes
-        in_bcast.append(tuple(a for n in order for a in assigned[n] if a not in own))
+        bcast = tuple(a for n in order for a in assigned[n] if a not in own)
+        gathered = {s.axis for s in steps if isinstance(s, Gather)}
+        in_bcast.append(tuple(a for a in bcast if a not in gathered))
+        in_gather_rs.append(tuple(a for a in bcast if a in gathered))
 
     out_dims = tuple(Dim(n, sizes[n]) for n in out_names)
     out = resolve(out_dims, rules, mesh)
@@ -98,14 +108,19 @@ def plan_op(
                 finish.append(("split", axis, i))
     if partial:
         finish.insert(0, ("all_reduce", tuple(partial)))
-    return OpPlan(tuple(in_steps), tuple(in_layouts), tuple(in_bcast), computed, tuple(finish), out)
+    return OpPlan(tuple(in_steps), tuple(in_layouts), tuple(in_bcast), computed, tuple(finish), out,
+                  tuple(in_gather_rs))
 
 
-def run_steps(impl: MeshImpl, data: Data, steps: Sequence[Step]) -> Data:
-    """Execute relayout steps with the backend's differentiable collectives."""
+def run_steps(impl: MeshImpl, data: Data, steps: Sequence[Step], gather_rs: tuple[str, ...] = ()) -> Data:
+    """Execute relayout steps with the backend's differentiable collectives; all-gathers over
+    `gather_rs` axes reduce-scatter their gradient (the input is broadcast there)."""
     for s in steps:
         if isinstance(s, Gather):
-            data = comm.all_gather(impl, data, s.axis, s.dim)
+            if s.axis in gather_rs:
+                data = comm.all_gather_reduce_grad(impl, data, s.axis, s.dim)
+            else:
+                data = comm.all_gather(impl, data, s.axis, s.dim)
         elif isinstance(s, Slice):
             data = comm.split(impl, data, s.axis, s.dim)
         else:
@@ -118,8 +133,8 @@ def prepare_inputs(plan: OpPlan, xs: Sequence[MeshTensor]) -> list[Data]:
     """Each input's data relaid out for the computation, with `sum_grad` where broadcast."""
     impl = xs[0]._mesh.impl
     datas = []
-    for x, steps, bcast in zip(xs, plan.in_steps, plan.in_bcast):
-        d = run_steps(impl, x._data, steps) if steps else x._data
+    for x, steps, bcast, gather_rs in zip(xs, plan.in_steps, plan.in_bcast, plan.in_gather_rs):
+        d = run_steps(impl, x._data, steps, gather_rs) if steps else x._data
         if bcast:
             d = comm.sum_grad(impl, d, bcast)
         datas.append(d)
