@@ -8,6 +8,7 @@ on some devices only, say) fails even where `x.full()` would read a correct one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 
 import torch
@@ -15,8 +16,11 @@ import torch
 import torchmesh as tm
 from torchmesh.placement.layout import local_slices
 
-#: The meshes every op runs on: one device, one axis, two axes, and a 2 x 4 mesh.
-MESHES = ["dp:1", "tp:2", "dp:2;tp:2", "dp:2;tp:4"]
+#: The meshes every op runs on: one device, one axis, two axes, and a 2 x 4 mesh. The same
+#: tests run on real gloo processes (tests/test_ops_dist.py) with TORCHMESH_TEST_BACKEND=dist
+#: and TORCHMESH_TEST_MESHES naming the one mesh those processes form.
+BACKEND = os.environ.get("TORCHMESH_TEST_BACKEND", "sim")
+MESHES = os.environ.get("TORCHMESH_TEST_MESHES", "dp:1|tp:2|dp:2;tp:2|dp:2;tp:4").split("|")
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -37,7 +41,12 @@ def rules_on(mesh_spec: str, rules: str) -> str:
 
 
 def make_mesh(mesh_spec: str, rules: str = "") -> tm.Mesh:
-    return tm.Mesh(mesh_spec, layout=rules_on(mesh_spec, rules), backend="sim")
+    return tm.Mesh(mesh_spec, layout=rules_on(mesh_spec, rules), backend=BACKEND)
+
+
+def single_device() -> tm.Mesh:
+    """The one-device reference mesh (sim, so it exists in every process of a gloo run too)."""
+    return tm.Mesh("dp:1", backend="sim")
 
 
 def names_of(dims: str) -> tuple[str, ...]:

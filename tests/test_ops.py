@@ -19,6 +19,7 @@ from reference import (
     make_mesh,
     names_of,
     rules_on,
+    single_device,
     torch_randn,
 )
 
@@ -430,7 +431,7 @@ def test_one_hot(mesh_spec, rules):
 @pytest.mark.parametrize("rules", ["batch:dp;ff:tp", "ff:dp,tp", "batch:tp"])
 @pytest.mark.parametrize("mesh_spec", MESHES)
 def test_random_is_layout_invariant(mesh_spec, rules):
-    mesh, one = make_mesh(mesh_spec, rules), make_mesh("dp:1")
+    mesh, one = make_mesh(mesh_spec, rules), single_device()
     for fn in (tm.randn, tm.rand):
         ref = fn("batch:8 ff:16", one, seed=11).full()
         assert_matches(fn("batch:8 ff:16", mesh, seed=11), ref, "batch ff", rtol=0, atol=0)
@@ -447,7 +448,7 @@ def test_random_is_layout_invariant(mesh_spec, rules):
 @pytest.mark.parametrize("rules", ["batch:dp;ff:tp", "ff:dp,tp"])
 @pytest.mark.parametrize("mesh_spec", MESHES)
 def test_dropout_is_layout_invariant(mesh_spec, rules):
-    mesh, one = make_mesh(mesh_spec, rules), make_mesh("dp:1")
+    mesh, one = make_mesh(mesh_spec, rules), single_device()
     t = torch_randn("batch:8 ff:16", 4)
     keep = tm.dropout(tm.ones("batch:8 ff:16", one), 0.25, seed=9).full() * 0.75  # the mask, from one device
     assert 0.5 < keep.mean() < 0.95 and set(keep.unique().tolist()) == {0.0, 1.0}
@@ -542,7 +543,7 @@ def test_reduction_of_input_held_off_rules_reduce_scatters(kind, mesh_spec):
 def test_random_is_layout_invariant_across_generator_blocks(rules, mesh_spec):
     """Rows of 2048 values: the generator blocks hold 32 rows, so shards start and end inside
     blocks and span several."""
-    mesh, one = make_mesh(mesh_spec, rules), make_mesh("dp:1")
+    mesh, one = make_mesh(mesh_spec, rules), single_device()
     assert_matches(tm.randn("batch:48 ff:2048", mesh, seed=3), tm.randn("batch:48 ff:2048", one, seed=3).full(),
                    "batch ff", rtol=0, atol=0)
     ref = tm.dropout(tm.ones("batch:48 ff:2048", one), 0.3, seed=4).full()

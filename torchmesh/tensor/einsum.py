@@ -110,20 +110,25 @@ def _as_matmul(a: tuple[str, ...], b: tuple[str, ...], out: tuple[str, ...]):
     b_perm = tuple(b.index(n) for n in batch + contracted + right)
     result = batch + left + right
     out_perm = tuple(result.index(n) for n in out)
-    nb, nl, nr = len(batch), len(left), len(right)
-    identity = tuple(range(len(result)))
+    nb, nl, nr, nk = len(batch), len(left), len(right), len(contracted)
+    a_id, b_id = a_perm == tuple(range(len(a))), b_perm == tuple(range(len(b)))
+    out_id = out_perm == tuple(range(len(out)))
+    flat = nb == 0 and nl == 1 and nr == 1 and nk == 1  # already matrices: no reshape at all
 
     def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if a_perm != tuple(range(len(a_perm))):
+        if not a_id:
             x = x.permute(a_perm)
-        if b_perm != tuple(range(len(b_perm))):
+        if not b_id:
             y = y.permute(b_perm)
-        bs, ls, rs = x.shape[:nb], x.shape[nb : nb + nl], y.shape[y.dim() - nr :]
-        k = y.shape[nb : y.dim() - nr].numel()
-        x = x.reshape(bs.numel(), ls.numel(), k) if nb else x.reshape(ls.numel(), k)
-        y = y.reshape(bs.numel(), k, rs.numel()) if nb else y.reshape(k, rs.numel())
-        r = (torch.bmm(x, y) if nb else torch.mm(x, y)).view((*bs, *ls, *rs))
-        return r if out_perm == identity else r.permute(out_perm)
+        if flat:
+            r = torch.mm(x, y)
+        else:
+            bs, ls, rs = x.shape[:nb], x.shape[nb : nb + nl], y.shape[y.dim() - nr :]
+            k = y.shape[nb : y.dim() - nr].numel()
+            x = x.reshape(bs.numel(), ls.numel(), k) if nb else x.reshape(ls.numel(), k)
+            y = y.reshape(bs.numel(), k, rs.numel()) if nb else y.reshape(k, rs.numel())
+            r = (torch.bmm(x, y) if nb else torch.mm(x, y)).view((*bs, *ls, *rs))
+        return r if out_id else r.permute(out_perm)
 
     return matmul
 
