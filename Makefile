@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,examples]"
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) examples/mlp_sim.py
+demo: $(STAMP)  # a Transformer LM on 4 CPU processes (dp x tp); --backend sim runs it in one
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 4 examples/train_lm.py --backend dist --mesh "dp:2;tp:2" --steps 300
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
