@@ -21,7 +21,9 @@ a multiple of 64 so that it splits evenly. Weights depend only on --seed, batche
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,6 +76,21 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     raise SystemExit(f"unknown --optimizer {args.optimizer!r}")
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send what C++ code prints on stdout (gloo's "[Gloo] Rank 0 is connected..." when process
+    groups are made) to stderr, so that stdout holds only the step lines."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -144,7 +161,8 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     tm.manual_seed(args.seed)  # dropout masks: the same on every rank and mesh
-    mesh = tm.Mesh(args.mesh, layout=rules_for(args.mesh, args.layout), backend=args.backend)
+    with stdout_to_stderr():
+        mesh = tm.Mesh(args.mesh, layout=rules_for(args.mesh, args.layout), backend=args.backend)
     tokens, chars = load_corpus(CORPUS)
     model = build_model(mesh, args, len(chars))
     optimizer = build_optimizer(model, args)
