@@ -4,10 +4,11 @@ from torchmesh.nn.parameter import Module, mesh_parameters
 from torchmesh.nn.attention import MultiHeadAttention
 from torchmesh.nn.layers import Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
 from torchmesh.nn.losses import cross_entropy
+from torchmesh.nn.fsdp import shard_parameters
 from torchmesh.nn.moe import MoE
 from torchmesh.nn.transformer import LMConfig, TransformerBlock, TransformerLM
 
 __all__ = ["Module", "mesh_parameters"]
 __all__ += ["Dropout", "Embedding", "FeedForward", "LMConfig", "LayerNorm", "Linear", "MultiHeadAttention",
             "RMSNorm", "TransformerBlock", "TransformerLM", "cross_entropy"]
-__all__ += ["MoE"]
+__all__ += ["MoE", "shard_parameters"]

@@ -1,0 +1,75 @@
+"""Fully sharded parameters (FSDP / ZeRO-3) in the layout language: `shard_parameters`.
+
+The mesh's rules say how every tensor is laid out *for computation*; `shard_parameters(model,
+"d_model:dp")` adds a second set of rules for how the model's parameters are *stored*: each
+parameter's `d_model` is split over `dp` as well, on top of the axes the mesh's rules already
+give it (tensor parallelism on `tp` stays as it is). Activations keep `d_model` whole.
+
+Nothing else changes. When an op reads a stored parameter, the planner relays it out to the
+computation layout (an all-gather over `dp` just before use); because that parameter is then
+broadcast against the batch split over `dp`, its gradient is a partial sum on every device,
+and the planner sums and re-splits it in one reduce-scatter. The gradient and any optimizer
+state built on the shards (torch.optim) are therefore laid out like the stored parameter, so
+parameter + gradient + optimizer memory per device falls by the size of `dp`.
+
+An axis a parameter already uses (e.g. `experts:dp` for an MoE's expert weights) is not
+added twice: that parameter stays as the mesh's rules store it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchmesh.errors import LayoutError
+from torchmesh.nn.parameter import Module
+from torchmesh.placement.layout import TensorLayout, check
+from torchmesh.placement.rules import LayoutRules, RulesLike
+from torchmesh.tensor.relayout import to_layout
+
+
+def shard_parameters(model: torch.nn.Module, rules: RulesLike) -> torch.nn.Module:
+    """Store every mesh parameter of `model` split by `rules` too ("d_model:dp"); returns
+    `model`. Call it before building the optimizer: the parameters are replaced by their
+    shards (new `nn.Parameter`s).
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp")
+    >>> m = tm.nn.Module()
+    >>> m.w = tm.randn("d_model:8 ff:16", mesh, seed=0, requires_grad=True)
+    >>> m = tm.nn.shard_parameters(m, "d_model:dp")
+    >>> m.w.layout, tuple(m.w.shards[0].shape)
+    ({'d_model': 'dp', 'ff': 'tp'}, (4, 8))
+    """
+    parsed = LayoutRules.parse(rules)
+    for mod_name, module in model.named_modules():
+        specs = module.__dict__.get("_mesh_params")
+        if not specs or not isinstance(module, Module):
+            continue
+        for name in list(specs):
+            param = getattr(module, name)
+            target = _stored_layout(param.tensor_layout, parsed, param.mesh, f"{mod_name}.{name}".lstrip("."))
+            if target != param.tensor_layout:
+                with torch.no_grad():
+                    sharded = to_layout(param, target)  # a local slice: no communication
+                module.register_mesh_parameter(name, sharded.requires_grad_(param.requires_grad))
+    return model
+
+
+def _stored_layout(layout: TensorLayout, rules: LayoutRules, mesh, name: str) -> TensorLayout:
+    """`layout` with each dim's axes extended by `rules`' axes for it (minor to the axes it
+    has), skipping axes the tensor already uses."""
+    used = set(layout.used_axes)
+    axes = []
+    for dim, have in zip(layout.names, layout.axes):
+        extra = tuple(a for a in rules.axes_of(dim) if a not in used)
+        used.update(extra)
+        axes.append(have + extra)
+    target = TensorLayout(layout.dims, tuple(axes))
+    try:
+        return check(target, mesh.shape, f"{mesh.rules} + parameters {rules}")
+    except LayoutError as e:
+        raise LayoutError(
+            f"shard_parameters: parameter {name!r} cannot be stored split by the parameter rules "
+            f"{str(rules)!r}: {e} Fix: leave that dim out of the parameter rules, or choose sizes "
+            f"divisible by the axes."
+        ) from None
