@@ -106,6 +106,7 @@ def train_step(model: tm.nn.TransformerLM, optimizer: torch.optim.Optimizer, ids
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+    ids.mesh.sync()  # xla: run this step's program (sim and dist run eagerly: nothing to do)
     return loss.item()
 
 

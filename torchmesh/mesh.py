@@ -66,6 +66,12 @@ class Mesh:
 
         return scope()
 
+    def sync(self) -> None:
+        """End of a training step: on xla, run the pending program (`torch_xla.sync()`), so
+        the next step starts from materialised parameters instead of growing one graph;
+        nothing on sim and dist, which run eagerly."""
+        self.impl.sync()
+
     def __repr__(self) -> str:
         return f"Mesh({str(self.shape)!r}, layout={str(self.rules)!r}, backend={self.backend!r})"
 

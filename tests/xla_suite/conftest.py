@@ -18,9 +18,10 @@ if not os.environ.get("PJRT_DEVICE"):
 else:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: reference, test_ops
     import torch
-    import torch_xla.runtime as xr
 
-    xr.use_spmd()
+    from torchmesh.xla.backend import start_runtime
+
+    start_runtime()  # before any backward of this process, CPU ones included
 
     import reference
 

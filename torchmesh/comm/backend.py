@@ -111,5 +111,8 @@ class MeshImpl:
         """Called on every new MeshTensor's data; the XLA backend marks its sharding here."""
         return ts
 
+    def sync(self) -> None:
+        """Called at the end of a step (`mesh.sync()`): the XLA backend runs its pending program."""
+
     def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str) -> None:
         """Called before each collective when `checking`: raise unless every rank agrees."""

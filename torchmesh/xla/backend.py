@@ -30,6 +30,34 @@ def _require_torch_xla():
         ) from None
 
 
+_started: list[bool] = []
+
+
+def start_runtime() -> None:
+    """Put torch-xla in SPMD mode and give autograd its XLA device, once per process.
+
+    Both must happen before the process's first XLA tensor and first backward pass: autograd
+    sizes its per-device queues at its first backward, and a CPU backward run before then
+    leaves no queue for the XLA device (an internal assert in every later XLA backward)."""
+    if _started:
+        return
+    import torch_xla
+    import torch_xla.runtime as xr
+
+    if not xr.is_spmd():
+        xr.use_spmd()
+    w = torch.zeros((), device=torch_xla.device(), requires_grad=True)
+    try:
+        (w * 1.0).backward()
+    except RuntimeError:
+        raise BackendError(
+            "the xla backend started after this process had already run a backward pass on another "
+            "device, so autograd has no queue for the XLA device. Fix: create the xla Mesh (or call "
+            "torchmesh.xla.backend.start_runtime()) before the first .backward() of the process."
+        ) from None
+    _started.append(True)
+
+
 PartitionSpec = tuple  # for each dim: None (replicated), an axis name, or a tuple of axis names
 
 
@@ -52,8 +80,7 @@ class XlaImpl(MeshImpl):
         import torch_xla.distributed.spmd as xs
         import torch_xla.runtime as xr
 
-        if not xr.is_spmd():
-            xr.use_spmd()  # must precede the first XLA tensor; a no-op warning otherwise
+        start_runtime()
         n = xr.global_runtime_device_count()
         if n != shape.size:
             raise MeshError(
@@ -69,6 +96,11 @@ class XlaImpl(MeshImpl):
     @property
     def local_coords(self) -> tuple[tuple[int, ...], ...]:
         return ((0,) * len(self.shape.names),)
+
+    def sync(self) -> None:
+        import torch_xla
+
+        torch_xla.sync()
 
     # ---- global values ---------------------------------------------------------------------
     def from_global(self, tensor: torch.Tensor, layout: TensorLayout) -> Data:
