@@ -71,11 +71,8 @@ def import_state_dict(source: "str | os.PathLike[str] | Mapping[str, torch.Tenso
     >>> import torch, torchmesh as tm
     >>> model = tm.nn.Module(); model.w = tm.zeros("d:4 ff:6", tm.Mesh("tp:2", layout="ff:tp"))
     >>> tm.import_state_dict({"w": torch.ones(4, 6)}, model)
-    >>> model.w.shard(tp=1)
-    tensor([[1., 1., 1.],
-            [1., 1., 1.],
-            [1., 1., 1.],
-            [1., 1., 1.]])
+    >>> model.w.full().sum().item(), model.w.layout
+    (24.0, {'ff': 'tp'})
     """
     values = source if isinstance(source, Mapping) else torch.load(source, map_location="cpu", weights_only=True)
     refs = model_params(model)
