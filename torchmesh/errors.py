@@ -12,39 +12,108 @@ from collections.abc import Iterable, Mapping
 
 
 class TorchMeshError(Exception):
-    """Root of every torchmesh error."""
+    """Root of every torchmesh error: `except tm.TorchMeshError` catches all of them.
+
+    >>> import torchmesh as tm
+    >>> try:
+    ...     tm.Mesh("dp:2", layout="batch:tp")
+    ... except tm.TorchMeshError as e:
+    ...     print(type(e).__name__)
+    LayoutError
+    """
 
 
 class ParseError(TorchMeshError, ValueError):
-    """A mesh, rules, dims or pattern string that cannot be parsed."""
+    """A mesh, rules, dims or pattern string that cannot be parsed.
+
+    >>> import torchmesh as tm
+    >>> try:
+    ...     tm.Mesh("dp 2")
+    ... except tm.ParseError as e:
+    ...     print(e)
+    mesh 'dp 2': cannot read axis 'dp 2'. Write each axis as name:size, separated by ';', for example 'dp:2;tp:4'.
+    """
 
 
 class LayoutError(TorchMeshError, ValueError):
-    """A tensor that cannot be laid out on the mesh by the rules."""
+    """A tensor that cannot be laid out on the mesh by the rules.
+
+    >>> import torchmesh as tm
+    >>> try:
+    ...     tm.zeros("batch:3", tm.Mesh("dp:2", layout="batch:dp"))
+    ... except tm.LayoutError as e:
+    ...     print(e)
+    tensor with dims (batch:3) cannot be laid out: dim 'batch' of size 3 is split over mesh axes dp (2 parts) by the rules 'batch:dp', and 3 is not divisible by 2. Fix: ...
+    """
 
 
 class DimError(TorchMeshError, ValueError):
-    """Dims that do not fit an operation (missing, duplicated, mismatched sizes)."""
+    """Dims that do not fit an operation (missing, duplicated, mismatched sizes).
+
+    >>> import torchmesh as tm
+    >>> x = tm.zeros("d:3", tm.Mesh("dp:2"))
+    >>> try:
+    ...     x.sum("e")
+    ... except tm.DimError as e:
+    ...     print(e)
+    sum: dims (e) are not dims of the tensor (d). Fix: name one of (d).
+    """
 
 
 class MeshError(TorchMeshError, ValueError):
-    """A mesh that does not fit the processes or devices it runs on."""
+    """A mesh that does not fit the processes or devices it runs on: under torchrun with 4
+    processes, `tm.Mesh("dp:2", backend="dist")` raises it on every rank.
+
+    >>> import torchmesh as tm
+    >>> issubclass(tm.MeshError, ValueError)
+    True
+    """
 
 
 class CollectiveMismatch(TorchMeshError, ValueError):
-    """Ranks reached different collectives (a program that is not the same on every rank)."""
+    """Ranks reached different collectives (a program that is not the same on every rank).
+
+    Raised on every rank when the mesh checks collectives (`TORCHMESH_CHECK=1` or
+    `tm.Mesh(..., check=True)` under torchrun); see docs/distributed.md.
+
+    >>> import torchmesh as tm
+    >>> issubclass(tm.CollectiveMismatch, ValueError)
+    True
+    """
 
 
 class CollectiveTimeout(TorchMeshError, TimeoutError):
-    """Not every rank reached a collective within the timeout."""
+    """Not every rank reached a collective within the timeout (`tm.Mesh(..., timeout=60)`),
+    raised instead of hanging when the mesh checks collectives.
+
+    >>> import torchmesh as tm
+    >>> issubclass(tm.CollectiveTimeout, TimeoutError)
+    True
+    """
 
 
 class BackendError(TorchMeshError, RuntimeError):
-    """A backend that cannot run here, or an operation the backend does not offer."""
+    """A backend that cannot run here, or an operation the backend does not offer.
+
+    >>> import torchmesh as tm
+    >>> try:
+    ...     tm.Mesh("dp:2", backend="tpu")
+    ... except tm.BackendError as e:
+    ...     print(e)
+    unknown backend 'tpu': choose one of ('sim', 'dist', 'xla', ...).
+    """
 
 
 class CheckpointError(TorchMeshError, ValueError):
-    """A checkpoint that is incomplete, damaged, or does not fit the model it is loaded into."""
+    """A checkpoint that is incomplete, damaged, or does not fit the model it is loaded into.
+
+    >>> import torchmesh as tm
+    >>> try:
+    ...     tm.load("no/such/checkpoint", tm.nn.Module())
+    ... except tm.CheckpointError as e:
+    ...     print(e)
+    no/such/checkpoint is not a complete torchmesh checkpoint: ...
+    """
 
 
 def _names(names: Iterable[str]) -> str:
