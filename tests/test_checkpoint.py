@@ -156,6 +156,19 @@ def test_sim_round_trip_other_layout_and_extra(tmp_path):
     assert_same(snapshot(other, other_opt), snapshot(model, opt), "sim dp:2;tp:2 -> sim dp:4")
 
 
+def test_load_restores_the_random_state(tmp_path):
+    mesh, model, _ = trained()
+    tm.manual_seed(5)
+    tm.randn("batch:4", mesh)
+    path = tm.save(tmp_path / "ckpt", model=model, step=2)
+    after = (torch.rand(3), tm.randn("batch:4", mesh).full(), tm.dropout(tm.ones("batch:4", mesh), 0.5).full())
+    tm.manual_seed(99)
+    torch.manual_seed(99)
+    tm.load(path, model=model)
+    again = (torch.rand(3), tm.randn("batch:4", mesh).full(), tm.dropout(tm.ones("batch:4", mesh), 0.5).full())
+    assert all(torch.equal(x, y) for x, y in zip(after, again))
+
+
 def test_latest_checkpoint_skips_interrupted_and_orders_by_step(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException

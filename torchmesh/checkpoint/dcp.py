@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from torchmesh.checkpoint import integrity
+from torchmesh.checkpoint.rng import rng_state, set_rng_state
 from torchmesh.checkpoint.state import (
     GROUPS_KEY,
     STEP_KEY,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from torchmesh.mesh import Mesh
 
 OBJECTS_KEY = "torchmesh/objects"  # every non-tensor value, pickled together (one small blob)
+RNG_KEY = "rng"
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,9 @@ def save(
     step: int | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save the model's parameters, the optimizer's state, `step` and `extra` as global values
-    into the directory `path`, atomically. Call it on every rank (dist); returns the path.
+    """Save the model's parameters, the optimizer's state, `step`, `extra` and the random state
+    (torch's CPU generator, torchmesh's stream) as global values into the directory `path`,
+    atomically. Call it on every rank (dist); returns the path.
 
     `extra` holds small picklable values that are the same on every rank (a data position,
     a scheduler's state). Loadable on any mesh, layout and number of processes.
@@ -110,6 +113,7 @@ def save(
     procs = _Processes(model_mesh(model))
     state, objects = _save_state(model, optimizer)
     objects[STEP_KEY] = step
+    objects[RNG_KEY] = rng_state()
     objects.update({f"extra/{k}": v for k, v in (extra or {}).items()})
     state[OBJECTS_KEY] = pickle.dumps(objects)
 
@@ -138,13 +142,15 @@ def load(
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     verify: bool = True,
+    rng: bool = True,
 ) -> Loaded:
     """Load a checkpoint written by `tm.save` (on any mesh) into the model's parameters and the
     optimizer's state, laid out as they are now. Call it on every rank (dist).
 
     The files are checked against the completion marker first (sizes always, CRC-32 with
     `verify=True`, the work split among the ranks); a problem raises `CheckpointError` naming
-    the file. Returns `Loaded(path, step, extra)`.
+    the file. With `rng=True` the saved random state is restored too, so that a resumed run
+    draws what the uninterrupted one would have. Returns `Loaded(path, step, extra)`.
 
     >>> import tempfile, torch, torchmesh as tm
     >>> model = tm.nn.Module(); model.w = tm.zeros("d:4 ff:6", tm.Mesh("dp:2", layout="d:dp"))
@@ -175,6 +181,8 @@ def load(
                 target.copy_(block)
     if optimizer is not None:
         _restore_optimizer(model, optimizer, optim_targets, state, objects)
+    if rng and objects.get(RNG_KEY) is not None:
+        set_rng_state(objects[RNG_KEY])
     extra = {k[len("extra/"):]: v for k, v in objects.items() if k.startswith("extra/")}
     return Loaded(directory, objects.get(STEP_KEY), extra)
 
