@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
-    parser.add_argument("--plot", default="train_lm_loss.png", help="where to save the loss curve")
+    parser.add_argument("--plot", default="train_lm_loss.png", help="where to save the loss curve ('' for none)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -176,9 +176,11 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     if mesh.impl.prints and losses:
         tokens_per_s = len(losses) * args.batch * args.seq / elapsed
+        saved = f"; curve saved to {args.plot}" if args.plot else ""
         print(f"# {len(losses)} steps in {elapsed:.1f}s ({tokens_per_s:,.0f} tokens/s); loss "
-              f"{losses[0]:.3f} -> {losses[-1]:.3f}; curve saved to {args.plot}", file=sys.stderr, flush=True)
-        plot(losses, args.plot, f"TransformerLM on {args.mesh} ({args.backend}), rules {mesh.rules}")
+              f"{losses[0]:.3f} -> {losses[-1]:.3f}{saved}", file=sys.stderr, flush=True)
+        if args.plot:
+            plot(losses, args.plot, f"TransformerLM on {args.mesh} ({args.backend}), rules {mesh.rules}")
 
 
 if __name__ == "__main__":

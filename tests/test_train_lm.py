@@ -134,3 +134,26 @@ def test_gloo_matches_single_device(reference, nprocs, mesh_specs):
         if "bf16" in result:
             for a, b in zip(result["bf16"], reference[:5]):
                 assert abs(a - b) <= 2e-2 * abs(b)
+
+
+def run_example(*flags: str) -> list[float]:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "examples" / "train_lm.py"), "--steps", "4", "--batch", "4", "--seq", "16",
+         "--d-model", "32", "--plot", "", *flags], capture_output=True, text=True, timeout=240, cwd=root,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert [l.split()[:3] for l in lines] == [["step", str(i), "loss"] for i in range(4)], out.stdout
+    return [float(l.split()[3]) for l in lines]
+
+
+def test_example_sharded_run_prints_the_single_device_losses():
+    """Dropout on: its masks do not depend on the mesh, so the losses still agree."""
+    sharded = run_example("--backend", "sim", "--mesh", "dp:2;tp:2", "--dropout", "0.1")
+    assert_same_losses(sharded, run_example("--mesh", "dp:1", "--dropout", "0.1"), "examples/train_lm.py")
+    assert sharded[-1] < sharded[0]
