@@ -29,7 +29,15 @@ _ACTIVE: list["CommStats"] = []
 
 @dataclass(frozen=True, slots=True)
 class CommRecord:
-    """One collective: its kind, the mesh axes it ran over, and the bytes each device sent."""
+    """One collective: its kind, the mesh axes it ran over, and the bytes each device sent.
+
+    >>> import torchmesh as tm
+    >>> x = tm.ones("batch:4", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> with tm.comm_stats() as stats:
+    ...     total = x.sum("batch")
+    >>> stats.records
+    [CommRecord(kind='all_reduce', axes=('dp',), bytes=4, shape=(), dtype=torch.float32, phase='forward')]
+    """
 
     kind: str
     axes: tuple[str, ...]
@@ -41,7 +49,16 @@ class CommRecord:
 
 @dataclass
 class CommStats:
-    """Collectives recorded inside a `with comm_stats()` block."""
+    """Collectives recorded inside a `with comm_stats()` block.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;d:tp")
+    >>> x = tm.distribute(torch.ones(4, 8), "batch d", mesh, requires_grad=True)
+    >>> with tm.comm_stats() as stats:
+    ...     x.sum().backward()
+    >>> stats.counts, stats.total_bytes, stats.bytes_by("axes")
+    ({'all_reduce': 1}, 6, {('dp', 'tp'): 6})
+    """
 
     records: list[CommRecord] = field(default_factory=list)
 

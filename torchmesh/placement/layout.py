@@ -18,7 +18,19 @@ from torchmesh.tensor.dims import Dim
 
 @dataclass(frozen=True, slots=True)
 class TensorLayout:
-    """Dims of a tensor (in storage order) and, aligned with them, the axes splitting each."""
+    """Dims of a tensor (in storage order) and, aligned with them, the axes splitting each.
+
+    Every MeshTensor has one (`x.tensor_layout`); `str()` writes each dim as
+    `name:size@axes`.
+
+    >>> import torchmesh as tm
+    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp")
+    >>> layout = tm.zeros("batch:8 ff:6 d:4", mesh).tensor_layout
+    >>> print(layout)
+    [batch:8@dp ff:6@tp d:4]
+    >>> layout.axes_of("ff"), layout.split_dims()
+    (('tp',), {'batch': 'dp', 'ff': 'tp'})
+    """
 
     dims: tuple[Dim, ...]
     axes: tuple[tuple[str, ...], ...]

@@ -17,7 +17,16 @@ from torchmesh.tensor.dims import check_name
 
 @dataclass(frozen=True, slots=True)
 class MeshShape:
-    """Named mesh axes and their sizes, e.g. `MeshShape.parse("dp:2;tp:4")`."""
+    """Named mesh axes and their sizes: the abstract mesh, with no devices or processes, so
+    that layout arithmetic can be done (and tested) anywhere. Devices are numbered row-major.
+
+    >>> from torchmesh import MeshShape
+    >>> mesh = MeshShape.parse("dp:2;tp:4")
+    >>> mesh.size, mesh.names, mesh.sizes
+    (8, ('dp', 'tp'), (2, 4))
+    >>> mesh.coords(5), mesh.device((1, 1))
+    ((1, 1), 5)
+    """
 
     axes: tuple[tuple[str, int], ...]
 
