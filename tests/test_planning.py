@@ -36,11 +36,20 @@ MOE_RULES = [
     "batch:dp,tp;experts:dp,tp",
     "batch:dp;heads:tp;kv_heads:tp;vocab:tp;experts:tp",
 ]
+MEGATRON = "batch:dp;heads:tp;kv_heads:tp;ff:tp;vocab:tp"
+# (config, rules, parameter rules for tm.nn.shard_parameters, rematerialized blocks)
+CASES = ([(DENSE, r, "", False) for r in DENSE_RULES] + [(MOE, r, "", False) for r in MOE_RULES] + [
+    (DENSE, MEGATRON, "d_model:dp", False),       # FSDP over dp, tensor parallel over tp
+    (DENSE, "batch:dp,tp", "d_model:dp,tp", True),  # FSDP over the whole mesh, remat
+    (MOE, MOE_RULES[0], "d_model:dp", True),
+])
 
 
-def measured(builder, mesh: tm.Mesh) -> dict:
+def measured(builder, mesh: tm.Mesh, param_rules: str = "") -> dict:
     """{(kind, axes, phase): (count, bytes)} of one real training step."""
-    _, loss_fn = builder(mesh)
+    model, loss_fn = builder(mesh)
+    if param_rules:
+        tm.nn.shard_parameters(model, param_rules)
     with tm.comm_stats() as stats:
         loss_fn().backward()
     out: dict = {}
@@ -54,11 +63,11 @@ def predicted(profile) -> dict:
     return {key: (n, b) for key, n, b in profile.comm}
 
 
-@pytest.mark.parametrize("config,rules", [(DENSE, r) for r in DENSE_RULES] + [(MOE, r) for r in MOE_RULES])
-def test_predicted_bytes_equal_sim(config, rules):
-    builder = recipes.lm_builder(config, BATCH)
-    profile = profile_step(builder, MESH, rules)
-    real = measured(builder, tm.Mesh(MESH, layout=rules, backend="sim"))
+@pytest.mark.parametrize("config,rules,param_rules,remat", CASES)
+def test_predicted_bytes_equal_sim(config, rules, param_rules, remat):
+    builder = recipes.lm_builder(config, BATCH, remat)
+    profile = profile_step(builder, MESH, rules, param_rules=param_rules)
+    real = measured(builder, tm.Mesh(MESH, layout=rules, backend="sim"), param_rules)
     assert real, "the case must communicate"
     assert predicted(profile) == real
     assert profile.comm_bytes == sum(b for _, b in real.values())
@@ -68,25 +77,28 @@ def _dist_records(cases: list) -> list:
     import torchmesh as tm
     from torchmesh.placement import recipes
 
-    return [measured(recipes.lm_builder(config, BATCH), tm.Mesh(MESH, layout=rules, backend="dist"))
-            for config, rules in cases]
+    return [measured(recipes.lm_builder(config, BATCH, remat), tm.Mesh(MESH, layout=rules, backend="dist"),
+                     param_rules) for config, rules, param_rules, remat in cases]
 
 
 def test_predicted_bytes_equal_gloo():
-    cases = [(DENSE, DENSE_RULES[0]), (DENSE, "batch:dp,tp"), (MOE, MOE_RULES[0]), (MOE, MOE_RULES[1])]
+    cases = [CASES[0], (DENSE, "batch:dp,tp", "", False), (MOE, MOE_RULES[0], "", False), (MOE, MOE_RULES[1], "", False),
+             CASES[-3], CASES[-1]]
     per_rank = run_distributed(_dist_records, 4, args=(cases,))
     for rank, records in enumerate(per_rank):
-        for (config, rules), real in zip(cases, records):
-            want = predicted(profile_step(recipes.lm_builder(config, BATCH), MESH, rules))
-            assert real == want, f"rank {rank}, {rules}"
+        for (config, rules, param_rules, remat), real in zip(cases, records):
+            profile = profile_step(recipes.lm_builder(config, BATCH, remat), MESH, rules, param_rules=param_rules)
+            assert real == predicted(profile), f"rank {rank}, {rules} {param_rules} remat={remat}"
 
 
-@pytest.mark.parametrize("rules", ["batch:dp;heads:tp;kv_heads:tp;ff:tp;vocab:tp", "batch:dp,tp"])
-def test_predicted_memory_equals_shards(rules):
+@pytest.mark.parametrize("rules,param_rules", [(MEGATRON, ""), ("batch:dp,tp", ""), (MEGATRON, "d_model:dp")])
+def test_predicted_memory_equals_shards(rules, param_rules):
     builder = recipes.lm_builder(DENSE, BATCH)
-    profile = profile_step(builder, MESH, rules)
+    profile = profile_step(builder, MESH, rules, param_rules=param_rules)
     mesh = tm.Mesh(MESH, layout=rules, backend="sim")
     model, loss_fn = builder(mesh)
+    if param_rules:
+        tm.nn.shard_parameters(model, param_rules)
     for device in range(mesh.size):
         held = sum(p.shards[device].numel() * p.shards[device].element_size() for _, p in tm.nn.mesh_parameters(model))
         assert held == profile.param_bytes
@@ -112,9 +124,13 @@ def test_memory_shrinks_with_the_split():
 
 def test_extrapolated_layers_are_exact():
     deep = dataclasses.replace(DENSE, layers=5)
-    rules = DENSE_RULES[0]
+    rules = MEGATRON
     direct = profile_step(recipes.lm_builder(deep, BATCH), MESH, rules)
     assert recipes.profile_lm(deep, BATCH, MESH, rules) == direct
+    remat = recipes.profile_lm(deep, BATCH, MESH, rules, remat=True)
+    direct_remat = profile_step(recipes.lm_builder(deep, BATCH, remat=True), MESH, rules)
+    assert remat.comm == direct_remat.comm and remat.flops == direct_remat.flops
+    assert remat.activation_bytes < direct.activation_bytes and remat.comm_bytes > direct.comm_bytes
     one, two = (profile_step(recipes.lm_builder(dataclasses.replace(DENSE, layers=n), BATCH), MESH, rules)
                 for n in (1, 2))
     assert extrapolate(one, two, 2) == two
@@ -162,7 +178,7 @@ ROLES = {"data": ("batch",), "tensor": ("ff",)}
 ])
 def test_search_picks_the_cheapest_measured_layout(batch, d, ff, best):
     builder = wide_mlp(batch, d, ff)
-    result = search(lambda r: profile_step(builder, MESH, r), MESH, SLOW, roles=ROLES)
+    result = search(lambda r, p: profile_step(builder, MESH, r, param_rules=p), MESH, SLOW, roles=ROLES)
     assert result.best is not None and result.best.name == best
     # Every candidate runs on sim; priced from its measured collectives, the choice is the cheapest.
     times = {}
@@ -178,7 +194,7 @@ def test_search_picks_the_cheapest_measured_layout(batch, d, ff, best):
 def test_search_explains_what_does_not_fit():
     builder = wide_mlp(8, 64, 512)  # weights: 2 x 64 x 512 x 4 B = 256 KB
     hw = Hardware("tiny", flops=1e12, memory=600_000, intra_bandwidth=1e9, inter_bandwidth=1e9)
-    result = search(lambda r: profile_step(builder, MESH, r), MESH, hw, roles=ROLES)
+    result = search(lambda r, p: profile_step(builder, MESH, r, param_rules=p), MESH, hw, roles=ROLES)
     replicated = result.find("data(dp,tp)")
     assert not replicated.fits and "does not fit" in result.why(replicated)
     assert "over 600.000 KB" not in result.why(replicated)  # megabytes, not kilobytes

@@ -24,6 +24,7 @@ from dataclasses import replace
 from torchmesh.errors import TorchMeshError
 from torchmesh.placement.hardware import PRESETS, Hardware, preset
 from torchmesh.placement.mesh_shape import MeshShape
+from torchmesh.placement.profile import can_shard_parameters
 from torchmesh.placement.search import DEFAULT_ROLES, SearchResult, search
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12, "P": 10**15}
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--experts", type=int, default=0, help="lm: experts per MoE block (0: dense)")
     plan.add_argument("--batch", type=int, default=None, help="lm: sequences per step (default: one per device)")
     plan.add_argument("--seq", type=int, default=None, help="lm: tokens per sequence (default 1024)")
+    plan.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
+                      help="lm: recompute each block's activations in backward (default: on)")
     plan.add_argument("--mesh", required=True, help='mesh axes, e.g. "dp:16;tp:4"')
     plan.add_argument("--memory", default=None, help="device memory, e.g. 32GB (default: the hardware's)")
     plan.add_argument("--hardware", default="tpuv3", help=f"preset: {', '.join(sorted(PRESETS))}")
@@ -142,11 +145,13 @@ def _lm(args: argparse.Namespace, mesh: MeshShape):
     moe = f", {config.num_experts} experts top-{config.top_k}" if config.num_experts else ""
     header = (f"model: TransformerLM with {n / 1e9:.2f}B parameters (d_model={config.d_model}, "
               f"layers={config.layers}, heads={config.heads}, ff={config.ff}, vocab={config.vocab}{moe}); "
-              f"batch {batch} x seq {seq}, {args.optimizer}, fp32")
-    roles = {r: d for r, d in DEFAULT_ROLES.items() if r != "expert" or config.num_experts}
+              f"batch {batch} x seq {seq}, {args.optimizer}, fp32, "
+              f"{'blocks rematerialized' if args.remat else 'no remat'}")
+    roles = {r: d for r, d in DEFAULT_ROLES.items()
+             if (r != "expert" or config.num_experts) and (r != "weight" or can_shard_parameters())}
 
-    def profile(rules: str):
-        return recipes.profile_lm(config, batch, mesh, rules, args.optimizer)
+    def profile(rules: str, param_rules: str):
+        return recipes.profile_lm(config, batch, mesh, rules, args.optimizer, param_rules, args.remat)
 
     return header, profile, roles
 
@@ -163,10 +168,11 @@ def _user_model(spec: str, mesh: MeshShape, optimizer: str):
         raise CliError(f"--model {spec!r}: cannot load it ({e}). The module must be importable from here "
                        f"(on sys.path) and define {attr}(mesh) -> (module, loss_fn).") from None
     dims = model_dims(builder)
-    roles = {r: tuple(d for d in ds if d in dims) for r, ds in DEFAULT_ROLES.items()}
+    roles = {r: tuple(d for d in ds if d in dims) for r, ds in DEFAULT_ROLES.items()
+             if r != "weight" or can_shard_parameters()}
     roles = {r: ds for r, ds in roles.items() if ds}
     header = f"model: {spec} (dims {', '.join(sorted(dims))}), {optimizer}"
-    return header, (lambda rules: profile_step(builder, mesh, rules, optimizer)), roles
+    return header, (lambda rules, param_rules: profile_step(builder, mesh, rules, optimizer, param_rules)), roles
 
 
 def _describe(mesh: MeshShape, hw: Hardware, memory: int) -> str:
@@ -197,9 +203,11 @@ def _verdict(result: SearchResult) -> list[str]:
                      + (f" ({data_parallel.error})" if data_parallel is not None else ""))
     elif not data_parallel.fits:
         lines.append(f"pure data parallelism does not fit: it needs {data_parallel.cost.memory_bytes / 1e9:.2f} GB "
-                     f"per device")
+                     f"per device (with unlimited memory its step would take {data_parallel.cost.step_s:.3g} s)")
     else:
         speedup = data_parallel.cost.step_s / best.cost.step_s
         lines.append(f"predicted speedup over pure data parallelism: {speedup:.2f}x")
     lines.append(f"rules: {best.rules}")
+    if best.param_rules:
+        lines.append(f"parameters: tm.nn.shard_parameters(model, {best.param_rules!r})")
     return lines

@@ -12,8 +12,9 @@ the loss forward and backward, and records:
   moments per parameter; Adafactor: a row and a column accumulator per matrix, a full one
   for vectors; SGD: none), and the activations autograd saves for backward (sizes of the
   tensors `saved_tensors_hooks` sees during forward, each storage once, parameters not
-  counted twice). Activations peak at the end of forward; the reported peak is the sum
-  of the four, an upper bound (gradients fill in as activations are freed).
+  counted twice; tensors a rematerialized block keeps, `note_saved`). Activations peak at
+  the end of forward; the reported peak is the sum of the four, an upper bound (gradients
+  fill in as activations are freed).
 
 A model is given as a *builder*: `builder(mesh) -> (module, loss_fn)`, where `module` is a
 `torch.nn.Module` (typically a `tm.nn.Module`) holding the parameters and `loss_fn()` runs
@@ -39,6 +40,7 @@ from torchmesh.tensor.mesh_tensor import MeshTensor
 Builder = Callable[[Mesh], "tuple[torch.nn.Module, Callable[[], MeshTensor]]"]
 CommKey = tuple[str, tuple[str, ...], str]  # (kind, axes, phase)
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
+_COUNTING: list["_SavedTensors"] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,7 @@ class StepProfile:
 
     mesh: MeshShape
     rules: str
+    param_rules: str  # how parameters are stored on top of `rules` (FSDP), "" if as computed
     comm: tuple[tuple[CommKey, int, int], ...]  # ((kind, axes, phase), count, bytes), sorted
     flops: int
     param_bytes: int
@@ -90,7 +93,7 @@ class StepProfile:
                 acc[0] += weight * n
                 acc[1] += weight * nbytes
         return StepProfile(
-            self.mesh, self.rules,
+            self.mesh, self.rules, self.param_rules,
             tuple(sorted((k, n, nb) for k, (n, nb) in comm.items() if n or nb)),
             *(a * getattr(self, f) + b * getattr(other, f) for f in _LINEAR),
         )
@@ -105,18 +108,29 @@ def extrapolate(one_layer: StepProfile, two_layers: StepProfile, layers: int) ->
     return one_layer.combine(two_layers, 2 - layers, layers - 1)
 
 
-def profile_step(builder: Builder, mesh: MeshShapeLike, rules: RulesLike, optimizer: str = "adamw") -> StepProfile:
-    """Evaluate one training step of `builder`'s model abstractly on `mesh` under `rules`."""
+def profile_step(builder: Builder, mesh: MeshShapeLike, rules: RulesLike, optimizer: str = "adamw",
+                 param_rules: str = "") -> StepProfile:
+    """Evaluate one training step of `builder`'s model abstractly on `mesh` under `rules`;
+    with `param_rules` ("d_model:dp"), its parameters are stored fully sharded by them too
+    (`tm.nn.shard_parameters`)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS}.")
     m = Mesh(mesh, layout=rules, backend="abstract")
     module, loss_fn = builder(m)
+    if param_rules:
+        from torchmesh.nn.fsdp import shard_parameters
+
+        shard_parameters(module, param_rules)
     params = [p for p in module.parameters()]
     saved = _SavedTensors(params)
-    with comm_stats() as stats, FlopCounterMode(display=False) as flops:
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            loss = loss_fn()
-        loss.backward()
+    _COUNTING.append(saved)
+    try:
+        with comm_stats() as stats, FlopCounterMode(display=False) as flops:
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                loss = loss_fn()
+            loss.backward()
+    finally:
+        _COUNTING.remove(saved)
     trainable = [p for p in params if p.requires_grad]
     comm: dict[CommKey, list[int]] = {}
     for r in stats.records:
@@ -126,6 +140,7 @@ def profile_step(builder: Builder, mesh: MeshShapeLike, rules: RulesLike, optimi
     return StepProfile(
         mesh=m.shape,
         rules=str(m.rules),
+        param_rules=param_rules,
         comm=tuple(sorted((k, n, b) for k, (n, b) in comm.items())),
         flops=int(flops.get_total_flops()),
         param_bytes=_nbytes(params),
@@ -153,6 +168,20 @@ def optimizer_state_bytes(shards: Iterable[torch.Tensor], optimizer: str) -> int
 
 def _nbytes(ts: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
+
+
+def can_shard_parameters() -> bool:
+    """Whether `tm.nn.shard_parameters` (FSDP) is available to the `weight` role."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchmesh.nn.fsdp") is not None
+
+
+def note_saved(t: torch.Tensor) -> None:
+    """Count `t` as kept for backward by code the saved-tensor hooks do not see (e.g. the input
+    a checkpointed block keeps, `torch.utils.checkpoint`); a no-op outside `profile_step`."""
+    for saved in _COUNTING:
+        saved.pack(t)
 
 
 class _SavedTensors:

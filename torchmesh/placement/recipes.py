@@ -12,7 +12,12 @@ The scaling recipe (`lm_config`), GPT-3's shape family (depth grows with width):
   mixture of that many experts (top-2), so it has about `experts` times the FFN parameters.
 
 The training step (`lm_builder`): a batch of `batch` sequences of token ids, the model's
-logits, `tm.nn.cross_entropy` (plus the weighted MoE load-balancing loss), backward.
+logits, `tm.nn.cross_entropy` (plus the weighted MoE load-balancing loss), backward. With
+`remat=True` every block is rematerialized (`torch.utils.checkpoint`, non-reentrant): its
+forward activations are dropped and recomputed in backward, as large models are trained
+(Mesh TF, Megatron). The recomputation's collectives and FLOPs are measured like any
+others; its memory is each block's input kept for backward, plus, at the peak, one block's
+activations being recomputed (taken from the model without remat).
 
 A deep model is evaluated from its one- and two-layer versions (`profile_lm`), exactly,
 since its layers are identical (`torchmesh.placement.profile.extrapolate`).
@@ -24,10 +29,11 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from torchmesh.mesh import Mesh
 from torchmesh.placement.mesh_shape import MeshShapeLike
-from torchmesh.placement.profile import Builder, StepProfile, extrapolate, profile_step
+from torchmesh.placement.profile import Builder, StepProfile, extrapolate, note_saved, profile_step
 from torchmesh.tensor.construct import zeros
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
@@ -53,13 +59,33 @@ def lm_parameters(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def lm_builder(config, batch: int) -> Builder:
+class Rematerialized(torch.nn.Module):
+    """A block whose activations are recomputed in backward instead of kept (its input is kept)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    @property
+    def ffn(self) -> torch.nn.Module:  # TransformerLM.aux_loss reads the blocks' MoE
+        return self.block.ffn
+
+    def forward(self, x: MeshTensor) -> MeshTensor:
+        for t in x.shards:
+            note_saved(t)
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+def lm_builder(config, batch: int, remat: bool = False) -> Builder:
     """The training step of a TransformerLM on `batch` sequences of `config.seq` tokens."""
     from torchmesh.nn.losses import cross_entropy
     from torchmesh.nn.transformer import TransformerLM
 
     def build(mesh: Mesh) -> tuple[torch.nn.Module, Callable[[], MeshTensor]]:
         model = TransformerLM(mesh, config, seed=0)
+        if remat:
+            for i, block in enumerate(model.blocks):
+                model.blocks[i] = Rematerialized(block)
         ids = zeros(f"batch:{batch} seq:{config.seq}", mesh, dtype=torch.long)
 
         def loss() -> MeshTensor:
@@ -73,10 +99,16 @@ def lm_builder(config, batch: int) -> Builder:
     return build
 
 
-def profile_lm(config, batch: int, mesh: MeshShapeLike, rules: str, optimizer: str = "adamw") -> StepProfile:
+def profile_lm(config, batch: int, mesh: MeshShapeLike, rules: str, optimizer: str = "adamw",
+               param_rules: str = "", remat: bool = False) -> StepProfile:
     """The step profile of the full-depth model, from its 1- and 2-layer versions."""
-    if config.layers <= 2:
-        return profile_step(lm_builder(config, batch), mesh, rules, optimizer)
-    one, two = (profile_step(lm_builder(dataclasses.replace(config, layers=n), batch), mesh, rules, optimizer)
-                for n in (1, 2))
-    return extrapolate(one, two, config.layers)
+
+    def run(layers: int, remat: bool) -> StepProfile:
+        cfg = dataclasses.replace(config, layers=layers)
+        return profile_step(lm_builder(cfg, batch, remat), mesh, rules, optimizer, param_rules)
+
+    full = run(config.layers, remat) if config.layers <= 2 else extrapolate(run(1, remat), run(2, remat), config.layers)
+    if not remat:
+        return full
+    block = run(2, False).activation_bytes - run(1, False).activation_bytes  # one block's activations
+    return dataclasses.replace(full, activation_bytes=full.activation_bytes + block)

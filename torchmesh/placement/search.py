@@ -3,15 +3,18 @@
 In the spirit of Mesh TF's auto layout, but every candidate is shown with why it lost.
 
 A model's dims play *roles*: `data` (the batch), `tensor` (Megatron-style model dims:
-heads, ff, vocab), `expert` (the experts of a MoE) and `weight` (weight dims sharded over
-the data axes, FSDP/ZeRO-3, for models whose layers gather their weights). A candidate gives
-each mesh axis a set of roles, and a role's dims are split over the axes that carry it
-(in mesh order, major first). Roles that can share an axis: `data` with `expert` (experts
+heads, ff, vocab), `expert` (the experts of a MoE) and `weight` (parameter dims stored
+sharded over the data axes: FSDP / ZeRO-3, `tm.nn.shard_parameters(model, "d_model:dp")`,
+each parameter all-gathered before use and its gradient reduce-scattered). A candidate
+gives each mesh axis a set of roles, and a role's dims are split over the axes that carry
+it (in mesh order, major first): the layout rules for `data`, `tensor` and `expert`, the
+parameter rules for `weight`. Roles that can share an axis: `data` with `expert` (experts
 live where the batch is split, tokens move by all-to-all) and with `weight`; `tensor`
 takes an axis alone. Every axis carries some role: an axis that splits nothing repeats the
 same work on each of its devices, which is never faster.
 
-Each candidate is evaluated by `profile` (abstract evaluation, no devices) and priced by the
+Each candidate is evaluated by `profile(rules, param_rules)` (abstract evaluation, no
+devices) and priced by the
 cost model; the result ranks those that fit device memory by estimated step time, then
 those that do not fit by how much memory they need, then the invalid ones (a dim not
 divisible by its axes, say).
@@ -34,6 +37,7 @@ DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
     "data": ("batch",),
     "tensor": ("heads", "kv_heads", "ff", "vocab"),
     "expert": ("experts",),
+    "weight": ("d_model",),
 }
 
 #: Roles that may share a mesh axis (any other combination is not enumerated).
@@ -48,6 +52,7 @@ class Candidate:
 
     assignment: tuple[tuple[str, tuple[str, ...]], ...]  # (axis, roles)
     rules: str
+    param_rules: str = ""  # for tm.nn.shard_parameters ("" : parameters stored as computed)
     cost: StepCost | None = None
     error: str | None = None
 
@@ -125,14 +130,21 @@ def candidates(mesh: MeshShapeLike, roles: Mapping[str, tuple[str, ...]]) -> lis
     out = []
     for combo in itertools.product(ordered, repeat=len(shape.names)):
         assignment = tuple((a, tuple(sorted(s, key=names.index))) for a, s in zip(shape.names, combo))
-        out.append(Candidate(assignment, rules_for(assignment, roles)))
+        out.append(Candidate(assignment, rules_for(assignment, roles), rules_for(assignment, roles, PARAM_ROLES)))
     return out
 
 
-def rules_for(assignment: tuple[tuple[str, tuple[str, ...]], ...], roles: Mapping[str, tuple[str, ...]]) -> str:
-    """The layout rules of an assignment: each role's dims over the axes carrying it."""
+PARAM_ROLES = frozenset({"weight"})  # roles that say how parameters are stored, not computed
+
+
+def rules_for(assignment: tuple[tuple[str, tuple[str, ...]], ...], roles: Mapping[str, tuple[str, ...]],
+              only: frozenset[str] | None = None) -> str:
+    """The rules of an assignment: each role's dims over the axes carrying it; the layout
+    rules by default, the parameter rules with `only=PARAM_ROLES`."""
     parts = []
     for role, dims in roles.items():
+        if (role in PARAM_ROLES) != (only is not None):
+            continue
         axes = [a for a, rs in assignment if role in rs]
         if axes:
             parts += [f"{d}:{','.join(axes)}" for d in dims]
@@ -140,23 +152,24 @@ def rules_for(assignment: tuple[tuple[str, tuple[str, ...]], ...], roles: Mappin
 
 
 def search(
-    profile: Callable[[str], StepProfile],
+    profile: Callable[[str, str], StepProfile],
     mesh: MeshShapeLike,
     hardware: Hardware,
     memory: int | None = None,
     roles: Mapping[str, tuple[str, ...]] = DEFAULT_ROLES,
 ) -> SearchResult:
-    """Price every candidate layout with `profile(rules)` and rank them (see the module doc).
+    """Price every candidate layout with `profile(rules, param_rules)` and rank them (see the
+    module docstring).
 
     `memory` is the device memory in bytes (default: the hardware's)."""
     shape = MeshShape.parse(mesh)
     priced = []
     for c in candidates(shape, roles):
         try:
-            cost = estimate(profile(c.rules), hardware, memory)
-            priced.append(Candidate(c.assignment, c.rules, cost=cost))
+            cost = estimate(profile(c.rules, c.param_rules), hardware, memory)
+            priced.append(Candidate(c.assignment, c.rules, c.param_rules, cost=cost))
         except (TorchMeshError, ValueError) as e:
-            priced.append(Candidate(c.assignment, c.rules, error=_first_sentence(str(e))))
+            priced.append(Candidate(c.assignment, c.rules, c.param_rules, error=_first_sentence(str(e))))
     priced.sort(key=_rank)
     return SearchResult(shape, tuple(priced))
 
