@@ -117,11 +117,34 @@ def train(mesh: tm.Mesh, model: tm.nn.TransformerLM, optimizer: torch.optim.Opti
     losses = []
     show = mesh.impl.prints  # rank 0 only on dist
     for step in tqdm(range(start, args.steps), file=sys.stderr, disable=not show, desc="train"):
+        fail_if_asked(step, args)
         ids = tm.distribute(get_batch(tokens, step, args.batch, args.seq, args.seed), "batch seq", mesh)
         losses.append(train_step(model, optimizer, ids, args.bf16))
         if show:
             print(f"step {step} loss {losses[-1]:.6f}", flush=True)
+        if args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0:
+            tm.save(Path(args.checkpoint_dir) / f"step_{step + 1:08d}", model=model, optimizer=optimizer, step=step + 1)
     return losses
+
+
+# ---- checkpoints: resume after the newest complete one (any mesh); fault injection ------------
+def resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> int:
+    """The first step to run: 0, or the step of the newest complete checkpoint in
+    --checkpoint-dir, whose weights, optimizer state and random state are loaded."""
+    latest = tm.latest_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
+    if latest is None:
+        return 0
+    step = tm.load(latest, model=model, optimizer=optimizer).step
+    print(f"# resuming after step {step - 1} from {latest}", file=sys.stderr, flush=True)
+    return step
+
+
+def fail_if_asked(step: int, args: argparse.Namespace) -> None:
+    """--fail-at-step N: the last rank dies before step N, on torchrun's first attempt only."""
+    last = int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1
+    if step == args.fail_at_step and last and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        print(f"# --fail-at-step: rank {os.environ.get('RANK', '0')} exits before step {step}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def plot(losses: list[float], path: str, title: str) -> None:
@@ -157,6 +180,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
+    parser.add_argument("--checkpoint-dir", default="", help="resume from the newest complete checkpoint here")
+    parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every K steps")
+    parser.add_argument("--fail-at-step", type=int, default=-1, help="testing: the last rank exits at this step")
     parser.add_argument("--plot", default="train_lm_loss.png", help="where to save the loss curve ('' for none)")
     args = parser.parse_args()
 
@@ -171,8 +197,9 @@ def main() -> None:
         n = sum(p.numel() for _, p in tm.nn.mesh_parameters(model))
         print(f"# mesh {args.mesh} ({args.backend}), rules {str(mesh.rules)!r}, {n:,} parameters, "
               f"{len(tokens):,} characters", file=sys.stderr, flush=True)
+    first = resume(model, optimizer, args)
     start = time.perf_counter()
-    losses = train(mesh, model, optimizer, tokens, args)
+    losses = train(mesh, model, optimizer, tokens, args, start=first)
     elapsed = time.perf_counter() - start
     if mesh.impl.prints and losses:
         tokens_per_s = len(losses) * args.batch * args.seq / elapsed
