@@ -6,6 +6,7 @@ dims are split over which mesh axes; torchmesh inserts every collective.
 
 from torchmesh import tensor as _tensor  # noqa: F401  (installs MeshTensor's methods)
 from torchmesh import nn
+from torchmesh import optim
 from torchmesh.checkpoint import (
     export_state_dict,
     from_dtensor,
