@@ -46,9 +46,9 @@ def start_runtime() -> None:
 
     if not xr.is_spmd():
         xr.use_spmd()
-    w = torch.zeros((), device=torch_xla.device(), requires_grad=True)
+    w = torch.zeros(1, device=torch_xla.device(), requires_grad=True)
     try:
-        (w * 1.0).backward()
+        (w * 2).sum().backward()
     except RuntimeError:
         raise BackendError(
             "the xla backend started after this process had already run a backward pass on another "
