@@ -59,6 +59,18 @@ def show_layout(x: MeshTensor) -> str:
 
     For a tensor with two split dims it is a grid (rows: first split dim, columns:
     second); otherwise one line per block. Devices are listed by index (row-major).
+
+    >>> import torchmesh as tm
+    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp")
+    >>> print(tm.show_layout(tm.zeros("batch:4 ff:6", mesh)))
+    MeshTensor(batch:4 ff:6 | batch:dp;ff:tp | mesh dp:2;tp:2 sim | float32)  devices by index on mesh dp:2;tp:2
+               | ff[0:3] | ff[3:6]
+    batch[0:2] | dev 0   | dev 1
+    batch[2:4] | dev 2   | dev 3
+    >>> print(tm.show_layout(tm.zeros("batch:4 d:2", mesh)))   # replicated over tp
+    MeshTensor(batch:4 d:2 | batch:dp | mesh dp:2;tp:2 sim | float32)  devices by index on mesh dp:2;tp:2
+      batch[0:2]: devices [0, 1]
+      batch[2:4]: devices [2, 3]
     """
     mesh = x.mesh.shape
     lay = x.tensor_layout
@@ -97,6 +109,15 @@ def show(x: MeshTensor, file=None) -> None:
 
     A collective on dist (it gathers the value): call it on every rank. `repr(x)` instead
     never communicates and shows the shards this process holds.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="d:tp")
+    >>> tm.show(tm.distribute(torch.arange(4.0), "d", mesh))
+    MeshTensor(d:4 | d:tp | mesh tp:2 sim | float32)
+    tensor([0., 1., 2., 3.])
+    MeshTensor(d:4 | d:tp | mesh tp:2 sim | float32)  devices by index on mesh tp:2
+      d[0:2]: devices [0]
+      d[2:4]: devices [1]
     """
     value = x.full().detach()
     if x.mesh.impl.prints:

@@ -74,7 +74,14 @@ def from_local(
 ) -> MeshTensor:
     """Build a MeshTensor from local shards: this rank's tensor on dist, or a list with one
     tensor per device (in device order) on sim. Global sizes are local sizes times the
-    number of blocks; no data moves, so the shards must already be consistent."""
+    number of blocks; no data moves, so the shards must already be consistent.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> x = tm.from_local([torch.zeros(3, 2), torch.ones(3, 2)], "batch ff", mesh)
+    >>> x.sizes, x.full()[0]
+    ({'batch': 3, 'ff': 4}, tensor([0., 0., 1., 1.]))
+    """
     data = (shards,) if isinstance(shards, torch.Tensor) else tuple(shards)
     expected = len(mesh.impl.local_coords)
     if len(data) != expected:
@@ -118,26 +125,49 @@ def _filled(dims: DimsLike, mesh: "Mesh", fill, dtype, device, requires_grad, la
 
 def zeros(dims: DimsLike, mesh: "Mesh", dtype: torch.dtype | None = None, device: Any = None,
           requires_grad: bool = False, layout: RulesLike = None) -> MeshTensor:
-    """A tensor of zeros with dims like "batch:8 d:16" (or [Dim(...)], or {"batch": 8})."""
+    """A tensor of zeros with dims like "batch:8 d:16" (or [Dim(...)], or {"batch": 8}).
+
+    >>> import torchmesh as tm
+    >>> x = tm.zeros("batch:8 d:16", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> x.sizes, x.layout, tuple(x.shard(dp=0).shape)
+    ({'batch': 8, 'd': 16}, {'batch': 'dp'}, (4, 16))
+    """
     return _filled(dims, mesh, torch.zeros, dtype, device, requires_grad, layout)
 
 
 def ones(dims: DimsLike, mesh: "Mesh", dtype: torch.dtype | None = None, device: Any = None,
          requires_grad: bool = False, layout: RulesLike = None) -> MeshTensor:
-    """A tensor of ones with dims like "batch:8 d:16"."""
+    """A tensor of ones with dims like "batch:8 d:16".
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.ones({"batch": 4, "d": 2}, tm.Mesh("dp:2", layout="batch:dp"), dtype=torch.bfloat16)
+    >>> x.dtype, x.sum().item()
+    (torch.bfloat16, 8.0)
+    """
     return _filled(dims, mesh, torch.ones, dtype, device, requires_grad, layout)
 
 
 def full(dims: DimsLike, value: float, mesh: "Mesh", dtype: torch.dtype | None = None, device: Any = None,
          requires_grad: bool = False, layout: RulesLike = None) -> MeshTensor:
-    """A tensor filled with `value`."""
+    """A tensor filled with `value`.
+
+    >>> import torchmesh as tm
+    >>> tm.full("d:3", 0.5, tm.Mesh("dp:2")).full()
+    tensor([0.5000, 0.5000, 0.5000])
+    """
     return _filled(dims, mesh, lambda s, **kw: torch.full(s, value, **kw), dtype, device, requires_grad, layout)
 
 
 def arange(dim: "Dim | str", mesh: "Mesh", dtype: torch.dtype | None = None, device: Any = None,
            layout: RulesLike = None) -> MeshTensor:
     """The 1-d tensor 0, 1, ..., n-1 along `dim` ("pos:128" or Dim("pos", 128)); each device
-    makes its own block."""
+    makes its own block.
+
+    >>> import torchmesh as tm
+    >>> pos = tm.arange("pos:6", tm.Mesh("sp:2", layout="pos:sp"))
+    >>> pos.shard(sp=1)
+    tensor([3, 4, 5])
+    """
     (d,) = parse_dims([dim]) if isinstance(dim, Dim) else parse_dims(dim)
     lay = layout_for((d,), mesh, layout)
     slicer = mesh.impl.slice_mesh

@@ -147,10 +147,23 @@ UNARY_OPERATORS = {"__neg__": operator.neg, "__pos__": operator.pos, "__abs__": 
 
 
 def where(condition: MeshTensor, x: Any, y: Any) -> MeshTensor:
-    """`torch.where` by name: dims are the union of the three inputs' dims."""
+    """`torch.where` by name: dims are the union of the three inputs' dims.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="d:tp")
+    >>> x = tm.distribute(torch.tensor([-1.0, 2.0, -3.0, 4.0]), "d", mesh)
+    >>> tm.where(x > 0, x, 0.0).full()
+    tensor([0., 2., 0., 4.])
+    """
     return pointwise(torch.where, condition, x, y)
 
 
 def cast(x: MeshTensor, dtype: torch.dtype) -> MeshTensor:
-    """The same tensor in another dtype (Mesh TF's `mtf.cast`); local, no communication."""
+    """The same tensor in another dtype (Mesh TF's `mtf.cast`); local, no communication.
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.ones("d:4", tm.Mesh("tp:2", layout="d:tp"))
+    >>> tm.cast(x, torch.bfloat16).dtype
+    torch.bfloat16
+    """
     return x._map(lambda t: t.to(dtype))

@@ -92,13 +92,31 @@ def _kernel(xs: tuple[str, ...], ids: tuple[str, ...], dim: str, out: tuple[str,
 
 def embedding(ids: MeshTensor, table: MeshTensor, vocab_dim: str = "vocab") -> MeshTensor:
     """Embedding lookup: rows of `table` along `vocab_dim` picked by `ids` (`gather` spelled
-    like torch.nn.functional.embedding)."""
+    like torch.nn.functional.embedding). With `vocab_dim` split, each device looks up its own
+    rows (the others give 0) and the partial results are all-reduced.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> table = tm.distribute(torch.arange(8.0).reshape(4, 2), "vocab d", mesh)
+    >>> ids = tm.distribute(torch.tensor([[3, 0]]), "batch seq", mesh)
+    >>> tm.embedding(ids, table).full()
+    tensor([[[6., 7.],
+             [0., 1.]]])
+    """
     return gather(table, ids, vocab_dim)
 
 
 def one_hot(index: MeshTensor, dim: "Dim | str", dtype: torch.dtype = torch.float32) -> MeshTensor:
     """A new dim `dim` ("vocab:1000" or Dim) that is 1 at `index` and 0 elsewhere; each device
-    builds only its block of a split dim, with no communication."""
+    builds only its block of a split dim, with no communication.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> ids = tm.distribute(torch.tensor([2, 0]), "batch", mesh)
+    >>> tm.one_hot(ids, "vocab:4").full()
+    tensor([[0., 0., 1., 0.],
+            [1., 0., 0., 0.]])
+    """
     (d,) = parse_dims([dim]) if isinstance(dim, Dim) else parse_dims(dim)
     if d.name in index.dims:
         raise DimError(f"one_hot: the index already has a dim {d.name!r}; name the new dim differently.")

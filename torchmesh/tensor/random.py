@@ -27,7 +27,15 @@ _state = {"seed": 0, "counter": 0}
 
 
 def manual_seed(seed: int) -> None:
-    """Seed the random ops that are given no explicit seed (randn, rand, dropout)."""
+    """Seed the random ops that are given no explicit seed (randn, rand, dropout).
+
+    >>> import torchmesh as tm
+    >>> mesh = tm.Mesh("dp:2", layout="batch:dp")
+    >>> tm.manual_seed(0); a = tm.randn("batch:4", mesh)
+    >>> tm.manual_seed(0); b = tm.randn("batch:4", mesh)
+    >>> bool((a.full() == b.full()).all())
+    True
+    """
     _state["seed"], _state["counter"] = int(seed), 0
 
 
@@ -111,13 +119,29 @@ def randn(dims: DimsLike, mesh: "Mesh", seed: int | None = None, dtype: torch.dt
 
 def rand(dims: DimsLike, mesh: "Mesh", seed: int | None = None, dtype: torch.dtype | None = None,
          device: Any = None, requires_grad: bool = False, layout: RulesLike = None) -> MeshTensor:
-    """Uniform values in [0, 1), identical for a given seed whatever the mesh and layout."""
+    """Uniform values in [0, 1), identical for a given seed whatever the mesh and layout.
+
+    >>> import torchmesh as tm
+    >>> u = tm.rand("batch:4 d:8", tm.Mesh("dp:2", layout="batch:dp"), seed=3)
+    >>> 0.0 <= u.min().item() and u.max().item() < 1.0
+    True
+    """
     return _random("uniform", dims, mesh, seed, dtype, device, requires_grad, layout)
 
 
 def dropout(x: MeshTensor, p: float, training: bool = True, seed: int | None = None) -> MeshTensor:
     """Zero each element with probability `p` and scale the rest by 1/(1-p); the mask depends
-    only on the seed and x's dims (in order), never on the mesh or layout."""
+    only on the seed and x's dims (in order), never on the mesh or layout.
+
+    >>> import torchmesh as tm
+    >>> x = tm.ones("batch:4 d:8", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> y = tm.dropout(x, p=0.5, seed=0)
+    >>> sorted(set(y.full().flatten().tolist()))
+    [0.0, 2.0]
+    >>> z = tm.dropout(tm.ones("batch:4 d:8", tm.Mesh("tp:2", layout="d:tp")), p=0.5, seed=0)
+    >>> bool((y.full() == z.full()).all())
+    True
+    """
     if not training or p == 0.0:
         return x
     if p >= 1.0:

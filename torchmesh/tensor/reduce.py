@@ -67,12 +67,31 @@ def _positions(have: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]
 
 
 def reduce_sum(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
-    """Sum over the named dims (all dims if None); all-reduce over the axes splitting them."""
+    """Sum over the named dims (all dims if None); all-reduce over the axes splitting them.
+
+    Also `x.sum("d")`; Mesh TF's `reduced_dim=` and `output_shape=` are accepted.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("dp:2", layout="batch:dp")
+    >>> x = tm.distribute(torch.arange(6.0).reshape(2, 3), "batch d", mesh)
+    >>> tm.reduce_sum(x, "batch").full(), x.sum().item()
+    (tensor([3., 5., 7.]), 15.0)
+    >>> with tm.comm_stats() as stats:
+    ...     _ = x.sum("batch")
+    >>> stats.counts
+    {'all_reduce': 1}
+    """
     return _reduce(x, reduced_names(x, dims, "sum", reduced_dim, output_shape), "sum", "sum")
 
 
 def reduce_mean(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
-    """Mean over the named dims (all dims if None)."""
+    """Mean over the named dims (all dims if None); also `x.mean("d")`.
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.arange(6.0).reshape(2, 3), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> tm.reduce_mean(x, "d").full()
+    tensor([1., 4.])
+    """
     names = reduced_names(x, dims, "mean", reduced_dim, output_shape)
     count = math.prod(x.sizes[n] for n in names)
     return _reduce(x, names, "sum", "mean") / count
@@ -89,22 +108,46 @@ def _extreme(x: MeshTensor, names: tuple[str, ...], kind: str) -> MeshTensor:
 
 
 def reduce_max(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
-    """Maximum over the named dims (all if None), like torch.amax."""
+    """Maximum over the named dims (all if None), like torch.amax; also `x.max("d")`.
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.tensor([[1.0, 5.0], [7.0, 2.0]]), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> tm.reduce_max(x, "batch").full()
+    tensor([7., 5.])
+    """
     return _extreme(x, reduced_names(x, dims, "max", reduced_dim, output_shape), "max")
 
 
 def reduce_min(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
-    """Minimum over the named dims (all if None), like torch.amin."""
+    """Minimum over the named dims (all if None), like torch.amin; also `x.min("d")`.
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.tensor([[1.0, 5.0], [7.0, 2.0]]), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> tm.reduce_min(x, "batch").full()
+    tensor([1., 2.])
+    """
     return _extreme(x, reduced_names(x, dims, "min", reduced_dim, output_shape), "min")
 
 
 def reduce_any(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
-    """True where any element along the named dims is nonzero."""
+    """True where any element along the named dims is nonzero; also `x.any("d")`.
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.tensor([[0, 1], [0, 0]]), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> tm.reduce_any(x, "d").full()
+    tensor([ True, False])
+    """
     return _reduce((x != 0).to(torch.uint8), reduced_names(x, dims, "any", reduced_dim, output_shape), "max", "any") != 0
 
 
 def reduce_all(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
-    """True where every element along the named dims is nonzero."""
+    """True where every element along the named dims is nonzero; also `x.all("d")`.
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.tensor([[1, 1], [0, 1]]), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> tm.reduce_all(x, "batch").full()
+    tensor([False,  True])
+    """
     return _reduce((x != 0).to(torch.uint8), reduced_names(x, dims, "all", reduced_dim, output_shape), "min", "all") != 0
 
 
@@ -126,7 +169,13 @@ def _unsplit_along(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor | None:
 
 
 def logsumexp(x: MeshTensor, dims: Dims = None) -> MeshTensor:
-    """log(sum(exp(x))) over the named dims, shifted by the (global) maximum for stability."""
+    """log(sum(exp(x))) over the named dims, shifted by the (global) maximum for stability.
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.zeros(2, 4), "batch vocab", tm.Mesh("tp:2", layout="vocab:tp"))
+    >>> tm.logsumexp(x, "vocab").full()  # log(4)
+    tensor([1.3863, 1.3863])
+    """
     names = reduced_names(x, dims, "logsumexp")
     if _unsplit_along(x, names) is not None:
         return run_op([x], tuple(n for n in x.dims if n not in names),
@@ -136,7 +185,16 @@ def logsumexp(x: MeshTensor, dims: Dims = None) -> MeshTensor:
 
 
 def softmax(x: MeshTensor, dim: str) -> MeshTensor:
-    """Softmax along one named dim; split over an axis, it costs two small all-reduces."""
+    """Softmax along one named dim; split over an axis, it costs two small all-reduces
+    (of the maximum and of the sum): vocab-parallel softmax.
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.zeros(1, 4), "batch vocab", tm.Mesh("tp:2", layout="vocab:tp"))
+    >>> with tm.comm_stats() as stats:
+    ...     p = tm.softmax(x, "vocab")
+    >>> p.full(), stats.counts
+    (tensor([[0.2500, 0.2500, 0.2500, 0.2500]]), {'all_reduce': 2})
+    """
     names = reduced_names(x, dim, "softmax")
     local = _unsplit_along(x, names)
     if local is not None and len(names) == 1:
@@ -146,7 +204,13 @@ def softmax(x: MeshTensor, dim: str) -> MeshTensor:
 
 
 def log_softmax(x: MeshTensor, dim: str) -> MeshTensor:
-    """log(softmax(x, dim)), computed as x - logsumexp(x, dim)."""
+    """log(softmax(x, dim)), computed as x - logsumexp(x, dim).
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.zeros(1, 2), "batch vocab", tm.Mesh("tp:2", layout="vocab:tp"))
+    >>> tm.log_softmax(x, "vocab").full()
+    tensor([[-0.6931, -0.6931]])
+    """
     names = reduced_names(x, dim, "log_softmax")
     local = _unsplit_along(x, names)
     if local is not None and len(names) == 1:

@@ -32,6 +32,16 @@ def relayout(x: MeshTensor, rules: RulesLike = None) -> MeshTensor:
 
     Later ops read their inputs in the mesh's rules (relaying out if needed), so a custom
     layout is for holding a tensor differently (e.g. parameters sharded for storage).
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> x = tm.distribute(torch.randn(4, 8), "batch ff", mesh)
+    >>> with tm.comm_stats() as stats:
+    ...     y = tm.relayout(x, "batch:tp")   # tp moves from ff to batch
+    >>> y.layout, stats.counts
+    ({'batch': 'tp'}, {'all_to_all': 1})
+    >>> bool((y.full() == x.full()).all())
+    True
     """
     mesh = x._mesh
     parsed = mesh.rules if rules is None else LayoutRules.parse(rules)
@@ -41,7 +51,16 @@ def relayout(x: MeshTensor, rules: RulesLike = None) -> MeshTensor:
 
 def rename(x: MeshTensor, mapping: dict[str, str] | None = None, **renames: str) -> MeshTensor:
     """Rename dims (`x.rename(ff="hidden")`); the result is laid out by the rules for the new
-    names: split to replicated is an all-gather, replicated to split a local slice."""
+    names: split to replicated is an all-gather, replicated to split a local slice.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> h = tm.distribute(torch.randn(4, 8), "batch ff", mesh)
+    >>> with tm.comm_stats() as stats:
+    ...     g = tm.rename(h, ff="hidden")   # hidden has no rule: gathered
+    >>> g.dims, g.layout, stats.counts
+    (('batch', 'hidden'), {}, {'all_gather': 1})
+    """
     renames = {**(mapping or {}), **renames}
     missing = [old for old in renames if old not in x.dims]
     if missing:

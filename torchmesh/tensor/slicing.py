@@ -41,7 +41,15 @@ def _local_result(x: MeshTensor, i: int, size: int, fn) -> MeshTensor:
 
 
 def slice(x: MeshTensor, dim: str, start: int, stop: int) -> MeshTensor:  # noqa: A001
-    """Elements start..stop-1 of `dim` (Mesh TF's `mtf.slice` with begin and size)."""
+    """Elements start..stop-1 of `dim` (Mesh TF's `mtf.slice` with begin and size).
+
+    Local when `dim` is not split; otherwise the dim is gathered, sliced, and laid out again.
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.arange(6.0), "seq", tm.Mesh("dp:2"))
+    >>> tm.slice(x, "seq", 1, 4).full()
+    tensor([1., 2., 3.])
+    """
     n = x.size(dim) if dim in x.dims else 0
     start, stop, _ = builtins.slice(start, stop).indices(n)
     stop = max(stop, start)
@@ -50,7 +58,15 @@ def slice(x: MeshTensor, dim: str, start: int, stop: int) -> MeshTensor:  # noqa
 
 
 def concat(xs: Sequence[MeshTensor], dim: str) -> MeshTensor:
-    """Concatenate along `dim`; every other dim must match by name and size."""
+    """Concatenate along `dim`; every other dim must match by name and size.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("dp:2", layout="batch:dp")
+    >>> a, b = tm.zeros("batch:2 d:1", mesh), tm.ones("batch:2 d:2", mesh)
+    >>> tm.concat([a, b], "d").full()
+    tensor([[0., 1., 1.],
+            [0., 1., 1.]])
+    """
     if not xs:
         raise DimError("concat needs at least one tensor.")
     first = xs[0]
@@ -81,7 +97,12 @@ def concat(xs: Sequence[MeshTensor], dim: str) -> MeshTensor:
 
 
 def pad(x: MeshTensor, dim: str, before: int, after: int, value: float = 0.0) -> MeshTensor:
-    """Pad `dim` with `before` and `after` elements of `value`."""
+    """Pad `dim` with `before` and `after` elements of `value`.
+
+    >>> import torchmesh as tm
+    >>> tm.pad(tm.ones("seq:2", tm.Mesh("dp:2")), "seq", 1, 2).full()
+    tensor([0., 1., 1., 0., 0.])
+    """
     whole, i = _whole_along(x, dim, "pad")
     spec = [0, 0] * (x.ndim - 1 - i) + [before, after]
     return _local_result(whole, i, x.size(dim) + before + after, lambda t: F.pad(t, spec, value=value))
@@ -92,6 +113,11 @@ def shift(x: MeshTensor, dim: str, offset: int, wrap: bool = False) -> MeshTenso
 
     Along a split dim each device receives only the rows it lacks from its neighbours
     (point-to-point), as for convolutions and local attention.
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.arange(1.0, 7.0), "seq", tm.Mesh("sp:2", layout="seq:sp"))
+    >>> tm.shift(x, "seq", 1).full(), tm.shift(x, "seq", -2, wrap=True).full()
+    (tensor([0., 1., 2., 3., 4., 5.]), tensor([3., 4., 5., 6., 1., 2.]))
     """
     if dim not in x.dims:
         raise DimError(errors.missing_dims("shift", [dim], x.dims))
