@@ -48,7 +48,7 @@ class Adafactor(torch.optim.Optimizer):
     >>> opt = tm.optim.Adafactor(m)
     >>> (m.w * m.w).sum().backward()
     >>> opt.step()
-    >>> [tuple(t.shape) for t in opt.state[m.w.shards[0]].values() if t.dim()]
+    >>> [tuple(t.shape) for t in opt.state[m.w.shards[0]].values() if torch.is_tensor(t) and t.dim()]
     [(4,), (3,)]
     """
 

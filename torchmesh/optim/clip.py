@@ -23,7 +23,15 @@ from torchmesh.tensor.mesh_tensor import MeshTensor
 def grad_norm(params: "torch.nn.Module | Iterable[MeshTensor]", norm_type: float = 2.0) -> torch.Tensor:
     """The norm of all gradients taken together, as if every parameter were one global tensor
     (a 0-d torch tensor, the same on every device and rank); parameters without a gradient
-    are skipped."""
+    are skipped.
+
+    >>> import torch, torchmesh as tm
+    >>> m = tm.nn.Module()
+    >>> m.w = tm.ones("d:4 ff:4", tm.Mesh("tp:2", layout="ff:tp"), requires_grad=True)
+    >>> (m.w * 2).sum().backward()   # every gradient element is 2
+    >>> tm.optim.grad_norm(m)        # sqrt(16 * 2**2)
+    tensor(8.)
+    """
     grads = [g for g in (p.grad for p in mesh_tensors(params, "grad_norm")) if g is not None]
     if not grads:
         return torch.zeros(())
@@ -55,7 +63,17 @@ def clip_grad_norm_(params: "torch.nn.Module | Iterable[MeshTensor]", max_norm: 
                     norm_type: float = 2.0) -> torch.Tensor:
     """Scale every gradient in place so that their global norm is at most `max_norm`, like
     `torch.nn.utils.clip_grad_norm_` on the single-device model; returns the norm before
-    clipping."""
+    clipping.
+
+    >>> import torch, torchmesh as tm
+    >>> m = tm.nn.Module()
+    >>> m.w = tm.ones("d:4 ff:4", tm.Mesh("tp:2", layout="ff:tp"), requires_grad=True)
+    >>> (m.w * 2).sum().backward()
+    >>> tm.optim.clip_grad_norm_(m, max_norm=1.0)
+    tensor(8.)
+    >>> round(tm.optim.grad_norm(m).item(), 4)
+    1.0
+    """
     params = mesh_tensors(params, "clip_grad_norm_")
     total = grad_norm(params, norm_type)
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
