@@ -75,6 +75,8 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
         return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    if args.optimizer == "adafactor":  # factored second moments over the global named dims
+        return tm.optim.Adafactor(model, lr=args.lr)
     raise SystemExit(f"unknown --optimizer {args.optimizer!r}")
 
 
@@ -95,7 +97,7 @@ def stdout_to_stderr():
 
 # ---- training ---------------------------------------------------------------------------------
 def train_step(model: tm.nn.TransformerLM, optimizer: torch.optim.Optimizer, ids: tm.MeshTensor,
-               bf16: bool) -> float:
+               bf16: bool, clip_grad: float = 0.0) -> float:
     """One step on a `batch seq` tensor of seq + 1 tokens; returns the loss."""
     seq = ids.sizes["seq"] - 1
     inputs, targets = tm.slice(ids, "seq", 0, seq), tm.slice(ids, "seq", 1, seq + 1)
@@ -105,6 +107,8 @@ def train_step(model: tm.nn.TransformerLM, optimizer: torch.optim.Optimizer, ids
             loss = loss + model.config.aux_loss_weight * model.aux_loss()
     optimizer.zero_grad()
     loss.backward()
+    if clip_grad:
+        tm.optim.clip_grad_norm_(model, clip_grad)  # by the exact global norm
     optimizer.step()
     ids.mesh.sync()  # xla: run this step's program (sim and dist run eagerly: nothing to do)
     return loss.item()
@@ -119,7 +123,7 @@ def train(mesh: tm.Mesh, model: tm.nn.TransformerLM, optimizer: torch.optim.Opti
     for step in tqdm(range(start, args.steps), file=sys.stderr, disable=not show, desc="train"):
         fail_if_asked(step, args)
         ids = tm.distribute(get_batch(tokens, step, args.batch, args.seq, args.seed), "batch seq", mesh)
-        losses.append(train_step(model, optimizer, ids, args.bf16))
+        losses.append(train_step(model, optimizer, ids, args.bf16, args.clip_grad))
         if show:
             print(f"step {step} loss {losses[-1]:.6f}", flush=True)
         if args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0:
@@ -173,7 +177,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adafactor"])
+    parser.add_argument("--clip-grad", type=float, default=0.0, help="clip gradients to this global norm (0: off)")
+    parser.add_argument("--param-layout", default="", help='store parameters split by these rules too (FSDP), e.g. "d_model:dp"')
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences per step)")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--d-model", type=int, default=64)
@@ -192,6 +198,8 @@ def main() -> None:
         mesh = tm.Mesh(args.mesh, layout=rules_for(args.mesh, args.layout), backend=args.backend)
     tokens, chars = load_corpus(CORPUS)
     model = build_model(mesh, args, len(chars))
+    if args.param_layout:  # fully sharded parameters: gathered before use, gradients reduce-scattered
+        tm.nn.shard_parameters(model, rules_for(args.mesh, args.param_layout))
     optimizer = build_optimizer(model, args)
     if mesh.impl.prints:
         n = sum(p.numel() for _, p in tm.nn.mesh_parameters(model))
