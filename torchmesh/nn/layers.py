@@ -79,6 +79,13 @@ class Embedding(Module):
     With `vocab` split over an axis, each device looks up the ids in its block of the
     vocabulary (others give 0) and the rows are all-reduced: Megatron's vocab-parallel
     embedding, with the table never gathered.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> emb = tm.nn.Embedding(mesh, "vocab:10", "d_model:4", seed=0)
+    >>> ids = tm.distribute(torch.tensor([[1, 9, 3]]), "batch seq", mesh)
+    >>> emb.weight.layout, emb(ids).sizes
+    ({'vocab': 'tp'}, {'batch': 1, 'seq': 3, 'd_model': 4})
     """
 
     def __init__(self, mesh: "Mesh", vocab_dim: DimsLike, dims: DimsLike, seed: int = 0, std: float = 0.02) -> None:
@@ -95,7 +102,15 @@ class LayerNorm(Module):
     """Normalise over `dim` (mean 0, variance 1), then scale and shift (learned, over `dim`).
 
     Over a split `dim` the mean and variance are all-reduced, so the result does not
-    depend on the layout."""
+    depend on the layout.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="d_model:tp")
+    >>> norm = tm.nn.LayerNorm(mesh, "d_model:4")
+    >>> x = tm.distribute(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), "batch d_model", mesh)
+    >>> torch.allclose(norm(x).full(), torch.nn.functional.layer_norm(x.full(), (4,)))
+    True
+    """
 
     def __init__(self, mesh: "Mesh", dim: DimsLike, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
@@ -114,7 +129,14 @@ class LayerNorm(Module):
 
 
 class RMSNorm(Module):
-    """x / sqrt(mean(x²) + eps) over `dim`, times a learned scale (no centring, no shift)."""
+    """x / sqrt(mean(x²) + eps) over `dim`, times a learned scale (no centring, no shift).
+
+    >>> import torch, torchmesh as tm
+    >>> norm = tm.nn.RMSNorm(tm.Mesh("tp:2", layout="d_model:tp"), "d_model:2")
+    >>> x = tm.distribute(torch.tensor([[3.0, 4.0]]), "batch d_model", norm.weight.mesh)
+    >>> norm(x).full().detach()   # divided by sqrt((9 + 16) / 2)
+    tensor([[0.8485, 1.1314]])
+    """
 
     def __init__(self, mesh: "Mesh", dim: DimsLike, eps: float = 1e-6) -> None:
         super().__init__()
@@ -129,7 +151,16 @@ class RMSNorm(Module):
 class Dropout(Module):
     """Dropout whose mask does not depend on the mesh: it is drawn by `tm.dropout` from the
     global stream (`tm.manual_seed`), the same on every rank and every layout. Identity in
-    eval mode or when p == 0."""
+    eval mode or when p == 0.
+
+    >>> import torchmesh as tm
+    >>> drop = tm.nn.Dropout(p=0.5)
+    >>> x = tm.ones("batch:2 d:4", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> sorted(set(drop(x).full().flatten().tolist())) <= [0.0, 2.0]
+    True
+    >>> bool((drop.eval()(x).full() == 1).all())
+    True
+    """
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -148,7 +179,17 @@ class FeedForward(Module):
     """The Transformer's MLP: `d_model -> ff -> d_model` with an activation between.
 
     With `ff` split over tp this is Megatron's column- then row-parallel pair: the first
-    matmul needs no communication, the second one all-reduce."""
+    matmul needs no communication, the second one all-reduce.
+
+    >>> import torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mlp = tm.nn.FeedForward(mesh, "d_model:8", "ff:32", seed=0)
+    >>> x = tm.randn("batch:4 d_model:8", mesh, seed=1)
+    >>> with tm.comm_stats() as stats:
+    ...     y = mlp(x)
+    >>> y.sizes, stats.counts
+    ({'batch': 4, 'd_model': 8}, {'all_reduce': 1})
+    """
 
     def __init__(self, mesh: "Mesh", d_model: DimsLike, ff: DimsLike, activation: str = "gelu", seed: int = 0) -> None:
         super().__init__()

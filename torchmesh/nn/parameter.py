@@ -93,7 +93,13 @@ def _as_mesh_tensor(module: torch.nn.Module, name: str, spec: MeshParamSpec) -> 
 
 
 def mesh_parameters(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, MeshTensor]]:
-    """(qualified name, MeshTensor) for every mesh parameter of `module` and its children."""
+    """(qualified name, MeshTensor) for every mesh parameter of `module` and its children.
+
+    >>> import torchmesh as tm
+    >>> mlp = tm.nn.FeedForward(tm.Mesh("tp:2", layout="ff:tp"), "d_model:4", "ff:8")
+    >>> [(name, p.dims) for name, p in tm.nn.mesh_parameters(mlp)]
+    [('w_in.weight', ('d_model', 'ff')), ('w_in.bias', ('ff',)), ('w_out.weight', ('ff', 'd_model')), ('w_out.bias', ('d_model',))]
+    """
     for mod_name, mod in module.named_modules(prefix=prefix):
         specs = mod.__dict__.get("_mesh_params")
         if not specs:

@@ -30,7 +30,13 @@ if TYPE_CHECKING:
 class LMConfig:
     """The shape of a TransformerLM. `seq` is the longest sequence (learned positions);
     `kv_heads` < `heads` gives grouped-query attention; `num_experts > 0` makes every
-    block's feed-forward a Mixture of Experts (`torchmesh.nn.moe.MoE`)."""
+    block's feed-forward a Mixture of Experts (`torchmesh.nn.moe.MoE`).
+
+    >>> import torchmesh as tm
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=4, d_head=4, ff=64, layers=2, seq=32)
+    >>> config.norm, config.kv_heads
+    ('layernorm', None)
+    """
 
     vocab: int
     d_model: int
@@ -62,7 +68,15 @@ NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
 
 
 class TransformerBlock(Module):
-    """x + attention(norm(x)), then x + feed_forward(norm(x)) (pre-norm residual block)."""
+    """x + attention(norm(x)), then x + feed_forward(norm(x)) (pre-norm residual block).
+
+    >>> import torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="heads:tp;ff:tp")
+    >>> config = tm.nn.LMConfig(vocab=16, d_model=8, heads=2, d_head=4, ff=16, layers=1, seq=6)
+    >>> block = tm.nn.TransformerBlock(mesh, config, seed=0)
+    >>> block(tm.randn("batch:2 seq:6 d_model:8", mesh, seed=1)).sizes
+    {'batch': 2, 'seq': 6, 'd_model': 8}
+    """
 
     def __init__(self, mesh: "Mesh", config: LMConfig, seed: int = 0) -> None:
         super().__init__()
