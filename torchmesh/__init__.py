@@ -54,6 +54,7 @@ from torchmesh.tensor.reduce import (
 )
 from torchmesh.tensor.relayout import relayout, rename
 from torchmesh.tensor.slicing import concat, pad, shift, slice  # noqa: A004  (tm.slice, like mtf.slice)
+from torchmesh import planning  # noqa: E402  (tm.planning: layout search before renting devices)
 
 Dimension = Dim  # Mesh TF's name
 
