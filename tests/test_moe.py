@@ -142,3 +142,86 @@ def moe_on_gloo(mesh_spec: str, rules: str) -> bool:
 
 def test_moe_on_gloo():
     assert run_distributed(moe_on_gloo, 4, args=("dp:2;tp:2", "batch:dp;experts:dp;ff:tp")) == [True] * 4
+
+
+# ---- the LM with experts: 20 steps equal single-device training -----------------------------------
+LM_RULES = "batch:dp;experts:dp;ff:tp;heads:tp;kv_heads:tp;vocab:tp"
+LM_CONFIG = tm.nn.LMConfig(vocab=32, d_model=16, heads=8, d_head=4, ff=32, layers=1, seq=8, kv_heads=4,
+                           num_experts=4, top_k=2, capacity_factor=1.0)
+LM_STEPS = 20
+
+
+def lm_batch(step: int) -> torch.Tensor:
+    return torch.randint(0, LM_CONFIG.vocab, (4, LM_CONFIG.seq + 1), generator=torch.Generator().manual_seed(step))
+
+
+def train_moe_lm(mesh: tm.Mesh) -> list[float]:
+    model = tm.nn.TransformerLM(mesh, LM_CONFIG, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(LM_STEPS):
+        ids = tm.distribute(lm_batch(step), "batch seq", mesh)
+        inputs, targets = tm.slice(ids, "seq", 0, LM_CONFIG.seq), tm.slice(ids, "seq", 1, LM_CONFIG.seq + 1)
+        loss = tm.nn.cross_entropy(model(inputs), targets) + LM_CONFIG.aux_loss_weight * model.aux_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def moe_lm_loss(w: dict, ids: torch.Tensor, targets: torch.Tensor, c) -> torch.Tensor:
+    """reference_lm's LM with each block's feed-forward replaced by the reference MoE."""
+    from reference_lm import attention, norm
+
+    x = w["embed.weight"][ids] + w["pos"][: ids.shape[1]]
+    aux_total = 0.0
+    for i in range(c.layers):
+        p = f"blocks.{i}"
+        x = x + attention(w, f"{p}.attn", norm(w, f"{p}.norm1", x, c.norm), c.heads, c.kv_heads)
+        y, aux = reference(norm(w, f"{p}.norm2", x, c.norm), w[f"{p}.ffn.router"], w[f"{p}.ffn.wi"],
+                           w[f"{p}.ffn.wo"], c.top_k, c.capacity_factor)
+        x, aux_total = x + y, aux_total + aux
+    logits = norm(w, "norm", x, c.norm) @ w["head.weight"]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return ce + c.aux_loss_weight * aux_total
+
+
+def train_moe_lm_reference() -> list[float]:
+    from reference_lm import global_weights
+
+    weights = global_weights(tm.nn.TransformerLM(tm.Mesh("dp:1", layout="batch:dp"), LM_CONFIG, seed=0))
+    optimizer = torch.optim.AdamW(weights.values(), lr=1e-2)
+    losses = []
+    for step in range(LM_STEPS):
+        ids = lm_batch(step)
+        loss = moe_lm_loss(weights, ids[:, :-1], ids[:, 1:], LM_CONFIG)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_same_losses(got: list[float], want: list[float], what: str) -> None:
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert abs(a - b) <= 1e-4 * abs(b), f"{what}: step {step} loss {a} != single-device {b}"
+
+
+@pytest.fixture(scope="module")
+def lm_reference() -> list[float]:
+    return train_moe_lm_reference()
+
+
+def test_moe_lm_sim_matches_single_device(lm_reference):
+    assert lm_reference[-1] < lm_reference[0] - 0.3
+    assert_same_losses(train_moe_lm(tm.Mesh("dp:2;tp:2", layout=LM_RULES)), lm_reference, "sim dp:2;tp:2")
+
+
+def moe_lm_on_ranks() -> list[float]:
+    return train_moe_lm(tm.Mesh("dp:2;tp:2", layout=LM_RULES, backend="dist"))
+
+
+def test_moe_lm_on_gloo(lm_reference):
+    for losses in run_distributed(moe_lm_on_ranks, 4):
+        assert_same_losses(losses, lm_reference, "gloo dp:2;tp:2")
