@@ -225,3 +225,21 @@ def moe_lm_on_ranks() -> list[float]:
 def test_moe_lm_on_gloo(lm_reference):
     for losses in run_distributed(moe_lm_on_ranks, 4):
         assert_same_losses(losses, lm_reference, "gloo dp:2;tp:2")
+
+
+def test_train_moe_example_matches_single_device():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(mesh: str) -> list[float]:
+        out = subprocess.run([sys.executable, str(root / "examples" / "train_moe.py"), "--mesh", mesh, "--steps", "3",
+                              "--seq", "16", "--batch", "4", "--plot", ""],
+                             capture_output=True, text=True, timeout=300, cwd=root)
+        assert out.returncode == 0, out.stderr
+        assert "all_to_all" in out.stderr or mesh == "dp:1"
+        return [float(line.split()[3]) for line in out.stdout.splitlines()]
+
+    assert_same_losses(run("dp:2;tp:2"), run("dp:1"), "examples/train_moe.py")

@@ -1,0 +1,97 @@
+"""Train the Mixture-of-Experts variant of the GPT-style LM, with the experts split over the mesh.
+
+    python examples/train_moe.py --backend sim --mesh "dp:2;tp:2" --steps 20    # 4 simulated devices
+    python examples/train_moe.py --backend sim --mesh "dp:1" --steps 20          # the single-device reference
+    torchrun --standalone --nproc-per-node 4 examples/train_moe.py --backend dist --mesh "dp:2;tp:2"
+
+The same model, data and output as examples/train_lm.py (whose functions this file reuses),
+except that every block's feed-forward is a `tm.nn.MoE`: `--experts` experts, each token
+routed to its `--top-k` best, at most `--capacity-factor` x the even share of tokens per
+expert and sequence (the rest are dropped and carried by the residual), and a
+load-balancing loss added with weight 0.01. The rules add one line to the LM's:
+
+    experts:dp      expert parallel: each dp group holds its own experts; tokens travel to
+                    their experts and back by two all-to-alls per layer (four with backward)
+
+`--param-layout d_model:dp` also stores the other parameters split over dp (fully sharded).
+Each step prints `step <n> loss <value>` on stdout; the collectives of one step go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+import torchmesh as tm
+from train_lm import CORPUS, build_optimizer, load_corpus, plot, rules_for, stdout_to_stderr, train
+
+RULES = "batch:dp;experts:dp;heads:tp;kv_heads:tp;ff:tp;vocab:tp"
+
+
+def build_model(mesh: tm.Mesh, args: argparse.Namespace, vocab: int) -> tm.nn.TransformerLM:
+    config = tm.nn.LMConfig(
+        vocab=64 * math.ceil(vocab / 64), d_model=args.d_model, heads=args.heads, d_head=args.d_model // args.heads,
+        ff=2 * args.d_model, layers=args.layers, seq=args.seq, dropout=args.dropout,
+        num_experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
+    )
+    return tm.nn.TransformerLM(mesh, config, seed=args.seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mesh", default="dp:2;tp:2", help='mesh axes, e.g. "dp:2;tp:2" or "dp:1"')
+    parser.add_argument("--layout", default=RULES, help="layout rules (rules for axes the mesh lacks are dropped)")
+    parser.add_argument("--backend", default="sim", choices=["sim", "dist", "xla"])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adafactor"])
+    parser.add_argument("--clip-grad", type=float, default=0.0, help="clip gradients to this global norm (0: off)")
+    parser.add_argument("--param-layout", default="", help='store parameters split by these rules too, e.g. "d_model:dp"')
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument("--batch", type=int, default=16, help="global batch (sequences per step)")
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
+    parser.add_argument("--plot", default="train_moe_loss.png", help="where to save the loss curve ('' for none)")
+    parser.set_defaults(checkpoint_dir="", save_every=0, fail_at_step=-1)  # train_lm's train() reads these
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    tm.manual_seed(args.seed)
+    with stdout_to_stderr():
+        mesh = tm.Mesh(args.mesh, layout=rules_for(args.mesh, args.layout), backend=args.backend)
+    tokens, chars = load_corpus(CORPUS)
+    model = build_model(mesh, args, len(chars))
+    if args.param_layout:
+        tm.nn.shard_parameters(model, rules_for(args.mesh, args.param_layout))
+    optimizer = build_optimizer(model, args)
+    show = mesh.impl.prints
+    if show:
+        n = sum(p.numel() for _, p in tm.nn.mesh_parameters(model))
+        print(f"# mesh {args.mesh} ({args.backend}), rules {str(mesh.rules)!r}, {n:,} parameters, "
+              f"{args.experts} experts (top {args.top_k})", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    with tm.comm_stats() as stats:
+        losses = train(mesh, model, optimizer, tokens, args)
+    elapsed = time.perf_counter() - start
+    if show and losses:
+        per_step = {k: v // len(losses) for k, v in sorted(stats.counts.items())}
+        print(f"# collectives per step and device: {per_step}", file=sys.stderr)
+        print(f"# {len(losses)} steps in {elapsed:.1f}s; loss {losses[0]:.3f} -> {losses[-1]:.3f}",
+              file=sys.stderr, flush=True)
+        if args.plot:
+            plot(losses, args.plot, f"MoE LM ({args.experts} experts) on {args.mesh} ({args.backend})")
+
+
+if __name__ == "__main__":
+    main()
