@@ -101,6 +101,18 @@ def test_attention_causal_grouped(spec, kv_heads):
                  lambda w, x: attention({f"a.{k}": v for k, v in w.items()}, "a", x, 8, kv_heads))
 
 
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_attention_with_seq_split_is_exact(kv_heads):
+    """seq split over dp: the fused per-device kernel cannot be used; the einsum path (scores
+    over a gathered kv_seq, causal mask by position) gives the same values."""
+    mesh = tm.Mesh("dp:2;tp:2", layout="seq:dp;heads:tp")
+    attn = tm.nn.MultiHeadAttention(mesh, d_model=16, heads=4, d_head=4, kv_heads=kv_heads, seed=8)
+    with tm.comm_stats() as stats:
+        check_module(attn, activations(mesh),
+                     lambda w, x: attention({f"a.{k}": v for k, v in w.items()}, "a", x, 4, kv_heads))
+    assert stats.counts.get("all_gather", 0) >= 2  # keys and values gathered along kv_seq
+
+
 def test_attention_with_heads_split_communicates_once_forward():
     """Heads split over tp: attention is local per head (grouped heads too: the rearrange of
     heads into kv_heads x group stays local); only the output projection all-reduces."""
