@@ -107,6 +107,11 @@ class XlaImpl(MeshImpl):
         return (tensor.detach().to(self.default_device),)
 
     def global_value(self, data: Data) -> torch.Tensor:
+        """The value on the CPU, after running everything pending as one program (reading
+        several results, say every gradient, then compiles once instead of once each)."""
+        import torch_xla
+
+        torch_xla.sync()
         return data[0].to("cpu")
 
     # ---- sharding annotation -----------------------------------------------------------------
