@@ -25,7 +25,7 @@ from torchmesh.errors import TorchMeshError
 from torchmesh.placement.hardware import PRESETS, Hardware, preset
 from torchmesh.placement.mesh_shape import MeshShape
 from torchmesh.placement.profile import can_shard_parameters
-from torchmesh.placement.search import DEFAULT_ROLES, SearchResult, search
+from torchmesh.placement.search import DEFAULT_ROLES, SearchResult, roles_for, search
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12, "P": 10**15}
 _BYTES = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -168,9 +168,7 @@ def _user_model(spec: str, mesh: MeshShape, optimizer: str):
         raise CliError(f"--model {spec!r}: cannot load it ({e}). The module must be importable from here "
                        f"(on sys.path) and define {attr}(mesh) -> (module, loss_fn).") from None
     dims = model_dims(builder)
-    roles = {r: tuple(d for d in ds if d in dims) for r, ds in DEFAULT_ROLES.items()
-             if r != "weight" or can_shard_parameters()}
-    roles = {r: ds for r, ds in roles.items() if ds}
+    roles = roles_for(dims)
     header = f"model: {spec} (dims {', '.join(sorted(dims))}), {optimizer}"
     return header, (lambda rules, param_rules: profile_step(builder, mesh, rules, optimizer, param_rules)), roles
 

@@ -17,11 +17,12 @@ LM recipe used by `python -m torchmesh plan --model lm` (`lm_config`, `lm_builde
 
 from torchmesh.placement.cost import StepCost, estimate
 from torchmesh.placement.hardware import PRESETS, Hardware, preset
-from torchmesh.placement.profile import StepProfile, extrapolate, profile_step
+from torchmesh.placement.profile import StepProfile, extrapolate, model_dims, profile_step
 from torchmesh.placement.recipes import lm_builder, lm_config, profile_lm
-from torchmesh.placement.search import DEFAULT_ROLES, Candidate, SearchResult, candidates, search
+from torchmesh.placement.search import DEFAULT_ROLES, Candidate, SearchResult, candidates, roles_for, search
 
 __all__ = [
     "DEFAULT_ROLES", "PRESETS", "Candidate", "Hardware", "SearchResult", "StepCost", "StepProfile", "candidates",
-    "estimate", "extrapolate", "lm_builder", "lm_config", "preset", "profile_lm", "profile_step", "search",
+    "estimate", "extrapolate", "lm_builder", "lm_config", "model_dims", "preset", "profile_lm", "profile_step",
+    "roles_for", "search",
 ]

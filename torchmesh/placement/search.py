@@ -23,7 +23,8 @@ divisible by its axes, say).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from torchmesh.errors import TorchMeshError
@@ -120,6 +121,16 @@ class SearchResult:
         return "\n".join(line.rstrip() for line in lines)
 
 
+def roles_for(dims: Iterable[str], roles: Mapping[str, tuple[str, ...]] = DEFAULT_ROLES) -> dict[str, tuple[str, ...]]:
+    """`roles` narrowed to a model's dims (`profile.model_dims(builder)`): roles none of whose
+    dims the model has are dropped, and `weight` when FSDP is not available."""
+    from torchmesh.placement.profile import can_shard_parameters
+
+    have = set(dims)
+    out = {r: tuple(d for d in ds if d in have) for r, ds in roles.items()}
+    return {r: ds for r, ds in out.items() if ds and (r != "weight" or can_shard_parameters())}
+
+
 def candidates(mesh: MeshShapeLike, roles: Mapping[str, tuple[str, ...]]) -> list[Candidate]:
     """Every assignment of roles to the mesh's axes (see the module docstring), unpriced."""
     shape = MeshShape.parse(mesh)
@@ -190,12 +201,18 @@ def _largest_memory(p: StepProfile) -> str:
 
 
 def _first_sentence(text: str) -> str:
+    """An error's statement without its fix and without the rules (the table shows them)."""
     cut = text.find(". Fix:")
-    return text if cut < 0 else text[: cut + 1]
+    text = text if cut < 0 else text[: cut + 1]
+    return re.sub(r" by the rules '[^']*'", "", text)
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB" if n >= 1e3 else f"{n:.0f} B"
+    """Bytes in GB (1e9), or MB / KB / B for small amounts."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _s(t: float) -> str:
