@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import torchmesh as tm
-from torchmesh.cli import CliError, main, parse_bandwidths, parse_bytes, parse_count, parse_roles
+from torchmesh.cli import main, parse_bandwidths, parse_bytes, parse_count, parse_roles
+from torchmesh.errors import PlanningError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,5 +87,5 @@ def test_parsing():
     assert parse_bandwidths("dp:25GB;tp:300GB/s") == {"dp": 25e9, "tp": 300e9}
     assert parse_roles("data=batch;tensor=heads,ff") == {"data": ("batch",), "tensor": ("heads", "ff")}
     for bad in (lambda: parse_count("ten"), lambda: parse_bandwidths("dp=25GB"), lambda: parse_roles("tensor")):
-        with pytest.raises(CliError):
+        with pytest.raises(PlanningError):
             bad()

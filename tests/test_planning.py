@@ -225,3 +225,19 @@ def test_hardware_links():
     cost = estimate(profile_step(wide_mlp(8, 8, 16), "node:2;gpu:2", "batch:node;ff:gpu"), a100)
     assert cost.step_s == pytest.approx(cost.compute_s + cost.comm_total_s)
     assert cost.overlapped_step_s <= cost.step_s
+
+
+@pytest.mark.parametrize("mesh_spec", ["dp:2;tp:2", "tp:4"])
+def test_abstract_records_every_program_like_sim(mesh_spec):
+    """Every op of tests/programs.py (relayouts, all-to-all, shift, gather, reduce-scatter...)
+    records on the abstract backend exactly the collectives it records on sim."""
+    from programs import PROGRAMS, rules_for
+
+    for name, (program, _) in PROGRAMS.items():
+        records = {}
+        for backend in ("abstract", "sim"):
+            mesh = tm.Mesh(mesh_spec, layout=rules_for(mesh_spec), backend=backend)
+            with tm.comm_stats() as stats:
+                program(mesh)
+            records[backend] = [(r.kind, r.axes, r.bytes, r.shape, r.phase) for r in stats.records]
+        assert records["abstract"] == records["sim"], name

@@ -26,6 +26,7 @@ from torchmesh.errors import (
     LayoutError,
     MeshError,
     ParseError,
+    PlanningError,
     TorchMeshError,
 )
 from torchmesh.mesh import Mesh
@@ -64,7 +65,7 @@ __all__ = [
     "CheckpointError", "export_state_dict", "from_dtensor", "import_state_dict", "latest_checkpoint",
     "load", "save", "to_dtensor",
     "BackendError", "CollectiveMismatch", "CollectiveTimeout", "MeshError", "CommRecord", "CommStats", "Dim", "DimError", "Dimension", "LayoutError",
-    "LayoutRules", "Mesh", "MeshShape", "MeshTensor", "ParseError", "TensorLayout", "TorchMeshError",
+    "LayoutRules", "Mesh", "MeshShape", "MeshTensor", "ParseError", "PlanningError", "TensorLayout", "TorchMeshError",
     "arange", "cast", "comm_stats", "concat", "distribute", "dropout", "einsum", "embedding",
     "from_local", "full", "gather", "log_softmax", "logsumexp", "manual_seed", "one_hot", "ones",
     "pad", "pointwise", "rand", "randn", "rearrange", "reduce_all", "reduce_any", "reduce_max",

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from torchmesh.errors import TorchMeshError
+from torchmesh.errors import PlanningError, TorchMeshError
 from torchmesh.placement.hardware import PRESETS, Hardware, preset
 from torchmesh.placement.mesh_shape import MeshShape
 from torchmesh.placement.profile import can_shard_parameters
@@ -32,15 +32,11 @@ _BYTES = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-class CliError(TorchMeshError, ValueError):
-    """A command-line argument that cannot be used."""
-
-
 def parse_count(text: str) -> float:
     """'10B' -> 1e10, '350M' -> 3.5e8, '123T' -> 1.23e14, '5e9' -> 5e9."""
     m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([KMBGTP]?)\s*", text.upper())
     if not m:
-        raise CliError(f"cannot read the number {text!r}: write e.g. 10B, 350M or 1.5e9.")
+        raise PlanningError(f"cannot read the number {text!r}: write e.g. 10B, 350M or 1.5e9.")
     return float(m.group(1)) * _SUFFIX[m.group(2)]
 
 
@@ -48,7 +44,7 @@ def parse_bytes(text: str) -> int:
     """'32GB' -> 32e9 bytes, '16GiB' -> 16 * 2**30, '80e9' -> 80e9 (GB = 1e9, GiB = 2**30)."""
     m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([KMGT]?I?B?)\s*(/S)?\s*", text.upper())
     if not m or m.group(2) not in _BYTES:
-        raise CliError(f"cannot read the size {text!r}: write e.g. 32GB, 16GiB or 80e9.")
+        raise PlanningError(f"cannot read the size {text!r}: write e.g. 32GB, 16GiB or 80e9.")
     return int(float(m.group(1)) * _BYTES[m.group(2)])
 
 
@@ -58,7 +54,7 @@ def parse_bandwidths(text: str) -> dict[str, float]:
     for part in filter(None, (p.strip() for p in text.split(";"))):
         axis, sep, value = part.partition(":")
         if not sep:
-            raise CliError(f"cannot read the bandwidth {part!r}: write axis:bytes-per-second, e.g. 'dp:25GB'.")
+            raise PlanningError(f"cannot read the bandwidth {part!r}: write axis:bytes-per-second, e.g. 'dp:25GB'.")
         out[axis.strip()] = float(parse_bytes(value))
     return out
 
@@ -69,7 +65,7 @@ def parse_roles(text: str) -> dict[str, tuple[str, ...]]:
     for part in filter(None, (p.strip() for p in text.split(";"))):
         role, sep, dims = part.partition("=")
         if not sep or not dims.strip():
-            raise CliError(f"cannot read the role {part!r}: write role=dim1,dim2, e.g. 'tensor=heads,ff'.")
+            raise PlanningError(f"cannot read the role {part!r}: write role=dim1,dim2, e.g. 'tensor=heads,ff'.")
         out[role.strip()] = tuple(d.strip() for d in dims.split(","))
     return out
 
@@ -161,11 +157,11 @@ def _user_model(spec: str, mesh: MeshShape, optimizer: str):
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not attr:
-        raise CliError(f"--model {spec!r}: write 'lm' or 'module:function', e.g. 'mypackage.models:build'.")
+        raise PlanningError(f"--model {spec!r}: write 'lm' or 'module:function', e.g. 'mypackage.models:build'.")
     try:
         builder = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise CliError(f"--model {spec!r}: cannot load it ({e}). The module must be importable from here "
+        raise PlanningError(f"--model {spec!r}: cannot load it ({e}). The module must be importable from here "
                        f"(on sys.path) and define {attr}(mesh) -> (module, loss_fn).") from None
     dims = model_dims(builder)
     roles = roles_for(dims)

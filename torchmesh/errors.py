@@ -116,6 +116,11 @@ class CheckpointError(TorchMeshError, ValueError):
     """
 
 
+class PlanningError(TorchMeshError, ValueError):
+    """A planning request that cannot be served: unknown hardware or optimizer, an unreadable
+    `python -m torchmesh plan` argument, a model builder that cannot be loaded."""
+
+
 def _names(names: Iterable[str]) -> str:
     return "(" + ", ".join(names) + ")"
 

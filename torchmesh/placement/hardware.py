@@ -25,15 +25,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from torchmesh.errors import TorchMeshError
+from torchmesh.errors import PlanningError
 from torchmesh.placement.mesh_shape import MeshShape
 
 GB = 10**9
 GiB = 2**30
-
-
-class HardwareError(TorchMeshError, ValueError):
-    """An unknown hardware preset or an unusable hardware setting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +47,9 @@ class Hardware:
 
     def __post_init__(self) -> None:
         if self.flops <= 0 or self.intra_bandwidth <= 0 or self.inter_bandwidth <= 0:
-            raise HardwareError(f"hardware {self.name!r}: FLOP/s and bandwidths must be positive.")
+            raise PlanningError(f"hardware {self.name!r}: FLOP/s and bandwidths must be positive.")
         if not 0 < self.efficiency <= 1:
-            raise HardwareError(f"hardware {self.name!r}: efficiency {self.efficiency} must be in (0, 1].")
+            raise PlanningError(f"hardware {self.name!r}: efficiency {self.efficiency} must be in (0, 1].")
 
     @property
     def sustained_flops(self) -> float:
@@ -100,5 +96,5 @@ def preset(name: str) -> Hardware:
     try:
         return PRESETS[name.lower()]
     except KeyError:
-        raise HardwareError(f"unknown hardware {name!r}: choose one of {sorted(PRESETS)}, or build "
+        raise PlanningError(f"unknown hardware {name!r}: choose one of {sorted(PRESETS)}, or build "
                             f"tm.placement.hardware.Hardware(...) with your own numbers.") from None

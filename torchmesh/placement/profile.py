@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchmesh.comm.stats import comm_stats
+from torchmesh.errors import PlanningError
 from torchmesh.mesh import Mesh
 from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
 from torchmesh.placement.rules import RulesLike
@@ -114,7 +115,8 @@ def profile_step(builder: Builder, mesh: MeshShapeLike, rules: RulesLike, optimi
     with `param_rules` ("d_model:dp"), its parameters are stored fully sharded by them too
     (`tm.nn.shard_parameters`)."""
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS}.")
+        raise PlanningError(f"unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS} (the state "
+                            f"memory is counted for these).")
     m = Mesh(mesh, layout=rules, backend="abstract")
     module, loss_fn = builder(m)
     if param_rules:
