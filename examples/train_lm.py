@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--mesh", default="dp:2;tp:2", help='mesh axes, e.g. "dp:2;tp:2" or "dp:1"')
     parser.add_argument("--layout", default=RULES, help="layout rules (rules for axes the mesh lacks are dropped)")
     parser.add_argument("--backend", default="sim", choices=["sim", "dist", "xla"])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=3e-3)

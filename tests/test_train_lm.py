@@ -136,24 +136,35 @@ def test_gloo_matches_single_device(reference, nprocs, mesh_specs):
                 assert abs(a - b) <= 2e-2 * abs(b)
 
 
-def run_example(*flags: str) -> list[float]:
+def run_example(*flags: str, torchrun: bool = False) -> list[float]:
+    """examples/train_lm.py (a small model, 4 steps) as a user runs it; its per-step losses."""
     import subprocess
     import sys
     from pathlib import Path
 
+    from harness import free_port
+
     root = Path(__file__).resolve().parents[1]
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                     f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
     out = subprocess.run(
-        [sys.executable, str(root / "examples" / "train_lm.py"), "--steps", "4", "--batch", "4", "--seq", "16",
-         "--d-model", "32", "--plot", "", *flags], capture_output=True, text=True, timeout=240, cwd=root,
+        [*launcher, str(root / "examples" / "train_lm.py"), "--steps", "4", "--batch", "4", "--seq", "16",
+         "--d-model", "32", "--plot", "", "--dropout", "0.1", *flags],
+        capture_output=True, text=True, timeout=240, cwd=root,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
+    lines = out.stdout.splitlines()  # exactly the step lines, nothing else
     assert [l.split()[:3] for l in lines] == [["step", str(i), "loss"] for i in range(4)], out.stdout
     return [float(l.split()[3]) for l in lines]
 
 
-def test_example_sharded_run_prints_the_single_device_losses():
+def test_example_prints_the_single_device_losses_on_sim_and_torchrun():
     """Dropout on: its masks do not depend on the mesh, so the losses still agree."""
-    sharded = run_example("--backend", "sim", "--mesh", "dp:2;tp:2", "--dropout", "0.1")
-    assert_same_losses(sharded, run_example("--mesh", "dp:1", "--dropout", "0.1"), "examples/train_lm.py")
-    assert sharded[-1] < sharded[0]
+    single = run_example("--mesh", "dp:1")
+    assert single[-1] < single[0]
+    sim = run_example("--backend", "sim", "--mesh", "dp:2;tp:2")
+    assert_same_losses(sim, single, "examples/train_lm.py on sim dp:2;tp:2")
+    dist = run_example("--backend", "dist", "--mesh", "dp:2;tp:2", torchrun=True)
+    assert_same_losses(dist, single, "examples/train_lm.py under torchrun, dp:2;tp:2")
