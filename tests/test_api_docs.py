@@ -6,6 +6,7 @@ from __future__ import annotations
 import doctest
 import importlib.util
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,22 @@ def test_docstring_example_holds(test):
 def test_api_md_is_up_to_date():
     up_to_date = apidoc.API_MD.read_text() == apidoc.render()
     assert up_to_date, "docs/api.md differs from the docstrings: run .venv/bin/python docs/apidoc.py"
+
+
+# ---- the documents link each other correctly ----------------------------------------------------
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)\s]*)?\)")
+
+
+def test_readme_links_every_doc():
+    readme = (ROOT / "README.md").read_text()
+    unlinked = [p.name for p in DOCS[1:] if f"docs/{p.name}" not in readme]
+    assert not unlinked, f"README.md does not link {unlinked}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_relative_links_resolve(doc):
+    targets = [t for t in LINK.findall(doc.read_text()) if "://" not in t and not t.startswith("mailto:")]
+    missing = [t for t in targets if not (doc.parent / t).exists()]
+    assert not missing, f"{doc.name} links to files that do not exist: {missing}"
