@@ -44,8 +44,10 @@ from torchmesh.checkpoint.state import (
     model_slots,
     optimizer_refs,
     optimizer_slots,
+    state_layout,
 )
 from torchmesh.errors import CheckpointError
+from torchmesh.placement.layout import local_shape
 
 if TYPE_CHECKING:
     from torchmesh.mesh import Mesh
@@ -291,31 +293,32 @@ def _model_targets(model, stored: dict, state: dict) -> list:
 
 
 def _optimizer_targets(model, optimizer, stored: dict, state: dict) -> list:
-    """(key, ParamRef, stat, like_param) for every stored state tensor of the optimizer's params."""
+    """(key, ParamRef, stat, layout) for every stored state tensor of the optimizer's params."""
     if model is None:
         raise CheckpointError("tm.load(optimizer=...) needs model=... too: the model's parameter names "
                               "name the optimizer's state in the checkpoint.")
     targets = []
     for ref in optimizer_refs(model, optimizer):
         prefix = f"optim/{ref.name}/"
-        shape = _global_shape(ref.layout, ref.shards[0])
         for key in sorted(k for k in stored if k.startswith(prefix)):
             have = _stored_shape(stored, key)
             if have is None:
                 continue
-            like_param = ref.layout is not None and have == shape and len(have) > 0
-            if not like_param and len(have) > 0 and ref.layout is not None:
-                raise CheckpointError(
-                    f"checkpoint value {key!r} has shape {list(have)}, but the parameter {ref.name!r} now "
-                    f"has the global shape {list(shape)}: the checkpoint was written for another model."
-                )
+            stat = key[len(prefix):]
+            layout = state_layout(optimizer, ref, stat, have, local=False)
             dtype = stored[key].properties.dtype
-            if like_param:
-                state[key] = empty_global(ref.layout, ref.mesh, ref.shards[0], dtype)
+            if layout is not None:
+                state[key] = empty_global(layout, ref.mesh, _local_like(layout, ref), dtype)
             else:
                 state[key] = torch.empty(have, dtype=dtype)
-            targets.append((key, ref, key[len(prefix):], like_param))
+            targets.append((key, ref, stat, layout))
     return targets
+
+
+def _local_like(layout, ref: ParamRef) -> torch.Tensor:
+    """An empty tensor with the local block shape of `layout`, on the parameter's device."""
+    shape = local_shape(layout, ref.mesh.impl.slice_mesh)
+    return torch.empty(shape, dtype=ref.shards[0].dtype, device=ref.shards[0].device)
 
 
 def _restore_optimizer(model, optimizer, targets: list, state: dict, objects: dict) -> None:
@@ -330,9 +333,9 @@ def _restore_optimizer(model, optimizer, targets: list, state: dict, objects: di
             group.update(saved)
     fresh: dict[int, dict[str, Any]] = defaultdict(dict)
     refs: dict[str, ParamRef] = {r.name: r for r in optimizer_refs(model, optimizer)}
-    for key, ref, stat, like_param in targets:
-        if like_param:
-            blocks = local_blocks(state[key], ref.layout, ref.mesh)
+    for key, ref, stat, layout in targets:
+        if layout is not None:
+            blocks = local_blocks(state[key], layout, ref.mesh)
         else:
             blocks = tuple(state[key] for _ in ref.shards)
         for i, block in enumerate(blocks):

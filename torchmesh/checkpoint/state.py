@@ -8,7 +8,8 @@ be read back onto any mesh and layout. The names:
   model's `state_dict()` (replicated: the same on every device);
 - `optim/<name>/<stat>`: torch.optim state of a parameter (AdamW's `exp_avg`, `exp_avg_sq`,
   `step`...). A state tensor shaped like the parameter's shard is laid out like the
-  parameter; a 0-d tensor or a number (`step`) is replicated;
+  parameter; a 0-d tensor or a number (`step`) is replicated; an optimizer with other state
+  dims declares them (`state_layout`);
 - `optim/param_groups`: each group's hyperparameters (`lr`, `betas`...), without `params`;
 - `step` and `extra/<key>`: the training step and the caller's replicated Python values.
 
@@ -24,7 +25,7 @@ import torch
 
 from torchmesh.errors import CheckpointError
 from torchmesh.nn.parameter import mesh_parameters
-from torchmesh.placement.layout import TensorLayout
+from torchmesh.placement.layout import TensorLayout, local_shape
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 if TYPE_CHECKING:
@@ -106,19 +107,47 @@ def optimizer_slots(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
             key = f"optim/{ref.name}/{stat}"
             if not isinstance(value, torch.Tensor):
                 objects[key] = value
-            elif ref.layout is not None and value.shape == ref.shards[0].shape and value.dim() > 0:
-                values = tuple(optimizer.state[p][stat] for p in ref.shards)
-                slots.append(Slot(key, values, ref.layout, ref.mesh))
-            elif value.dim() == 0 or ref.layout is None:
+                continue
+            layout = state_layout(optimizer, ref, stat, tuple(value.shape), local=True)
+            if layout is None:
                 slots.append(Slot(key, (value,)))
             else:
-                raise CheckpointError(
-                    f"optimizer state {stat!r} of the mesh parameter {ref.name!r} has shape "
-                    f"{tuple(value.shape)}, neither the shard's shape {tuple(ref.shards[0].shape)} nor a "
-                    f"scalar, so its layout on the mesh is unknown and it cannot be resharded. Fix: keep "
-                    f"per-parameter state shaped like the parameter's shard (or 0-d)."
-                )
+                slots.append(Slot(key, tuple(optimizer.state[p][stat] for p in ref.shards), layout, ref.mesh))
     return slots, objects
+
+
+def state_layout(optimizer: torch.optim.Optimizer, ref: ParamRef, stat: str, shape: tuple[int, ...],
+                 local: bool) -> TensorLayout | None:
+    """The layout of a parameter's optimizer state tensor (None: replicated), given its shape
+    (this shard's block when `local`, else the global shape).
+
+    A state tensor has the parameter's layout when it has the parameter's shape, and is
+    replicated when 0-d. An optimizer whose state has other dims (Adafactor's factored
+    statistics) says which of the parameter's dims a state keeps with a method
+    `mesh_state_dims(stat, dims) -> tuple of dim names` (or None for "like the parameter");
+    the state is then laid out like the parameter over those dims."""
+    if ref.layout is None or not shape:
+        return None
+    param_shape = tuple(ref.shards[0].shape) if local else tuple(d.size for d in ref.layout.dims)
+    declare = getattr(optimizer, "mesh_state_dims", None)
+    names = declare(stat, ref.layout.names) if declare is not None else None
+    if names is not None:
+        layout = TensorLayout(tuple(ref.layout.dims[ref.layout.names.index(n)] for n in names),
+                              tuple(ref.layout.axes_of(n) for n in names))
+        want = local_shape(layout, ref.mesh.impl.slice_mesh) if local else tuple(d.size for d in layout.dims)
+        if tuple(want) == shape:
+            return layout
+    elif shape == param_shape:
+        return ref.layout
+    raise CheckpointError(
+        f"optimizer state {stat!r} of the mesh parameter {ref.name!r} (dims {ref.layout.names}) has "
+        f"{'shard' if local else 'global'} shape {list(shape)}, "
+        + (f"not that of the dims {tuple(names)} its optimizer declares" if names is not None else
+           f"neither the parameter's {list(param_shape)} nor a scalar")
+        + ", so its layout on another mesh is unknown. Fix: keep per-parameter state shaped like the "
+        "parameter (or 0-d), or give the optimizer a method mesh_state_dims(stat, dims) naming the "
+        "parameter dims each state keeps."
+    )
 
 
 def group_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
