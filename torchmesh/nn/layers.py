@@ -19,6 +19,7 @@ from torchmesh import errors
 from torchmesh.errors import DimError
 from torchmesh.nn import init
 from torchmesh.nn.parameter import Module
+from torchmesh.tensor.contraction import OpPlan, run_op
 from torchmesh.tensor.dims import Dim, DimsLike, parse_dims
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.gather import embedding
@@ -123,9 +124,43 @@ class LayerNorm(Module):
 
     def forward(self, x: MeshTensor) -> MeshTensor:
         name = self.dim.name
+        if _local_along(x, name):  # one fused torch kernel per device
+            ins = [x, self.weight, self.bias] if self.has_bias else [x, self.weight]
+            return run_op(ins, x.dims, lambda plan: _norm_kernel(F.layer_norm, plan, name, self.eps), what="layer_norm")
         centred = x - x.mean(name)
         y = centred * ((centred * centred).mean(name) + self.eps).rsqrt() * self.weight
         return y + self.bias if self.has_bias else y
+
+
+def _local_along(x: MeshTensor, name: str) -> bool:
+    """Whether the rules leave `name` unsplit (over axes of size > 1): then a norm over it is
+    a local kernel on each device; otherwise its mean and variance are all-reduced."""
+    mesh = x.mesh
+    return name in x.dims and not any(mesh.impl.axis_size(a) > 1 for a in mesh.rules.axes_of(name)
+                                      if a in mesh.axis_names)
+
+
+def _norm_kernel(fn, plan: OpPlan, name: str, eps: float):
+    """fn(t, (size,), weight, [bias,] eps) over the dim `name` of the computed layout."""
+    return _norm_kernel_for(fn, plan.in_layouts[0].names, plan.computed.names, name, eps)
+
+
+@lru_cache(maxsize=256)
+def _norm_kernel_for(fn, x_names: tuple[str, ...], out: tuple[str, ...], name: str, eps: float):
+    i = x_names.index(name)
+    last = i == len(x_names) - 1
+    out_perm = [x_names.index(n) for n in out]
+    keep = out_perm == list(range(len(out)))
+
+    def kernel(t: torch.Tensor, *affine: torch.Tensor) -> torch.Tensor:
+        if not last:
+            t = t.movedim(i, -1)
+        y = fn(t, (t.shape[-1],), *affine, eps=eps)
+        if not last:
+            y = y.movedim(-1, i)
+        return y if keep else y.permute(out_perm)
+
+    return kernel
 
 
 class RMSNorm(Module):
@@ -145,7 +180,11 @@ class RMSNorm(Module):
         self.weight = init.ones_param(_spec((self.dim,)), mesh)
 
     def forward(self, x: MeshTensor) -> MeshTensor:
-        return x * ((x * x).mean(self.dim.name) + self.eps).rsqrt() * self.weight
+        name = self.dim.name
+        if _local_along(x, name):
+            return run_op([x, self.weight], x.dims, lambda plan: _norm_kernel(F.rms_norm, plan, name, self.eps),
+                          what="rms_norm")
+        return x * ((x * x).mean(name) + self.eps).rsqrt() * self.weight
 
 
 class Dropout(Module):
