@@ -1,14 +1,12 @@
 """The xla backend itself: the mesh over the runtime's devices, global values, printing of
-each device's block, and the communication of compiled programs against sim and dist."""
+each device's block, compiled communication (against sim and dist: test_four_devices.py)."""
 
 from __future__ import annotations
 
 import os
 
-import comm_programs as programs
 import pytest
 import torch
-from harness import run_distributed
 
 import torchmesh as tm
 from torchmesh.xla.hlo_stats import compiled_comm_stats
@@ -74,42 +72,3 @@ def test_comm_stats_record_nothing_in_python_on_xla():
     assert compiled.records[0].phase == "compiled"
     with pytest.raises(tm.BackendError, match="comm_stats"):
         compiled_comm_stats(tm.randn("batch:4", tm.Mesh("dp:2"), seed=0))
-
-
-@pytest.mark.skipif(DEVICES != 4, reason="the programs are written for dp:2;tp:2")
-def test_compiled_collectives_against_sim_and_dist():
-    """The same programs on xla (collectives read from the partitioned HLO), sim and 4 gloo
-    processes (collectives recorded as they run), as (kind, axes, bytes per device).
-
-    - FORWARD programs: every input and output sharding is pinned by the annotations and the
-      SPEC table leaves one natural collective for each (an all-reduce of partial sums, an
-      all-gather of a split dim): identical records on all three backends.
-    - STEPS (forward and backward compiled as one program): the bytes over each axis of each
-      kind must be equal: gradients are annotated like their inputs, so the partitioner faces
-      the choices torchmesh made; it may still merge collectives (XLA's all-reduce combiner,
-      on TPU) or split them, which changes counts but not those byte totals. (On CPU with
-      torch-xla 2.9 the records are identical too.)
-    - REPLANNED (a relayout between axes): torchmesh gathers, then an all-to-all; the
-      partitioner uses collective-permutes and a smaller all-gather. Only the values must
-      match (the op suite checks them); here the partitioner's plan must not send more.
-    """
-    xla_mesh = tm.Mesh(programs.MESH, layout=programs.RULES, backend="xla")
-    xla = {name: programs.records(compiled_comm_stats(*program(xla_mesh))) for name, program in programs.PROGRAMS.items()}
-    sim = programs.measured("sim")
-    dist = run_distributed(programs.measured, 4, args=("dist",))
-    assert all(rank == dist[0] for rank in dist)
-    assert sim == dist[0]
-
-    def by_kind_and_axes(records):
-        out: dict = {}
-        for kind, axes, nbytes in records:
-            out[(kind, axes)] = out.get((kind, axes), 0) + nbytes
-        return out
-
-    for name in programs.FORWARD:
-        assert xla[name] == dist[0][name], name
-    for name in programs.STEPS:
-        assert by_kind_and_axes(xla[name]) == by_kind_and_axes(dist[0][name]), name
-    for name in programs.REPLANNED:
-        assert xla[name] != dist[0][name]  # a different plan ...
-        assert sum(r[2] for r in xla[name]) <= sum(r[2] for r in dist[0][name])  # ... never dearer
