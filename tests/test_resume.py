@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import torchmesh as tm
 from harness import free_port
-from torchmesh import latest_checkpoint as tm_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_lm.py"
@@ -55,7 +55,7 @@ def test_cli_resume_on_sim_and_across_meshes(tmp_path, uninterrupted):
     shutil.copytree(ckpt, other_mesh)
     again = run(common)  # the same command: resumes after the checkpoint of step 2
     assert again == uninterrupted[2:]
-    assert tm_latest(ckpt).name == "step_00000006"
+    assert tm.latest_checkpoint(ckpt).name == "step_00000006"  # the run finished
 
     resumed = run([*SMALL, "--backend", "sim", "--mesh", "dp:2;tp:2", "--checkpoint-dir", str(other_mesh)])
     assert [line.split()[1] for line in resumed] == [str(s) for s in range(2, STEPS)]
