@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,11 @@ def exec_block(code: str) -> None:
 
 @pytest.mark.parametrize("code", list(_blocks()))
 def test_doc_block_runs(code, capsys):
-    if 'backend="dist"' in code:  # a torchrun block: run it on 4 gloo processes
+    if 'backend="xla"' in code:  # torch-xla reads its devices at import: a fresh process on 4 CPU devices
+        env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=280)
+        assert out.returncode == 0, out.stderr[-3000:]
+    elif 'backend="dist"' in code:  # a torchrun block: run it on 4 gloo processes
         from harness import run_distributed
 
         run_distributed(exec_block, 4, args=(code,))

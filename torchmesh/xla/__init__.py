@@ -1,2 +1,18 @@
-"""The torch-xla SPMD backend (`Mesh(..., backend="xla")`). Imported only when chosen;
-`import torchmesh` never imports torch_xla."""
+"""The torch-xla SPMD backend (`Mesh(..., backend="xla")`) and its tools. Imported only
+when chosen; `import torchmesh` never imports torch_xla, and importing this package does
+not either (each function imports it when called).
+
+- `compiled_comm_stats(*tensors)`: the collectives XLA compiled into the program that
+  computes these tensors, as `tm.comm_stats` reports them;
+- `device_blocks(t)` / `sharding_text(t)`: what each XLA device holds of a tensor;
+- `start_runtime()`: SPMD mode and autograd's XLA queue (done by the first xla Mesh).
+"""
+
+from torchmesh.xla.backend import partition_spec, start_runtime
+from torchmesh.xla.hlo_stats import compiled_comm_stats, compiled_hlo, parse_hlo
+from torchmesh.xla.shards import DeviceBlock, device_blocks, sharding_text
+
+__all__ = [
+    "DeviceBlock", "compiled_comm_stats", "compiled_hlo", "device_blocks", "parse_hlo", "partition_spec",
+    "sharding_text", "start_runtime",
+]

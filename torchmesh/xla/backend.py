@@ -53,7 +53,7 @@ def start_runtime() -> None:
         raise BackendError(
             "the xla backend started after this process had already run a backward pass on another "
             "device, so autograd has no queue for the XLA device. Fix: create the xla Mesh (or call "
-            "torchmesh.xla.backend.start_runtime()) before the first .backward() of the process."
+            "torchmesh.xla.start_runtime()) before the first .backward() of the process."
         ) from None
     _started.append(True)
 
