@@ -14,6 +14,7 @@ import os
 import pytest
 import test_ops as ops
 import torch
+import reference
 from reference import check_op, rules_on
 
 import torchmesh as tm
@@ -152,3 +153,23 @@ def test_random_and_dropout_are_the_same_as_on_one_device(mesh_spec):
 def test_casts_and_detach(case, mesh_spec):
     mesh_fn, torch_fn = ops.CAST_CASES[case]
     run(mesh_spec, "batch:dp;ff:tp", {"x": "batch:8 ff:16"}, mesh_fn, torch_fn, "batch ff")
+
+
+# ---- test_ops.py's single tests (regressions, gradients of odd layouts), their meshes on xla ----
+SINGLE = [
+    ("test_broadcast_gradient_against_two_split_axes", {}),
+    ("test_grad_laid_out_like_input_with_its_own_layout", {}),
+    ("test_relayout_from_replicated_and_back_to_rules", {}),
+    ("test_scalar_torch_tensor_requiring_grad_is_refused", {}),
+    ("test_max_min_gradient_shared_among_ties", {"kind": "max"}),
+    ("test_reduction_of_input_held_off_rules_reduce_scatters", {"kind": "sum"}),
+    ("test_shift_past_the_end_keeps_the_graph", {"offset": 40}),
+]
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("name,kwargs", sampled(SINGLE), ids=[n for n, _ in sampled(SINGLE)])
+def test_single(name, kwargs, mesh_spec, monkeypatch):
+    monkeypatch.setattr(ops, "make_mesh", xla_mesh)
+    monkeypatch.setattr(ops, "assert_matches", reference.assert_matches)  # the device-block check
+    getattr(ops, name)(mesh_spec=mesh_spec, **kwargs)
