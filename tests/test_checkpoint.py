@@ -74,7 +74,7 @@ def assert_same(got: dict, want: dict, where: str) -> None:
 
 
 def phase(spec: str, rules: str, backend: str, load_from: str | None, save_to: str | None,
-          before: range, after: range, export_to: str | None = None) -> bytes | None:
+          before: range, after: range, export_to: str | None = None, import_from: str | None = None) -> bytes | None:
     """Build a fresh model (other seed, other lr), load, train `before`, snapshot, save,
     export, train `after`. Rank 0's results come back, as `torch.save` bytes (tensors sent
     through a multiprocessing queue would share memory with a process that has exited)."""
@@ -82,6 +82,9 @@ def phase(spec: str, rules: str, backend: str, load_from: str | None, save_to: s
     model = Net(mesh, seed=7 if load_from else 0)
     opt = torch.optim.AdamW(model.parameters(), lr=0.5 if load_from else 0.05)
     out: dict = {}
+    if import_from:
+        tm.import_state_dict(import_from, model)
+        out["imported"] = tm.checkpoint.global_state_dict(model)
     if load_from:
         out["step"] = tm.load(load_from, model=model, optimizer=opt).step
     out["before"] = train(model, opt, mesh, before)
@@ -125,7 +128,10 @@ def test_reshard_chain_gloo_and_sim(tmp_path):
     on_sim = unpack(phase("dp:2;tp:2", "d:dp;out:tp", "sim", c, d, range(0), range(0)))
     assert_same(on_sim["values"], truth, "1 process -> sim")
 
-    last = unpack(run_distributed(phase, 4, args=("dp:2;tp:2", "batch:dp;ff:tp", "dist", d, None, range(2, 4), range(0)))[0])
+    last = unpack(run_distributed(phase, 4, args=("dp:2;tp:2", "batch:dp;ff:tp", "dist", d, None, range(2, 4), range(0),
+                                                  None, str(tmp_path / "model.pt")))[0])
+    assert_same({f"model/{k}": v for k, v in last["imported"].items()}, {k: v for k, v in truth.items() if k.startswith("model/")},
+                "import on 4 processes")
     assert last["before"] == first["after"], f"resumed {last['before']} != uninterrupted {first['after']}"
 
 
