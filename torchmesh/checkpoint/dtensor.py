@@ -73,7 +73,9 @@ def to_dtensor(x: MeshTensor) -> "DTensor":
     )
 
 
-def from_dtensor(d: "DTensor", dims: "str | Sequence[str | Dim]", mesh: "Mesh", materialize: bool = False) -> MeshTensor:
+def from_dtensor(
+    d: "DTensor", dims: "str | Sequence[str | Dim]", mesh: "Mesh", materialize: bool = False
+) -> MeshTensor:
     """A MeshTensor over the DTensor's local shard, with the layout its placements name.
 
     `dims` names the DTensor's dims in order ("batch ff"); `mesh` is a dist `tm.Mesh` with the

@@ -81,6 +81,6 @@ def problems(directory: Path, files: dict[str, dict[str, int]], checksum: Iterab
 def damaged_message(directory: Path, found: list[str]) -> str:
     return (
         f"checkpoint {directory} is damaged, so nothing was loaded from it:\n  " + "\n  ".join(found)
-        + f"\nFix: load an older complete checkpoint (tm.latest_checkpoint lists them by step), or "
-        f"restore the file(s) named above."
+        + "\nFix: load an older complete checkpoint (tm.latest_checkpoint lists them by step), or "
+        "restore the file(s) named above."
     )

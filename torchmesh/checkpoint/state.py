@@ -167,7 +167,9 @@ def global_value(slot: Slot) -> torch.Tensor:
         return x.full()
 
 
-def empty_global(layout: TensorLayout | None, mesh: "Mesh | None", like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def empty_global(
+    layout: TensorLayout | None, mesh: "Mesh | None", like: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """A tensor for DCP to load a global value into: this process's block of it on dist (as a
     DTensor), the whole value otherwise."""
     if layout is not None and mesh.backend == "dist":
