@@ -20,13 +20,17 @@ from types import ModuleType
 
 API_MD = Path(__file__).resolve().parent / "api.md"
 
-# (module, how the docs spell its names, one line on what it holds)
+# (module, how the docs spell its names, one line on what it holds); the first four are the
+# user's surface, where tests/test_api_docs.py requires an example for every name.
 MODULES = (
     ("torchmesh", "tm", "the core: meshes, MeshTensor, every op, printing, statistics, checkpoints."),
     ("torchmesh.nn", "tm.nn", "torch.nn modules over named dims whose parameters are MeshTensors."),
-    ("torchmesh.optim", "torchmesh.optim", "optimizers over MeshTensor parameters."),
+    ("torchmesh.optim", "tm.optim", "optimizers and gradient clipping over MeshTensor parameters."),
     ("torchmesh.mtf", "mtf", "Mesh TensorFlow's names and argument orders (`import torchmesh.mtf as mtf`)."),
+    ("torchmesh.planning", "tm.planning", "abstract evaluation, cost model and layout search (docs/planning.md)."),
+    ("torchmesh.xla", "torchmesh.xla", "helpers of the xla backend: shardings, device blocks, compiled HLO."),
 )
+EXAMPLES_REQUIRED = ("torchmesh", "torchmesh.nn", "torchmesh.optim", "torchmesh.mtf")
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -111,7 +115,10 @@ def _member_lines(cls: type) -> list[str]:
 
 
 def _entry(prefix: str, name: str, obj: object) -> str:
-    kind = "class" if inspect.isclass(obj) else "function" if callable(obj) else "value"
+    if not (inspect.isclass(obj) or callable(obj)):  # a constant: its value, not its type's docstring
+        text = _ADDRESS.sub("", repr(obj))
+        return f"### `{prefix}.{name}`\n\nvalue `{text if len(text) <= 300 else text[:300] + ' ...'}`"
+    kind = "class" if inspect.isclass(obj) else "function"
     lines = [f"### `{prefix}.{name}`", "", f"{kind} `{name}{_signature(obj)}`"]
     if getattr(obj, "__name__", name) != name:
         lines[-1] += f", another name for `{prefix}.{obj.__name__}`"

@@ -118,7 +118,16 @@ class CheckpointError(TorchMeshError, ValueError):
 
 class PlanningError(TorchMeshError, ValueError):
     """A planning request that cannot be served: unknown hardware or optimizer, an unreadable
-    `python -m torchmesh plan` argument, a model builder that cannot be loaded."""
+    `python -m torchmesh plan` argument, a model builder that cannot be loaded.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> try:
+    ...     planning.preset("tpu9")
+    ... except tm.PlanningError as e:
+    ...     print(e)
+    unknown hardware 'tpu9': choose one of [...], or build ... with your own numbers.
+    """
 
 
 def _names(names: Iterable[str]) -> str:
