@@ -89,3 +89,11 @@ def test_parsing():
     for bad in (lambda: parse_count("ten"), lambda: parse_bandwidths("dp=25GB"), lambda: parse_roles("tensor")):
         with pytest.raises(PlanningError):
             bad()
+
+
+def test_moe_lm_with_chosen_roles(capsys):
+    out = plan(capsys, "--params", "300M", "--experts", "4", "--seq", "32", "--batch", "8", "--no-remat",
+               "--mesh", "dp:2;tp:2", "--roles", "data=batch;expert=experts", "--memory", "8GB")
+    assert "4 experts top-2" in out
+    rules = next(line for line in out.splitlines() if line.startswith("rules: "))
+    assert "experts:" in rules  # expert parallelism wins over replicating the experts
