@@ -56,7 +56,7 @@ OBJECTS_KEY = "torchmesh/objects"  # every non-tensor value, pickled together (o
 RNG_KEY = "rng"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Loaded:
     """What `tm.load` restored: where from, the saved `step`, and the saved `extra` values."""
 
@@ -341,7 +341,7 @@ def _restore_optimizer(model, optimizer, targets: list, state: dict, objects: di
         for i, block in enumerate(blocks):
             on_param = block.dim() > 0 or _on_param_device(optimizer, ref.shards[i])
             device = ref.shards[i].device if on_param else torch.device("cpu")
-            fresh[id(ref.shards[i])][stat] = block.detach().clone().to(device)
+            fresh[id(ref.shards[i])][stat] = block.to(device, copy=True, memory_format=torch.contiguous_format)
     for key, value in objects.items():
         name, _, stat = key[len("optim/"):].rpartition("/")
         if key.startswith("optim/") and name in refs:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from torchmesh.checkpoint.state import model_mesh, model_params
+from torchmesh.checkpoint.state import assemble, model_mesh, model_params
 from torchmesh.errors import CheckpointError
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
@@ -34,8 +34,10 @@ def global_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         for ref in model_params(model):
             if ref.layout is None:
                 out[ref.name] = ref.shards[0].detach().clone()
-            else:
+            elif ref.mesh.backend == "dist":
                 out[ref.name] = MeshTensor(tuple(t.detach() for t in ref.shards), ref.layout, ref.mesh).full()
+            else:
+                out[ref.name] = assemble(ref.shards, ref.layout, ref.mesh)
     return out
 
 

@@ -18,6 +18,7 @@ A `Slot` is one tensor-valued name together with the local tensors it comes from
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ import torch
 
 from torchmesh.errors import CheckpointError
 from torchmesh.nn.parameter import mesh_parameters
-from torchmesh.placement.layout import TensorLayout, local_shape
+from torchmesh.placement.layout import TensorLayout, local_shape, local_slices, parts
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 if TYPE_CHECKING:
@@ -159,12 +160,28 @@ def global_value(slot: Slot) -> torch.Tensor:
     with torch.no_grad():
         if slot.layout is None:
             return slot.tensors[0].detach()
-        x = MeshTensor(tuple(t.detach() for t in slot.tensors), slot.layout, slot.mesh)
         if slot.mesh.backend == "dist":
             from torchmesh.checkpoint.dtensor import to_dtensor
 
-            return to_dtensor(x)
-        return x.full()
+            return to_dtensor(MeshTensor(tuple(t.detach() for t in slot.tensors), slot.layout, slot.mesh))
+        return assemble(slot.tensors, slot.layout, slot.mesh)
+
+
+def assemble(tensors: tuple[torch.Tensor, ...], layout: TensorLayout, mesh: "Mesh") -> torch.Tensor:
+    """The global value from the blocks this process holds, when it holds them all (sim, or a
+    replicated value): each block copied once into place, no collective."""
+    first = tensors[0]
+    out = torch.empty(tuple(d.size for d in layout.dims), dtype=first.dtype, device=first.device)
+    placed = set()
+    for coords, block in zip(mesh.impl.local_coords, tensors):
+        where = local_slices(layout, mesh.impl.slice_mesh, coords)
+        corner = tuple(s.start for s in where)
+        if corner not in placed:
+            out[where] = block.detach()
+            placed.add(corner)
+    if len(placed) != math.prod(parts(mesh.impl.slice_mesh, ax) for ax in layout.axes):
+        raise CheckpointError(f"this process does not hold every block of the tensor {layout}: gather it first.")
+    return out
 
 
 def empty_global(
@@ -189,4 +206,4 @@ def local_blocks(loaded: torch.Tensor, layout: TensorLayout | None, mesh: "Mesh 
         return (loaded.to_local(),)
     if layout is None:
         return (loaded,)
-    return mesh.impl.from_global(loaded, layout)
+    return tuple(loaded[local_slices(layout, mesh.impl.slice_mesh, c)] for c in mesh.impl.local_coords)
