@@ -121,23 +121,60 @@ def test_fsdp_training_matches_single_device_and_memory_falls(reference, mesh_sp
     assert_memory_falls(dense, sharded, mesh.axis_size("dp"))
 
 
-def test_fsdp_collectives_per_step():
+@pytest.mark.parametrize("regather", [False, True])
+def test_fsdp_collectives_per_step(regather):
     """Forward: one all-gather over dp per sharded parameter; backward: one reduce-scatter
-    each (no all-reduce over dp for them); the bytes of a dp all-reduce, split in two."""
+    each (no all-reduce over dp for them), and with `regather` an all-gather again for each
+    parameter the forward would have kept; all-gather + reduce-scatter bytes are those of
+    a dp all-reduce."""
     mesh = tm.Mesh("dp:2;tp:2", layout=RULES)
-    model = tm.nn.shard_parameters(tm.nn.TransformerLM(mesh, CONFIG, seed=0), "d_model:dp")
+    model = tm.nn.shard_parameters(tm.nn.TransformerLM(mesh, CONFIG, seed=0), "d_model:dp", regather=regather)
     sharded = {n: p for n, p in tm.nn.mesh_parameters(model) if "dp" in p.tensor_layout.used_axes}
     with tm.comm_stats() as stats:
         lm_step(model, mesh, 0).backward()
     on_dp = Counter((r.kind, r.phase) for r in stats.records if r.axes == ("dp",))
+    regathered = on_dp.pop(("all_gather", "backward"), 0)
     # + the loss's mean over batch (forward) and the two ff biases' gradients (backward)
     assert on_dp == {("all_gather", "forward"): len(sharded), ("reduce_scatter", "backward"): len(sharded),
                      ("all_reduce", "forward"): 1, ("all_reduce", "backward"): CONFIG.layers}
-    gathered = sorted(r.bytes for r in stats.records if r.kind == "all_gather")
+    # the weights of matmuls are needed in backward; norm scales and biases added are not
+    assert (0.5 * len(sharded) < regathered < len(sharded)) if regather else regathered == 0
+    gathered = sorted(r.bytes for r in stats.records if r.kind == "all_gather" and r.phase == "forward")
     expected = sorted(p.shards[0].numel() * F32 for p in sharded.values())  # (k-1) x shard, k = 2
     assert gathered == expected
     scattered = sorted(r.bytes for r in stats.records if r.kind == "reduce_scatter")
     assert scattered == expected  # (k-1)/k x the gathered gradient
+
+
+def live_bytes_after_forward(model: tm.nn.TransformerLM, mesh: tm.Mesh) -> tuple[int, tm.MeshTensor]:
+    """CPU bytes allocated during the forward and still alive after it (what backward keeps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = lm_step(model, mesh, 0)
+    return sum(e.self_cpu_memory_usage for e in prof.events()), loss
+
+
+def test_regather_frees_gathered_parameters_after_forward():
+    """Without regather the forward keeps each layer's gathered (full) weights for backward;
+    with it, what the forward leaves alive is no more than for unsharded parameters (which
+    are saved without a copy), and gradients are the same."""
+    mesh = tm.Mesh("dp:2", layout="batch:dp")
+    config = tm.nn.LMConfig(vocab=32, d_model=64, heads=4, d_head=16, ff=256, layers=2, seq=8)
+    live, grads = {}, {}
+    for mode in ("dense", "keep", "regather"):
+        model = tm.nn.TransformerLM(mesh, config, seed=0)
+        if mode != "dense":
+            tm.nn.shard_parameters(model, "d_model:dp", regather=mode == "regather")
+        live[mode], loss = live_bytes_after_forward(model, mesh)
+        loss.backward()
+        grads[mode] = {n: p.grad.full() for n, p in tm.nn.mesh_parameters(model)}
+    full_weights = sum(p.numel() * F32 for _, p in tm.nn.mesh_parameters(model) if p.ndim == 2 or p.ndim == 3)
+    assert live["keep"] - live["dense"] > 0.5 * mesh.size * full_weights  # every device's gathered copy
+    assert live["regather"] <= live["dense"] * 1.05
+    for name in grads["dense"]:
+        torch.testing.assert_close(grads["regather"][name], grads["keep"][name])
+        torch.testing.assert_close(grads["regather"][name], grads["dense"][name], rtol=1e-4, atol=1e-6)
 
 
 def test_gathered_weight_gradient_is_one_reduce_scatter():

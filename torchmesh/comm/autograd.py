@@ -185,12 +185,13 @@ def sum_grad(impl: MeshImpl, ts: Data, axes: tuple[str, ...]) -> Data:
     return _SumGrad.apply(impl, axes, *ts)
 
 
-def all_gather(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
+def all_gather(impl: MeshImpl, ts: Data, axis: str, dim: int, phase: str = "forward") -> Data:
+    """`phase` labels a gather run outside autograd (e.g. "backward" for a regather)."""
     if impl.axis_size(axis) == 1:
         return ts
     if _needs_grad(ts):
         return _AllGather.apply(impl, axis, dim, *ts)
-    return _all_gather(impl, ts, axis, dim)
+    return _all_gather(impl, ts, axis, dim, phase)
 
 
 def all_gather_reduce_grad(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
@@ -220,12 +221,12 @@ def reduce_scatter(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
     return _reduce_scatter(impl, ts, axis, dim)
 
 
-def all_to_all(impl: MeshImpl, ts: Data, axis: str, gather_dim: int, split_dim: int) -> Data:
+def all_to_all(impl: MeshImpl, ts: Data, axis: str, gather_dim: int, split_dim: int, phase: str = "forward") -> Data:
     if impl.axis_size(axis) == 1:
         return ts
     if _needs_grad(ts):
         return _AllToAll.apply(impl, axis, gather_dim, split_dim, *ts)
-    return _all_to_all(impl, ts, axis, gather_dim, split_dim)
+    return _all_to_all(impl, ts, axis, gather_dim, split_dim, phase)
 
 
 def shift(impl: MeshImpl, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:

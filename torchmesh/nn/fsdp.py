@@ -12,6 +12,9 @@ and the planner sums and re-splits it in one reduce-scatter. The gradient and an
 state built on the shards (torch.optim) are therefore laid out like the stored parameter, so
 parameter + gradient + optimizer memory per device falls by the size of `dp`.
 
+The gathered parameters are not kept for backward (`regather=True`, the default): the
+backward gathers each again, so only one layer's full parameters are alive at a time.
+
 An axis a parameter already uses (e.g. `experts:dp` for an MoE's expert weights) is not
 added twice: that parameter stays as the mesh's rules store it.
 """
@@ -24,13 +27,19 @@ from torchmesh.errors import LayoutError
 from torchmesh.nn.parameter import Module
 from torchmesh.placement.layout import TensorLayout, check
 from torchmesh.placement.rules import LayoutRules, RulesLike
+from torchmesh.tensor.regather import regather_in_backward
 from torchmesh.tensor.relayout import to_layout
 
 
-def shard_parameters(model: torch.nn.Module, rules: RulesLike) -> torch.nn.Module:
+def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = True) -> torch.nn.Module:
     """Store every mesh parameter of `model` split by `rules` too ("d_model:dp"); returns
     `model`. Call it before building the optimizer: the parameters are replaced by their
     shards (new `nn.Parameter`s).
+
+    With `regather` (the default, FSDP's reshard-after-forward), the model's forward keeps
+    no gathered parameter for backward: backward gathers each again (one more all-gather
+    per parameter, `torchmesh.tensor.regather`). `regather=False` keeps them instead (less
+    communication, the full parameters of every layer alive until backward).
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp")
@@ -41,6 +50,7 @@ def shard_parameters(model: torch.nn.Module, rules: RulesLike) -> torch.nn.Modul
     ({'d_model': 'dp', 'ff': 'tp'}, (4, 8))
     """
     parsed = LayoutRules.parse(rules)
+    owners = []
     for mod_name, module in model.named_modules():
         specs = module.__dict__.get("_mesh_params")
         if not specs or not isinstance(module, Module):
@@ -52,7 +62,31 @@ def shard_parameters(model: torch.nn.Module, rules: RulesLike) -> torch.nn.Modul
                 with torch.no_grad():
                     sharded = to_layout(param, target)  # a local slice: no communication
                 module.register_mesh_parameter(name, sharded.requires_grad_(param.requires_grad))
+                owners.append(module)
+    if regather:
+        for module in dict.fromkeys(owners):  # each once, in order
+            _regather_during_forward(module)
     return model
+
+
+def _regather_during_forward(model: torch.nn.Module) -> None:
+    """Turn `regather_in_backward` on for every call of the forward of a module that owns
+    sharded parameters (also when torch.utils.checkpoint runs it again in backward, so the
+    recomputation saves what the forward saved)."""
+    if hasattr(model, "_torchmesh_regather"):
+        return
+    active: list = []
+
+    def enter(module, args):
+        ctx = regather_in_backward()
+        ctx.__enter__()
+        active.append(ctx)
+
+    def leave(module, args, output):
+        active.pop().__exit__(None, None, None)
+
+    model._torchmesh_regather = (model.register_forward_pre_hook(enter),
+                                 model.register_forward_hook(leave, always_call=True))
 
 
 def _stored_layout(layout: TensorLayout, rules: LayoutRules, mesh, name: str) -> TensorLayout:
