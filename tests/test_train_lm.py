@@ -1,8 +1,10 @@
 """Training parity: 20 AdamW steps of a small TransformerLM (dropout off) on sharded meshes give,
 step for step, the losses of plain single-device torch over the same global weights (within
 1e-4 relative): on sim dp:2;tp:2, on 4 gloo processes (dp:2;tp:2 and tp:4), on 2 gloo
-processes (tp:2). Also: parameter bytes per rank are total/N for weights split N ways, and
-bf16 autocast runs on sim and dist and stays close to fp32."""
+processes (tp:2). Also: the modules forward and backward against plain torch on those gloo
+processes, parameter bytes per rank are total/N for weights split N ways, bf16 autocast runs
+on sim and dist and stays close to fp32, and examples/train_lm.py prints the same losses on
+one device, on sim and under torchrun."""
 
 from __future__ import annotations
 
@@ -111,8 +113,27 @@ def test_bf16_autocast_sim_close_to_fp32(reference):
         assert abs(a - b) <= 2e-2 * abs(b)
 
 
+def check_modules_on_ranks(spec: str) -> None:
+    """Each module, forward and backward, against plain torch on real processes."""
+    from reference_lm import attention, feed_forward
+    from test_nn import activations, check_module
+
+    mesh = tm.Mesh(spec, layout=rules_for(spec), backend="dist")
+    attn = tm.nn.MultiHeadAttention(mesh, d_model=16, heads=8, d_head=4, kv_heads=4, seed=8)
+    check_module(attn, activations(mesh), lambda w, x: attention({f"a.{k}": v for k, v in w.items()}, "a", x, 8, 4))
+    ffn = tm.nn.FeedForward(mesh, "d_model:16", "ff:32", seed=6)
+    check_module(ffn, activations(mesh), lambda w, x: feed_forward({f"f.{k}": v for k, v in w.items()}, "f", x))
+    emb = tm.nn.Embedding(mesh, "vocab:12", "d_model:16", seed=3, std=1.0)
+    ids = tm.distribute(torch.randint(0, 12, (4, 6), generator=torch.Generator().manual_seed(0)), "batch seq", mesh)
+    check_module(emb, ids, lambda w, i: w["weight"][i])
+    norm = tm.nn.LayerNorm(mesh, "d_model:16")
+    check_module(norm, activations(mesh), lambda w, x: torch.nn.functional.layer_norm(x, (16,), w["weight"], w["bias"]))
+
+
 def train_on_ranks(mesh_specs: tuple[str, ...], autocast: bool) -> dict[str, list[float]]:
-    """Body run on every gloo rank: parity training on each mesh (plus bf16 on the first)."""
+    """Body run on every gloo rank: the modules, then parity training on each mesh (plus bf16
+    on the first)."""
+    check_modules_on_ranks(mesh_specs[0])
     out = {}
     for spec in mesh_specs:
         mesh = tm.Mesh(spec, layout=rules_for(spec), backend="dist")
