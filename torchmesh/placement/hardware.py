@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torchmesh.errors import PlanningError
 from torchmesh.placement.mesh_shape import MeshShape
@@ -78,8 +78,7 @@ class Hardware:
     def with_bandwidths(self, per_axis: Mapping[str, float]) -> "Hardware":
         """These hardware settings with the bandwidth of some axes fixed (bytes/s)."""
         merged = dict(self.axis_bandwidth_overrides) | dict(per_axis)
-        return Hardware(self.name, self.flops, self.memory, self.intra_bandwidth, self.inter_bandwidth,
-                        self.devices_per_node, self.efficiency, tuple(sorted(merged.items())))
+        return replace(self, axis_bandwidth_overrides=tuple(sorted(merged.items())))
 
 
 PRESETS: dict[str, Hardware] = {
