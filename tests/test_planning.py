@@ -146,9 +146,9 @@ def test_extrapolated_layers_are_exact():
 
 def test_abstract_draws_nothing_and_is_fast():
     config = recipes.lm_config(100e9)  # ~100B parameters on 512 devices, on the meta device
-    start = time.perf_counter()
+    start = time.process_time()
     profile = recipes.profile_lm(config, 512, "dp:32;tp:16", "batch:dp;heads:tp;kv_heads:tp;ff:tp;vocab:tp")
-    assert time.perf_counter() - start < 30
+    assert time.process_time() - start < 10  # CPU seconds (about 0.5 on this machine)
     assert 95e9 < recipes.lm_parameters(config) < 105e9
     assert profile.param_bytes == pytest.approx(4 * recipes.lm_parameters(config) / 16, rel=0.01)
     mesh = tm.Mesh("dp:2", layout="batch:dp", backend="abstract")
