@@ -130,6 +130,22 @@ def _entry(prefix: str, name: str, obj: object) -> str:
     return "\n".join(lines)
 
 
+def _summary(obj: object) -> str:
+    """The first sentence of the docstring, on one line (a constant: its kind)."""
+    if not (inspect.isclass(obj) or callable(obj)):
+        return f"a constant ({type(obj).__name__})"
+    text = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ")
+    sentence = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    if len(sentence) > 120:
+        sentence = sentence[:120].rsplit(" ", 1)[0] + " ..."
+    return sentence.replace("|", "\\|")
+
+
+def _anchor(prefix: str, name: str) -> str:
+    """GitHub's anchor for the heading `### `prefix.name``."""
+    return re.sub(r"[^a-z0-9_ -]", "", f"{prefix}.{name}".lower()).replace(" ", "-")
+
+
 def public_modules() -> list[tuple[ModuleType, str, str]]:
     """The documented modules that exist in this checkout (optional ones may be missing)."""
     found = []
@@ -157,7 +173,9 @@ def render() -> str:
     for module, prefix, _ in modules:
         parts += ["", f"## {module.__name__}", ""]
         names = sorted(module.__all__, key=lambda n: (n.lower(), n))
-        parts += ["\n\n".join(_entry(prefix, n, getattr(module, n)) for n in names)]
+        parts += ["| name | what it is |", "|---|---|"]
+        parts += [f"| [`{prefix}.{n}`](#{_anchor(prefix, n)}) | {_summary(getattr(module, n))} |" for n in names]
+        parts += ["", "\n\n".join(_entry(prefix, n, getattr(module, n)) for n in names)]
     return "\n".join(parts).rstrip() + "\n"
 
 
