@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 
 import pytest
+import test_moe as test_moe_sim
 import test_nn
 import test_train_lm as lm
-import torch
 
 import torchmesh as tm
 
@@ -41,3 +41,18 @@ def test_module(name, spec):
 @pytest.mark.parametrize("spec", MESHES)
 def test_attention(spec):
     test_nn.test_attention_causal_grouped(spec, 4 if "tp:4" in spec else 2)
+
+
+MOE_CASES = {  # (mesh, rules, top_k, capacity_factor), from tests/test_moe.py's meshes
+    4: [("dp:2;tp:2", "batch:dp;experts:dp;ff:tp", 2, 1.0), ("dp:4", "batch:dp;experts:dp", 1, 1.0),
+        ("dp:2;ep:2", "batch:dp,ep;experts:ep", 2, 0.5)],
+    8: [("dp:2;tp:4", "batch:dp;experts:dp;ff:tp", 2, 0.5)],
+}[DEVICES]
+
+
+@pytest.mark.parametrize("mesh_spec,rules,top_k,capacity_factor", MOE_CASES)
+def test_moe(mesh_spec, rules, top_k, capacity_factor):
+    """tm.nn.MoE (routing, capacity, dispatch and combine) forward and backward vs torch."""
+    cfg = test_moe_sim.config(top_k, capacity_factor=capacity_factor)
+    mesh = tm.Mesh(mesh_spec, layout=rules, backend="xla")
+    test_moe_sim.compare(test_moe_sim.run_moe(mesh, cfg), test_moe_sim.run_reference(cfg), f"xla {mesh_spec} {rules}")
