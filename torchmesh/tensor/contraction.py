@@ -29,8 +29,8 @@ from torchmesh.placement.layout import TensorLayout, check, resolve
 from torchmesh.placement.mesh_shape import MeshShape
 from torchmesh.placement.plan import AllToAll, Gather, Slice, Step, plan_relayout
 from torchmesh.placement.rules import LayoutRules
-from torchmesh.tensor.dims import Dim
 from torchmesh.tensor import regather
+from torchmesh.tensor.dims import Dim
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 
@@ -173,8 +173,8 @@ def run_op(
         mesh.impl.current_op = f"{what} {' , '.join(str(x._layout) for x in xs)} -> {plan.out}"
     datas = prepare_inputs(plan, xs)
     fn, run = local_fn(plan), (mesh.impl.slicewise_at if at else mesh.impl.slicewise)
-    sources = [(x._data, d, st) for x, d, st, rs in zip(xs, datas, plan.in_steps, plan.in_gather_rs) if rs]
-    if sources and regather.enabled():  # fully sharded inputs: gather them again in backward
+    if any(plan.in_gather_rs) and regather.enabled():  # fully sharded inputs: gathered again in backward
+        sources = [(x._data, d, st) for x, d, st, rs in zip(xs, datas, plan.in_steps, plan.in_gather_rs) if rs]
         out = regather.run_regathering(mesh.impl, lambda: run(fn, *datas), sources)
     else:
         out = run(fn, *datas)
