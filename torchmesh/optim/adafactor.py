@@ -85,6 +85,12 @@ class Adafactor(torch.optim.Optimizer):
                 self._update(p, group)
         return loss
 
+    def mesh_state_dims(self, stat: str, dims: tuple[str, ...]) -> tuple[str, ...] | None:
+        """The parameter dims a state tensor keeps, so that checkpoints (`tm.save`) can reshard
+        it: the row statistics drop the last dim, the column ones the second-to-last; None
+        for state shaped like the parameter."""
+        return {ROW: dims[:-1], COL: dims[:-2] + dims[-1:]}.get(stat)
+
     def _update(self, p: MeshTensor, group: dict) -> None:
         g = p.grad
         states = [self.state[t] for t in p._data]
