@@ -1,5 +1,6 @@
-"""The XLA suite runs only in the subprocess tests/test_xla.py starts, with PJRT_DEVICE=CPU
-and CPU_NUM_DEVICES set before torch_xla is imported; an ordinary `pytest tests` skips it.
+"""The XLA suite runs only in the subprocesses tests/test_xla.py starts, with PJRT_DEVICE=CPU
+and CPU_NUM_DEVICES set before torch_xla is imported and TORCHMESH_XLA_SUITE=1; an ordinary
+`pytest tests` collects nothing here (even where PJRT_DEVICE is set, as on a TPU VM).
 
 Under XLA, `reference.assert_matches` (which `reference.check_op` calls) is replaced by a
 check of what each XLA device really holds: the global value, and every device's block as
@@ -13,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-if not os.environ.get("PJRT_DEVICE"):
+if os.environ.get("TORCHMESH_XLA_SUITE") != "1":
     collect_ignore_glob = ["*.py"]
 else:
     if os.environ.get("CPU_NUM_DEVICES", "4") != "4":
