@@ -21,8 +21,11 @@ PUBLIC = [
     for module, _, _ in apidoc.public_modules()
     for name in module.__all__
 ]
-# The user's surface (tm, tm.nn, tm.optim, mtf): every name needs an example.
-SURFACE = [(name, obj) for name, obj in PUBLIC if name.rsplit(".", 1)[0] in apidoc.EXAMPLES_REQUIRED]
+# Every class and function of these modules needs an example (constants have no docstring).
+SURFACE = [
+    (name, obj) for name, obj in PUBLIC
+    if name.rsplit(".", 1)[0] in apidoc.EXAMPLES_REQUIRED and (inspect.isclass(obj) or callable(obj))
+]
 # Examples run here, in one CPU process; torchmesh.xla's would start the XLA runtime.
 DOCTESTED = [(name, obj) for name, obj in PUBLIC if not name.startswith("torchmesh.xla.")]
 

@@ -23,7 +23,16 @@ from torchmesh.placement.profile import StepProfile
 
 @dataclass(frozen=True, slots=True)
 class StepCost:
-    """A profile priced on some hardware: memory, time per term, and whether it fits."""
+    """A profile priced on some hardware: memory, time per term, and whether it fits.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
+    >>> profile = planning.profile_step(planning.lm_builder(config, batch=4), "dp:2;tp:2", "batch:dp;ff:tp")
+    >>> cost = planning.estimate(profile, planning.preset("a100"))
+    >>> cost.fits, cost.dominant()[0], cost.step_s > 0
+    (True, 'comm over dp', True)
+    """
 
     profile: StepProfile
     hardware: Hardware
@@ -64,7 +73,15 @@ class StepCost:
 
 
 def estimate(profile: StepProfile, hardware: Hardware, memory_limit: int | None = None) -> StepCost:
-    """Price `profile` on `hardware`; `memory_limit` (bytes per device) defaults to its memory."""
+    """Price `profile` on `hardware`; `memory_limit` (bytes per device) defaults to its memory.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
+    >>> profile = planning.profile_step(planning.lm_builder(config, batch=4), "dp:2;tp:2", "batch:dp;ff:tp")
+    >>> planning.estimate(profile, planning.preset("a100"), memory_limit=1000).fits   # 1 KB per device
+    False
+    """
     comm: dict[tuple[str, ...], float] = {}
     for axes, nbytes in profile.bytes_by_axes().items():
         comm[axes] = comm.get(axes, 0.0) + nbytes / hardware.bandwidth(profile.mesh, axes)

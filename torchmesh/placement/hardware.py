@@ -34,7 +34,16 @@ GiB = 2**30
 
 @dataclass(frozen=True, slots=True)
 class Hardware:
-    """One kind of device and its network, as the cost model sees them."""
+    """One kind of device and its network, as the cost model sees them.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> gpu = planning.Hardware("my-gpu", flops=100e12, memory=40 * 2**30, intra_bandwidth=200e9,
+    ...                         inter_bandwidth=25e9, devices_per_node=8)
+    >>> mesh = tm.MeshShape.parse("dp:4;tp:8")   # tp: the 8 devices of a node
+    >>> gpu.link_name(mesh, "tp"), gpu.link_name(mesh, "dp")
+    ('intra-node', 'inter-node')
+    """
 
     name: str
     flops: float  # peak FLOP/s per device
@@ -91,7 +100,13 @@ PRESETS: dict[str, Hardware] = {
 
 
 def preset(name: str) -> Hardware:
-    """The hardware preset called `name` (tpuv3, a100, h100)."""
+    """The hardware preset called `name` (tpuv3, a100, h100).
+
+    >>> from torchmesh import planning
+    >>> h = planning.preset("a100")
+    >>> h.name, h.flops, sorted(planning.PRESETS)
+    ('a100', 312000000000000.0, ['a100', 'h100', 'tpuv3'])
+    """
     try:
         return PRESETS[name.lower()]
     except KeyError:

@@ -49,7 +49,15 @@ class StepProfile:
     """Per-device counts of one training step (bytes, FLOPs), from abstract evaluation.
 
     Profiles are linear in the model's layers, so they add, subtract and scale
-    (`extrapolate` uses this to evaluate a deep model from one- and two-layer ones)."""
+    (`extrapolate` uses this to evaluate a deep model from one- and two-layer ones).
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
+    >>> p = planning.profile_step(planning.lm_builder(config, batch=4), "dp:2;tp:2", "batch:dp;heads:tp;ff:tp;vocab:tp")
+    >>> p.counts(), p.comm_bytes, p.param_bytes
+    ({'all_reduce': 29}, 17604, 9216)
+    """
 
     mesh: MeshShape
     rules: str
@@ -105,7 +113,18 @@ _LINEAR = ("flops", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_
 
 def extrapolate(one_layer: StepProfile, two_layers: StepProfile, layers: int) -> StepProfile:
     """The profile of a model with `layers` identical layers, from its 1- and 2-layer profiles:
-    p(L) = p(1) + (L - 1) (p(2) - p(1)), exact when the layers are identical."""
+    p(L) = p(1) + (L - 1) (p(2) - p(1)), exact when the layers are identical.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> def profile(layers):
+    ...     config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=layers, seq=8)
+    ...     return planning.profile_step(planning.lm_builder(config, batch=4), "dp:2;tp:2", "batch:dp;ff:tp")
+    >>> p1, p2, p3 = profile(1), profile(2), profile(3)
+    >>> deep = planning.extrapolate(p1, p2, layers=3)
+    >>> (deep.param_bytes, deep.comm_bytes) == (p3.param_bytes, p3.comm_bytes)
+    True
+    """
     return one_layer.combine(two_layers, 2 - layers, layers - 1)
 
 
@@ -113,7 +132,21 @@ def profile_step(builder: Builder, mesh: MeshShapeLike, rules: RulesLike, optimi
                  param_rules: str = "") -> StepProfile:
     """Evaluate one training step of `builder`'s model abstractly on `mesh` under `rules`;
     with `param_rules` ("d_model:dp"), its parameters are stored fully sharded by them too
-    (`tm.nn.shard_parameters`)."""
+    (`tm.nn.shard_parameters`). `builder(mesh)` returns `(module, loss_fn)`; nothing is
+    computed and no device is needed, and the collectives are those a real run records.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
+    >>> step = planning.lm_builder(config, batch=4)
+    >>> rules = "batch:dp;heads:tp;ff:tp;vocab:tp"
+    >>> profile = planning.profile_step(step, "dp:2;tp:2", rules)
+    >>> with tm.comm_stats() as stats:   # the same step, run on sim
+    ...     model, loss_fn = step(tm.Mesh("dp:2;tp:2", layout=rules))
+    ...     loss_fn().backward()
+    >>> stats.total_bytes == profile.comm_bytes
+    True
+    """
     if optimizer not in OPTIMIZERS:
         raise PlanningError(f"unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS} (the state "
                             f"memory is counted for these).")
@@ -210,7 +243,14 @@ class _SavedTensors:
 
 
 def model_dims(builder: Builder) -> set[str]:
-    """The dim names of a model's parameters, plus 'batch' (built once, abstractly, on one device)."""
+    """The dim names of a model's parameters, plus 'batch' (built once, abstractly, on one device).
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
+    >>> sorted(planning.model_dims(planning.lm_builder(config, batch=4)))
+    ['batch', 'd_head', 'd_model', 'ff', 'heads', 'seq', 'vocab']
+    """
     from torchmesh.nn.parameter import mesh_parameters
 
     module, _ = builder(Mesh("one:1", backend="abstract"))

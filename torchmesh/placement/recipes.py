@@ -42,7 +42,13 @@ SEQ = 1024
 
 
 def lm_config(params: float, seq: int = SEQ, vocab: int = VOCAB, experts: int = 0):
-    """A `tm.nn.LMConfig` of about `params` parameters (the recipe in the module docstring)."""
+    """A `tm.nn.LMConfig` of about `params` parameters (the recipe in the module docstring).
+
+    >>> from torchmesh import planning
+    >>> config = planning.lm_config(1e9)
+    >>> config.d_model, config.layers, config.heads, config.seq
+    (2048, 17, 16, 1024)
+    """
     from torchmesh.nn.transformer import LMConfig
 
     d = max(1024, 2048 * round((params / 0.09375) ** (1 / 3) / 2048))
@@ -77,7 +83,18 @@ class Rematerialized(torch.nn.Module):
 
 
 def lm_builder(config, batch: int, remat: bool = False) -> Builder:
-    """The training step of a TransformerLM on `batch` sequences of `config.seq` tokens."""
+    """The training step of a TransformerLM on `batch` sequences of `config.seq` tokens.
+
+    A builder: `builder(mesh)` makes the model on `mesh` and returns `(model, loss_fn)`.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
+    >>> model, loss_fn = planning.lm_builder(config, batch=4)(tm.Mesh("dp:2", layout="batch:dp"))
+    >>> loss = loss_fn()
+    >>> loss.dims, type(model).__name__
+    ((), 'TransformerLM')
+    """
     from torchmesh.nn.losses import cross_entropy
     from torchmesh.nn.transformer import TransformerLM
 
@@ -101,7 +118,15 @@ def lm_builder(config, batch: int, remat: bool = False) -> Builder:
 
 def profile_lm(config, batch: int, mesh: MeshShapeLike, rules: str, optimizer: str = "adamw",
                param_rules: str = "", remat: bool = False) -> StepProfile:
-    """The step profile of the full-depth model, from its 1- and 2-layer versions."""
+    """The step profile of the full-depth model, from its 1- and 2-layer versions.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=12, seq=8)
+    >>> p = planning.profile_lm(config, batch=4, mesh="dp:2;tp:2", rules="batch:dp;ff:tp")
+    >>> p.param_bytes > 0, p.counts()["all_reduce"] > 12
+    (True, True)
+    """
 
     def run(layers: int, remat: bool) -> StepProfile:
         cfg = dataclasses.replace(config, layers=layers)

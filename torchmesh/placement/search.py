@@ -49,7 +49,13 @@ SHAREABLE = frozenset({frozenset({"data", "expert"}), frozenset({"data", "weight
 @dataclass(frozen=True, slots=True)
 class Candidate:
     """One layout: which roles each mesh axis carries, the rules that follow, and its cost
-    (or the error that made it invalid)."""
+    (or the error that made it invalid).
+
+    >>> from torchmesh import planning
+    >>> c = planning.candidates("dp:2;tp:2", {"data": ("batch",), "tensor": ("ff",)})[1]
+    >>> c.name, c.rules, c.cost is None
+    ('data(dp) tensor(tp)', 'batch:dp;ff:tp', True)
+    """
 
     assignment: tuple[tuple[str, tuple[str, ...]], ...]  # (axis, roles)
     rules: str
@@ -73,7 +79,20 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class SearchResult:
-    """Candidates ranked best first; `best` is the fastest that fits (None if none fits)."""
+    """Candidates ranked best first; `best` is the fastest that fits (None if none fits).
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
+    >>> step = planning.lm_builder(config, batch=4)
+    >>> result = planning.search(lambda rules, params: planning.profile_step(step, "dp:2;tp:2", rules),
+    ...                          "dp:2;tp:2", planning.preset("a100"),
+    ...                          roles={"data": ("batch",), "tensor": ("heads", "ff", "vocab")})
+    >>> result.best.name, result.best.rules
+    ('data(dp) tensor(tp)', 'batch:dp;heads:tp;ff:tp;vocab:tp')
+    >>> result.why(result.find("tensor(dp,tp)"))
+    "invalid: tensor with dims (d_model:16, heads:2, d_head:8) cannot be laid out: dim 'heads' of size 2 is split over mesh axes dp x tp (4 parts), and 2 is not divisible by 4."
+    """
 
     mesh: MeshShape
     candidates: tuple[Candidate, ...]
@@ -123,7 +142,12 @@ class SearchResult:
 
 def roles_for(dims: Iterable[str], roles: Mapping[str, tuple[str, ...]] = DEFAULT_ROLES) -> dict[str, tuple[str, ...]]:
     """`roles` narrowed to a model's dims (`profile.model_dims(builder)`): roles none of whose
-    dims the model has are dropped, and `weight` when FSDP is not available."""
+    dims the model has are dropped, and `weight` when FSDP is not available.
+
+    >>> from torchmesh import planning
+    >>> planning.roles_for({"batch", "seq", "d_model", "ff"})
+    {'data': ('batch',), 'tensor': ('ff',), 'weight': ('d_model',)}
+    """
     from torchmesh.placement.profile import can_shard_parameters
 
     have = set(dims)
@@ -132,7 +156,12 @@ def roles_for(dims: Iterable[str], roles: Mapping[str, tuple[str, ...]] = DEFAUL
 
 
 def candidates(mesh: MeshShapeLike, roles: Mapping[str, tuple[str, ...]]) -> list[Candidate]:
-    """Every assignment of roles to the mesh's axes (see the module docstring), unpriced."""
+    """Every assignment of roles to the mesh's axes (see the module docstring), unpriced.
+
+    >>> from torchmesh import planning
+    >>> [c.rules for c in planning.candidates("dp:2;tp:2", {"data": ("batch",), "tensor": ("ff",)})]
+    ['batch:dp,tp', 'batch:dp;ff:tp', 'batch:tp;ff:dp', 'ff:dp,tp']
+    """
     shape = MeshShape.parse(mesh)
     names = [r for r in roles if roles[r]]
     choices = {frozenset({r}) for r in names if r != "weight"}  # weight sharding rides on data axes
@@ -172,7 +201,19 @@ def search(
     """Price every candidate layout with `profile(rules, param_rules)` and rank them (see the
     module docstring).
 
-    `memory` is the device memory in bytes (default: the hardware's)."""
+    `memory` is the device memory in bytes (default: the hardware's).
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
+    >>> step = planning.lm_builder(config, batch=4)
+    >>> def profile(rules, param_rules):
+    ...     return planning.profile_step(step, "dp:2;tp:2", rules, param_rules=param_rules)
+    >>> result = planning.search(profile, "dp:2;tp:2", planning.preset("a100"),
+    ...                          roles=planning.roles_for(planning.model_dims(step)))
+    >>> print(result.best.rules)
+    batch:dp;heads:tp;ff:tp;vocab:tp
+    """
     shape = MeshShape.parse(mesh)
     priced = []
     for c in candidates(shape, roles):
