@@ -333,3 +333,16 @@ def test_state_with_unknown_dims_is_refused(tmp_path):
     train(model, opt, mesh, range(1))
     with pytest.raises(tm.CheckpointError, match=r"'sketch' of the mesh parameter 'w_in'.*mesh_state_dims"):
         tm.save(tmp_path / "x", model=model, optimizer=opt)
+
+
+def test_fully_sharded_parameters_load_unsharded(tmp_path):
+    """tm.nn.shard_parameters (FSDP) is one more layout: its checkpoints load anywhere."""
+    mesh, model, _ = trained()
+    sharded = tm.nn.shard_parameters(model, "d:dp")
+    opt = torch.optim.AdamW(sharded.parameters(), lr=0.05)
+    train(sharded, opt, mesh, range(2, 3))
+    assert sharded.w_in.layout == {"d": "dp", "ff": "tp"}
+    path = tm.save(tmp_path / "fsdp", model=sharded, optimizer=opt, step=3)
+    _, plain, plain_opt = fresh("tp:2", "ff:tp")
+    tm.load(path, model=plain, optimizer=plain_opt)
+    assert_same(snapshot(plain, plain_opt), snapshot(sharded, opt), "FSDP-sharded -> tp:2")
