@@ -127,7 +127,7 @@ class SearchResult:
         """A text table of every candidate: memory, bytes sent, estimated time, verdict."""
         head = ("", "layout", "memory/device", "sent/device", "compute", "comm", "step", "why")
         rows = [head]
-        for i, c in enumerate(self.candidates):
+        for c in self.candidates:
             mark = "*" if c is self.best else ("x" if not c.fits else "")
             if c.cost is None:
                 rows.append((mark, c.name, "-", "-", "-", "-", "-", self.why(c)))
