@@ -173,8 +173,12 @@ def run_op(
         mesh.impl.current_op = f"{what} {' , '.join(str(x._layout) for x in xs)} -> {plan.out}"
     datas = prepare_inputs(plan, xs)
     fn, run = local_fn(plan), (mesh.impl.slicewise_at if at else mesh.impl.slicewise)
+    sources = []
     if any(plan.in_gather_rs) and regather.enabled():  # fully sharded inputs: gathered again in backward
-        sources = [(x._data, d, st) for x, d, st, rs in zip(xs, datas, plan.in_steps, plan.in_gather_rs) if rs]
+        # (not inputs no collective touched: on xla the partitioner does the gathering)
+        sources = [(x._data, d, st) for x, d, st, rs in zip(xs, datas, plan.in_steps, plan.in_gather_rs)
+                   if rs and d is not x._data]
+    if sources:
         out = regather.run_regathering(mesh.impl, lambda: run(fn, *datas), sources)
     else:
         out = run(fn, *datas)
