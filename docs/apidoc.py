@@ -30,7 +30,7 @@ MODULES = (
     ("torchmesh.planning", "tm.planning", "abstract evaluation, cost model and layout search (docs/planning.md)."),
     ("torchmesh.xla", "torchmesh.xla", "helpers of the xla backend: shardings, device blocks, compiled HLO."),
 )
-EXAMPLES_REQUIRED = ("torchmesh", "torchmesh.nn", "torchmesh.optim", "torchmesh.mtf", "torchmesh.planning")
+EXAMPLES_REQUIRED = tuple(module for module, _, _ in MODULES)
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import doctest
 import importlib.util
 import inspect
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,8 @@ SURFACE = [
     (name, obj) for name, obj in PUBLIC
     if name.rsplit(".", 1)[0] in apidoc.EXAMPLES_REQUIRED and (inspect.isclass(obj) or callable(obj))
 ]
-# Examples run here, in one CPU process; torchmesh.xla's would start the XLA runtime.
+# Examples run here, in one CPU process; torchmesh.xla's need the XLA runtime, so they run in
+# a process of their own (test_xla_docstring_examples_hold).
 DOCTESTED = [(name, obj) for name, obj in PUBLIC if not name.startswith("torchmesh.xla.")]
 
 
@@ -62,6 +66,29 @@ def test_docstring_example_holds(test):
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     runner.run(test, out=lambda text: pytest.fail(text, pytrace=False))
     assert runner.failures == 0
+
+
+XLA_DOCTESTS = """
+import doctest, sys
+import torchmesh.xla as xla
+
+finder = doctest.DocTestFinder(exclude_empty=True)
+runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+for name in xla.__all__:
+    for test in finder.find(getattr(xla, name), "torchmesh.xla." + name):
+        runner.run(test)
+print(runner.summarize(verbose=False))
+sys.exit(1 if runner.failures or not runner.tries else 0)
+"""
+
+
+def test_xla_docstring_examples_hold():
+    """torchmesh.xla's examples, on 4 virtual CPU XLA devices in a fresh process (torch-xla
+    reads its devices when it is imported)."""
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
+    out = subprocess.run([sys.executable, "-c", XLA_DOCTESTS], capture_output=True, text=True, env=env,
+                         timeout=280, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
 
 def test_api_md_is_up_to_date():

@@ -38,7 +38,14 @@ def start_runtime() -> None:
 
     Both must happen before the process's first XLA tensor and first backward pass: autograd
     sizes its per-device queues at its first backward, and a CPU backward run before then
-    leaves no queue for the XLA device (an internal assert in every later XLA backward)."""
+    leaves no queue for the XLA device (an internal assert in every later XLA backward).
+    The first `tm.Mesh(..., backend="xla")` calls it; call it yourself first when the process
+    runs other backward passes before making the mesh.
+
+    >>> from torchmesh.xla import start_runtime
+    >>> start_runtime()   # (PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 for virtual devices)
+    >>> start_runtime()   # once per process: later calls do nothing
+    """
     if _started:
         return
     import torch_xla
@@ -64,7 +71,12 @@ PartitionSpec = tuple  # for each dim: None (replicated), an axis name, or a tup
 @lru_cache(maxsize=4096)
 def partition_spec(axes: tuple[tuple[str, ...], ...]) -> PartitionSpec:
     """The torch-xla partition spec of a layout's axes: `(("dp",), (), ("dp", "tp"))` is
-    `("dp", None, ("dp", "tp"))` (several axes for one dim: major to minor)."""
+    `("dp", None, ("dp", "tp"))` (several axes for one dim: major to minor).
+
+    >>> from torchmesh.xla import partition_spec
+    >>> partition_spec((("dp",), (), ("dp", "tp")))
+    ('dp', None, ('dp', 'tp'))
+    """
     return tuple(None if not a else a[0] if len(a) == 1 else a for a in axes)
 
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from torchmesh.comm.stats import CommRecord, CommStats
+from torchmesh.comm.stats import CommRecord, CommStats, bytes_sent
 from torchmesh.placement.mesh_shape import MeshShape
 
 #: HLO opcode -> comm_stats kind. Async forms (`-start`) count once; `-done` is not counted.
@@ -51,17 +51,6 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _bytes(kind: str, k: int, s: int) -> int:
-    """The ring formulas of torchmesh/comm/stats.py (bytes one device sends)."""
-    return {
-        "all_reduce": 2 * (k - 1) * s // k,
-        "all_gather": (k - 1) * s,
-        "reduce_scatter": (k - 1) * s // k,
-        "all_to_all": (k - 1) * s // k,
-        "shift": s,
-    }[kind]
-
-
 def parse_groups(attrs: str, n_devices: int) -> list[list[int]]:
     """The device groups of a collective's attributes: explicit `{{0,1},{2,3}}`, torch-xla's
     iota form `[2,2]<=[2,2]T(1,0)`, or (none given) every device in one group."""
@@ -86,7 +75,16 @@ def axes_between(mesh: MeshShape, devices: Iterable[int]) -> tuple[str, ...]:
 
 
 def parse_hlo(text: str, mesh: MeshShape) -> list[CommRecord]:
-    """Every collective instruction of a (partitioned) HLO module's text, as records."""
+    """Every collective instruction of a (partitioned) HLO module's text, as records.
+
+    >>> import torch, torchmesh as tm
+    >>> from torchmesh.xla import compiled_hlo, parse_hlo
+    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> x = tm.distribute(torch.ones(2, 4), "batch ff", mesh)
+    >>> w = tm.distribute(torch.ones(4, 3), "ff d", mesh)
+    >>> parse_hlo(compiled_hlo(tm.einsum("batch ff, ff d -> batch d", x, w)), mesh.shape)
+    [CommRecord(kind='all_reduce', axes=('tp',), bytes=12, shape=(1, 3), dtype=torch.float32, phase='compiled')]
+    """
     records = []
     for line in text.splitlines():
         m = _INSTRUCTION.search(line)
@@ -115,7 +113,7 @@ def parse_hlo(text: str, mesh: MeshShape) -> list[CommRecord]:
             if k == 1:
                 continue
             axes = axes_between(mesh, groups[0])
-        records.append(CommRecord(kind, axes, _bytes(kind, k, size), first, dtype, "compiled"))
+        records.append(CommRecord(kind, axes, bytes_sent(kind, k, size), first, dtype, "compiled"))
     return records
 
 
@@ -133,7 +131,15 @@ def _post_optimization_hlo():
 
 
 def compiled_hlo(*tensors) -> str:
-    """The partitioned HLO text of the program computing these MeshTensors (or XLA tensors)."""
+    """The partitioned HLO text of the program computing these MeshTensors (or XLA tensors).
+
+    >>> import torch, torchmesh as tm
+    >>> from torchmesh.xla import compiled_hlo
+    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> h = tm.distribute(torch.ones(2, 4), "batch ff", mesh).sum("ff")   # ff split: partial sums
+    >>> "all-reduce" in compiled_hlo(h)
+    True
+    """
     import torch_xla
 
     xs = [t._data[0] if hasattr(t, "_data") else t for t in tensors]
@@ -147,6 +153,15 @@ def compiled_comm_stats(*tensors) -> CommStats:
 
     Pass everything a step produces (the loss and the gradients, or the updated parameters):
     tensors left out are not part of the compiled program, nor is their communication.
+
+    >>> import torch, torchmesh as tm
+    >>> from torchmesh.xla import compiled_comm_stats
+    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> x = tm.distribute(torch.ones(2, 4), "batch ff", mesh)
+    >>> w = tm.distribute(torch.ones(4, 3), "ff d", mesh)
+    >>> stats = compiled_comm_stats(tm.einsum("batch ff, ff d -> batch d", x, w))
+    >>> stats.counts, stats.bytes_by("axes")
+    ({'all_reduce': 1}, {('tp',): 12})
     """
     meshes = {t.mesh for t in tensors if hasattr(t, "mesh")}
     if len(meshes) != 1 or next(iter(meshes)).backend != "xla":

@@ -11,7 +11,15 @@ import torch
 @dataclass(frozen=True, slots=True)
 class DeviceBlock:
     """One device's block of a global XLA tensor: the device index (row-major on the
-    torchmesh mesh), its global index ranges (one slice per dim), and a CPU copy."""
+    torchmesh mesh), its global index ranges (one slice per dim), and a CPU copy.
+
+    >>> import torch, torchmesh as tm
+    >>> from torchmesh.xla import device_blocks
+    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> x = tm.distribute(torch.arange(8.0).reshape(2, 4), "batch ff", mesh)
+    >>> device_blocks(x.local)[1]
+    DeviceBlock(device=1, index=(slice(0, 1, None), slice(2, 4, None)), value=tensor([[2., 3.]]))
+    """
 
     device: int
     index: tuple[slice, ...]
@@ -20,14 +28,29 @@ class DeviceBlock:
 
 def sharding_text(t: torch.Tensor) -> str:
     """torch-xla's sharding of `t`, e.g. '{devices=[2,1,2]0,2,1,3 last_tile_dim_replicate}'
-    ('' when it has none yet)."""
+    ('' when it has none yet).
+
+    >>> import torch, torchmesh as tm
+    >>> from torchmesh.xla import sharding_text
+    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> sharding_text(tm.distribute(torch.zeros(2, 4), "batch ff", mesh).local)
+    '{devices=[2,2]0,1,2,3}'
+    """
     import torch_xla
 
     return torch_xla._XLAC._get_xla_sharding_spec(t)
 
 
 def device_blocks(t: torch.Tensor) -> list[DeviceBlock]:
-    """Every device's block of `t`, in device order (runs `t`'s pending computation)."""
+    """Every device's block of `t`, in device order (runs `t`'s pending computation).
+
+    >>> import torch, torchmesh as tm
+    >>> from torchmesh.xla import device_blocks
+    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> x = tm.distribute(torch.arange(8.0).reshape(2, 4), "batch ff", mesh)
+    >>> [(b.device, b.value.tolist()) for b in device_blocks(x.local)]
+    [(0, [[0.0, 1.0]]), (1, [[2.0, 3.0]]), (2, [[4.0, 5.0]]), (3, [[6.0, 7.0]])]
+    """
     import torch_xla
 
     t = t.detach()
