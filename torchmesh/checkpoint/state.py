@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchmesh.errors import CheckpointError
-from torchmesh.nn.parameter import mesh_parameters
+from torchmesh.nn.parameter import _shards, mesh_parameters
 from torchmesh.placement.layout import TensorLayout, local_shape, local_slices, parts
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
@@ -59,7 +59,13 @@ class ParamRef:
 
 def model_params(model: torch.nn.Module) -> list[ParamRef]:
     """Every tensor of `model.state_dict()`, mesh parameters grouped into one entry each."""
-    refs = [ParamRef(name, tuple(x._data), x.tensor_layout, x.mesh) for name, x in mesh_parameters(model)]
+    refs = []
+    for mod_name, module in model.named_modules():
+        for name, spec in (module.__dict__.get("_mesh_params") or {}).items():
+            # the registered nn.Parameters themselves (a MeshTensor over them may hold
+            # re-annotated views on xla), which the optimizer knows and loading fills
+            qualified = f"{mod_name}.{name}" if mod_name else name
+            refs.append(ParamRef(qualified, _shards(module, name), spec.layout, spec.mesh))
     owned = {id(t) for r in refs for t in r.shards}
     for name, t in model.state_dict(keep_vars=True).items():
         if id(t) not in owned:
