@@ -54,6 +54,7 @@ def test_repr_shows_each_devices_block():
     assert text.startswith(f"MeshTensor(batch:4 ff:8 | batch:dp;ff:tp | mesh {MESH} xla | float32)")
     assert "[dp=0,tp=0] batch[0:2] ff[0:" in text and f"[dp=1,tp={tp - 1}] batch[2:4] ff[" in text
     assert "[16., 17." in text  # the values of device (dp=1, tp=0)'s block, read from that device
+    assert torch.equal(x.shard(dp=1, tp=0), x.full()[2:4, : 8 // tp])  # a CPU copy of that device's block
     s = x.sum()  # replicated: one block, shown once
     assert repr(s).count("[dp=*,tp=*]") == 1
     assert "devices" in tm.show_layout(x)

@@ -109,7 +109,8 @@ class MeshTensor:
         return list(self._data)
 
     def shard(self, coords: tuple[int, ...] | None = None, **axis_coords: int) -> torch.Tensor:
-        """The shard of the device at these mesh coordinates: x.shard((0, 1)) or x.shard(dp=0, tp=1)."""
+        """The shard of the device at these mesh coordinates: x.shard((0, 1)) or x.shard(dp=0, tp=1)
+        (on xla, a CPU copy of the block that device holds)."""
         impl = self._mesh.impl
         names = self._mesh.axis_names
         if coords is None:
@@ -118,7 +119,7 @@ class MeshTensor:
                 raise DimError(f"x.shard: {sorted(unknown)} are not axes of the mesh {names}.")
             coords = tuple(axis_coords.get(n, 0) for n in names)
         coords = tuple(coords)
-        for c, data in zip(impl.local_coords, self._data):
+        for c, data in impl.device_shards(self._data)[1]:  # on xla: that device's block, read back
             if c == coords:
                 return data
         raise BackendError(f"the shard at mesh coordinates {coords} is not held by this process.")
