@@ -76,6 +76,8 @@ HLO = """
 %agd = f32[4,8]{1,0} all-gather-done((f32[2,8]{1,0}, f32[4,8]{1,0}) %ags)
 %reduce-scatter = s32[2,8]{1,0} reduce-scatter(s32[8,8]{1,0} %y), channel_id=7, replica_groups={}, dimensions={0}, to_apply=%add
 %all-to-all = f32[8,4]{1,0} all-to-all(f32[8,4]{1,0} %z), channel_id=8, replica_groups={{0,1},{2,3}}, dimensions={0}
+%all-reduce-start.9 = (f32[8,128]{1,0:T(8,128)}, f32[16]{0:T(256)}) all-reduce-start(f32[8,128]{1,0:T(8,128)} %a, f32[16]{0:T(256)} %b), channel_id=9, replica_groups={{0,2},{1,3}}, to_apply=%add
+%all-reduce-done.9 = (f32[8,128]{1,0:T(8,128)}, f32[16]{0:T(256)}) all-reduce-done((f32[8,128]{1,0:T(8,128)}, f32[16]{0:T(256)}) %all-reduce-start.9)
 %add.5 = f32[4,16]{1,0} add(f32[4,16]{1,0} %all-reduce, f32[4,16]{1,0} %all-gather)
 """
 
@@ -83,7 +85,7 @@ HLO = """
 def test_parse_hlo_collectives():
     """Kinds, mesh axes from device groups (explicit, iota, transposed iota, all devices),
     bytes by the comm_stats ring formulas (tuple operands summed), async starts counted once,
-    -done and no-op permutes ignored."""
+    -done and no-op permutes ignored, TPU tiled layouts ("{1,0:T(8,128)}") read through."""
     records = parse_hlo(HLO, tm.MeshShape.parse("dp:2;tp:2"))
     got = [(r.kind, r.axes, r.bytes, r.shape, r.dtype) for r in records]
     assert got == [
@@ -95,6 +97,7 @@ def test_parse_hlo_collectives():
         ("all_gather", ("dp",), 1 * (2 * 8 * 4), (2, 8), torch.float32),
         ("reduce_scatter", ("dp", "tp"), 3 * (8 * 8 * 4) // 4, (8, 8), torch.int32),
         ("all_to_all", ("tp",), 1 * (8 * 4 * 4) // 2, (8, 4), torch.float32),
+        ("all_reduce", ("dp",), 2 * 1 * (8 * 128 * 4 + 16 * 4) // 2, (8, 128), torch.float32),  # TPU: async, tiled
     ]
     assert {r.phase for r in records} == {"compiled"}
 

@@ -39,7 +39,7 @@ _DTYPES = {
 }
 _INSTRUCTION = re.compile(
     r"=\s*(?P<result>.*?)\s(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-    r"(?P<start>-start)?\((?P<operands>[^)]*)\)(?P<attrs>.*)$"
+    r"(?P<start>-start)?\((?P<operands>.*?)\)(?P<attrs>(?:,\s*\w+=.*)?)$"  # TPU layouts hold "T(8,128)"
 )
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
 _EXPLICIT_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}")
@@ -51,20 +51,23 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def parse_groups(attrs: str, n_devices: int) -> list[list[int]]:
     """The device groups of a collective's attributes: explicit `{{0,1},{2,3}}`, torch-xla's
     iota form `[2,2]<=[2,2]T(1,0)`, or (none given) every device in one group."""
     m = _IOTA_GROUPS.search(attrs)
-    if m:
-        shape = [int(v) for v in m.group(1).split(",")]
-        ids = np.arange(math.prod(int(v) for v in m.group(2).split(","))).reshape(
-            [int(v) for v in m.group(2).split(",")])
+    if m:  # [groups, size]<=[dims]T(perm): iota over dims, transposed by perm, cut into groups
+        groups, dims = _ints(m.group(1)), _ints(m.group(2))
+        ids = np.arange(math.prod(dims)).reshape(dims)
         if m.group(3):
-            ids = ids.transpose([int(v) for v in m.group(3).split(",")])
-        return ids.reshape(shape[0], -1).tolist()
+            ids = ids.transpose(_ints(m.group(3)))
+        return ids.reshape(groups[0], -1).tolist()
     m = _EXPLICIT_GROUPS.search(attrs)
     if m and m.group(1).strip():
-        return [[int(v) for v in g.split(",") if v.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
+        return [_ints(g) for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
     return [list(range(n_devices))]
 
 
