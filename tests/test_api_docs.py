@@ -113,3 +113,27 @@ def test_relative_links_resolve(doc):
     targets = [t for t in LINK.findall(doc.read_text()) if "://" not in t and not t.startswith("mailto:")]
     missing = [t for t in targets if not (doc.parent / t).exists()]
     assert not missing, f"{doc.name} links to files that do not exist: {missing}"
+
+
+# ---- the output the guides show is what their blocks print ------------------------------------
+
+GUIDES = ["tutorial.md", "concepts.md", "from-dtensor.md", "porting-from-mesh-tensorflow.md"]
+SHOWN = re.compile(r"```python\n((?:(?!```).)*)```\n\n```text\n((?:(?!```).)*)```", re.S)
+
+
+def _shown_outputs():
+    for name in GUIDES:
+        for i, (code, shown) in enumerate(SHOWN.findall((ROOT / "docs" / name).read_text())):
+            if 'backend="dist"' not in code and 'backend="xla"' not in code:  # sim blocks only
+                yield pytest.param(code, shown, id=f"{name}[{i}]")
+
+
+@pytest.mark.parametrize(("code", "shown"), list(_shown_outputs()))
+def test_shown_output_is_what_the_block_prints(code, shown, capsys):
+    """A ```text block right after a python block shows lines of its output, in order ('...'
+    stands for lines left out), so printed pictures and numbers cannot drift from the code."""
+    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_block__"})
+    printed = iter(line.rstrip() for line in capsys.readouterr().out.splitlines())
+    expected = [line.rstrip() for line in shown.splitlines() if line.strip() not in ("", "...")]
+    missing = [line for line in expected if not any(line == p for p in printed)]
+    assert not missing, f"lines shown in the doc but not printed (in this order): {missing}"
