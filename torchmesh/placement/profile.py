@@ -12,7 +12,9 @@ the loss forward and backward, and records:
   moments per parameter; Adafactor: a row and a column accumulator per matrix, a full one
   for vectors; SGD: none), and the activations autograd saves for backward (sizes of the
   tensors `saved_tensors_hooks` sees during forward, each storage once, parameters not
-  counted twice; tensors a rematerialized block keeps, `note_saved`). Activations peak at
+  counted twice; tensors a rematerialized block keeps, `note_saved`; tensors kept under
+  other saved-tensor hooks, such as FSDP's regather, `_counting_nested_hooks`, while those
+  hooks' replacements, the regathered parameters, are not). Activations peak at
   the end of forward; the reported peak is the sum of the four, an upper bound (gradients
   fill in as activations are freed).
 
@@ -25,7 +27,8 @@ draw nothing on the abstract backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -160,9 +163,10 @@ def profile_step(builder: Builder, mesh: MeshShapeLike, rules: RulesLike, optimi
     saved = _SavedTensors(params)
     _COUNTING.append(saved)
     try:
-        with comm_stats() as stats, FlopCounterMode(display=False) as flops:
+        with comm_stats() as stats, FlopCounterMode(display=False) as flops, _counting_nested_hooks():
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
                 loss = loss_fn()
+            saved.counting = False  # what a recomputation saves in backward is not forward memory
             loss.backward()
     finally:
         _COUNTING.remove(saved)
@@ -219,15 +223,44 @@ def note_saved(t: torch.Tensor) -> None:
         saved.pack(t)
 
 
+@contextmanager
+def _counting_nested_hooks() -> Iterator[None]:
+    """Inside the block, saved-tensor hooks pushed by torchmesh or the model (FSDP's regather
+    is one) also report to the profile every tensor they keep as it is: innermost hooks
+    replace outer ones, so the profile's own hooks would not see those. (torch's checkpoint
+    uses its own hooks class and is not affected: its blocks' tensors are dropped.)"""
+    original = torch.autograd.graph.saved_tensors_hooks
+
+    class Counted(original):
+        def __init__(self, pack_hook, unpack_hook):
+            def pack(t: torch.Tensor):
+                packed = pack_hook(t)
+                if packed is t:
+                    note_saved(t)
+                return packed
+
+            super().__init__(pack, unpack_hook)
+
+    torch.autograd.graph.saved_tensors_hooks = Counted
+    try:
+        yield
+    finally:
+        torch.autograd.graph.saved_tensors_hooks = original
+
+
 class _SavedTensors:
-    """saved_tensors_hooks pair summing the sizes of the distinct tensors saved for backward."""
+    """saved_tensors_hooks pair summing the sizes of the distinct tensors saved for backward
+    (while `counting`, that is during forward)."""
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self._seen: set[int] = {id(p) for p in params}
         self._keep: list[torch.Tensor] = []  # keeps ids unique while counting
         self.total = 0
+        self.counting = True
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.counting:
+            return t
         root = t
         while root._base is not None:
             root = root._base
