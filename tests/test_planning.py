@@ -241,3 +241,13 @@ def test_abstract_records_every_program_like_sim(mesh_spec):
                 program(mesh)
             records[backend] = [(r.kind, r.axes, r.bytes, r.shape, r.phase) for r in stats.records]
         assert records["abstract"] == records["sim"], name
+
+
+def test_fsdp_counts_activations_not_gathered_weights():
+    """With tm.nn.shard_parameters (regathering in backward), activations are those of the
+    unsharded model: the gathered weights are not kept, every activation still is."""
+    builder = recipes.lm_builder(DENSE, BATCH)
+    plain = profile_step(builder, MESH, MEGATRON)
+    fsdp = profile_step(builder, MESH, MEGATRON, param_rules="d_model:dp")
+    assert fsdp.activation_bytes == plain.activation_bytes
+    assert fsdp.param_bytes < plain.param_bytes and fsdp.comm_bytes > plain.comm_bytes
