@@ -33,10 +33,10 @@ KINDS = {
     "collective-permute": "shift",
 }
 _DTYPES = {
-    "pred": torch.bool, "s8": torch.int8, "u8": torch.uint8, "s16": torch.int16, "s32": torch.int32,
-    "s64": torch.int64, "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32,
-    "f64": torch.float64,
-}
+    "pred": torch.bool, "s8": torch.int8, "u8": torch.uint8, "s16": torch.int16, "u16": torch.uint16,
+    "s32": torch.int32, "u32": torch.uint32, "s64": torch.int64, "u64": torch.uint64,
+    "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
+}  # other element types (fp8 ...) are counted as f32
 _INSTRUCTION = re.compile(
     r"=\s*(?P<result>.*?)\s(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
     r"(?P<start>-start)?\((?P<operands>.*?)\)(?P<attrs>(?:,\s*\w+=.*)?)$"  # TPU layouts hold "T(8,128)"
