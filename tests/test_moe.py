@@ -80,6 +80,7 @@ MESHES = [  # (mesh, rules): experts on the batch axis (all-to-all), on their ow
     ("dp:4", "batch:dp;experts:dp"),
     ("dp:2;ep:2", "batch:dp;experts:ep"),
     ("dp:2;ep:2", "batch:dp,ep;experts:ep"),
+    ("dp:2;sp:2", "batch:dp;experts:dp;seq:sp"),  # sequence split too: the routing's cumsum all-reduces
 ]
 
 
