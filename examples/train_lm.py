@@ -139,7 +139,8 @@ def resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: argpa
     if latest is None:
         return 0
     step = tm.load(latest, model=model, optimizer=optimizer).step
-    print(f"# resuming after step {step - 1} from {latest}", file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"# resuming after step {step - 1} from {latest}", file=sys.stderr, flush=True)
     return step
 
 
