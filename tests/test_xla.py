@@ -78,6 +78,7 @@ HLO = """
 %all-to-all = f32[8,4]{1,0} all-to-all(f32[8,4]{1,0} %z), channel_id=8, replica_groups={{0,1},{2,3}}, dimensions={0}
 %all-reduce-start.9 = (f32[8,128]{1,0:T(8,128)}, f32[16]{0:T(256)}) all-reduce-start(f32[8,128]{1,0:T(8,128)} %a, f32[16]{0:T(256)} %b), channel_id=9, replica_groups={{0,2},{1,3}}, to_apply=%add
 %all-reduce-done.9 = (f32[8,128]{1,0:T(8,128)}, f32[16]{0:T(256)}) all-reduce-done((f32[8,128]{1,0:T(8,128)}, f32[16]{0:T(256)}) %all-reduce-start.9)
+%ag.8 = f8e4m3fn[32]{0} all-gather(f8e4m3fn[16]{0} %q), channel_id=10, replica_groups={{0,1},{2,3}}, dimensions={0}
 %add.5 = f32[4,16]{1,0} add(f32[4,16]{1,0} %all-reduce, f32[4,16]{1,0} %all-gather)
 """
 
@@ -98,6 +99,7 @@ def test_parse_hlo_collectives():
         ("reduce_scatter", ("dp", "tp"), 3 * (8 * 8 * 4) // 4, (8, 8), torch.int32),
         ("all_to_all", ("tp",), 1 * (8 * 4 * 4) // 2, (8, 4), torch.float32),
         ("all_reduce", ("dp",), 2 * 1 * (8 * 128 * 4 + 16 * 4) // 2, (8, 128), torch.float32),  # TPU: async, tiled
+        ("all_gather", ("tp",), 1 * 16, (16,), torch.float32),  # fp8: 1 byte an element (dtype shown as f32)
     ]
     assert {r.phase for r in records} == {"compiled"}
 

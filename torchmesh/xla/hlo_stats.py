@@ -36,19 +36,22 @@ _DTYPES = {
     "pred": torch.bool, "s8": torch.int8, "u8": torch.uint8, "s16": torch.int16, "u16": torch.uint16,
     "s32": torch.int32, "u32": torch.uint32, "s64": torch.int64, "u64": torch.uint64,
     "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
-}  # other element types (fp8 ...) are counted as f32
+}  # other element types (fp8 ...): their bytes from their bit width, their dtype shown as f32
 _INSTRUCTION = re.compile(
     r"=\s*(?P<result>.*?)\s(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
     r"(?P<start>-start)?\((?P<operands>.*?)\)(?P<attrs>(?:,\s*\w+=.*)?)$"  # TPU layouts hold "T(8,128)"
 )
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_SHAPE = re.compile(r"\b(pred|[a-z]+\d+\w*)\[([\d,]*)\]")
 _EXPLICIT_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 _PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _element_size(hlo_type: str) -> int:
+    """Bytes of one element of an HLO type: pred 1, f32 4, bf16 2, f8e4m3fn 1."""
+    if hlo_type == "pred":
+        return 1
+    return max(1, int(re.match(r"[a-z]+(\d+)", hlo_type).group(1)) // 8)
 
 
 def _ints(text: str) -> list[int]:
@@ -98,9 +101,8 @@ def parse_hlo(text: str, mesh: MeshShape) -> list[CommRecord]:
         if not shapes:
             continue
         dtype = _DTYPES.get(shapes[0][0], torch.float32)
-        first = tuple(int(v) for v in shapes[0][1].split(",") if v)
-        size = sum(math.prod(int(v) for v in dims.split(",") if v) * _element_size(_DTYPES.get(t, torch.float32))
-                   for t, dims in shapes)
+        first = tuple(_ints(shapes[0][1]))
+        size = sum(math.prod(_ints(dims)) * _element_size(t) for t, dims in shapes)  # every operand
         attrs = m.group("attrs")
         if kind == "shift":
             found = _PAIRS.search(attrs)
@@ -109,7 +111,7 @@ def parse_hlo(text: str, mesh: MeshShape) -> list[CommRecord]:
             if not moved:
                 continue  # every device keeps its own block: nothing is sent
             axes = axes_between(mesh, {d for p in moved for d in p})
-            k = 2
+            k = 2  # (unused: a shift sends its block, whatever the group)
         else:
             groups = parse_groups(attrs, mesh.size)
             k = len(groups[0])
