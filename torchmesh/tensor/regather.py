@@ -24,6 +24,8 @@ from torchmesh.comm import autograd as comm
 from torchmesh.comm.backend import Data, MeshImpl
 
 _ENABLED: ContextVar[bool] = ContextVar("torchmesh_regather", default=False)
+#: Devices whose tensors have storages the hooks can recognise saved views by.
+_STORAGE_DEVICES = ("cpu", "cuda", "meta")
 
 
 @contextmanager
@@ -44,6 +46,8 @@ def run_regathering(impl: MeshImpl, compute: Callable[[], Data], sources: Sequen
     """Run `compute()`, replacing every tensor it saves for backward that is a view of a
     gathered input by a note; `sources` holds, per such input, (stored shards, gathered
     data, relayout steps)."""
+    if any(t.device.type not in _STORAGE_DEVICES for _, gathered, _ in sources for t in gathered):
+        return compute()  # e.g. XLA tensors: no storages to recognise (and XLA plans memory itself)
     owners: dict[int, tuple[int, int]] = {}  # storage -> (source, device)
     for s, (_, gathered, _) in enumerate(sources):
         for d, t in enumerate(gathered):
