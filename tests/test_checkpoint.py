@@ -245,6 +245,9 @@ def test_checkpoint_for_another_model_is_refused(tmp_path):
     assert "not in the checkpoint: ['model/extra']" in text and "'model/w_out'" in text
     with pytest.raises(tm.CheckpointError, match="needs model="):
         tm.save(tmp_path / "x", optimizer=opt)
+    model_only = tm.save(tmp_path / "model_only", model=model, step=2)
+    with pytest.raises(tm.CheckpointError, match="saved without an optimizer"):
+        tm.load(model_only, model=model, optimizer=opt)
 
 
 def test_export_and_import_single_file(tmp_path):

@@ -132,7 +132,8 @@ def save(
     if procs.rank == 0:
         files.update(integrity.describe([partial / ".metadata"]))
         mesh = model_mesh(model)
-        info = {"step": step, "mesh": None if mesh is None else str(mesh.shape), "processes": procs.world}
+        info = {"step": step, "mesh": None if mesh is None else str(mesh.shape), "processes": procs.world,
+                "optimizer": optimizer is not None}
         integrity.write_marker(partial, files, info)
         _replace(partial, final)
     procs.barrier()
@@ -166,6 +167,11 @@ def load(
     directory = Path(path)
     procs = _Processes(model_mesh(model))
     marker = integrity.read_marker(directory)
+    if optimizer is not None and marker.get("optimizer") is False:
+        raise CheckpointError(
+            f"checkpoint {directory} was saved without an optimizer, so it has no optimizer state to "
+            f"load. Fix: tm.load(path, model=model) and keep the optimizer as it is (or fresh)."
+        )
     _check_files(directory, marker["files"], procs, verify)
     reader = dcp.FileSystemReader(directory)
     stored = reader.read_metadata().state_dict_metadata
