@@ -349,3 +349,12 @@ def test_fully_sharded_parameters_load_unsharded(tmp_path):
     _, plain, plain_opt = fresh("tp:2", "ff:tp")
     tm.load(path, model=plain, optimizer=plain_opt)
     assert_same(snapshot(plain, plain_opt), snapshot(sharded, opt), "FSDP-sharded -> tp:2")
+
+
+def test_verify_false_checks_sizes_only(tmp_path):
+    _, model, opt = trained()
+    path = tm.save(tmp_path / "ckpt", model=model, optimizer=opt, step=2)
+    shard = path / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(tm.CheckpointError, match="bytes, but"):
+        tm.load(path, model=model, verify=False)
