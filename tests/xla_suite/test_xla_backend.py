@@ -71,5 +71,7 @@ def test_comm_stats_record_nothing_in_python_on_xla():
     compiled = compiled_comm_stats(y)
     assert compiled.counts == {"all_reduce": 1} and compiled.records[0].axes == ("tp",)
     assert compiled.records[0].phase == "compiled"
-    with pytest.raises(tm.BackendError, match="comm_stats"):
+    with pytest.raises(tm.BackendError, match=r"on meshes \[\"Mesh\('dp:2'.*backend='sim'\)\"\].*tm.comm_stats"):
         compiled_comm_stats(tm.randn("batch:4", tm.Mesh("dp:2"), seed=0))
+    with pytest.raises(tm.BackendError, match="argument 1 is NoneType"):
+        compiled_comm_stats(y, x.grad)

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from torchmesh.comm.stats import CommRecord, CommStats, bytes_sent
+from torchmesh.errors import BackendError
 from torchmesh.placement.mesh_shape import MeshShape
+from torchmesh.tensor.mesh_tensor import MeshTensor
 
 #: HLO opcode -> comm_stats kind. Async forms (`-start`) count once; `-done` is not counted.
 KINDS = {
@@ -124,6 +126,7 @@ def parse_hlo(text: str, mesh: MeshShape) -> list[CommRecord]:
 
 @contextmanager
 def _post_optimization_hlo():
+    """Within the block torch-xla's HLO dumps are of the compiled (partitioned) module."""
     saved = os.environ.get("XLA_DUMP_POST_OPTIMIZATIONS")
     os.environ["XLA_DUMP_POST_OPTIMIZATIONS"] = "1"
     try:
@@ -135,7 +138,7 @@ def _post_optimization_hlo():
             os.environ["XLA_DUMP_POST_OPTIMIZATIONS"] = saved
 
 
-def compiled_hlo(*tensors) -> str:
+def compiled_hlo(*tensors: "MeshTensor | torch.Tensor") -> str:
     """The partitioned HLO text of the program computing these MeshTensors (or XLA tensors).
 
     >>> import torch, torchmesh as tm
@@ -147,12 +150,12 @@ def compiled_hlo(*tensors) -> str:
     """
     import torch_xla
 
-    xs = [t._data[0] if hasattr(t, "_data") else t for t in tensors]
+    xs = [t.local if isinstance(t, MeshTensor) else t for t in tensors]
     with _post_optimization_hlo():
         return torch_xla._XLAC._get_xla_tensors_hlo(xs)
 
 
-def compiled_comm_stats(*tensors) -> CommStats:
+def compiled_comm_stats(*tensors: MeshTensor) -> CommStats:
     """The collectives XLA compiles into the program computing these MeshTensors (all on one
     xla mesh), as `tm.comm_stats` reports them.
 
@@ -168,13 +171,18 @@ def compiled_comm_stats(*tensors) -> CommStats:
     >>> stats.counts, stats.bytes_by("axes")
     ({'all_reduce': 1}, {('tp',): 12})
     """
-    meshes = {t.mesh for t in tensors if hasattr(t, "mesh")}
-    if len(meshes) != 1 or next(iter(meshes)).backend != "xla":
-        from torchmesh.errors import BackendError
-
-        raise BackendError(
-            "compiled_comm_stats counts the collectives of an xla program: pass MeshTensors of one "
-            "Mesh(..., backend='xla'). On sim and dist, use `with tm.comm_stats() as stats:`."
-        )
+    meshes = {t.mesh for t in tensors if isinstance(t, MeshTensor)}
+    if len(meshes) != 1 or next(iter(meshes)).backend != "xla" or not all(isinstance(t, MeshTensor) for t in tensors):
+        raise BackendError(_not_one_xla_mesh(tensors, meshes))
     mesh = next(iter(meshes))
     return CommStats(parse_hlo(compiled_hlo(*tensors), mesh.shape))
+
+
+def _not_one_xla_mesh(tensors: tuple, meshes: set) -> str:
+    others = [f"argument {i} is {type(t).__name__}" for i, t in enumerate(tensors) if not isinstance(t, MeshTensor)]
+    return (
+        "compiled_comm_stats counts the collectives of an xla program: pass MeshTensors of one "
+        f"Mesh(..., backend='xla'); got {len(tensors)} arguments, on meshes {sorted(map(repr, meshes))}"
+        + "".join(f"; {o}" for o in others)
+        + " (a gradient is None before backward). On sim and dist, use `with tm.comm_stats() as stats:`."
+    )
