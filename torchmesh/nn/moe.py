@@ -59,9 +59,10 @@ class MoE(Module):
     """A mixture of `config.num_experts` feed-forward experts (d_model -> ff -> d_model).
 
     `MoE(mesh, config)` reads `d_model`, `ff`, `num_experts`, `top_k`, `capacity_factor`,
-    `dropout` and `activation` (default gelu) from `config` (the LM's `tm.nn.LMConfig`). `forward(x)` maps `batch seq d_model` to the
-    same dims and leaves the load-balancing loss in `self.aux_loss` (0-d; 1.0 when routing is
-    perfectly balanced; weight it in the training loss).
+    `dropout` and `activation` (default gelu) from `config` (the LM's `tm.nn.LMConfig`).
+    `forward(x)` maps `batch seq d_model` to the same dims and leaves the load-balancing loss
+    in `self.aux_loss` (0-d; 1.0 when routing is perfectly balanced; weight it in the
+    training loss). Without `seed`, weights come from the global stream (`tm.manual_seed`).
 
     >>> import torch, torchmesh as tm
     >>> from types import SimpleNamespace
@@ -99,9 +100,9 @@ class MoE(Module):
                             f"{TOKEN_EXPERTS} batch {CAPACITY} d_model", x, dispatch)
             # The all-to-all: the split moves from batch (token side) to experts (expert side).
             tokens = tokens.rename({TOKEN_EXPERTS: "experts", "batch": EXPERT_BATCH})
-            h = ACTIVATIONS[self.activation](einsum(f"experts {EXPERT_BATCH} {CAPACITY} d_model, experts d_model ff -> "
-                              f"experts {EXPERT_BATCH} {CAPACITY} ff", tokens, self.wi))
-            h = dropout(h, self.p_dropout, self.training)
+            h = einsum(f"experts {EXPERT_BATCH} {CAPACITY} d_model, experts d_model ff -> "
+                       f"experts {EXPERT_BATCH} {CAPACITY} ff", tokens, self.wi)
+            h = dropout(ACTIVATIONS[self.activation](h), self.p_dropout, self.training)
             out = einsum(f"experts {EXPERT_BATCH} {CAPACITY} ff, experts ff d_model -> "
                          f"experts {EXPERT_BATCH} {CAPACITY} d_model", h, self.wo)
             out = out.rename({"experts": TOKEN_EXPERTS, EXPERT_BATCH: "batch"})  # all-to-all back
@@ -124,13 +125,13 @@ class MoE(Module):
         before = (arange(f"seq:{seq}", mesh) < arange(f"seq_to:{seq}", mesh)).float()
         candidates = probs.detach()
         picks: list[tuple[MeshTensor, MeshTensor]] = []  # (slot one-hot, gate) per choice
+        taken = aux = None  # taken: tokens already in each expert's buffer, per sequence
         for k in range(self.top_k):
             best = candidates.max(TOKEN_EXPERTS)
             index = where(candidates == best, expert_ids, e).min(TOKEN_EXPERTS)  # first maximum
             mask = one_hot(index, Dim(TOKEN_EXPERTS, e))  # batch seq experts_unsplit
             if k == 0:  # GShard's loss: fraction routed first to each expert x its mean gate
                 aux = (mask.mean("seq") * probs.mean("seq")).mean() * float(e * e)
-                taken = None  # tokens already in each expert's buffer, per sequence
             position = einsum(f"batch seq {TOKEN_EXPERTS}, seq seq_to -> batch seq_to {TOKEN_EXPERTS}",
                               mask, before).rename(seq_to="seq")
             if taken is not None:
