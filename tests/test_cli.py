@@ -39,7 +39,7 @@ def test_three_scenarios_in_under_a_minute(capsys):
         tm.LayoutRules.parse(rules)  # ready to paste
         assert any(line.startswith("*  ") for line in lines)  # the chosen row
     assert "x  data(dp,tp) " in large  # pure data parallelism marked as not fitting
-    assert "tm.nn.shard_parameters(model, 'd_model:dp,tp')" in large  # only FSDP fits at 100B here
+    assert "tm.nn.shard_parameters(model, 'd_model:dp,tp', regather=False)" in large  # only FSDP fits at 100B
 
 
 def test_hardware_overrides_change_the_estimate(capsys):

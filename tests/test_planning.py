@@ -65,9 +65,9 @@ def predicted(profile) -> dict:
 
 @pytest.mark.parametrize("config,rules,param_rules,remat", CASES)
 def test_predicted_bytes_equal_sim(config, rules, param_rules, remat):
-    builder = recipes.lm_builder(config, BATCH, remat)
-    profile = profile_step(builder, MESH, rules, param_rules=param_rules)
-    real = measured(builder, tm.Mesh(MESH, layout=rules, backend="sim"), param_rules)
+    builder = recipes.sharded_lm_builder(config, BATCH, remat, param_rules)
+    profile = profile_step(builder, MESH, rules)
+    real = measured(builder, tm.Mesh(MESH, layout=rules, backend="sim"))
     assert real, "the case must communicate"
     assert predicted(profile) == real
     assert profile.comm_bytes == sum(b for _, b in real.values())
@@ -77,8 +77,8 @@ def _dist_records(cases: list) -> list:
     import torchmesh as tm
     from torchmesh.placement import recipes
 
-    return [measured(recipes.lm_builder(config, BATCH, remat), tm.Mesh(MESH, layout=rules, backend="dist"),
-                     param_rules) for config, rules, param_rules, remat in cases]
+    return [measured(recipes.sharded_lm_builder(config, BATCH, remat, param_rules), tm.Mesh(MESH, layout=rules, backend="dist"))
+            for config, rules, param_rules, remat in cases]
 
 
 def test_predicted_bytes_equal_gloo():
@@ -87,7 +87,7 @@ def test_predicted_bytes_equal_gloo():
     per_rank = run_distributed(_dist_records, 4, args=(cases,))
     for rank, records in enumerate(per_rank):
         for (config, rules, param_rules, remat), real in zip(cases, records):
-            profile = profile_step(recipes.lm_builder(config, BATCH, remat), MESH, rules, param_rules=param_rules)
+            profile = profile_step(recipes.sharded_lm_builder(config, BATCH, remat, param_rules), MESH, rules)
             assert real == predicted(profile), f"rank {rank}, {rules} {param_rules} remat={remat}"
 
 

@@ -116,8 +116,9 @@ def plan(args: argparse.Namespace) -> str:
     if args.roles:
         roles = parse_roles(args.roles)
     result = search(profile, mesh, hardware, memory, roles)
+    remat = args.model == "lm" and args.remat
     return "\n".join([header, _describe(mesh, hardware, memory), "", _table(result, args.top), "",
-                      *_verdict(result)])
+                      *_verdict(result, remat)])
 
 
 def _hardware(args: argparse.Namespace) -> Hardware:
@@ -182,7 +183,7 @@ def _table(result: SearchResult, top: int) -> str:
     return shown.table() + f"\n({len(result.candidates) - top} more candidates not shown)"
 
 
-def _verdict(result: SearchResult) -> list[str]:
+def _verdict(result: SearchResult, remat: bool = False) -> list[str]:
     data_parallel = result.find(f"data({','.join(result.mesh.names)})")
     best = result.best
     if best is None:
@@ -203,5 +204,9 @@ def _verdict(result: SearchResult) -> list[str]:
         lines.append(f"predicted speedup over pure data parallelism: {speedup:.2f}x")
     lines.append(f"rules: {best.rules}")
     if best.param_rules:
-        lines.append(f"parameters: tm.nn.shard_parameters(model, {best.param_rules!r})")
+        regather = ", regather=False" if remat else ""
+        lines.append(f"parameters: tm.nn.shard_parameters(model, {best.param_rules!r}{regather})")
+    if remat:
+        lines.append("blocks: rematerialized (torch.utils.checkpoint around each block, as "
+                     "torchmesh.placement.recipes.Rematerialized)")
     return lines

@@ -95,11 +95,24 @@ def lm_builder(config, batch: int, remat: bool = False) -> Builder:
     >>> loss.dims, type(model).__name__
     ((), 'TransformerLM')
     """
+    return sharded_lm_builder(config, batch, remat, "")
+
+
+def sharded_lm_builder(config, batch: int, remat: bool, param_rules: str) -> Builder:
+    """`lm_builder` whose parameters are fully sharded by `param_rules` ("d_model:dp",
+    `tm.nn.shard_parameters`; none if ""). With `remat`, without regathering in backward:
+    inside a checkpointed block the gathered weights are dropped with the block's
+    activations anyway, and regather's own saved-tensor hooks would keep the checkpoint from
+    dropping the activations of the ops they wrap (innermost hooks win)."""
     from torchmesh.nn.losses import cross_entropy
     from torchmesh.nn.transformer import TransformerLM
 
     def build(mesh: Mesh) -> tuple[torch.nn.Module, Callable[[], MeshTensor]]:
         model = TransformerLM(mesh, config, seed=0)
+        if param_rules:
+            from torchmesh.nn.fsdp import shard_parameters
+
+            shard_parameters(model, param_rules, regather=not remat)
         if remat:
             for i, block in enumerate(model.blocks):
                 model.blocks[i] = Rematerialized(block)
@@ -130,7 +143,7 @@ def profile_lm(config, batch: int, mesh: MeshShapeLike, rules: str, optimizer: s
 
     def run(layers: int, remat: bool) -> StepProfile:
         cfg = dataclasses.replace(config, layers=layers)
-        return profile_step(lm_builder(cfg, batch, remat), mesh, rules, optimizer, param_rules)
+        return profile_step(sharded_lm_builder(cfg, batch, remat, param_rules), mesh, rules, optimizer)
 
     full = run(config.layers, remat) if config.layers <= 2 else extrapolate(run(1, remat), run(2, remat), config.layers)
     if not remat:
