@@ -41,7 +41,7 @@ from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
 from torchmesh.placement.rules import RulesLike
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
-Builder = Callable[[Mesh], "tuple[torch.nn.Module, Callable[[], MeshTensor]]"]
+Builder = Callable[[Mesh], tuple[torch.nn.Module, Callable[[], MeshTensor]]]
 CommKey = tuple[str, tuple[str, ...], str]  # (kind, axes, phase)
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 _COUNTING: list["_SavedTensors"] = []
