@@ -39,7 +39,8 @@ def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = 
     With `regather` (the default, FSDP's reshard-after-forward), the model's forward keeps
     no gathered parameter for backward: backward gathers each again (one more all-gather
     per parameter, `torchmesh.tensor.regather`). `regather=False` keeps them instead (less
-    communication, the full parameters of every layer alive until backward).
+    communication, the full parameters of every layer alive until backward); use it for
+    models whose blocks run under torch.utils.checkpoint, which frees them anyway.
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp")
