@@ -29,10 +29,9 @@ def run(args: list[str], torchrun: int = 0, expect: int = 0) -> list[str]:
                "--nproc-per-node", str(torchrun), "--max-restarts", "1", str(SCRIPT), *args]
     else:
         cmd = [sys.executable, str(SCRIPT), *args]
-    # torch 2.9's torchrun shares its rendezvous TCPStore with the workers by default, and a
-    # restarted attempt can read the dead attempt's gloo addresses from it (pytorch#135712).
-    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    # No TORCH_DISABLE_SHARE_RDZV_TCP_STORE needed: torchmesh keeps a restarted attempt's keys
+    # apart from the dead attempt's itself (pytorch#135712; comm/dist.py `_restart_store`).
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == expect, f"exit {out.returncode}, expected {expect}:\n{out.stdout}\n{out.stderr[-3000:]}"
     return [line for line in out.stdout.splitlines() if line.startswith("step ")]
 

@@ -37,6 +37,7 @@ def init_default_group(timeout: float | None = None) -> None:
             "torch.distributed.init_process_group yourself). To run it in one process, use backend='sim'."
         )
     kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    kwargs.update(_restart_store())
     atexit.register(_shutdown)  # we made the group, we close it (gloo aborts at exit otherwise)
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -44,6 +45,21 @@ def init_default_group(timeout: float | None = None) -> None:
         dist.init_process_group("nccl", device_id=torch.device("cuda", local), **kwargs)
     else:
         dist.init_process_group("gloo", **kwargs)
+
+
+def _restart_store() -> dict:
+    """After a torchrun restart (`--max-restarts`), a store of this attempt's own.
+
+    torchrun (torch 2.9) shares its rendezvous TCPStore with the workers, and a restarted
+    attempt's process group would read the dead attempt's addresses from it and fail to connect
+    (pytorch/pytorch#135712). Prefixing the keys with the attempt number keeps attempts apart.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return {"store": dist.PrefixStore(f"torchmesh/attempt{attempt}/", store),
+            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def mismatch_message(fingerprints: list) -> str:
