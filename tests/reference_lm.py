@@ -53,3 +53,29 @@ def lm_logits(w: dict, ids: torch.Tensor, config) -> torch.Tensor:
 def lm_loss(w: dict, ids: torch.Tensor, targets: torch.Tensor, config) -> torch.Tensor:
     logits = lm_logits(w, ids, config)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def train_single_device(config, batch, steps: int, make_optimizer, loss_fn=lm_loss, max_norm: float | None = None,
+                        rules: str = "batch:dp") -> list[float]:
+    """Plain torch on one device, from the global weights a one-device mesh gets for seed 0:
+    the losses of `steps` steps on `batch(step)`, optionally with global-norm clipping."""
+    weights = global_weights(tm.nn.TransformerLM(tm.Mesh("dp:1;tp:1", layout=rules), config, seed=0))
+    optimizer = make_optimizer(list(weights.values()))
+    losses = []
+    for step in range(steps):
+        ids = batch(step)
+        loss = loss_fn(weights, ids[:, :-1], ids[:, 1:], config)
+        optimizer.zero_grad()
+        loss.backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(weights.values()), max_norm)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_same_losses(got: list[float], want: list[float], what: str) -> None:
+    """Each step's loss equals the single-device one within 1e-4 relative."""
+    assert len(got) == len(want), f"{what}: {len(got)} steps, single device {len(want)}"
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert abs(a - b) <= 1e-4 * abs(b), f"{what}: step {step} loss {a} != single-device {b}"

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import torchmesh as tm
 from harness import run_distributed
+from reference_lm import assert_same_losses, train_single_device
 from torchmesh.nn.moe import MoE, expert_capacity
 
 SIZES = dict(batch=4, seq=6, d_model=8, ff=16)
@@ -179,24 +180,8 @@ def moe_lm_loss(w: dict, ids: torch.Tensor, targets: torch.Tensor, c) -> torch.T
 
 
 def train_moe_lm_reference() -> list[float]:
-    from reference_lm import global_weights
-
-    weights = global_weights(tm.nn.TransformerLM(tm.Mesh("dp:1", layout="batch:dp"), LM_CONFIG, seed=0))
-    optimizer = torch.optim.AdamW(weights.values(), lr=1e-2)
-    losses = []
-    for step in range(LM_STEPS):
-        ids = lm_batch(step)
-        loss = moe_lm_loss(weights, ids[:, :-1], ids[:, 1:], LM_CONFIG)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
-def assert_same_losses(got: list[float], want: list[float], what: str) -> None:
-    for step, (a, b) in enumerate(zip(got, want, strict=True)):
-        assert abs(a - b) <= 1e-4 * abs(b), f"{what}: step {step} loss {a} != single-device {b}"
+    return train_single_device(LM_CONFIG, lm_batch, LM_STEPS, lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+                               loss_fn=moe_lm_loss)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 
 import torchmesh as tm
 from harness import run_distributed
-from reference_lm import global_weights, lm_loss
+from reference_lm import assert_same_losses, train_single_device
 
 PARAMS = {"w": "d_model:8 ff:16", "b": "ff:16", "e": "experts:4 d_model:8 ff:16", "s": "d_model:8"}
 MESHES = [  # (mesh, rules, parameter rules for shard_parameters or None)
@@ -205,23 +205,8 @@ def train_lm(mesh: tm.Mesh, param_rules: str | None = None) -> list[float]:
 
 
 def train_lm_reference() -> list[float]:
-    weights = global_weights(tm.nn.TransformerLM(tm.Mesh("dp:1;tp:1", layout=RULES), CONFIG, seed=0))
-    opt = ReferenceAdafactor(weights.values(), lr=1e-2)
-    losses = []
-    for step in range(STEPS):
-        ids = batch(step)
-        loss = lm_loss(weights, ids[:, :-1], ids[:, 1:], CONFIG)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(weights.values()), MAX_NORM)
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def assert_same_losses(got: list[float], want: list[float], what: str) -> None:
-    for step, (a, b) in enumerate(zip(got, want, strict=True)):
-        assert abs(a - b) <= 1e-4 * abs(b), f"{what}: step {step} loss {a} != single-device {b}"
+    return train_single_device(CONFIG, batch, STEPS, lambda ps: ReferenceAdafactor(ps, lr=1e-2), max_norm=MAX_NORM,
+                               rules=RULES)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 import torchmesh as tm
 from harness import run_distributed
-from reference_lm import global_weights, lm_loss
+from reference_lm import assert_same_losses, train_single_device
 
 RULES = "batch:dp;ff:tp;heads:tp;kv_heads:tp;vocab:tp"
 CONFIG = tm.nn.LMConfig(vocab=32, d_model=16, heads=8, d_head=4, ff=32, layers=2, seq=8, kv_heads=4)
@@ -51,24 +51,7 @@ def train_mesh(mesh: tm.Mesh, steps: int = STEPS, autocast: bool = False) -> lis
 
 def train_reference(steps: int = STEPS) -> list[float]:
     """Plain torch on one device, from the weights a one-device mesh gets for the same seed."""
-    one = tm.Mesh("dp:1;tp:1", layout=RULES, backend="sim")
-    weights = global_weights(tm.nn.TransformerLM(one, CONFIG, seed=0))
-    optimizer = torch.optim.AdamW(weights.values(), lr=LR)
-    losses = []
-    for step in range(steps):
-        ids = batch(step)
-        loss = lm_loss(weights, ids[:, :-1], ids[:, 1:], CONFIG)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
-def assert_same_losses(got: list[float], want: list[float], what: str) -> None:
-    assert len(got) == len(want)
-    for step, (a, b) in enumerate(zip(got, want)):
-        assert abs(a - b) <= 1e-4 * abs(b), f"{what}: step {step} loss {a} != single-device {b}"
+    return train_single_device(CONFIG, batch, steps, lambda ps: torch.optim.AdamW(ps, lr=LR), rules=RULES)
 
 
 def assert_param_bytes(model: torch.nn.Module, mesh: tm.Mesh) -> None:
