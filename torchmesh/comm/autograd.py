@@ -98,26 +98,22 @@ class _SumGrad(Function):
 
 
 class _AllGather(Function):
+    """Backward keeps one's own block of the gradient, or, with `reduce_grad` (the input is
+    broadcast over `axis` after the gather, so each device's gradient is a partial sum),
+    sums it and keeps one's own block: one reduce-scatter."""
+
     @staticmethod
-    def forward(ctx, impl, axis, dim, *ts):
-        ctx.impl, ctx.axis, ctx.dim = impl, axis, dim
+    def forward(ctx, impl, axis, dim, reduce_grad, *ts):
+        ctx.impl, ctx.axis, ctx.dim, ctx.reduce_grad = impl, axis, dim, reduce_grad
         return _all_gather(impl, ts, axis, dim)
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, None, *(g.contiguous() for g in ctx.impl.split(grads, ctx.axis, ctx.dim)))
-
-
-class _AllGatherReduceGrad(Function):
-    @staticmethod
-    def forward(ctx, impl, axis, dim, *ts):
-        ctx.impl, ctx.axis, ctx.dim = impl, axis, dim
-        return _all_gather(impl, ts, axis, dim)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grads = tuple(g.contiguous() for g in grads)
-        return (None, None, None, *_reduce_scatter(ctx.impl, grads, ctx.axis, ctx.dim, "backward"))
+        if ctx.reduce_grad:
+            grads = _reduce_scatter(ctx.impl, tuple(g.contiguous() for g in grads), ctx.axis, ctx.dim, "backward")
+        else:
+            grads = tuple(g.contiguous() for g in ctx.impl.split(grads, ctx.axis, ctx.dim))
+        return (None, None, None, None, *grads)
 
 
 class _Split(Function):
@@ -185,24 +181,16 @@ def sum_grad(impl: MeshImpl, ts: Data, axes: tuple[str, ...]) -> Data:
     return _SumGrad.apply(impl, axes, *ts)
 
 
-def all_gather(impl: MeshImpl, ts: Data, axis: str, dim: int, phase: str = "forward") -> Data:
-    """`phase` labels a gather run outside autograd (e.g. "backward" for a regather)."""
+def all_gather(impl: MeshImpl, ts: Data, axis: str, dim: int, phase: str = "forward",
+               reduce_grad: bool = False) -> Data:
+    """`phase` labels a gather run outside autograd (e.g. "backward" for a regather).
+    `reduce_grad`: the gathered input is then broadcast over `axis` (a fully sharded parameter
+    meeting split activations), so its gradient is reduce-scattered, not sliced."""
     if impl.axis_size(axis) == 1:
         return ts
     if _needs_grad(ts):
-        return _AllGather.apply(impl, axis, dim, *ts)
+        return _AllGather.apply(impl, axis, dim, reduce_grad, *ts)
     return _all_gather(impl, ts, axis, dim, phase)
-
-
-def all_gather_reduce_grad(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
-    """All-gather whose backward reduce-scatters: for an input gathered over `axis` and then
-    broadcast against a dim split over it (a fully sharded parameter), each device's gradient
-    is a partial sum, and summing it and keeping one's own block is one reduce-scatter."""
-    if impl.axis_size(axis) == 1:
-        return ts
-    if _needs_grad(ts):
-        return _AllGatherReduceGrad.apply(impl, axis, dim, *ts)
-    return _all_gather(impl, ts, axis, dim)
 
 
 def split(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:

@@ -118,10 +118,7 @@ def run_steps(impl: MeshImpl, data: Data, steps: Sequence[Step], gather_rs: tupl
     `gather_rs` axes reduce-scatter their gradient (the input is broadcast there)."""
     for s in steps:
         if isinstance(s, Gather):
-            if s.axis in gather_rs:
-                data = comm.all_gather_reduce_grad(impl, data, s.axis, s.dim)
-            else:
-                data = comm.all_gather(impl, data, s.axis, s.dim)
+            data = comm.all_gather(impl, data, s.axis, s.dim, reduce_grad=s.axis in gather_rs)
         elif isinstance(s, Slice):
             data = comm.split(impl, data, s.axis, s.dim)
         else:
