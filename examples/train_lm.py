@@ -169,12 +169,12 @@ def plot(losses: list[float], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_training_args(parser: argparse.ArgumentParser, rules: str, steps: int, plot_path: str) -> None:
+    """The flags train_lm.py and train_moe.py share: mesh, layout, model size, optimizer."""
     parser.add_argument("--mesh", default="dp:2;tp:2", help='mesh axes, e.g. "dp:2;tp:2" or "dp:1"')
-    parser.add_argument("--layout", default=RULES, help="layout rules (rules for axes the mesh lacks are dropped)")
+    parser.add_argument("--layout", default=rules, help="layout rules (rules for axes the mesh lacks are dropped)")
     parser.add_argument("--backend", default="sim", choices=["sim", "dist", "xla"])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -187,21 +187,32 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
-    parser.add_argument("--checkpoint-dir", default="", help="resume from the newest complete checkpoint here")
-    parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every K steps")
-    parser.add_argument("--fail-at-step", type=int, default=-1, help="testing: the last rank exits at this step")
-    parser.add_argument("--plot", default="train_lm_loss.png", help="where to save the loss curve ('' for none)")
-    args = parser.parse_args()
+    parser.add_argument("--plot", default=plot_path, help="where to save the loss curve ('' for none)")
 
+
+def setup(args: argparse.Namespace, build=None):
+    """Seeds, the mesh, the corpus, the model (`build(mesh, args, vocab)`, this file's
+    build_model by default), sharded parameters if asked, and the optimizer."""
     torch.manual_seed(args.seed)
     tm.manual_seed(args.seed)  # dropout masks: the same on every rank and mesh
     with stdout_to_stderr():
         mesh = tm.Mesh(args.mesh, layout=rules_for(args.mesh, args.layout), backend=args.backend)
     tokens, chars = load_corpus(CORPUS)
-    model = build_model(mesh, args, len(chars))
+    model = (build or build_model)(mesh, args, len(chars))
     if args.param_layout:  # fully sharded parameters: gathered before use, gradients reduce-scattered
         tm.nn.shard_parameters(model, rules_for(args.mesh, args.param_layout))
-    optimizer = build_optimizer(model, args)
+    return mesh, tokens, model, build_optimizer(model, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(parser, RULES, steps=300, plot_path="train_lm_loss.png")
+    parser.add_argument("--checkpoint-dir", default="", help="resume from the newest complete checkpoint here")
+    parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every K steps")
+    parser.add_argument("--fail-at-step", type=int, default=-1, help="testing: the last rank exits at this step")
+    args = parser.parse_args()
+
+    mesh, tokens, model, optimizer = setup(args)
     if mesh.impl.prints:
         n = sum(p.numel() for _, p in tm.nn.mesh_parameters(model))
         print(f"# mesh {args.mesh} ({args.backend}), rules {str(mesh.rules)!r}, {n:,} parameters, "

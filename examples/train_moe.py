@@ -24,10 +24,9 @@ import math
 import sys
 import time
 
-import torch
 
 import torchmesh as tm
-from train_lm import CORPUS, build_optimizer, load_corpus, plot, rules_for, stdout_to_stderr, train
+from train_lm import add_training_args, plot, setup, train
 
 RULES = "batch:dp;experts:dp;heads:tp;kv_heads:tp;ff:tp;vocab:tp"
 
@@ -43,38 +42,14 @@ def build_model(mesh: tm.Mesh, args: argparse.Namespace, vocab: int) -> tm.nn.Tr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mesh", default="dp:2;tp:2", help='mesh axes, e.g. "dp:2;tp:2" or "dp:1"')
-    parser.add_argument("--layout", default=RULES, help="layout rules (rules for axes the mesh lacks are dropped)")
-    parser.add_argument("--backend", default="sim", choices=["sim", "dist", "xla"])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adafactor"])
-    parser.add_argument("--clip-grad", type=float, default=0.0, help="clip gradients to this global norm (0: off)")
-    parser.add_argument("--param-layout", default="", help='store parameters split by these rules too, e.g. "d_model:dp"')
+    add_training_args(parser, RULES, steps=100, plot_path="train_moe_loss.png")
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--capacity-factor", type=float, default=1.25)
-    parser.add_argument("--batch", type=int, default=16, help="global batch (sequences per step)")
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
-    parser.add_argument("--plot", default="train_moe_loss.png", help="where to save the loss curve ('' for none)")
     parser.set_defaults(checkpoint_dir="", save_every=0, fail_at_step=-1)  # train_lm's train() reads these
     args = parser.parse_args()
 
-    torch.manual_seed(args.seed)
-    tm.manual_seed(args.seed)
-    with stdout_to_stderr():
-        mesh = tm.Mesh(args.mesh, layout=rules_for(args.mesh, args.layout), backend=args.backend)
-    tokens, chars = load_corpus(CORPUS)
-    model = build_model(mesh, args, len(chars))
-    if args.param_layout:
-        tm.nn.shard_parameters(model, rules_for(args.mesh, args.param_layout))
-    optimizer = build_optimizer(model, args)
+    mesh, tokens, model, optimizer = setup(args, build_model)
     show = mesh.impl.prints
     if show:
         n = sum(p.numel() for _, p in tm.nn.mesh_parameters(model))
