@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the gloo process harness
+from op_overhead import median_us  # noqa: E402  (this folder is on the path of a script run from it)
 
 MLP = dict(B=64, D=256, F=1024)
 BLOCK = dict(B=8, S=128, D=256, H=8, DH=32, F=1024)
@@ -247,17 +247,8 @@ def op_overhead_us(mesh, device_mesh, iters: int) -> list[dict]:
     }
     rows = []
     for op, fns in cases.items():
-        times = []
-        for fn in fns:
-            for _ in range(100):
-                fn()
-            s = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                s.append(time.perf_counter() - t0)
-            times.append(statistics.median(s) * 1e6)
-        rows.append({"op": op, "torchmesh_us": times[0], "dtensor_us": times[1], "torch_us": times[2]})
+        ours, theirs, plain = (median_us(fn, iters) for fn in fns)
+        rows.append({"op": op, "torchmesh_us": ours, "dtensor_us": theirs, "torch_us": plain})
     return rows
 
 
@@ -267,13 +258,13 @@ def step_bytes(mesh, versions: dict) -> dict:
 
     with tm.comm_stats() as stats:
         versions["torchmesh"]()
-    with DTensorBytes() as dt:
+    with dtensor_bytes_mode() as dt:
         versions["dtensor"]()
     return {"torchmesh": {"bytes": stats.total_bytes, "counts": stats.counts},
             "dtensor": {"bytes": dt.bytes, "counts": dict(dt.counts)}}
 
 
-def DTensorBytes():
+def dtensor_bytes_mode():
     """CommDebugMode that also adds up bytes per device with torchmesh's ring formulas."""
     from collections import Counter
 
