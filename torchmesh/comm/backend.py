@@ -87,10 +87,11 @@ class MeshImpl:
         raise NotImplementedError
 
     def split(self, ts: Data, axis: str, dim: int) -> Data:
-        """Keep this device's block over `axis` along `dim` (local, no communication)."""
+        """Keep this device's block over `axis` along `dim` (local, no communication): blocks
+        differ in size by at most one, the larger first (`placement.mesh_shape.balanced`)."""
         k = self.axis_size(axis)
         i = self._axis_index[axis]
-        return tuple(t.chunk(k, dim)[c[i]] for t, c in zip(ts, self.local_coords))
+        return tuple(t.tensor_split(k, dim)[c[i]] for t, c in zip(ts, self.local_coords))
 
     # ---- global values ------------------------------------------------------------------
     def from_global(self, tensor: torch.Tensor, layout: TensorLayout) -> Data:

@@ -11,7 +11,13 @@ from functools import lru_cache
 
 from torchmesh import errors
 from torchmesh.errors import LayoutError
-from torchmesh.placement.mesh_shape import MeshShape, block_index, parts  # noqa: F401  (re-exported)
+from torchmesh.placement.mesh_shape import (  # noqa: F401  (re-exported)
+    MeshShape,
+    block_bounds,
+    block_index,
+    max_block,
+    parts,
+)
 from torchmesh.placement.rules import LayoutRules
 from torchmesh.tensor.dims import Dim
 
@@ -68,18 +74,23 @@ class TensorLayout:
         return "[" + " ".join(parts) + "]"
 
 
-def local_shape(layout: TensorLayout, mesh: MeshShape) -> tuple[int, ...]:
-    return tuple(d.size // parts(mesh, ax) for d, ax in zip(layout.dims, layout.axes))
+def local_shape(layout: TensorLayout, mesh: MeshShape, coords: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The shape of the block the device at `coords` holds; without coords, the largest
+    block (device 0's: blocks of an uneven split differ by at most one, larger first)."""
+    if coords is None:
+        return tuple(max_block(d.size, mesh, ax) for d, ax in zip(layout.dims, layout.axes))
+    return tuple(s.stop - s.start for s in local_slices(layout, mesh, coords))
 
 
 def local_slices(layout: TensorLayout, mesh: MeshShape, coords: tuple[int, ...]) -> tuple[slice, ...]:
-    """The global index ranges of the block a device (by mesh coords) holds."""
-    out = []
-    for d, ax in zip(layout.dims, layout.axes):
-        n = d.size // parts(mesh, ax)
-        start = block_index(mesh, ax, coords) * n
-        out.append(slice(start, start + n))
-    return tuple(out)
+    """The global index ranges of the block a device (by mesh coords) holds (see
+    `block_bounds` for how uneven sizes are split)."""
+    return tuple(slice(*block_bounds(d.size, mesh, ax, coords)) for d, ax in zip(layout.dims, layout.axes))
+
+
+def is_even(layout: TensorLayout, mesh: MeshShape) -> bool:
+    """Whether every split dim of `layout` divides evenly (every device holds the same shape)."""
+    return all(d.size % parts(mesh, ax) == 0 for d, ax in zip(layout.dims, layout.axes) if ax)
 
 
 @lru_cache(maxsize=8192)
@@ -89,7 +100,8 @@ def resolve(dims: tuple[Dim, ...], rules: LayoutRules, mesh: MeshShape) -> Tenso
 
 
 def check(layout: TensorLayout, mesh: MeshShape, rules_text: str) -> TensorLayout:
-    """Check the SPEC section 1 conditions; returns the layout unchanged when valid."""
+    """Check the SPEC section 1 conditions; returns the layout unchanged when valid. Sizes
+    need not divide: an uneven dim is split into blocks differing by at most one."""
     owner: dict[str, str] = {}
     for d, axes in zip(layout.dims, layout.axes):
         for a in axes:
@@ -98,9 +110,6 @@ def check(layout: TensorLayout, mesh: MeshShape, rules_text: str) -> TensorLayou
             if a in owner:
                 raise LayoutError(errors.axis_used_twice(layout.sizes, a, owner[a], d.name, rules_text))
             owner[a] = d.name
-        n = parts(mesh, axes)
-        if d.size % n:
-            raise LayoutError(errors.not_divisible(layout.sizes, d.name, axes, n, rules_text))
     return layout
 
 

@@ -130,6 +130,52 @@ def parts(mesh: MeshShape, axes: tuple[str, ...]) -> int:
     return math.prod(mesh.axis_size(a) for a in axes)
 
 
+def balanced(size: int, k: int, i: int) -> tuple[int, int]:
+    """[start, stop) of block `i` when `size` is split into `k` blocks whose sizes differ by at
+    most one, the larger blocks first (`torch.tensor_split`'s convention): 5 over 4 is 2,1,1,1;
+    3 over 4 is 1,1,1,0.
+
+    >>> [balanced(5, 4, i) for i in range(4)]
+    [(0, 2), (2, 3), (3, 4), (4, 5)]
+    """
+    q, r = divmod(size, k)
+    start = i * q + min(i, r)
+    return start, start + q + (1 if i < r else 0)
+
+
+def block_sizes(size: int, k: int) -> tuple[int, ...]:
+    """The sizes of the `k` blocks of a dim of `size` (see `balanced`): (33, 32) for 65 over 2."""
+    q, r = divmod(size, k)
+    return tuple(q + 1 if i < r else q for i in range(k))
+
+
+def block_bounds(size: int, mesh: MeshShape, axes: tuple[str, ...], coords: tuple[int, ...]) -> tuple[int, int]:
+    """[start, stop) of the block of a dim of `size` split over `axes` that the device at
+    `coords` holds. The split is nested, major axis first: the dim is split over the first
+    axis into balanced blocks (`balanced`), each of those over the next axis, and so on. So
+    undoing the minor-most split (an all-gather over it) gives back the blocks of the others,
+    and every block's size differs from every other's by at most one.
+
+    >>> from torchmesh import MeshShape
+    >>> mesh = MeshShape.parse("dp:2;tp:2")
+    >>> [block_bounds(6, mesh, ("dp", "tp"), mesh.coords(d)) for d in range(4)]
+    [(0, 2), (2, 3), (3, 5), (5, 6)]
+    """
+    start, stop = 0, size
+    for a in axes:
+        i = mesh.names.index(a)
+        lo, hi = balanced(stop - start, mesh.sizes[i], coords[i])
+        start, stop = start + lo, start + hi
+    return start, stop
+
+
+def max_block(size: int, mesh: MeshShape, axes: tuple[str, ...]) -> int:
+    """The largest block of a dim of `size` split over `axes` (the one device 0 holds)."""
+    for a in axes:
+        size = -(-size // mesh.axis_size(a))
+    return size
+
+
 def block_index(mesh: MeshShape, axes: tuple[str, ...], coords: tuple[int, ...]) -> int:
     """Which block of a dim split over `axes` (first axis major) the device at `coords` holds;
     also its position in its communication group over `axes`."""
