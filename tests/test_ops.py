@@ -47,7 +47,7 @@ EW_CASES = {
     "exp": (lambda x: torch.exp(x), lambda x: torch.exp(x), "batch ff"),
     "gelu": (lambda x: F.gelu(x), lambda x: F.gelu(x), "batch ff"),
     "silu_tanh_sigmoid": (lambda x: F.silu(x) + x.tanh() * x.sigmoid(), lambda x: F.silu(x) + x.tanh() * x.sigmoid(), "batch ff"),
-    "where": (lambda x, b: torch.where(x > 0, x, b), lambda x, b: torch.where(x > 0, x, b.expand(8, 16)), "batch ff"),
+    "where": (lambda x, b: torch.where(x > 0, x, b), lambda x, b: torch.where(x > 0, x, b.expand_as(x)), "batch ff"),
     "tm_where_scalar": (lambda x, c: tm.where(c > 0, x, 0.5), lambda x, c: torch.where(c[:, None] > 0, x, 0.5), "batch ff"),
     "maximum": (lambda x, b: torch.maximum(x, b), lambda x, b: torch.maximum(x, b), "batch ff"),
     "clamp": (lambda x: torch.clamp(x, -0.5, 0.7), lambda x: torch.clamp(x, -0.5, 0.7), "batch ff"),
@@ -548,3 +548,147 @@ def test_random_is_layout_invariant_across_generator_blocks(rules, mesh_spec):
                    "batch ff", rtol=0, atol=0)
     ref = tm.dropout(tm.ones("batch:48 ff:2048", one), 0.3, seed=4).full()
     assert_matches(tm.dropout(tm.ones("batch:48 ff:2048", mesh), 0.3, seed=4), ref, "batch ff", rtol=0, atol=0)
+
+
+# ---- uneven splits: every table again with sizes that do not divide (1, 3, 5, 7, 65) ---------------
+# Over tp:2, dp:2;tp:2 and dp:2;tp:4 these give blocks that differ by one, and (3 or 5 over the 8
+# blocks of dp,tp on dp:2;tp:4) empty blocks.
+UNEVEN_EW_INPUTS = {"x": "batch:5 ff:7", "b": "ff:7", "c": "batch:5", "xt": "ff:7 batch:5"}
+
+
+@pytest.mark.parametrize("rules", EW_RULES)
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("case", list(EW_CASES))
+def test_elementwise_uneven(case, mesh_spec, rules):
+    mesh_fn, torch_fn, out = EW_CASES[case]
+    run_case(make_mesh(mesh_spec, rules), UNEVEN_EW_INPUTS, mesh_fn, torch_fn, out)
+
+
+UNEVEN_SIZES = {"batch": 5, "d": 7, "ff": 3, "b": 5, "c": 7, "heads": 3, "seq": 1, "kv": 5, "dh": 3, "a": 65, "e": 7}
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("equation,rules", [(e, r) for e, rs in EINSUM_CASES for r in rs])
+def test_einsum_uneven(equation, rules, mesh_spec):
+    lhs, _, rhs = equation.partition("->")
+    operands = [part.split() for part in lhs.split(",")]
+    spec = {f"x{i}": " ".join(f"{n}:{UNEVEN_SIZES[n]}" for n in ns) for i, ns in enumerate(operands)}
+    check_op(make_mesh(mesh_spec, rules), spec, lambda **xs: tm.einsum(equation, *xs.values()),
+             lambda **ts: torch_einsum(equation, *ts.values()), rhs.strip())
+
+
+@pytest.mark.parametrize("rules", RED_RULES)
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("case", [c for c in RED_CASES if "mean_dim" not in c])
+def test_reduction_uneven(case, mesh_spec, rules):
+    mesh_fn, torch_fn, out = RED_CASES[case]
+    run_case(make_mesh(mesh_spec, rules), {"x": "batch:5 seq:3 ff:7"}, mesh_fn, torch_fn, out)
+
+
+@pytest.mark.parametrize("rules", SM_RULES)
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("case", [c for c in SM_CASES if not c.startswith("masked")])
+def test_softmax_uneven(case, mesh_spec, rules):
+    """nanoGPT's Shakespeare vocab (65) split over tp: the vocab-parallel softmax."""
+    mesh_fn, torch_fn, out = SM_CASES[case]
+    run_case(make_mesh(mesh_spec, rules), {"x": "batch:3 vocab:65"}, mesh_fn, torch_fn, out, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("old,new,rules", [
+    ("ff", "hidden", "batch:dp;ff:tp"), ("hidden", "ff", "batch:dp;ff:tp"), ("ff", "batch2", "ff:dp;batch2:tp"),
+    ("ff", "hidden", "ff:dp,tp;hidden:tp"),
+])
+def test_rename_uneven(old, new, rules, mesh_spec):
+    check_op(make_mesh(mesh_spec, rules), {"x": f"batch:5 {old}:7"}, lambda x: x.rename(**{old: new}) * 1.5,
+             lambda x: x * 1.5, f"batch {new}")
+
+
+UNEVEN_RA_CASES = {
+    "split_heads_3": ("batch:5 ff:12", "batch (heads dh) -> batch heads dh", {"heads": 3}, "ff:tp;heads:tp;batch:dp",
+                      lambda x: x.reshape(5, 3, 4), "batch heads dh"),
+    "merge_heads_3": ("batch:5 heads:3 dh:4", "batch heads dh -> batch (heads dh):ff", {}, "ff:tp;heads:tp",
+                      lambda x: x.reshape(5, 12), "batch ff"),
+    "transpose": ("batch:5 ff:7", "batch ff -> ff batch", {}, "batch:dp;ff:tp", lambda x: x.T, "ff batch"),
+}
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("case", list(UNEVEN_RA_CASES))
+def test_rearrange_uneven(case, mesh_spec):
+    dims, pattern, sizes, rules, torch_fn, out = UNEVEN_RA_CASES[case]
+    check_op(make_mesh(mesh_spec, rules), {"x": dims}, lambda x: tm.rearrange(x, pattern, **sizes), torch_fn, out)
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("target", ["batch:tp", "", "ff:dp,tp", "ff:tp,dp", "batch:dp,tp", "batch:tp;ff:dp", "batch:dp;ff:tp"])
+def test_relayout_uneven(target, mesh_spec):
+    mesh = make_mesh(mesh_spec, "batch:dp;ff:tp")
+    tgt = rules_on(mesh_spec, target)
+    check_op(mesh, {"x": "batch:5 ff:7"}, lambda x: x.relayout(tgt) * 2, lambda x: x * 2, "batch ff", rules_layout=False)
+    check_op(mesh, {"x": "batch:3 ff:65"}, lambda x: x.relayout(tgt) * 2, lambda x: x * 2, "batch ff", rules_layout=False)
+
+
+UNEVEN_SEQ_INPUTS = {"x": "seq:13 f:5", "y": "f:5 seq:7", "z": "seq:3 f:5"}
+
+
+@pytest.mark.parametrize("rules", SEQ_RULES)
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("case", list(SEQ_CASES))
+def test_slice_concat_pad_uneven(case, mesh_spec, rules):
+    mesh_fn, torch_fn, out = SEQ_CASES[case]
+    run_case(make_mesh(mesh_spec, rules), UNEVEN_SEQ_INPUTS, mesh_fn, torch_fn, out)
+
+
+@pytest.mark.parametrize("rules", ["seq:tp", "seq:tp,dp", "f:tp;seq:dp"])
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("wrap", [False, True])
+@pytest.mark.parametrize("offset", [1, -1, 3, -6, 13, 14])
+def test_shift_uneven(offset, wrap, mesh_spec, rules):
+    run_case(make_mesh(mesh_spec, rules), {"x": "f:5 seq:13"}, lambda x: tm.shift(x, "seq", offset, wrap=wrap),
+             lambda x: torch_shift(x, offset, 1, wrap), "f seq")
+
+
+UNEVEN_IDS = torch.tensor([3, 6, 0, 4, 1, 3, 5, 3])
+UNEVEN_GATHER_INPUTS = {
+    "table": "vocab:7 d:5", "ids": ("batch", UNEVEN_IDS), "ids2": ("batch seq", IDS2 % 7),
+    "logits": "batch:8 vocab:7", "logits3": "batch:8 seq:4 vocab:7",
+}
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("case,rules", [(c, r) for c in GATHER_CASES for r in GATHER_RULES + INDEX_ON_VOCAB_AXIS.get(c, [])])
+def test_gather_uneven(case, rules, mesh_spec):
+    mesh_fn, torch_fn, out = GATHER_CASES[case]
+    run_case(make_mesh(mesh_spec, rules), UNEVEN_GATHER_INPUTS, mesh_fn, torch_fn, out)
+
+
+@pytest.mark.parametrize("rules", GATHER_RULES)
+@pytest.mark.parametrize("mesh_spec", MESHES)
+def test_one_hot_uneven(mesh_spec, rules):
+    mesh = make_mesh(mesh_spec, rules)
+    run_case(mesh, UNEVEN_GATHER_INPUTS, lambda ids: tm.one_hot(ids, "vocab:7"), lambda ids: F.one_hot(ids, 7).float(),
+             "batch vocab", grad=False)
+    run_case(mesh, UNEVEN_GATHER_INPUTS,
+             lambda logits, ids: (tm.one_hot(ids, "vocab:7") * tm.log_softmax(logits, "vocab")).sum("vocab"),
+             lambda logits, ids: (F.one_hot(ids, 7) * torch.log_softmax(logits, 1)).sum(1), "batch")
+
+
+@pytest.mark.parametrize("rules", ["batch:dp;ff:tp", "ff:dp,tp", "batch:tp"])
+@pytest.mark.parametrize("mesh_spec", MESHES)
+def test_random_and_dropout_uneven(mesh_spec, rules):
+    mesh, one = make_mesh(mesh_spec, rules), single_device()
+    for fn in (tm.randn, tm.rand):
+        assert_matches(fn("batch:5 ff:7", mesh, seed=11), fn("batch:5 ff:7", one, seed=11).full(), "batch ff",
+                       rtol=0, atol=0)
+    keep = tm.dropout(tm.ones("batch:5 ff:7", one), 0.25, seed=9).full()
+    assert_matches(tm.dropout(tm.ones("batch:5 ff:7", mesh), 0.25, seed=9), keep, "batch ff", rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+def test_constructors_uneven(mesh_spec):
+    mesh = make_mesh(mesh_spec, "batch:dp,tp;ff:tp")
+    assert_matches(tm.zeros("batch:3 d:2", mesh), torch.zeros(3, 2), "batch d")
+    assert_matches(tm.full("batch:5", 2.5, mesh), torch.full((5,), 2.5), "batch")
+    assert_matches(tm.arange("batch:7", mesh), torch.arange(7), "batch")
+    assert_matches(tm.arange("ff:1", mesh), torch.arange(1), "ff")

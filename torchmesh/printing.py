@@ -76,14 +76,18 @@ def show_layout(x: MeshTensor) -> str:
     lay = x.tensor_layout
     split = [i for i, ax in enumerate(lay.axes) if ax]
     holders: dict[tuple, list[int]] = {}
+    ranges: dict[tuple[int, int], slice] = {}  # (dim position, block) -> its global index range
     for device in range(mesh.size):
         coords = mesh.coords(device)
         key = tuple(block_index(mesh, lay.axes[i], coords) for i in split)
         holders.setdefault(key, []).append(device)
+        where = local_slices(lay, mesh, coords)
+        for i, b in zip(split, key):
+            ranges[(i, b)] = where[i]
 
-    def rng(i: int, b: int) -> str:
-        n = lay.dims[i].size // parts(mesh, lay.axes[i])
-        return f"{lay.dims[i].name}[{b * n}:{(b + 1) * n}]"
+    def rng(i: int, b: int) -> str:  # blocks of an uneven split differ in size by at most one
+        r = ranges[(i, b)]
+        return f"{lay.dims[i].name}[{r.start}:{r.stop}]"
 
     title = f"{_header(x)})  devices by index on mesh {mesh}"
     if len(split) == 2:

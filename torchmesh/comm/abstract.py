@@ -1,7 +1,7 @@
 """The `abstract` backend: shapes only, for planning a run before renting the devices.
 
 Like `dist`, this process holds ONE local shard per tensor, that of a representative device
-(device 0: every device holds a block of the same shape, since sharding is even), but as a
+(device 0, which holds the largest block of every uneven split, so memory is an upper bound), but as a
 tensor on torch's `meta` device: no data, no memory, no processes. Its collectives return
 correctly shaped meta tensors, so every op plans and runs exactly as on a real mesh and
 `tm.comm_stats()` records each collective the real run would make, with the same bytes per
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from torchmesh.comm.backend import Data, MeshImpl
+from torchmesh.comm.backend import Data, MeshImpl, Sizes
 from torchmesh.placement.layout import TensorLayout, local_shape
 from torchmesh.placement.mesh_shape import MeshShape
 
@@ -43,16 +43,18 @@ class AbstractImpl(MeshImpl):
     def all_reduce(self, ts: Data, axes: tuple[str, ...], op: str) -> Data:
         return (_meta(ts[0]).clone(),)
 
-    def all_gather(self, ts: Data, axis: str, dim: int) -> Data:
-        return (_resized(ts[0], {dim: ts[0].shape[dim] * self.axis_size(axis)}),)
+    def all_gather(self, ts: Data, axis: str, dim: int, sizes: Sizes = None) -> Data:
+        whole = sizes[0] if sizes else ts[0].shape[dim] * self.axis_size(axis)
+        return (_resized(ts[0], {dim: whole}),)
 
-    def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
-        return (_resized(ts[0], {dim: ts[0].shape[dim] // self.axis_size(axis)}),)
+    def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:  # device 0: the largest block
+        return (_resized(ts[0], {dim: -(-ts[0].shape[dim] // self.axis_size(axis))}),)
 
-    def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int) -> Data:
+    def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int, sizes: Sizes = None) -> Data:
         k = self.axis_size(axis)
         t = ts[0]
-        return (_resized(t, {gather_dim: t.shape[gather_dim] * k, split_dim: t.shape[split_dim] // k}),)
+        whole = sizes[0] if sizes else t.shape[gather_dim] * k
+        return (_resized(t, {gather_dim: whole, split_dim: -(-t.shape[split_dim] // k)}),)
 
     def shift(self, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
         return (torch.empty_like(_meta(ts[0])),)

@@ -23,7 +23,7 @@ import torch
 from torch.autograd import Function
 
 from torchmesh.comm import stats
-from torchmesh.comm.backend import Data, MeshImpl
+from torchmesh.comm.backend import Data, MeshImpl, Sizes
 
 
 def _live(impl: MeshImpl, axes: tuple[str, ...]) -> tuple[str, ...]:
@@ -41,12 +41,22 @@ def _needs_grad(ts: Data) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
-def _rec(impl: MeshImpl, kind: str, axes: tuple[str, ...], ts: Data, phase: str) -> None:
-    """Before every collective: verify ranks agree (when checking), then record it."""
+def _rec(impl: MeshImpl, kind: str, axes: tuple[str, ...], ts: Data, phase: str,
+         whole: tuple[int, int] | None = None) -> None:
+    """Before every collective: verify ranks agree (when checking), then record it. `whole`
+    is (dim, gathered size) for gathers of blocks that may be uneven."""
     if impl.checking:
-        impl.verify(kind, axes, ts[0], phase)
+        impl.verify(kind, axes, ts[0], phase, whole)
     if stats.recording():
-        stats.record(kind, axes, _size(impl, axes), ts[0], phase)
+        stats.record(kind, axes, _size(impl, axes), ts[0], phase, whole)
+
+
+def _whole(dim: int, sizes: Sizes) -> tuple[int, int] | None:
+    return None if sizes is None else (dim, sizes[0])
+
+
+def _sizes_along(ts: Data, dim: int) -> tuple[int, ...]:
+    return tuple(t.shape[dim] for t in ts)
 
 
 # ---- raw calls that also record ------------------------------------------------------------
@@ -55,9 +65,9 @@ def _all_reduce(impl, ts, axes, op, phase="forward"):
     return impl.all_reduce(ts, axes, op)
 
 
-def _all_gather(impl, ts, axis, dim, phase="forward"):
-    _rec(impl, "all_gather", (axis,), ts, phase)
-    return impl.all_gather(ts, axis, dim)
+def _all_gather(impl, ts, axis, dim, phase="forward", sizes=None):
+    _rec(impl, "all_gather", (axis,), ts, phase, _whole(dim, sizes))
+    return impl.all_gather(ts, axis, dim, sizes)
 
 
 def _reduce_scatter(impl, ts, axis, dim, phase="forward"):
@@ -65,9 +75,9 @@ def _reduce_scatter(impl, ts, axis, dim, phase="forward"):
     return impl.reduce_scatter(ts, axis, dim)
 
 
-def _all_to_all(impl, ts, axis, gather_dim, split_dim, phase="forward"):
-    _rec(impl, "all_to_all", (axis,), ts, phase)
-    return impl.all_to_all(ts, axis, gather_dim, split_dim)
+def _all_to_all(impl, ts, axis, gather_dim, split_dim, phase="forward", sizes=None):
+    _rec(impl, "all_to_all", (axis,), ts, phase, _whole(gather_dim, sizes))
+    return impl.all_to_all(ts, axis, gather_dim, split_dim, sizes)
 
 
 def _shift(impl, ts, axes, offset, wrap, phase="forward"):
@@ -103,9 +113,9 @@ class _AllGather(Function):
     sums it and keeps one's own block: one reduce-scatter."""
 
     @staticmethod
-    def forward(ctx, impl, axis, dim, reduce_grad, *ts):
+    def forward(ctx, impl, axis, dim, reduce_grad, sizes, *ts):
         ctx.impl, ctx.axis, ctx.dim, ctx.reduce_grad = impl, axis, dim, reduce_grad
-        return _all_gather(impl, ts, axis, dim)
+        return _all_gather(impl, ts, axis, dim, sizes=sizes)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -113,41 +123,42 @@ class _AllGather(Function):
             grads = _reduce_scatter(ctx.impl, tuple(g.contiguous() for g in grads), ctx.axis, ctx.dim, "backward")
         else:
             grads = tuple(g.contiguous() for g in ctx.impl.split(grads, ctx.axis, ctx.dim))
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 class _Split(Function):
     @staticmethod
     def forward(ctx, impl, axis, dim, *ts):
-        ctx.impl, ctx.axis, ctx.dim = impl, axis, dim
+        ctx.impl, ctx.axis, ctx.dim, ctx.sizes = impl, axis, dim, _sizes_along(ts, dim)
         return tuple(t.contiguous() for t in impl.split(ts, axis, dim))
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, None, *_all_gather(ctx.impl, grads, ctx.axis, ctx.dim, "backward"))
+        return (None, None, None, *_all_gather(ctx.impl, grads, ctx.axis, ctx.dim, "backward", ctx.sizes))
 
 
 class _ReduceScatter(Function):
     @staticmethod
     def forward(ctx, impl, axis, dim, *ts):
-        ctx.impl, ctx.axis, ctx.dim = impl, axis, dim
+        ctx.impl, ctx.axis, ctx.dim, ctx.sizes = impl, axis, dim, _sizes_along(ts, dim)
         return _reduce_scatter(impl, ts, axis, dim)
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, None, *_all_gather(ctx.impl, grads, ctx.axis, ctx.dim, "backward"))
+        return (None, None, None, *_all_gather(ctx.impl, grads, ctx.axis, ctx.dim, "backward", ctx.sizes))
 
 
 class _AllToAll(Function):
     @staticmethod
-    def forward(ctx, impl, axis, gather_dim, split_dim, *ts):
+    def forward(ctx, impl, axis, gather_dim, split_dim, sizes, *ts):
         ctx.impl, ctx.axis, ctx.dims = impl, axis, (gather_dim, split_dim)
-        return _all_to_all(impl, ts, axis, gather_dim, split_dim)
+        ctx.sizes = _sizes_along(ts, split_dim)
+        return _all_to_all(impl, ts, axis, gather_dim, split_dim, sizes=sizes)
 
     @staticmethod
     def backward(ctx, *grads):
         g, s = ctx.dims
-        return (None, None, None, None, *_all_to_all(ctx.impl, grads, ctx.axis, s, g, "backward"))
+        return (None, None, None, None, None, *_all_to_all(ctx.impl, grads, ctx.axis, s, g, "backward", ctx.sizes))
 
 
 class _Shift(Function):
@@ -182,15 +193,16 @@ def sum_grad(impl: MeshImpl, ts: Data, axes: tuple[str, ...]) -> Data:
 
 
 def all_gather(impl: MeshImpl, ts: Data, axis: str, dim: int, phase: str = "forward",
-               reduce_grad: bool = False) -> Data:
+               reduce_grad: bool = False, sizes: Sizes = None) -> Data:
     """`phase` labels a gather run outside autograd (e.g. "backward" for a regather).
     `reduce_grad`: the gathered input is then broadcast over `axis` (a fully sharded parameter
-    meeting split activations), so its gradient is reduce-scattered, not sliced."""
+    meeting split activations), so its gradient is reduce-scattered, not sliced. `sizes`:
+    the gathered size along `dim` per local tensor, where blocks may be uneven."""
     if impl.axis_size(axis) == 1:
         return ts
     if _needs_grad(ts):
-        return _AllGather.apply(impl, axis, dim, reduce_grad, *ts)
-    return _all_gather(impl, ts, axis, dim, phase)
+        return _AllGather.apply(impl, axis, dim, reduce_grad, sizes, *ts)
+    return _all_gather(impl, ts, axis, dim, phase, sizes)
 
 
 def split(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
@@ -209,12 +221,13 @@ def reduce_scatter(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
     return _reduce_scatter(impl, ts, axis, dim)
 
 
-def all_to_all(impl: MeshImpl, ts: Data, axis: str, gather_dim: int, split_dim: int, phase: str = "forward") -> Data:
+def all_to_all(impl: MeshImpl, ts: Data, axis: str, gather_dim: int, split_dim: int, phase: str = "forward",
+               sizes: Sizes = None) -> Data:
     if impl.axis_size(axis) == 1:
         return ts
     if _needs_grad(ts):
-        return _AllToAll.apply(impl, axis, gather_dim, split_dim, *ts)
-    return _all_to_all(impl, ts, axis, gather_dim, split_dim, phase)
+        return _AllToAll.apply(impl, axis, gather_dim, split_dim, sizes, *ts)
+    return _all_to_all(impl, ts, axis, gather_dim, split_dim, phase, sizes)
 
 
 def shift(impl: MeshImpl, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:

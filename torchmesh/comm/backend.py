@@ -22,6 +22,8 @@ from torchmesh.placement.layout import TensorLayout, local_slices
 from torchmesh.placement.mesh_shape import MeshShape
 
 Data = tuple[torch.Tensor, ...]
+#: Per local tensor, the size a dim has once gathered (None: blocks are even).
+Sizes = "tuple[int, ...] | None"
 
 
 class MeshImpl:
@@ -72,13 +74,20 @@ class MeshImpl:
     def all_reduce(self, ts: Data, axes: tuple[str, ...], op: str) -> Data:
         raise NotImplementedError
 
-    def all_gather(self, ts: Data, axis: str, dim: int) -> Data:
+    def all_gather(self, ts: Data, axis: str, dim: int, sizes: Sizes = None) -> Data:
+        """Concatenate the group's blocks along `dim`, in group order. `sizes` (one per local
+        tensor) is the gathered size along `dim` when the blocks may be uneven (None: every
+        block has the local size); the blocks are then that size's balanced split."""
         raise NotImplementedError
 
     def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
+        """Sum over the group and keep this device's balanced block along `dim`."""
         raise NotImplementedError
 
-    def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int) -> Data:
+    def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int, sizes: Sizes = None) -> Data:
+        """Split `split_dim` into the group's balanced blocks, send block j to member j, and
+        concatenate what arrives along `gather_dim`; `sizes`: the gathered size along
+        `gather_dim` per local tensor, as for `all_gather`."""
         raise NotImplementedError
 
     def shift(self, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
@@ -115,5 +124,6 @@ class MeshImpl:
     def sync(self) -> None:
         """Called at the end of a step (`mesh.sync()`): the XLA backend runs its pending program."""
 
-    def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str) -> None:
+    def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str,
+               whole: tuple[int, int] | None = None) -> None:
         """Called before each collective when `checking`: raise unless every rank agrees."""

@@ -2,7 +2,9 @@
 
 One code path for gloo (CPU) and NCCL (GPU); only the process-group backend and the
 default device differ, chosen by whether CUDA is available. Process groups come from
-torch's DeviceMesh (one per mesh axis); device index = global rank (row-major).
+torch's DeviceMesh (one per mesh axis); device index = global rank (row-major). torch's
+collectives move equal-sized blocks, so uneven blocks are padded to the largest inside the
+collective and cut back after it: the padding is never visible, nor counted by comm_stats.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import os
 import torch
 import torch.distributed as dist
 
-from torchmesh.comm.backend import Data, MeshImpl
+from torchmesh.comm.backend import Data, MeshImpl, Sizes
 from torchmesh.errors import (
     BackendError,
     CollectiveMismatch,
     CollectiveTimeout,
     MeshError,
 )
-from torchmesh.placement.mesh_shape import MeshShape, axis_groups
+from torchmesh.placement.mesh_shape import MeshShape, axis_groups, block_sizes
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -77,6 +79,18 @@ def mismatch_message(fingerprints: list) -> str:
     )
 
 
+def _agree(fingerprints: list, groups: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether every rank reached the same collective: all fingerprints equal but for the
+    shape (index 2), which must be equal within each communicating group."""
+    def without_shape(f: tuple) -> tuple:
+        return f[:2] + f[3:]
+
+    first = without_shape(fingerprints[0])
+    if any(without_shape(f) != first for f in fingerprints):
+        return False
+    return all(len({fingerprints[r][2] for r in g}) == 1 for g in groups)
+
+
 def _shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -113,9 +127,15 @@ class DistImpl(MeshImpl):
         if self.checking:  # a side group, so a check never waits behind (or blocks) real traffic
             self._check_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
 
-    def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str) -> None:
-        """Every rank must be at the same collective: same kind, axes, shape, dtype and op."""
-        mine = (kind, axes, tuple(tensor.shape), str(tensor.dtype), phase, self.current_op)
+    def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str,
+               whole: tuple[int, int] | None = None) -> None:
+        """Every rank must be at the same collective: same kind, axes, dtype and op, and the
+        same shape within each group (blocks of an uneven split differ in size between groups,
+        and within a group along a gathered dim: there the gathered size is compared)."""
+        shape = list(tensor.shape)
+        if whole is not None:
+            shape[whole[0]] = whole[1]
+        mine = (kind, axes, tuple(shape), str(tensor.dtype), phase, self.current_op)
         everyone: list = [None] * dist.get_world_size()
         try:
             dist.all_gather_object(everyone, mine, group=self._check_group)
@@ -125,7 +145,7 @@ class DistImpl(MeshImpl):
                 f"{self.current_op or 'an op'}) for the other ranks: one of them runs a different program, "
                 f"crashed, or is stuck. ({e})"
             ) from None
-        if any(f != everyone[0] for f in everyone):
+        if not _agree(everyone, axis_groups(self.shape, axes)):
             raise CollectiveMismatch(mismatch_message(everyone))
 
     @property
@@ -139,20 +159,62 @@ class DistImpl(MeshImpl):
             dist.all_reduce(out, _OPS[op], group=self._groups[axis])
         return (out.to(torch.bool) if t.dtype == torch.bool else out,)
 
-    def all_gather(self, ts: Data, axis: str, dim: int) -> Data:
+    def _member(self, axis: str) -> int:
+        """This rank's position in its group over `axis` (its block index there)."""
+        return self.coord(self._coords[0], axis)
+
+    def all_gather(self, ts: Data, axis: str, dim: int, sizes: Sizes = None) -> Data:
+        k = self.axis_size(axis)
         x = ts[0].movedim(dim, 0).contiguous()
-        out = x.new_empty((self.axis_size(axis) * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x, group=self._groups[axis])
+        whole = sizes[0] if sizes else k * x.shape[0]
+        if whole == k * x.shape[0]:
+            out = x.new_empty((whole, *x.shape[1:]))
+            dist.all_gather_into_tensor(out, x, group=self._groups[axis])
+            return (out.movedim(0, dim),)
+        # Uneven blocks: every rank sends its block padded to the largest; the padding is dropped.
+        blocks = block_sizes(whole, k)
+        mine = x.new_zeros((blocks[0], *x.shape[1:]))
+        mine[: x.shape[0]] = x
+        padded = x.new_empty((k, *mine.shape))
+        dist.all_gather_into_tensor(padded, mine, group=self._groups[axis])
+        out = torch.cat([padded[j, :n] for j, n in enumerate(blocks)])
         return (out.movedim(0, dim),)
 
     def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
+        k = self.axis_size(axis)
         x = ts[0].movedim(dim, 0).contiguous()
-        out = x.new_empty((x.shape[0] // self.axis_size(axis), *x.shape[1:]))
+        blocks = block_sizes(x.shape[0], k)
+        if x.shape[0] % k:  # uneven: each block padded to the largest, the padding dropped after
+            padded = x.new_zeros((k, blocks[0], *x.shape[1:]))
+            for j, piece in enumerate(x.tensor_split(k)):
+                padded[j, : blocks[j]] = piece
+            x = padded.flatten(0, 1)
+        out = x.new_empty((blocks[0], *x.shape[1:]))
         dist.reduce_scatter_tensor(out, x, group=self._groups[axis])
-        return (out.movedim(0, dim),)
+        return (out[: blocks[self._member(axis)]].movedim(0, dim),)
 
-    def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int) -> Data:
+    def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int, sizes: Sizes = None) -> Data:
         t, k = ts[0], self.axis_size(axis)
+        whole = sizes[0] if sizes else k * t.shape[gather_dim]
+        if t.shape[split_dim] % k == 0 and whole == k * t.shape[gather_dim]:
+            return (self._all_to_all_even(t, axis, gather_dim, split_dim),)
+        # Uneven: piece j (a balanced block of split_dim) padded to the largest piece on both
+        # dims, one equal-sized exchange, then each received piece cut back to its true size.
+        send_sizes, recv_sizes = block_sizes(t.shape[split_dim], k), block_sizes(whole, k)
+        shape = list(t.shape)
+        shape[split_dim], shape[gather_dim] = send_sizes[0], recv_sizes[0]
+        send = t.new_zeros((k, *shape))
+        for j, piece in enumerate(t.tensor_split(k, split_dim)):
+            send[j][tuple(slice(0, n) for n in piece.shape)] = piece
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self._groups[axis])
+        me = self._member(axis)
+        pieces = [recv[j].narrow(gather_dim, 0, recv_sizes[j]).narrow(split_dim, 0, send_sizes[me])
+                  for j in range(k)]
+        return (torch.cat(pieces, gather_dim),)
+
+    def _all_to_all_even(self, t: torch.Tensor, axis: str, gather_dim: int, split_dim: int) -> torch.Tensor:
+        k = self.axis_size(axis)
         x = t.movedim(split_dim, 0).contiguous()
         out = torch.empty_like(x)
         dist.all_to_all_single(out, x, group=self._groups[axis])
@@ -161,7 +223,7 @@ class DistImpl(MeshImpl):
         y = y.movedim(0, gather_dim)  # k just before the gathered dim
         shape = list(y.shape)
         shape[gather_dim : gather_dim + 2] = [shape[gather_dim] * shape[gather_dim + 1]]
-        return (y.reshape(shape),)
+        return y.reshape(shape)
 
     def shift(self, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
         t = ts[0].contiguous()

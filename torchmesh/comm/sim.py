@@ -1,5 +1,7 @@
 """The `sim` backend: one process holds every device's shard and computes each collective
-exactly as the real one would, in group order. For notebooks, debuggers and tests."""
+exactly as the real one would, in group order. For notebooks, debuggers and tests. Uneven
+blocks need nothing special here: pieces are concatenated and split (`tensor_split`) as
+they are."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from functools import cached_property, reduce
 
 import torch
 
-from torchmesh.comm.backend import Data, MeshImpl
+from torchmesh.comm.backend import Data, MeshImpl, Sizes
 from torchmesh.placement.mesh_shape import axis_groups
 
 _REDUCE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
@@ -34,7 +36,7 @@ class SimImpl(MeshImpl):
                 out[i] = total.clone()
         return tuple(out)
 
-    def all_gather(self, ts: Data, axis: str, dim: int) -> Data:
+    def all_gather(self, ts: Data, axis: str, dim: int, sizes: Sizes = None) -> Data:
         out: list = [None] * len(ts)
         for g in self._groups((axis,)):
             whole = torch.cat([ts[i] for i in g], dim)
@@ -45,15 +47,15 @@ class SimImpl(MeshImpl):
     def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
         out: list = [None] * len(ts)
         for g in self._groups((axis,)):
-            pieces = reduce(torch.add, (ts[i] for i in g)).chunk(len(g), dim)
+            pieces = reduce(torch.add, (ts[i] for i in g)).tensor_split(len(g), dim)
             for i, p in zip(g, pieces):
                 out[i] = p.contiguous().clone()
         return tuple(out)
 
-    def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int) -> Data:
+    def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int, sizes: Sizes = None) -> Data:
         out: list = [None] * len(ts)
         for g in self._groups((axis,)):
-            pieces = [ts[i].chunk(len(g), split_dim) for i in g]
+            pieces = [ts[i].tensor_split(len(g), split_dim) for i in g]
             for r, i in enumerate(g):
                 out[i] = torch.cat([p[r] for p in pieces], gather_dim).contiguous()
         return tuple(out)

@@ -6,10 +6,14 @@ of the tensor a device holds before the collective):
 | kind           | bytes sent per device |
 |----------------|-----------------------|
 | all_reduce     | 2 (k-1)/k * S         |
-| all_gather     | (k-1) * S             |
+| all_gather     | (k-1) * S (= (k-1)/k * W, W the gathered bytes) |
 | reduce_scatter | (k-1)/k * S           |
 | all_to_all     | (k-1)/k * S           |
 | shift          | S (the block moved)   |
+
+With uneven blocks (a dim not divisible by its axes) devices hold different S; S is then
+device 0's (the largest block), except for all_gather, counted as (k-1)/k of the gathered
+bytes W (rounded down). Padding added inside a collective never counts.
 
 Collectives run in backward are recorded too (`phase="backward"`) when backward runs inside
 the `with` block. Axes of size 1 never communicate and are never recorded.
@@ -115,11 +119,20 @@ def bytes_sent(kind: str, k: int, s: int) -> int:
     }[kind]
 
 
-def record(kind: str, axes: tuple[str, ...], k: int, tensor: torch.Tensor, phase: str = "forward") -> None:
-    """Add one collective over a group of `k` devices, `tensor` being a device's input."""
+def record(kind: str, axes: tuple[str, ...], k: int, tensor: torch.Tensor, phase: str = "forward",
+           whole: tuple[int, int] | None = None) -> None:
+    """Add one collective over a group of `k` devices, `tensor` being a device's input.
+    `whole` = (dim, gathered size) where the blocks of a gather may be uneven: an all-gather
+    then counts (k-1)/k of the gathered bytes (the group's average; padding never counts)."""
     if not _ACTIVE:
         return
-    nbytes = bytes_sent(kind, k, tensor.numel() * tensor.element_size())
+    if kind == "all_gather" and whole is not None:
+        gathered = tensor.element_size()
+        for i, n in enumerate(tensor.shape):
+            gathered *= whole[1] if i == whole[0] else n
+        nbytes = (k - 1) * gathered // k
+    else:
+        nbytes = bytes_sent(kind, k, tensor.numel() * tensor.element_size())
     rec = CommRecord(kind, axes, nbytes, tuple(tensor.shape), tensor.dtype, phase)
     for stats in _ACTIVE:
         stats.records.append(rec)

@@ -12,6 +12,7 @@ from typing import Union
 
 from torchmesh.errors import LayoutError
 from torchmesh.placement.layout import TensorLayout
+from torchmesh.placement.mesh_shape import MeshShape, block_bounds, parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,3 +105,31 @@ def apply_step(layout: TensorLayout, step: Step) -> TensorLayout:
         axes[step.gather_dim] = axes[step.gather_dim][:-1]
         axes[step.split_dim] = axes[step.split_dim] + (step.axis,)
     return TensorLayout(layout.dims, tuple(axes))
+
+
+@lru_cache(maxsize=8192)
+def step_sizes(
+    src: TensorLayout, steps: tuple[Step, ...], mesh: MeshShape, coords: tuple[tuple[int, ...], ...]
+) -> tuple[tuple[int, ...] | None, ...]:
+    """For each step that gathers (Gather, AllToAll), the size its gathered dim has afterwards
+    on each device at `coords`, or None where the blocks are even (the collective then needs
+    no sizes). Collectives of uneven blocks need it: a device cannot tell the sizes of the
+    others' blocks from its own.
+
+    >>> from torchmesh import MeshShape, TensorLayout, Dim
+    >>> lay = TensorLayout((Dim("vocab", 5),), (("tp",),))
+    >>> step_sizes(lay, (Gather("tp", 0),), MeshShape.parse("tp:2"), ((0,), (1,)))
+    ((5, 5),)
+    """
+    out: list[tuple[int, ...] | None] = []
+    layout = src
+    for step in steps:
+        after = apply_step(layout, step)
+        dim = step.dim if isinstance(step, Gather) else step.gather_dim if isinstance(step, AllToAll) else None
+        if dim is None or layout.dims[dim].size % parts(mesh, layout.axes[dim]) == 0:
+            out.append(None)
+        else:
+            size, axes = layout.dims[dim].size, after.axes[dim]
+            out.append(tuple(hi - lo for lo, hi in (block_bounds(size, mesh, axes, c) for c in coords)))
+        layout = after
+    return tuple(out)

@@ -23,11 +23,11 @@ from functools import lru_cache
 
 from torchmesh import errors
 from torchmesh.comm import autograd as comm
-from torchmesh.comm.backend import Data, MeshImpl
+from torchmesh.comm.backend import Data, MeshImpl, Sizes
 from torchmesh.errors import DimError
 from torchmesh.placement.layout import TensorLayout, check, resolve
 from torchmesh.placement.mesh_shape import MeshShape
-from torchmesh.placement.plan import AllToAll, Gather, Slice, Step, plan_relayout
+from torchmesh.placement.plan import AllToAll, Gather, Slice, Step, plan_relayout, step_sizes
 from torchmesh.placement.rules import LayoutRules
 from torchmesh.tensor import regather
 from torchmesh.tensor.dims import Dim
@@ -113,17 +113,26 @@ def plan_op(
                   tuple(in_gather_rs))
 
 
-def run_steps(impl: MeshImpl, data: Data, steps: Sequence[Step], gather_rs: tuple[str, ...] = ()) -> Data:
-    """Execute relayout steps with the backend's differentiable collectives; all-gathers over
-    `gather_rs` axes reduce-scatter their gradient (the input is broadcast there)."""
-    for s in steps:
+def sized_steps(impl: MeshImpl, src: TensorLayout, steps: Sequence[Step]) -> tuple[tuple[Step, Sizes], ...]:
+    """The relayout steps from `src`, each with the gathered sizes its collective needs
+    (None where blocks are even; see `placement.plan.step_sizes`)."""
+    steps = tuple(steps)
+    return tuple(zip(steps, step_sizes(src, steps, impl.slice_mesh, impl.local_coords)))
+
+
+def run_steps(impl: MeshImpl, data: Data, src: TensorLayout, steps: Sequence[Step],
+              gather_rs: tuple[str, ...] = ()) -> Data:
+    """Execute relayout steps from layout `src` with the backend's differentiable collectives;
+    all-gathers over `gather_rs` axes reduce-scatter their gradient (the input is broadcast
+    there)."""
+    for s, sizes in sized_steps(impl, src, steps):
         if isinstance(s, Gather):
-            data = comm.all_gather(impl, data, s.axis, s.dim, reduce_grad=s.axis in gather_rs)
+            data = comm.all_gather(impl, data, s.axis, s.dim, reduce_grad=s.axis in gather_rs, sizes=sizes)
         elif isinstance(s, Slice):
             data = comm.split(impl, data, s.axis, s.dim)
         else:
             assert isinstance(s, AllToAll)
-            data = comm.all_to_all(impl, data, s.axis, s.gather_dim, s.split_dim)
+            data = comm.all_to_all(impl, data, s.axis, s.gather_dim, s.split_dim, sizes=sizes)
     return data
 
 
@@ -132,7 +141,7 @@ def prepare_inputs(plan: OpPlan, xs: Sequence[MeshTensor]) -> list[Data]:
     impl = xs[0]._mesh.impl
     datas = []
     for x, steps, bcast, gather_rs in zip(xs, plan.in_steps, plan.in_bcast, plan.in_gather_rs):
-        d = run_steps(impl, x._data, steps, gather_rs) if steps else x._data
+        d = run_steps(impl, x._data, x._layout, steps, gather_rs) if steps else x._data
         if bcast:
             d = comm.sum_grad(impl, d, bcast)
         datas.append(d)
@@ -173,8 +182,8 @@ def run_op(
     sources = []
     if any(plan.in_gather_rs) and regather.enabled():  # fully sharded inputs: gathered again in backward
         # (not inputs no collective touched: on xla the partitioner does the gathering)
-        sources = [(x._data, d, st) for x, d, st, rs in zip(xs, datas, plan.in_steps, plan.in_gather_rs)
-                   if rs and d is not x._data]
+        sources = [(x._data, d, sized_steps(mesh.impl, x._layout, st))
+                   for x, d, st, rs in zip(xs, datas, plan.in_steps, plan.in_gather_rs) if rs and d is not x._data]
     if sources:
         out = regather.run_regathering(mesh.impl, lambda: run(fn, *datas), sources)
     else:

@@ -14,7 +14,7 @@ import torch
 
 from torchmesh import errors
 from torchmesh.errors import DimError
-from torchmesh.placement.layout import TensorLayout, block_index, parts
+from torchmesh.placement.layout import TensorLayout, block_bounds
 from torchmesh.tensor.contraction import OpPlan, run_op
 from torchmesh.tensor.dims import Dim, parse_dims
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -47,12 +47,12 @@ def gather(x: MeshTensor, index: MeshTensor, dim: str) -> MeshTensor:
     def local_fn(plan: OpPlan):
         xl, il = plan.in_layouts
         axes = xl.axes_of(dim)
-        size = xl.sizes[dim] // parts(slicer, axes)
+        total = xl.sizes[dim]
         kernel = _kernel(xl.names, il.names, dim, plan.computed.names)
 
         def fn(coords, table, ids):
-            offset = block_index(slicer, axes, coords) * size if axes else 0
-            return kernel(table, ids, offset, size)
+            start, stop = block_bounds(total, slicer, axes, coords)
+            return kernel(table, ids, start, stop - start)
 
         return fn
 
@@ -75,6 +75,8 @@ def _kernel(xs: tuple[str, ...], ids: tuple[str, ...], dim: str, out: tuple[str,
         valid = (index >= 0) & (index < size)
         index = torch.where(valid, index, 0)
         table = table.permute(x_perm)
+        if size == 0:  # an empty block of an uneven split: one zero row to point the masked ids at
+            table = torch.nn.functional.pad(table, (0, 1))
         if s == 0:  # embedding lookup: rows of the table by index
             picked = table.movedim(-1, 0)[index]
             valid = valid.reshape(valid.shape + (1,) * nx)
@@ -126,11 +128,10 @@ def one_hot(index: MeshTensor, dim: "Dim | str", dtype: torch.dtype = torch.floa
     index = to_layout(index, mesh.layout_of(index.shape))
     slicer = mesh.impl.slice_mesh
     axes = layout.axes[-1]
-    size = d.size // parts(slicer, axes)
 
     def fn(coords, ids):
-        offset = block_index(slicer, axes, coords) * size if axes else 0
-        return (ids.unsqueeze(-1) - offset == torch.arange(size, device=ids.device)).to(dtype)
+        start, stop = block_bounds(d.size, slicer, axes, coords)
+        return (ids.unsqueeze(-1) - start == torch.arange(stop - start, device=ids.device)).to(dtype)
 
     # The index keeps its (rules) layout; the new dim takes its rule.
     data = mesh.impl.slicewise_at(fn, index._data)

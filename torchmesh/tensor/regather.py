@@ -45,7 +45,7 @@ def enabled() -> bool:
 def run_regathering(impl: MeshImpl, compute: Callable[[], Data], sources: Sequence[tuple[Data, Data, Sequence]]) -> Data:
     """Run `compute()`, replacing every tensor it saves for backward that is a view of a
     gathered input by a note; `sources` holds, per such input, (stored shards, gathered
-    data, relayout steps)."""
+    data, relayout steps with their sizes: `contraction.sized_steps`)."""
     if any(t.device.type not in _STORAGE_DEVICES for _, gathered, _ in sources for t in gathered):
         return compute()  # e.g. XLA tensors: no storages to recognise (and XLA plans memory itself)
     owners: dict[int, tuple[int, int]] = {}  # storage -> (source, device)
@@ -96,17 +96,18 @@ class _Note:
 
 
 def _replay(impl: MeshImpl, data: Data, steps: Sequence) -> Data:
-    """The relayout `steps` once more, outside autograd, recorded as backward traffic."""
+    """The relayout `steps` ((step, gathered sizes) pairs, `contraction.sized_steps`) once
+    more, outside autograd, recorded as backward traffic."""
     from torchmesh.placement.plan import AllToAll, Gather, Slice
 
-    for s in steps:
+    for s, sizes in steps:
         if isinstance(s, Gather):
-            data = comm.all_gather(impl, data, s.axis, s.dim, phase="backward")
+            data = comm.all_gather(impl, data, s.axis, s.dim, phase="backward", sizes=sizes)
         elif isinstance(s, Slice):
             data = tuple(t.contiguous() for t in impl.split(data, s.axis, s.dim))
         else:
             assert isinstance(s, AllToAll)
-            data = comm.all_to_all(impl, data, s.axis, s.gather_dim, s.split_dim, phase="backward")
+            data = comm.all_to_all(impl, data, s.axis, s.gather_dim, s.split_dim, phase="backward", sizes=sizes)
     return data
 
 

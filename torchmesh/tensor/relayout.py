@@ -22,7 +22,7 @@ def to_layout(x: MeshTensor, layout: TensorLayout) -> MeshTensor:
         return x
     if layout.dims != x._layout.dims:
         raise DimError(f"to_layout: target dims {layout.names} differ from the tensor's {x.dims}.")
-    data = run_steps(x._mesh.impl, x._data, plan_relayout(x._layout, layout))
+    data = run_steps(x._mesh.impl, x._data, x._layout, plan_relayout(x._layout, layout))
     return MeshTensor(data, layout, x._mesh)
 
 

@@ -112,7 +112,8 @@ def shift(x: MeshTensor, dim: str, offset: int, wrap: bool = False) -> MeshTenso
     """out[dim=i] = x[dim=i - offset], zero-filled (or wrapped around with `wrap`).
 
     Along a split dim each device receives only the rows it lacks from its neighbours
-    (point-to-point), as for convolutions and local attention.
+    (point-to-point), as for convolutions and local attention. A dim split into uneven
+    blocks is gathered, shifted and split again instead.
 
     >>> import torch, torchmesh as tm
     >>> x = tm.distribute(torch.arange(1.0, 7.0), "seq", tm.Mesh("sp:2", layout="seq:sp"))
@@ -128,6 +129,8 @@ def shift(x: MeshTensor, dim: str, offset: int, wrap: bool = False) -> MeshTenso
     blocks = 1
     for a in axes:
         blocks *= impl.axis_size(a)
+    if x.size(dim) % blocks:  # uneven blocks: gather the dim, shift it locally, split it again
+        return _shift_whole(x, dim, offset, wrap)
     length = x.size(dim) // blocks
     if length == 0:
         return x
@@ -139,3 +142,20 @@ def shift(x: MeshTensor, dim: str, offset: int, wrap: bool = False) -> MeshTenso
     tail = comm.shift(impl, impl.slicewise(lambda t: t.narrow(i, 0, length - r), x._data), axes, q, wrap)
     data = impl.slicewise(lambda a, b: torch.cat([a, b], i), head, tail)
     return MeshTensor(data, x.tensor_layout, x.mesh)
+
+
+def _shift_whole(x: MeshTensor, dim: str, offset: int, wrap: bool) -> MeshTensor:
+    """`shift` of a dim split into uneven blocks: gathered, shifted locally, split again (a
+    boundary exchange would need pieces of several neighbours of different sizes)."""
+    whole, i = _whole_along(x, dim, "shift")
+    n = x.size(dim)
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        if wrap:
+            return torch.roll(t, offset, i)
+        k = max(-n, min(n, offset))
+        kept = t.narrow(i, max(0, -k), n - abs(k))
+        spec = [0, 0] * (t.dim() - 1 - i) + [max(0, k), max(0, -k)]
+        return F.pad(kept, spec)
+
+    return _local_result(whole, i, n, local)
