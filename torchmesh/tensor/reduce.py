@@ -56,9 +56,21 @@ def _reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> Mesh
         pos = _positions(plan.in_layouts[0].names, names)
         if not pos:
             return lambda t: t
-        return lambda t: local(t, dim=pos)
+        if kind == "sum":
+            return lambda t: local(t, dim=pos)
+        return lambda t: local(t, dim=pos) if all(t.shape[p] for p in pos) else _identity(t, pos, kind)
 
     return run_op([x], out, local_fn, reduce_op=reduce_op, what=what)
+
+
+def _identity(t: torch.Tensor, pos: tuple[int, ...], kind: str) -> torch.Tensor:
+    """The max (min) of an empty block, one of an uneven split's: the value that loses to every
+    other, so the all-reduce over the other blocks gives the true extreme."""
+    shape = [n for i, n in enumerate(t.shape) if i not in pos]
+    info = torch.finfo(t.dtype) if t.dtype.is_floating_point else torch.iinfo(t.dtype)
+    worst = (-math.inf if kind == "max" else math.inf) if t.dtype.is_floating_point else (
+        info.min if kind == "max" else info.max)
+    return torch.full(shape, worst, dtype=t.dtype, device=t.device)
 
 
 @lru_cache(maxsize=4096)
