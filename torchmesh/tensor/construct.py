@@ -108,16 +108,16 @@ def to_global(x: MeshTensor) -> torch.Tensor:
     replicated = TensorLayout(x._layout.dims, tuple(() for _ in x._layout.dims))
     from torchmesh.tensor.contraction import run_steps
 
-    data = run_steps(x._mesh.impl, x._data, plan_relayout(x._layout, replicated))
+    data = run_steps(x._mesh.impl, x._data, x._layout, plan_relayout(x._layout, replicated))
     return x._mesh.impl.global_value(data)
 
 
 def _filled(dims: DimsLike, mesh: "Mesh", fill, dtype, device, requires_grad, layout) -> MeshTensor:
     shape = parse_dims(dims)
     lay = layout_for(shape, mesh, layout)
-    local = local_shape(lay, mesh.impl.slice_mesh)
+    slicer = mesh.impl.slice_mesh
     device = device if device is not None else mesh.impl.default_device
-    data = mesh.impl.make(lambda c: fill(local, dtype=dtype, device=device))
+    data = mesh.impl.make(lambda c: fill(local_shape(lay, slicer, c), dtype=dtype, device=device))
     if requires_grad:
         data = tuple(t.requires_grad_(True) for t in data)
     return MeshTensor(data, lay, mesh)
