@@ -175,9 +175,9 @@ class DistImpl(MeshImpl):
         blocks = block_sizes(whole, k)
         mine = x.new_zeros((blocks[0], *x.shape[1:]))
         mine[: x.shape[0]] = x
-        padded = x.new_empty((k, *mine.shape))
+        padded = x.new_empty((k * blocks[0], *x.shape[1:]))
         dist.all_gather_into_tensor(padded, mine, group=self._groups[axis])
-        out = torch.cat([padded[j, :n] for j, n in enumerate(blocks)])
+        out = torch.cat([padded[j * blocks[0] : j * blocks[0] + n] for j, n in enumerate(blocks)])
         return (out.movedim(0, dim),)
 
     def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
