@@ -11,7 +11,7 @@ import itertools
 
 import torch
 
-from torchmesh.placement.layout import block_index, local_slices, parts
+from torchmesh.placement.layout import block_index, parts
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 
@@ -40,7 +40,7 @@ def format_tensor(x: MeshTensor, max_shards: int = 8) -> str:
             lines.append("  ...")
             break
         shown += 1
-        ranges = local_slices(x.tensor_layout, slicer, coords)
+        ranges = x.mesh.impl.block_slices(x.tensor_layout, coords)
         where = " ".join(f"{d.name}[{s.start}:{s.stop}]" for d, s in zip(x.shape, ranges))
         body = _compact(t)
         lines.append(f"  [{_coords_text(x, coords)}] {where}".rstrip() + ":" + body)
@@ -81,7 +81,7 @@ def show_layout(x: MeshTensor) -> str:
         coords = mesh.coords(device)
         key = tuple(block_index(mesh, lay.axes[i], coords) for i in split)
         holders.setdefault(key, []).append(device)
-        where = local_slices(lay, mesh, coords)
+        where = x.mesh.impl.block_slices(lay, coords)
         for i, b in zip(split, key):
             ranges[(i, b)] = where[i]
 

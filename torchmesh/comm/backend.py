@@ -116,6 +116,12 @@ class MeshImpl:
         and (coordinates, block) pairs. Here the local tensors; on xla, each device's block."""
         return self.slice_mesh, list(zip(self.local_coords, data))
 
+    def block_slices(self, layout: TensorLayout, coords: tuple[int, ...]) -> tuple[slice, ...]:
+        """The global index ranges the device at `coords` (on the real mesh) holds: the layout's
+        balanced blocks here; on xla, the partitioner's own tiles (they differ for some uneven
+        sizes)."""
+        return local_slices(layout, self.shape, coords)
+
     # ---- hooks ----------------------------------------------------------------------------
     def annotate(self, ts: Data, layout: Any) -> Data:
         """Called on every new MeshTensor's data; the XLA backend marks its sharding here."""

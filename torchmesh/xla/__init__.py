@@ -5,14 +5,16 @@ not either (each function imports it when called).
 - `compiled_comm_stats(*tensors)`: the collectives XLA compiled into the program that
   computes these tensors, as `tm.comm_stats` reports them;
 - `device_blocks(t)` / `sharding_text(t)`: what each XLA device holds of a tensor;
+  `tile_slices(layout, mesh, coords)`: where XLA's tiling puts a device's block (uneven
+  dims are tiled by ceil(size / blocks) there, the last tiles padded);
 - `start_runtime()`: SPMD mode and autograd's XLA queue (done by the first xla Mesh).
 """
 
 from torchmesh.xla.backend import partition_spec, start_runtime
 from torchmesh.xla.hlo_stats import compiled_comm_stats, compiled_hlo, parse_hlo
-from torchmesh.xla.shards import DeviceBlock, device_blocks, sharding_text
+from torchmesh.xla.shards import DeviceBlock, device_blocks, sharding_text, tile_slices
 
 __all__ = [
     "DeviceBlock", "compiled_comm_stats", "compiled_hlo", "device_blocks", "parse_hlo", "partition_spec",
-    "sharding_text", "start_runtime",
+    "sharding_text", "start_runtime", "tile_slices",
 ]

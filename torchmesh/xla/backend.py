@@ -160,6 +160,16 @@ class XlaImpl(MeshImpl):
         return out
 
     # ---- what each device holds ------------------------------------------------------------------
+    def block_slices(self, layout: TensorLayout, coords: tuple[int, ...]) -> tuple[slice, ...]:
+        """XLA's tiling: a dim split into k tiles has tiles of ceil(size / k), the last ones
+        short or empty (the partitioner pads them), over the flattened block index of its axes.
+        For even sizes, and uneven ones like 65 over 2 or 7 over 4, these are the layout's
+        balanced blocks; for others (5 over 4: 2,2,1,0 here, 2,1,1,1 on sim and dist) they
+        differ, which changes where data sits, never a value."""
+        from torchmesh.xla.shards import tile_slices
+
+        return tile_slices(layout, self.shape, coords)
+
     def device_shards(self, data: Data) -> tuple[MeshShape, list[tuple[tuple[int, ...], torch.Tensor]]]:
         """Each device's block as torch-xla holds it (runs the pending computation): the real
         mesh, and (mesh coordinates, CPU tensor) in device order."""

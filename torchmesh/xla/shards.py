@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from torchmesh.placement.layout import TensorLayout
+from torchmesh.placement.mesh_shape import MeshShape, block_index, parts
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceBlock:
@@ -64,3 +67,22 @@ def device_blocks(t: torch.Tensor) -> list[DeviceBlock]:
         value = data[tuple(slice(0, n) for n in sizes)] if tuple(data.shape) != sizes else data
         out.append(DeviceBlock(int(str(device).rsplit(":", 1)[-1]), index, value.cpu()))
     return sorted(out, key=lambda b: b.device)
+
+
+def tile_slices(layout: TensorLayout, mesh: MeshShape, coords: tuple[int, ...]) -> tuple[slice, ...]:
+    """The global index ranges XLA's SPMD partitioner gives the device at `coords`: each split
+    dim in tiles of ceil(size / blocks), by the device's block index over the dim's axes.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh.xla import tile_slices
+    >>> mesh = tm.MeshShape.parse("tp:4")
+    >>> layout = tm.TensorLayout((tm.Dim("vocab", 5),), (("tp",),))
+    >>> [tile_slices(layout, mesh, (i,))[0] for i in range(4)]
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None), slice(5, 5, None)]
+    """
+    out = []
+    for d, axes in zip(layout.dims, layout.axes):
+        tile = -(-d.size // parts(mesh, axes))
+        i = block_index(mesh, axes, coords)
+        out.append(slice(min(i * tile, d.size), min((i + 1) * tile, d.size)))
+    return tuple(out)
