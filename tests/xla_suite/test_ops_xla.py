@@ -173,3 +173,60 @@ def test_single(name, kwargs, mesh_spec, monkeypatch):
     monkeypatch.setattr(ops, "make_mesh", xla_mesh)
     monkeypatch.setattr(ops, "assert_matches", reference.assert_matches)  # the device-block check
     getattr(ops, name)(mesh_spec=mesh_spec, **kwargs)
+
+
+# ---- uneven splits (test_ops.py's uneven tables, sampled): XLA pads its own tiles ----------------
+UNEVEN_EINSUMS = [(e, rs[0]) for e, rs in ops.EINSUM_CASES]
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("case,rules", sampled(cycled(list(ops.EW_CASES), ops.EW_RULES))[::3])
+def test_elementwise_uneven(case, rules, mesh_spec):
+    run(mesh_spec, rules, ops.UNEVEN_EW_INPUTS, *ops.EW_CASES[case])
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("equation,rules", sampled(UNEVEN_EINSUMS))
+def test_einsum_uneven(equation, rules, mesh_spec):
+    lhs, _, rhs = equation.partition("->")
+    spec = {f"x{i}": " ".join(f"{n}:{ops.UNEVEN_SIZES[n]}" for n in part.split()) for i, part in enumerate(lhs.split(","))}
+    check_op(xla_mesh(mesh_spec, rules), spec, lambda **xs: tm.einsum(equation, *xs.values()),
+             lambda **ts: ops.torch_einsum(equation, *ts.values()), rhs.strip())
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("case,rules", sampled(cycled(["sum_ff", "max_ff", "logsumexp_two", "mean_all"], ops.RED_RULES)))
+def test_reduction_uneven(case, rules, mesh_spec):
+    run(mesh_spec, rules, {"x": "batch:5 seq:3 ff:7"}, *ops.RED_CASES[case])
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("case,rules", sampled(cycled(["softmax", "log_softmax"], ops.SM_RULES)))
+def test_softmax_uneven(case, rules, mesh_spec):
+    run(mesh_spec, rules, {"x": "batch:3 vocab:65"}, *ops.SM_CASES[case], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("target", ["batch:tp", "ff:dp,tp", "batch:tp;ff:dp"])
+def test_relayout_uneven(target, mesh_spec):
+    tgt = rules_on(mesh_spec, target)
+    check_op(xla_mesh(mesh_spec, "batch:dp;ff:tp"), {"x": "batch:5 ff:7"}, lambda x: x.relayout(tgt) * 2,
+             lambda x: x * 2, "batch ff", rules_layout=False)
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("case,rules", sampled(cycled(list(ops.GATHER_CASES), ops.GATHER_RULES)))
+def test_gather_uneven(case, rules, mesh_spec):
+    run(mesh_spec, rules, ops.UNEVEN_GATHER_INPUTS, *ops.GATHER_CASES[case])
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("case,rules", [("slice", "seq:tp"), ("concat", "seq:dp,tp"), ("pad", "f:tp;seq:dp")])
+def test_slice_concat_pad_uneven(case, rules, mesh_spec):
+    run(mesh_spec, rules, ops.UNEVEN_SEQ_INPUTS, *ops.SEQ_CASES[case])
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+def test_shift_uneven(mesh_spec):
+    run(mesh_spec, "seq:tp", {"x": "f:5 seq:13"}, lambda x: tm.shift(x, "seq", 3),
+        lambda x: ops.torch_shift(x, 3, 1, False), "f seq")
