@@ -1,6 +1,7 @@
 """tm.to_dtensor / tm.from_dtensor on 4 gloo processes: placements named exactly, round trips
-exact (same shard, same global value), gradients through both, and Partial / uneven /
-strided placements refused with LayoutError or materialised on request."""
+exact (same shard, same global value), gradients through both, uneven shards shared where
+torch.chunk's blocks are ours and converted where they are not, and Partial / strided
+placements refused with LayoutError or materialised on request."""
 
 from __future__ import annotations
 
@@ -55,13 +56,25 @@ def interop_body() -> str:
         tm.from_dtensor(partial, "a b", mesh)
     assert torch.equal(tm.from_dtensor(partial, "a b", mesh, materialize=True).full(), torch.full((2, 3), 2.0))
 
-    # uneven shards: refused, or gathered with materialize=True
+    # uneven shards. 5 over dp:2: torch.chunk's blocks (3, 2) are ours, shared with no copy
     odd = torch.arange(15.0).reshape(5, 3)
     uneven = distribute_tensor(odd, mesh.impl.device_mesh, (Shard(0), Replicate()))
-    with pytest.raises(tm.LayoutError, match="equal blocks"):
-        tm.from_dtensor(uneven, "a b", mesh)
-    y = tm.from_dtensor(uneven, "a b", mesh, materialize=True)
-    assert y.layout == {} and torch.equal(y.full(), odd)
+    y = tm.from_dtensor(uneven, "a b", mesh)
+    assert y.layout == {"a": "dp"} and torch.equal(y.full(), odd)
+    assert y.local.data_ptr() == uneven.to_local().data_ptr()
+    assert tm.to_dtensor(y).to_local().data_ptr() == y.local.data_ptr()
+    # 5 over dp x tp (4 blocks): chunk cuts 2,2,1,0, we cut 2,1,1,1: converted both ways, exact
+    five = torch.arange(10.0).reshape(5, 2)
+    d5 = distribute_tensor(five, mesh.impl.device_mesh, (Shard(0), Shard(0)))
+    z = tm.from_dtensor(d5, "a b", mesh)
+    assert z.layout == {"a": ("dp", "tp")} and torch.equal(z.full(), five)
+    assert z.local.shape[0] == (2, 1, 1, 1)[rank]
+    back = tm.to_dtensor(z)
+    assert tuple(back.placements) == (Shard(0), Shard(0)) and torch.equal(back.full_tensor(), five)
+    assert torch.equal(back.to_local(), d5.to_local())
+    w5 = tm.distribute(five, "a b", mesh, layout="a:dp,tp", requires_grad=True)
+    (tm.to_dtensor(w5) * 2).sum().backward()
+    assert torch.equal(w5.grad.full(), torch.full_like(five, 2.0))
 
     # names and meshes are checked
     with pytest.raises(tm.DimError, match="with 2 dims"):

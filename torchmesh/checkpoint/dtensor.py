@@ -8,10 +8,15 @@ in storage order), and an axis no dim uses is `Replicate()`. A dim split over se
 order, so this names the same blocks only when the rule lists the axes in the mesh's order
 (`"batch:dp,fsdp"` on the mesh `"dp:2;fsdp:2"`); the other order raises `LayoutError`.
 
-Going back, `Partial` placements (unreduced sums) and uneven shards (a dim whose size the
-axis does not divide) have no MeshTensor layout. `from_dtensor` refuses them with a
-`LayoutError`, or, with `materialize=True`, first redistributes them with DTensor itself
-(Partial reduced, an uneven axis gathered), which is a collective, and carries on.
+Uneven dims: DTensor cuts a dim into `torch.chunk` blocks (ceil(size / k), the last short or
+empty), torchmesh into balanced ones (sizes differ by at most one, larger first). Where the
+two agree (65 over 2, 7 over 4, every even size) the shards are shared as they are; where they
+differ (5 over 4: 2,2,1,0 against 2,1,1,1) the conversion gathers that dim over its axes and
+cuts it again the other way (one all-gather, local slices).
+
+Going back, `Partial` placements (unreduced sums) have no MeshTensor layout: `from_dtensor`
+refuses them with a `LayoutError`, or, with `materialize=True`, first reduces them with
+DTensor itself (a collective) and carries on.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from torchmesh.errors import BackendError, DimError, LayoutError, MeshError
+from functools import lru_cache
+
 from torchmesh.placement.layout import TensorLayout, check
+from torchmesh.placement.mesh_shape import MeshShape, block_bounds, parts
 from torchmesh.tensor.dims import Dim
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
@@ -63,13 +71,20 @@ def to_dtensor(x: MeshTensor) -> "DTensor":
     """
     from torch.distributed.tensor import DTensor
 
+    from torchmesh.tensor.relayout import to_layout
+
     mesh = x.mesh
     device_mesh = _device_mesh(mesh, "to_dtensor")
     layout = x.tensor_layout
+    placements = placements_of(layout, mesh.axis_names)
+    disagree = _chunk_disagrees(layout, mesh.shape)
+    if disagree:  # blocks cut differently: gather those dims, let DTensor cut them (local slices)
+        held = TensorLayout(layout.dims, tuple(() if i in disagree else a for i, a in enumerate(layout.axes)))
+        whole = to_dtensor(to_layout(x, held))
+        return whole.redistribute(device_mesh, placements)
     shape = torch.Size(d.size for d in layout.dims)
     return DTensor.from_local(
-        x.local, device_mesh, placements_of(layout, mesh.axis_names),
-        run_check=False, shape=shape, stride=_contiguous_stride(shape),
+        x.local, device_mesh, placements, run_check=False, shape=shape, stride=_contiguous_stride(shape),
     )
 
 
@@ -109,6 +124,14 @@ def from_dtensor(
             axes[p.dim].append(mesh.axis_names[j])  # mesh order: DTensor's order of the blocks
     shape = tuple(Dim(n, s) for n, s in zip(names, d.shape))
     layout = check(TensorLayout(shape, tuple(tuple(a) for a in axes)), mesh.shape, "from_dtensor")
+    disagree = _chunk_disagrees(layout, mesh.shape)
+    if disagree:  # DTensor's chunks are not our blocks: gather those dims, cut them our way
+        from torchmesh.tensor.relayout import to_layout
+
+        kept = [Replicate() if isinstance(p, Shard) and p.dim in disagree else p for p in d.placements]
+        held = TensorLayout(shape, tuple(() if i in disagree else a for i, a in enumerate(layout.axes)))
+        whole = MeshTensor((d.redistribute(d.device_mesh, kept).to_local(),), held, mesh)
+        return to_layout(whole, layout)
     return MeshTensor((d.to_local(),), layout, mesh)
 
 
@@ -146,19 +169,35 @@ def _check_same_mesh(d: "DTensor", device_mesh, mesh: "Mesh") -> None:
 
 
 def _unnamed_placements(d: "DTensor") -> set[int]:
-    """Mesh axes whose placement has no MeshTensor layout: Partial, or a Shard that is uneven."""
+    """Mesh axes whose placement has no MeshTensor layout: Partial, _StridedShard and the like."""
     from torch.distributed.tensor import Replicate, Shard
 
-    bad = set()
-    parts = [1] * d.ndim
-    for j, p in enumerate(d.placements):
-        if type(p) is Shard:
-            parts[p.dim] *= d.device_mesh.size(j)
-            if d.shape[p.dim] % parts[p.dim]:
-                bad.add(j)
-        elif not isinstance(p, Replicate):  # Partial, _StridedShard, ...
-            bad.add(j)
-    return bad
+    return {j for j, p in enumerate(d.placements) if type(p) is not Shard and not isinstance(p, Replicate)}
+
+
+def chunk_bounds(size: int, mesh: MeshShape, axes: tuple[str, ...], coords: tuple[int, ...]) -> tuple[int, int]:
+    """[start, stop) of DTensor's block (nested `torch.chunk`, axes in mesh order) of a dim."""
+    start, stop = 0, size
+    for a in axes:
+        k, i = mesh.axis_size(a), coords[mesh.names.index(a)]
+        n = stop - start
+        c = -(-n // k)
+        start, stop = start + min(i * c, n), start + min((i + 1) * c, n)
+    return start, stop
+
+
+@lru_cache(maxsize=1024)
+def _chunk_disagrees(layout: TensorLayout, mesh: MeshShape) -> frozenset[int]:
+    """Positions of the dims whose torchmesh blocks differ from DTensor's on some device."""
+    out = set()
+    for i, (d, axes) in enumerate(zip(layout.dims, layout.axes)):
+        if axes and d.size % parts(mesh, axes):
+            for device in range(mesh.size):
+                c = mesh.coords(device)
+                if block_bounds(d.size, mesh, axes, c) != chunk_bounds(d.size, mesh, axes, c):
+                    out.add(i)
+                    break
+    return frozenset(out)
 
 
 def _unnamed_message(d: "DTensor", names: tuple[str, ...], bad: set[int]) -> str:
@@ -166,7 +205,7 @@ def _unnamed_message(d: "DTensor", names: tuple[str, ...], bad: set[int]) -> str
     what = ", ".join(f"{d.placements[j]} on axis {axes[j]!r}" for j in sorted(bad))
     return (
         f"from_dtensor: the DTensor with dims {names} (shape {tuple(d.shape)}) has placements "
-        f"{tuple(d.placements)}; {what} cannot be a MeshTensor layout (a Partial is an unreduced sum; "
-        f"a MeshTensor splits a dim into equal blocks, in mesh order). Fix: pass materialize=True to "
-        f"let DTensor reduce or gather those axes first (a collective), or d.redistribute(...) yourself."
+        f"{tuple(d.placements)}; {what} cannot be a MeshTensor layout (a Partial is an unreduced sum). "
+        f"Fix: pass materialize=True to let DTensor reduce those axes first (a collective), or "
+        f"d.redistribute(...) yourself."
     )
