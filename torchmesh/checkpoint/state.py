@@ -26,7 +26,7 @@ import torch
 
 from torchmesh.errors import CheckpointError
 from torchmesh.nn.parameter import _shards, mesh_parameters
-from torchmesh.placement.layout import TensorLayout, local_shape, local_slices, parts
+from torchmesh.placement.layout import TensorLayout, block_index, local_shape, local_slices, parts
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 if TYPE_CHECKING:
@@ -141,7 +141,8 @@ def state_layout(optimizer: torch.optim.Optimizer, ref: ParamRef, stat: str, sha
     if names is not None:
         layout = TensorLayout(tuple(ref.layout.dims[ref.layout.names.index(n)] for n in names),
                               tuple(ref.layout.axes_of(n) for n in names))
-        want = local_shape(layout, ref.mesh.impl.slice_mesh) if local else tuple(d.size for d in layout.dims)
+        want = (local_shape(layout, ref.mesh.impl.slice_mesh, ref.mesh.impl.local_coords[0]) if local
+                else tuple(d.size for d in layout.dims))
         if tuple(want) == shape:
             return layout
     elif shape == param_shape:
@@ -179,12 +180,12 @@ def assemble(tensors: tuple[torch.Tensor, ...], layout: TensorLayout, mesh: "Mes
     first = tensors[0]
     out = torch.empty(tuple(d.size for d in layout.dims), dtype=first.dtype, device=first.device)
     placed = set()
+    slicer = mesh.impl.slice_mesh
     for coords, block in zip(mesh.impl.local_coords, tensors):
-        where = local_slices(layout, mesh.impl.slice_mesh, coords)
-        corner = tuple(s.start for s in where)
-        if corner not in placed:
-            out[where] = block.detach()
-            placed.add(corner)
+        key = tuple(block_index(slicer, ax, coords) for ax in layout.axes)  # (uneven blocks may be empty)
+        if key not in placed:
+            out[local_slices(layout, slicer, coords)] = block.detach()
+            placed.add(key)
     if len(placed) != math.prod(parts(mesh.impl.slice_mesh, ax) for ax in layout.axes):
         raise CheckpointError(f"this process does not hold every block of the tensor {layout}: gather it first.")
     return out
@@ -208,8 +209,10 @@ def local_blocks(loaded: torch.Tensor, layout: TensorLayout | None, mesh: "Mesh 
     """This process's blocks of a loaded global value, in local device order."""
     from torch.distributed.tensor import DTensor
 
-    if isinstance(loaded, DTensor):
-        return (loaded.to_local(),)
+    if isinstance(loaded, DTensor):  # DTensor's blocks, cut back to ours where they differ (uneven)
+        from torchmesh.checkpoint.dtensor import from_dtensor
+
+        return (from_dtensor(loaded, layout.names, mesh).local,)
     if layout is None:
         return (loaded,)
     return tuple(loaded[local_slices(layout, mesh.impl.slice_mesh, c)] for c in mesh.impl.local_coords)
