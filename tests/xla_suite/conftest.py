@@ -30,7 +30,7 @@ else:
 
     import torchmesh as tm
     from torchmesh.placement.layout import is_even
-    from torchmesh.xla.shards import device_blocks, sharding_text
+    from torchmesh.xla.shards import device_blocks
 
     def assert_matches_on_devices(x: tm.MeshTensor, ref: torch.Tensor, ref_dims, what: str = "", **tol) -> None:
         ref_dims = reference.names_of(ref_dims) if isinstance(ref_dims, str) else tuple(ref_dims)
@@ -45,9 +45,9 @@ else:
         blocks = device_blocks(x.local)
         assert [b.device for b in blocks] == list(range(shape.size)), f"{what}: devices {[b.device for b in blocks]}"
         if not is_even(x.tensor_layout, shape):
-            # Uneven dims: torch-xla reports whole tensors as the blocks of computed results (their
-            # sharding annotation is there, the partitioner pads); check the annotation and values.
-            assert sharding_text(x.local) == sharding_text(x.mesh.impl.annotate((ref.to(x.local.device),), x.tensor_layout)[0]), what
+            # Uneven dims: torch-xla 2.9 materialises computed results with uneven dims replicated
+            # (the annotation is dropped when the program runs): every device's block is checked
+            # against the reference by the index torch-xla reports.
             for b in blocks:
                 torch.testing.assert_close(b.value, ref[b.index], **tol, msg=lambda m, d=b.device: f"{what} device {d}: {m}")
             return
