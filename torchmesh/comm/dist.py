@@ -91,7 +91,31 @@ def _agree(fingerprints: list, groups: tuple[tuple[int, ...], ...]) -> bool:
     return all(len({fingerprints[r][2] for r in g}) == 1 for g in groups)
 
 
+# Process groups are made once per process and mesh shape: every Mesh of one shape shares them.
+# (A gloo group keeps threads and sockets until the process ends; a program or test suite that
+# builds many Meshes would otherwise pile them up.) Keyed by the default group, which a
+# restarted program re-creates.
+_GROUPS: dict[tuple, object] = {}
+
+
+def _device_mesh(device_type: str, shape: MeshShape):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = ("mesh", id(dist.group.WORLD), device_type, shape)
+    if key not in _GROUPS:
+        _GROUPS[key] = init_device_mesh(device_type, shape.sizes, mesh_dim_names=shape.names)
+    return _GROUPS[key]
+
+
+def _check_group(timeout: float):
+    key = ("check", id(dist.group.WORLD), timeout)
+    if key not in _GROUPS:  # a side group, so a check never waits behind (or blocks) real traffic
+        _GROUPS[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+    return _GROUPS[key]
+
+
 def _shutdown() -> None:
+    _GROUPS.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -111,11 +135,9 @@ class DistImpl(MeshImpl):
                 f"{shape.size} processes (torchrun --nproc-per-node {shape.size}) or use a mesh whose axis "
                 f"sizes multiply to {world}."
             )
-        from torch.distributed.device_mesh import init_device_mesh
-
         cuda = dist.get_backend() == "nccl"
         self.default_device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        self.device_mesh = init_device_mesh("cuda" if cuda else "cpu", shape.sizes, mesh_dim_names=shape.names)
+        self.device_mesh = _device_mesh("cuda" if cuda else "cpu", shape)
         self._groups = {n: self.device_mesh.get_group(n) for n in shape.names}
         self.rank = dist.get_rank()
         self.prints = self.rank == 0
@@ -125,7 +147,7 @@ class DistImpl(MeshImpl):
         self.checking = bool(check)
         self.timeout = 60.0 if timeout is None else float(timeout)
         if self.checking:  # a side group, so a check never waits behind (or blocks) real traffic
-            self._check_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
+            self._check_group = _check_group(self.timeout)
 
     def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str,
                whole: tuple[int, int] | None = None) -> None:
