@@ -138,7 +138,10 @@ def resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: argpa
     latest = tm.latest_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
     if latest is None:
         return 0
-    step = tm.load(latest, model=model, optimizer=optimizer).step
+    try:
+        step = tm.load(latest, model=model, optimizer=optimizer).step
+    except tm.CheckpointError as e:  # damaged, or not what torchmesh writes: stop, run nothing from it
+        raise SystemExit(f"train_lm: cannot resume from {latest}: tm.CheckpointError: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"# resuming after step {step - 1} from {latest}", file=sys.stderr, flush=True)
     return step

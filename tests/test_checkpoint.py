@@ -155,7 +155,7 @@ def fresh(spec: str = "tp:2", rules: str = "ff:tp"):
 def test_sim_round_trip_other_layout_and_extra(tmp_path):
     _, model, opt = trained()
     path = tm.save(tmp_path / "ckpt", model=model, optimizer=opt, step=2, extra={"data": {"epoch": 1, "pos": 16}})
-    assert sorted(os.listdir(path)) == [".metadata", "__0_0.distcp", tm.checkpoint.MARKER]
+    assert sorted(os.listdir(path)) == [".metadata", "__0_0.distcp", tm.checkpoint.MARKER, "torchmesh-values.json"]
     _, other, other_opt = fresh("dp:4", "d:dp;out:dp")  # d and out: in different tensors
     loaded = tm.load(path, model=other, optimizer=other_opt)
     assert loaded.step == 2 and loaded.extra == {"data": {"epoch": 1, "pos": 16}}

@@ -12,12 +12,17 @@ directory to `<path>`. A save interrupted midway (a rank killed) leaves at most 
 the previous checkpoint stays complete. Loading checks the files against the marker first,
 so a missing or truncated file is an error naming it, never wrong values. On several
 machines, `path` must be on a filesystem every rank can see.
+
+Loading never runs code from the checkpoint: tensors are read by DCP with
+`torch.load(weights_only=True)`, DCP's pickled `.metadata` through an allow-list unpickler
+(`reader.py`), and the small values (step, extra, hyperparameters, random state) from a JSON
+file (`values.py`). A checkpoint of the older, pickling format is refused (`legacy.py`).
 """
 
 from __future__ import annotations
 
+import operator
 import os
-import pickle
 import shutil
 import warnings
 from collections import defaultdict
@@ -30,8 +35,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from torchmesh.checkpoint import integrity
-from torchmesh.checkpoint.rng import rng_state, set_rng_state
+from torchmesh.checkpoint import integrity, values
+from torchmesh.checkpoint.legacy import check_format
+from torchmesh.checkpoint.reader import SafeReader, TensorsOnlyPlanner, check_tensors
+from torchmesh.checkpoint.rng import is_rng_state, rng_state, set_rng_state
 from torchmesh.checkpoint.state import (
     GROUPS_KEY,
     STEP_KEY,
@@ -52,7 +59,6 @@ from torchmesh.placement.layout import local_shape
 if TYPE_CHECKING:
     from torchmesh.mesh import Mesh
 
-OBJECTS_KEY = "torchmesh/objects"  # every non-tensor value, pickled together (one small blob)
 RNG_KEY = "rng"
 
 
@@ -99,8 +105,10 @@ def save(
     (torch's CPU generator, torchmesh's stream) as global values into the directory `path`,
     atomically. Call it on every rank (dist); returns the path.
 
-    `extra` holds small picklable values that are the same on every rank (a data position,
-    a scheduler's state). Loadable on any mesh, layout and number of processes.
+    `extra` holds small values that are the same on every rank (a data position, a scheduler's
+    state), plain data only: dicts with str keys, lists, tuples, str, int, float, bool, None
+    (anything else raises `CheckpointError` here, so that loading never has to run code).
+    Loadable on any mesh, layout and number of processes.
 
     >>> import tempfile, torch, torchmesh as tm
     >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
@@ -114,10 +122,15 @@ def save(
     final = Path(path)
     procs = _Processes(model_mesh(model))
     state, objects = _save_state(model, optimizer)
-    objects[STEP_KEY] = step
+    objects[STEP_KEY] = _step(step)
     objects[RNG_KEY] = rng_state()
-    objects.update({f"extra/{k}": v for k, v in (extra or {}).items()})
-    state[OBJECTS_KEY] = pickle.dumps(objects)
+    for key, value in (extra or {}).items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"tm.save(extra=...) has the key {key!r} of type {type(key).__name__}. "
+                                  f"Fix: name extra values with str keys.")
+        values.encode(value, f"tm.save(extra=...)[{key!r}]", tensors=False)  # refused now, not at load
+        objects[f"extra/{key}"] = value
+    text = values.to_json(objects)
 
     partial = final.with_name(final.name + ".partial")
     if procs.rank == 0:
@@ -130,9 +143,9 @@ def save(
     for mine in procs.gather(integrity.describe(partial.glob(f"__{procs.rank}_*"))):
         files.update(mine)
     if procs.rank == 0:
-        files.update(integrity.describe([partial / ".metadata"]))
+        files.update(integrity.describe([partial / ".metadata", values.write(partial, text)]))
         mesh = model_mesh(model)
-        info = {"step": step, "mesh": None if mesh is None else str(mesh.shape), "processes": procs.world,
+        info = {"step": objects[STEP_KEY], "mesh": None if mesh is None else str(mesh.shape), "processes": procs.world,
                 "optimizer": optimizer is not None}
         integrity.write_marker(partial, files, info)
         _replace(partial, final)
@@ -152,8 +165,10 @@ def load(
 
     The files are checked against the completion marker first (sizes always, CRC-32 with
     `verify=True`, the work split among the ranks); a problem raises `CheckpointError` naming
-    the file. With `rng=True` the saved random state is restored too, so that a resumed run
-    draws what the uninterrupted one would have. Returns `Loaded(path, step, extra)`.
+    the file. Nothing in a checkpoint is read as code (tensors, an allow-listed metadata,
+    JSON values), so a crafted one is refused with `CheckpointError`, never run. With
+    `rng=True` the saved random state is restored too, so that a resumed run draws what the
+    uninterrupted one would have. Returns `Loaded(path, step, extra)`.
 
     >>> import tempfile, torch, torchmesh as tm
     >>> model = tm.nn.Module(); model.w = tm.zeros("d:4 ff:6", tm.Mesh("dp:2", layout="d:dp"))
@@ -167,21 +182,29 @@ def load(
     directory = Path(path)
     procs = _Processes(model_mesh(model))
     marker = integrity.read_marker(directory)
+    check_format(marker, directory)
     if optimizer is not None and marker.get("optimizer") is False:
         raise CheckpointError(
             f"checkpoint {directory} was saved without an optimizer, so it has no optimizer state to "
             f"load. Fix: tm.load(path, model=model) and keep the optimizer as it is (or fresh)."
         )
     _check_files(directory, marker["files"], procs, verify)
-    reader = dcp.FileSystemReader(directory)
-    stored = reader.read_metadata().state_dict_metadata
+    for needed in (".metadata", values.VALUES):
+        if needed not in marker["files"]:
+            raise CheckpointError(f"checkpoint {directory}: its marker does not list {needed}, which every "
+                                  f"checkpoint has; it cannot be read.")
+    reader = SafeReader(directory, marker["files"])
+    metadata = reader.read_metadata()
+    objects = values.read(directory)
+    _check_values(objects, directory)
+    stored = metadata.state_dict_metadata
 
-    state: dict[str, Any] = {OBJECTS_KEY: b""}
+    state: dict[str, Any] = {}
     model_targets = _model_targets(model, stored, state) if model is not None else []
     optim_targets = _optimizer_targets(model, optimizer, stored, state) if optimizer is not None else []
-    with _quiet():
-        dcp.load(state, storage_reader=reader, no_dist=not procs.dist)
-    objects = pickle.loads(state[OBJECTS_KEY])
+    check_tensors(metadata, state, directory)
+    if state:
+        _dcp_load(dcp, state, reader, procs, directory)
 
     with torch.no_grad():
         for key, slot in model_targets:
@@ -251,6 +274,17 @@ def _save_state(model, optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, objects
 
 
+def _step(step: Any) -> int | None:
+    if step is None:
+        return None
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        return operator.index(step)
+    except TypeError:
+        raise CheckpointError(f"tm.save(step={step!r}): the step is an int (or None).") from None
+
+
 def _replace(partial: Path, final: Path) -> None:
     """Move the finished directory into place; an older checkpoint under the same name goes."""
     if final.exists():
@@ -264,6 +298,46 @@ def _replace(partial: Path, final: Path) -> None:
 
 
 # ---- load helpers ----------------------------------------------------------------------------
+
+
+def _dcp_load(dcp, state: dict[str, Any], reader: SafeReader, procs: _Processes, directory: Path) -> None:
+    """DCP reads the tensors (weights_only) into `state`; its failures become `CheckpointError`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _quiet():
+            dcp.load(state, storage_reader=reader, planner=TensorsOnlyPlanner(), no_dist=not procs.dist)
+    except CheckpointException as e:  # DCP gathers each rank's failure into one exception
+        causes = "; ".join(f"rank {rank}: {_cause(exc)}" for rank, (exc, _) in sorted(e.failures.items()))
+        raise CheckpointError(
+            f"checkpoint {directory}: its data files do not hold the tensors its metadata describes ({causes}), "
+            f"so nothing was loaded. They are read as tensors only (torch.load(weights_only=True)), never as "
+            f"code. Fix: load another checkpoint (tm.latest_checkpoint lists them by step)."
+        ) from None
+
+
+def _cause(exc: BaseException) -> str:
+    """One line for a rank's failure (torch's weights_only refusals are a page long)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = (lines[0] if lines else "").split(". ")[0]  # not torch's advice to allow-list the global
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def _check_values(objects: dict[str, Any], directory: Path) -> None:
+    """The small values are what `save` writes, checked before anything is changed."""
+    step, groups, rng = objects.get(STEP_KEY), objects.get(GROUPS_KEY), objects.get(RNG_KEY)
+    problem = None
+    if not (step is None or isinstance(step, int)) or isinstance(step, bool):
+        problem = f"its step {step!r} is not an int"
+    elif groups is not None and not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
+        problem = f"its optimizer hyperparameters {str(groups)[:80]} are not a list of dicts"
+    elif rng is not None and not is_rng_state(rng):
+        problem = f"its random state {str(rng)[:80]} is not one rng_state() returns"
+    if problem:
+        raise CheckpointError(f"checkpoint {directory}: {problem}; nothing was loaded.")
 
 
 def _check_files(directory: Path, files: dict, procs: _Processes, verify: bool) -> None:
@@ -323,7 +397,7 @@ def _optimizer_targets(model, optimizer, stored: dict, state: dict) -> list:
 
 def _local_like(layout, ref: ParamRef) -> torch.Tensor:
     """An empty tensor with the local block shape of `layout`, on the parameter's device."""
-    shape = local_shape(layout, ref.mesh.impl.slice_mesh)
+    shape = local_shape(layout, ref.mesh.impl.slice_mesh, ref.mesh.impl.local_coords[0])  # this rank's block
     return torch.empty(shape, dtype=ref.shards[0].dtype, device=ref.shards[0].device)
 
 
@@ -336,7 +410,7 @@ def _restore_optimizer(model, optimizer, targets: list, state: dict, objects: di
                 f"{len(optimizer.param_groups)}. Fix: build the optimizer with the same groups as when saving."
             )
         for group, saved in zip(optimizer.param_groups, groups):
-            group.update(saved)
+            group.update({k: v for k, v in saved.items() if k != "params"})
     fresh: dict[int, dict[str, Any]] = defaultdict(dict)
     refs: dict[str, ParamRef] = {r.name: r for r in optimizer_refs(model, optimizer)}
     for key, ref, stat, layout in targets:

@@ -4,6 +4,11 @@ A checkpoint directory is complete when it holds `MARKER`, a small JSON file wri
 (by rank 0, after every rank has written its files) that lists every file of the checkpoint
 with its size in bytes and its CRC-32. Loading checks each listed file against it first, so
 a missing, truncated or damaged file is reported by name before any value is read.
+
+The marker guards against torn writes and damaged disks, not against people: anyone who can
+write a file can recompute its checksum. What keeps a crafted checkpoint from running code is
+that nothing in it is read as code (see `reader.py` and `values.py`); the marker's contents
+are validated like any other input (`read_marker`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 from torchmesh.errors import CheckpointError
 
 MARKER = "torchmesh-complete.json"
+FORMAT = 2  # 2: small values as JSON (values.py); 1 (no "format" key): pickled, refused (legacy.py)
 _CHUNK = 1 << 22
 
 
@@ -39,7 +45,7 @@ def write_marker(directory: Path, files: dict[str, dict[str, int]], info: dict[s
     """Write the completion marker (atomically: a temporary file, fsync, rename)."""
     tmp = directory / (MARKER + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({**info, "files": files}, f, indent=1, sort_keys=True)
+        json.dump({**info, "format": FORMAT, "files": files}, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / MARKER)
@@ -55,9 +61,41 @@ def read_marker(directory: Path) -> dict[str, Any]:
             f"tm.latest_checkpoint(<its parent directory>), the newest complete one."
         )
     try:
-        return json.loads(marker.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{marker} is damaged ({e}); the checkpoint cannot be trusted.") from None
+        content = json.loads(marker.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{marker} is damaged ({type(e).__name__}: {str(e)[:120]}); the checkpoint cannot "
+                              f"be read.") from None
+    problem = _marker_problem(content)
+    if problem:
+        raise CheckpointError(f"{marker} is not a marker torchmesh writes: {problem}; the checkpoint cannot be read.")
+    return content
+
+
+def _marker_problem(content: Any) -> str | None:
+    """What makes `content` something `write_marker` cannot have written (None if nothing)."""
+    if not isinstance(content, dict):
+        return f"it holds a {type(content).__name__}, not an object"
+    files = content.get("files")
+    if not isinstance(files, dict):
+        return "it has no 'files' object"
+    for name, want in files.items():
+        if not _plain_name(name):
+            return f"the file name {name!r} is not a plain name inside the checkpoint directory"
+        if not (isinstance(want, dict) and all(_is_int(want.get(k)) for k in ("bytes", "crc32"))):
+            return f"the entry of {name!r} is not {{'bytes': int, 'crc32': int}}"
+    if not (content.get("step") is None or _is_int(content["step"])):
+        return f"its step {content['step']!r} is not an integer"
+    if "format" in content and not _is_int(content["format"]):
+        return f"its format {content['format']!r} is not an integer"
+    return None
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def problems(directory: Path, files: dict[str, dict[str, int]], checksum: Iterable[str]) -> list[str]:

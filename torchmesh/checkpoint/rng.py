@@ -11,15 +11,29 @@ from typing import Any
 
 import torch
 
+from torchmesh.errors import CheckpointError
 from torchmesh.tensor import random as _random
 
 
 def rng_state() -> dict[str, Any]:
-    """The current random state, as a small picklable dict."""
+    """The current random state, as a small dict of plain values and one uint8 tensor."""
     return {"torch": torch.get_rng_state(), "torchmesh": dict(_random._state)}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore a state returned by `rng_state`."""
+    """Restore a state returned by `rng_state`; `CheckpointError` for anything else (it may come
+    from a file), before anything is changed."""
+    if not is_rng_state(state):
+        raise CheckpointError(f"not a random state that rng_state() returns: {str(state)[:120]}")
     torch.set_rng_state(state["torch"])
     _random._state.update(state["torchmesh"])
+
+
+def is_rng_state(state: Any) -> bool:
+    """Whether `state` has the form `rng_state` returns (torch's state: a 1-d uint8 tensor)."""
+    ours = state.get("torchmesh") if isinstance(state, dict) else None
+    theirs = state.get("torch") if isinstance(state, dict) else None
+    return (isinstance(ours, dict) and set(ours) == set(_random._state)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in ours.values())
+            and isinstance(theirs, torch.Tensor) and theirs.dtype == torch.uint8 and theirs.dim() == 1
+            and theirs.numel() == torch.get_rng_state().numel())
