@@ -27,6 +27,7 @@ from torchmesh.errors import (
     MeshError,
     ParseError,
     PlanningError,
+    ReplicaMismatch,
     TorchMeshError,
 )
 from torchmesh.mesh import Mesh
@@ -37,6 +38,7 @@ from torchmesh.printing import show, show_layout
 from torchmesh.tensor.construct import arange, distribute, from_local, full, ones, zeros
 from torchmesh.tensor.dims import Dim
 from torchmesh.tensor.einsum import einsum
+from torchmesh.tensor.local_map import local_map
 from torchmesh.tensor.elementwise import cast, pointwise, where
 from torchmesh.tensor.gather import embedding, gather, one_hot
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -54,6 +56,7 @@ from torchmesh.tensor.reduce import (
     softmax,
 )
 from torchmesh.tensor.relayout import relayout, rename
+from torchmesh.tensor.replicas import check_replicas
 from torchmesh.tensor.slicing import concat, pad, shift, slice  # noqa: A004  (tm.slice, like mtf.slice)
 from torchmesh import planning  # noqa: E402  (tm.planning: layout search before renting devices)
 
@@ -71,4 +74,5 @@ __all__ = [
     "pad", "pointwise", "rand", "randn", "rearrange", "reduce_all", "reduce_any", "reduce_max",
     "reduce_mean", "reduce_min", "reduce_sum", "relayout", "rename", "shift", "show", "show_layout", "slice",
     "softmax", "where", "zeros",
+    "ReplicaMismatch", "check_replicas", "local_map",
 ]

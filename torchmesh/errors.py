@@ -92,6 +92,16 @@ class CollectiveTimeout(TorchMeshError, TimeoutError):
     """
 
 
+class ReplicaMismatch(TorchMeshError, RuntimeError):
+    """The copies of a replicated tensor differ between devices (`tm.check_replicas`, run by
+    itself on `tm.from_local` and `tm.local_map` results under `TORCHMESH_CHECK=1`).
+
+    >>> import torchmesh as tm
+    >>> issubclass(tm.ReplicaMismatch, RuntimeError)
+    True
+    """
+
+
 class BackendError(TorchMeshError, RuntimeError):
     """A backend that cannot run here, or an operation the backend does not offer.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,7 +12,7 @@ from torchmesh.errors import DimError
 from torchmesh.placement.layout import TensorLayout, check, local_shape, local_slices
 from torchmesh.placement.plan import plan_relayout
 from torchmesh.placement.rules import LayoutRules, RulesLike
-from torchmesh.tensor.dims import Dim, DimsLike, parse_dims, parse_names
+from torchmesh.tensor.dims import Dim, DimsLike, check_name, check_unique, parse_dims, parse_names
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 if TYPE_CHECKING:
@@ -73,34 +73,118 @@ def from_local(
     requires_grad: bool = False,
 ) -> MeshTensor:
     """Build a MeshTensor from local shards: this rank's tensor on dist, or a list with one
-    tensor per device (in device order) on sim. Global sizes are local sizes times the
-    number of blocks; no data moves, so the shards must already be consistent.
+    tensor per device (in device order) on sim; each is its device's block, no data moves.
+
+    `dims` names the dims ("batch ff"): a split dim's global size is then the sum of its
+    blocks over its axes (a small all-reduce of sizes, recorded like any collective); give
+    sizes ("batch:3 ff:5") to skip it. Blocks of an uneven split differ by at most one, the
+    larger first. Shards that require grad are refused: the gradient would stop at each
+    device's shard, so a replicated tensor they came from would get a partial gradient on each
+    device and its copies would drift apart; `tm.local_map` runs a per-device function with
+    exact gradients. Under TORCHMESH_CHECK=1 a result's replicated copies are compared
+    (`tm.check_replicas`).
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
-    >>> x = tm.from_local([torch.zeros(3, 2), torch.ones(3, 2)], "batch ff", mesh)
+    >>> x = tm.from_local([torch.zeros(3, 2), torch.ones(3, 1)], "batch ff", mesh)
     >>> x.sizes, x.full()[0]
-    ({'batch': 3, 'ff': 4}, tensor([0., 0., 1., 1.]))
+    ({'batch': 3, 'ff': 3}, tensor([0., 0., 1.]))
     """
     data = (shards,) if isinstance(shards, torch.Tensor) else tuple(shards)
-    expected = len(mesh.impl.local_coords)
+    impl = mesh.impl
+    expected = len(impl.local_coords)
     if len(data) != expected:
         raise DimError(f"from_local: got {len(data)} shards, but this process holds {expected} devices.")
-    names = _names(dims)
-    if any(t.dim() != len(names) for t in data) or len({tuple(t.shape) for t in data}) != 1:
-        raise DimError(f"from_local: every shard must have the {len(names)} dims {names} and one shape; "
+    named = _named_sizes(dims)
+    names = tuple(n for n, _ in named)
+    if any(t.dim() != len(names) for t in data):
+        raise DimError(f"from_local: every shard must have the {len(names)} dims {names}; "
                        f"got shapes {[tuple(t.shape) for t in data]}.")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in data):
+        raise DimError(_from_local_grad(names))
     rules = mesh.rules if layout is None else LayoutRules.parse(layout)
-    slicer = mesh.impl.slice_mesh
+    slicer = impl.slice_mesh
 
     def blocks(name: str) -> int:  # unknown axes are reported by layout_for below
         return math.prod(slicer.axis_size(a) for a in rules.axes_of(name) if a in slicer.names)
 
-    shape = tuple(Dim(n, s * blocks(n)) for n, s in zip(names, data[0].shape))
-    lay = layout_for(shape, mesh, layout)
+    # Invalid rules raise here, before any communication (sizes as if the blocks were even).
+    layout_for(tuple(Dim(n, s * blocks(n)) for n, s in zip(names, data[0].shape)), mesh, layout)
+    sizes = _global_sizes(impl, data, named, rules)
+    lay = layout_for(tuple(Dim(n, s) for n, s in zip(names, sizes)), mesh, layout)
+    for coords, t in zip(impl.local_coords, data):
+        want = local_shape(lay, slicer, coords)
+        if tuple(t.shape) != want:
+            at = ",".join(f"{n}={c}" for n, c in zip(slicer.names, coords))
+            raise DimError(
+                f"from_local: the tensor {lay} has a block of shape {want} on the device [{at}], but its "
+                f"shard has shape {tuple(t.shape)}. Blocks of an uneven split differ by at most one, the "
+                f"larger first; fix the shard, or the sizes in dims."
+            )
     if requires_grad:
         data = tuple(t.requires_grad_(True) for t in data)
-    return MeshTensor(data, lay, mesh)
+    x = MeshTensor(data, lay, mesh)
+    from torchmesh.tensor import replicas
+
+    if replicas.checks_on(impl):
+        replicas.check_replicas({f"from_local({' '.join(names)})": x})
+    return x
+
+
+def _named_sizes(dims: "str | Sequence[str | Dim] | Mapping[str, int]") -> tuple[tuple[str, "int | None"], ...]:
+    """(name, global size or None) for "batch ff", "batch:3 ff", [Dim, "name"] or {name: size}."""
+    if isinstance(dims, Mapping):
+        return tuple((d.name, d.size) for d in parse_dims(dims))
+    out = []
+    for tok in (dims.replace(",", " ").split() if isinstance(dims, str) else dims):
+        if isinstance(tok, Dim) or (isinstance(tok, str) and ":" in tok):
+            (d,) = parse_dims([tok])
+            out.append((d.name, d.size))
+        else:
+            out.append((check_name(tok), None))
+    check_unique([n for n, _ in out], f"from_local: dims {dims!r}")
+    return tuple(out)
+
+
+def _global_sizes(impl, data, named, rules: LayoutRules) -> list[int]:
+    """Each dim's global size: given, or whole (unsplit), or the sum of its blocks over its
+    axes (an all-reduce of one integer per split dim; on the abstract backend, which holds
+    shapes only, blocks are taken to be even)."""
+    from torchmesh.comm import autograd as comm
+
+    slicer, sizes = impl.slice_mesh, []
+    for i, (name, given) in enumerate(named):
+        local = [t.shape[i] for t in data]
+        live = tuple(a for a in rules.axes_of(name) if a in slicer.names and slicer.axis_size(a) > 1)
+        if given is not None:
+            sizes.append(given)
+        elif not live:
+            if len(set(local)) != 1:
+                raise DimError(f"from_local: dim {name!r} is not split, so every shard holds all of it, but "
+                               f"the shards have sizes {local} along it.")
+            sizes.append(local[0])
+        elif impl.default_device.type == "meta" or data[0].device.type == "meta":
+            sizes.append(local[0] * math.prod(slicer.axis_size(a) for a in live))
+        else:
+            counts = tuple(torch.tensor([n], dtype=torch.int64, device=impl.default_device) for n in local)
+            totals = sorted({int(t.item()) for t in comm.all_reduce(impl, counts, live)})
+            if len(totals) != 1:
+                raise DimError(f"from_local: dim {name!r} (split over {','.join(live)}) adds up to different "
+                               f"sizes {totals} in different device groups; every group holds all of it.")
+            sizes.append(totals[0])
+    return sizes
+
+
+def _from_local_grad(names: tuple[str, ...]) -> str:
+    return (
+        f"from_local: the shards for dims ({', '.join(names)}) require grad. A gradient through "
+        f"from_local stops at each device's own shard, so a tensor they were computed from that is "
+        f"replicated over an axis the result is split over (a weight, say) would get only each "
+        f"device's part of its gradient, and its copies would drift apart after an optimizer step. "
+        f"Fix: tm.local_map(fn, *inputs, out_dims=...) runs a per-device function on the inputs' "
+        f"blocks with exact gradients; to start new leaves from these values instead, pass "
+        f"[t.detach() for t in shards] with requires_grad=True (or build under torch.no_grad())."
+    )
 
 
 def to_global(x: MeshTensor) -> torch.Tensor:
