@@ -16,8 +16,10 @@ same work on each of its devices, which is never faster.
 Each candidate is evaluated by `profile(rules, param_rules)` (abstract evaluation, no
 devices) and priced by the
 cost model; the result ranks those that fit device memory by estimated step time, then
-those that do not fit by how much memory they need, then the invalid ones (a dim not
-divisible by its axes, say).
+those that do not fit by how much memory they need, then the invalid ones (two dims of one
+tensor on one axis, say). A dim that its axes do not divide is valid (uneven blocks); the
+profile prices device 0, which holds the largest block of every uneven split, so the estimate
+is that of the slowest device.
 """
 
 from __future__ import annotations
@@ -90,8 +92,8 @@ class SearchResult:
     ...                          roles={"data": ("batch",), "tensor": ("heads", "ff", "vocab")})
     >>> result.best.name, result.best.rules
     ('data(dp) tensor(tp)', 'batch:dp;heads:tp;ff:tp;vocab:tp')
-    >>> result.why(result.find("tensor(dp,tp)"))
-    "invalid: tensor with dims (d_model:16, heads:2, d_head:8) cannot be laid out: dim 'heads' of size 2 is split over mesh axes dp x tp (4 parts), and 2 is not divisible by 4."
+    >>> result.why(result.find("tensor(dp,tp)"))   # 2 heads over 4 devices: two of them idle
+    'slower (1.43x the best): comm over dp,tp dominates (98% of the step)'
     """
 
     mesh: MeshShape
