@@ -1,6 +1,7 @@
-"""The op suite (tests/test_ops.py) on real gloo processes: every rank runs the same pytest
-session over the same cases, with `reference.make_mesh` building `dist` meshes; each case
-compares the output and every gradient shard with single-device torch, as on sim.
+"""The op suites (tests/test_ops.py, tests/test_ops_vocabulary.py) on real gloo processes:
+every rank runs the same pytest session over the same cases, with `reference.make_mesh`
+building `dist` meshes; each case compares the output and every gradient shard with
+single-device torch, as on sim.
 
 2 processes run every case; 4 processes (slow on 2 cores: gloo's ranks take turns) run a
 quarter of the cases in each of four runs, a different quarter each time, so every case runs
@@ -29,7 +30,7 @@ def run_op_suite(mesh_spec: str, sample: str = "") -> tuple[int, str]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = inner.main(["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-m", "not sim_only",
-                           str(TESTS / "test_ops.py")])
+                           str(TESTS / "test_ops.py"), str(TESTS / "test_ops_vocabulary.py")])
     return int(code), out.getvalue()[-4000:]
 
 

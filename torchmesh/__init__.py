@@ -35,7 +35,9 @@ from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.mesh_shape import MeshShape
 from torchmesh.placement.rules import LayoutRules
 from torchmesh.printing import show, show_layout
-from torchmesh.tensor.construct import arange, distribute, from_local, full, ones, zeros
+from torchmesh.tensor.construct import (
+    arange, distribute, from_local, full, full_like, ones, ones_like, zeros, zeros_like,
+)
 from torchmesh.tensor.dims import Dim
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.local_map import local_map
@@ -57,7 +59,10 @@ from torchmesh.tensor.reduce import (
 )
 from torchmesh.tensor.relayout import relayout, rename
 from torchmesh.tensor.replicas import check_replicas
+from torchmesh.tensor.scan import cumsum
+from torchmesh.tensor.selection import argmax, argmin, top_k
 from torchmesh.tensor.slicing import concat, pad, shift, slice  # noqa: A004  (tm.slice, like mtf.slice)
+from torchmesh.tensor.stacking import split, stack, unstack
 from torchmesh import planning  # noqa: E402  (tm.planning: layout search before renting devices)
 
 Dimension = Dim  # Mesh TF's name
@@ -74,5 +79,6 @@ __all__ = [
     "pad", "pointwise", "rand", "randn", "rearrange", "reduce_all", "reduce_any", "reduce_max",
     "reduce_mean", "reduce_min", "reduce_sum", "relayout", "rename", "shift", "show", "show_layout", "slice",
     "softmax", "where", "zeros",
+    "argmax", "argmin", "cumsum", "full_like", "ones_like", "split", "stack", "top_k", "unstack", "zeros_like",
     "ReplicaMismatch", "check_replicas", "local_map",
 ]

@@ -262,3 +262,44 @@ def arange(dim: "Dim | str", mesh: "Mesh", dtype: torch.dtype | None = None, dev
         return torch.arange(s.start, s.stop, dtype=dtype or torch.int64, device=device)
 
     return MeshTensor(mesh.impl.make(block), lay, mesh)
+
+
+def _like(x: MeshTensor, fill, dtype: torch.dtype | None, requires_grad: bool) -> MeshTensor:
+    """A tensor with x's dims, layout and mesh (each device's block shaped like x's), filled."""
+    data = x.mesh.impl.slicewise(lambda t: fill(t, dtype=dtype or t.dtype), x._data)
+    if requires_grad:
+        data = tuple(t.requires_grad_(True) for t in data)
+    return MeshTensor(data, x.tensor_layout, x.mesh)
+
+
+def zeros_like(x: MeshTensor, dtype: torch.dtype | None = None, requires_grad: bool = False) -> MeshTensor:
+    """Zeros with the dims, layout and mesh of `x` (its dtype unless `dtype` is given); no
+    communication.
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.ones(5, 2), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> z = tm.zeros_like(x, dtype=torch.int64)
+    >>> z.sizes, z.layout, z.dtype, tuple(z.shard(dp=1).shape)
+    ({'batch': 5, 'd': 2}, {'batch': 'dp'}, torch.int64, (2, 2))
+    """
+    return _like(x, torch.zeros_like, dtype, requires_grad)
+
+
+def ones_like(x: MeshTensor, dtype: torch.dtype | None = None, requires_grad: bool = False) -> MeshTensor:
+    """Ones with the dims, layout and mesh of `x`; no communication.
+
+    >>> import torchmesh as tm
+    >>> tm.ones_like(tm.zeros("d:3", tm.Mesh("dp:2"))).full()
+    tensor([1., 1., 1.])
+    """
+    return _like(x, torch.ones_like, dtype, requires_grad)
+
+
+def full_like(x: MeshTensor, value: float, dtype: torch.dtype | None = None, requires_grad: bool = False) -> MeshTensor:
+    """`value` everywhere, with the dims, layout and mesh of `x`; no communication.
+
+    >>> import torchmesh as tm
+    >>> tm.full_like(tm.zeros("d:3", tm.Mesh("tp:2", layout="d:tp")), 0.5).full()
+    tensor([0.5000, 0.5000, 0.5000])
+    """
+    return _like(x, lambda t, dtype: torch.full_like(t, value, dtype=dtype), dtype, requires_grad)

@@ -7,14 +7,15 @@ reduce-scattered when the output is next split over that axis). The Mesh TF form
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
 import torch
 
 from torchmesh.errors import DimError, ParseError
+from torchmesh.placement.layout import local_shape
 from torchmesh.tensor.contraction import OpPlan, run_op
-from torchmesh.tensor.dims import DimsLike, check_name, parse_dims
+from torchmesh.tensor.dims import Dim, DimsLike, check_name, parse_dims
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -36,7 +37,8 @@ def parse_equation(equation: str) -> tuple[tuple[tuple[str, ...], ...], tuple[st
     return operands, out
 
 
-def einsum(equation: "str | Sequence[MeshTensor]", *xs: MeshTensor, output_shape: DimsLike | None = None) -> MeshTensor:
+def einsum(equation: "str | Sequence[MeshTensor]", *xs: MeshTensor, output_shape: DimsLike | None = None,
+           sizes: Mapping[str, int] | None = None) -> MeshTensor:
     """Einstein summation over named dims.
 
     >>> import torch, torchmesh as tm
@@ -48,7 +50,19 @@ def einsum(equation: "str | Sequence[MeshTensor]", *xs: MeshTensor, output_shape
 
     Mesh TF form: `tm.einsum([x, w], output_shape="batch ff")`; without an output shape the
     output keeps the dims that appear in exactly one input, in order.
+
+    An output dim no input has is a broadcast; its size comes from `sizes` (or from
+    `output_shape`'s Dims, as in Mesh TF). It is laid out by the rules (split ones cost
+    nothing forward); backward sums over it, an all-reduce over its axes.
+
+    >>> x = tm.distribute(torch.arange(3.0), "d", mesh)
+    >>> y = tm.einsum("d -> d ff", x, sizes={"ff": 2})
+    >>> y.layout, y.full()
+    ({'ff': 'tp'}, tensor([[0., 0.],
+            [1., 1.],
+            [2., 2.]]))
     """
+    new_sizes = dict(sizes or {})
     if not isinstance(equation, str):
         xs = tuple(equation) + xs
         names = [x.dims for x in xs]
@@ -56,7 +70,9 @@ def einsum(equation: "str | Sequence[MeshTensor]", *xs: MeshTensor, output_shape
             flat = [n for ns in names for n in ns]
             out = tuple(n for n in dict.fromkeys(flat) if flat.count(n) == 1)
         else:
-            out = tuple(d.name for d in parse_dims(output_shape, _sizes(xs)))
+            out_dims = parse_dims(output_shape, {**_sizes(xs), **new_sizes})
+            new_sizes.update((d.name, d.size) for d in out_dims)
+            out = tuple(d.name for d in out_dims)
         equation = ", ".join(" ".join(ns) for ns in names) + " -> " + " ".join(out)
     operands, out = parse_equation(equation)
     if len(operands) != len(xs):
@@ -73,7 +89,40 @@ def einsum(equation: "str | Sequence[MeshTensor]", *xs: MeshTensor, output_shape
     if out is None:
         flat = [n for ns in operands for n in ns]
         out = tuple(n for n in dict.fromkeys(flat) if flat.count(n) == 1)
-    return run_op(xs, out, _local_einsum, what=f"einsum {equation!r}")
+    what = f"einsum {equation!r}"
+    extra = _broadcast_dims(what, out, _sizes(xs), new_sizes)
+    if extra:  # each new dim joins as a ones operand: the product broadcasts, backward sums over it
+        xs = xs + tuple(_ones(d, xs[0]) for d in extra)
+    return run_op(xs, out, _local_einsum, what=what)
+
+
+def _broadcast_dims(what: str, out: tuple[str, ...], have: Mapping[str, int],
+                    sizes: Mapping[str, int]) -> tuple[Dim, ...]:
+    """The output dims no input has, sized by `sizes`; a size that contradicts an input's,
+    or names a dim of neither the inputs nor the output, is an error."""
+    for name, size in sizes.items():
+        if name in have and have[name] != size:
+            raise DimError(f"{what}: sizes gives {name!r} size {size}, but the inputs have it with size "
+                           f"{have[name]}; leave it out of sizes (inputs' dims keep their sizes).")
+        if name not in have and name not in out:
+            raise DimError(f"{what}: sizes names {name!r}, which is neither an input dim nor an output dim "
+                           f"{out}; sizes is for output dims that no input has.")
+    new = [n for n in out if n not in have]
+    unsized = [n for n in new if n not in sizes]
+    if unsized:
+        raise DimError(f"{what}: output dims {unsized} are in no input, so their sizes are unknown. Give "
+                       f"them: sizes={{{', '.join(f'{n!r}: <size>' for n in unsized)}}} (or Dims with "
+                       f"sizes in output_shape).")
+    return tuple(Dim(n, int(sizes[n])) for n in new)
+
+
+def _ones(dim: Dim, like: MeshTensor) -> MeshTensor:
+    """A 1-d tensor of ones along `dim`, laid out by the rules, in `like`'s dtype and device."""
+    mesh = like.mesh
+    lay = mesh.layout_of((dim,))
+    slicer = mesh.impl.slice_mesh
+    data = mesh.impl.make(lambda c: torch.ones(local_shape(lay, slicer, c), dtype=like.dtype, device=like.device))
+    return MeshTensor(data, lay, mesh)
 
 
 def _sizes(xs: Sequence[MeshTensor]) -> dict[str, int]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torchmesh.tensor import elementwise as ew
 from torchmesh.tensor import reduce as red
 from torchmesh.tensor import relayout as rel
+from torchmesh.tensor import scan, selection, stacking
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 
@@ -64,6 +65,8 @@ METHODS: dict[str, Callable] = {
     "bool": lambda self: _to(self, torch.bool), "long": lambda self: _to(self, torch.int64),
     "int": lambda self: _to(self, torch.int32), "cpu": lambda self: _to(self, "cpu"),
     "cuda": lambda self: _to(self, "cuda"), "type_as": lambda self, other: _to(self, other.dtype),
+    "argmax": selection.argmax, "argmin": selection.argmin, "top_k": selection.top_k,
+    "cumsum": scan.cumsum, "unstack": stacking.unstack,
 }
 for _name, _fn in METHODS.items():
     setattr(MeshTensor, _name, _fn)
