@@ -13,8 +13,9 @@ mesh; the layout rules say what is split where:
     heads:tp ff:tp  Megatron tensor parallel attention and MLP (one all-reduce each per layer)
     vocab:tp        vocab-parallel embedding, output layer and softmax cross-entropy
 
-Tokens are characters of examples/data/sonnets.txt (public domain), the vocabulary padded to
-a multiple of 64 so that it splits evenly. Weights depend only on --seed, batches only on
+Tokens are characters of examples/data/sonnets.txt (public domain): 65 of them, like nanoGPT's
+Shakespeare, split over tp:2 into blocks of 33 and 32 (torchmesh splits uneven sizes; no
+padding of the vocabulary is needed). `--vocab-size` makes it larger. Weights depend only on --seed, batches only on
 --seed and the step, so every mesh and backend trains the same model on the same data.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 import time
@@ -63,7 +63,7 @@ def rules_for(mesh: str, rules: str) -> str:
 
 def build_model(mesh: tm.Mesh, args: argparse.Namespace, vocab: int) -> tm.nn.TransformerLM:
     config = tm.nn.LMConfig(
-        vocab=64 * math.ceil(vocab / 64), d_model=args.d_model, heads=args.heads, d_head=args.d_model // args.heads,
+        vocab=max(vocab, args.vocab_size), d_model=args.d_model, heads=args.heads, d_head=args.d_model // args.heads,
         ff=4 * args.d_model, layers=args.layers, seq=args.seq, dropout=args.dropout,
     )
     return tm.nn.TransformerLM(mesh, config, seed=args.seed)
@@ -189,6 +189,8 @@ def add_training_args(parser: argparse.ArgumentParser, rules: str, steps: int, p
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=0,
+                        help="vocabulary size (default: the corpus's own, 65 characters; larger pads it)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     parser.add_argument("--plot", default=plot_path, help="where to save the loss curve ('' for none)")
 

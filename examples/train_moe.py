@@ -20,7 +20,6 @@ Each step prints `step <n> loss <value>` on stdout; the collectives of one step 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -33,7 +32,7 @@ RULES = "batch:dp;experts:dp;heads:tp;kv_heads:tp;ff:tp;vocab:tp"
 
 def build_model(mesh: tm.Mesh, args: argparse.Namespace, vocab: int) -> tm.nn.TransformerLM:
     config = tm.nn.LMConfig(
-        vocab=64 * math.ceil(vocab / 64), d_model=args.d_model, heads=args.heads, d_head=args.d_model // args.heads,
+        vocab=max(vocab, args.vocab_size), d_model=args.d_model, heads=args.heads, d_head=args.d_model // args.heads,
         ff=2 * args.d_model, layers=args.layers, seq=args.seq, dropout=args.dropout,
         num_experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
     )
