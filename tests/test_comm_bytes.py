@@ -381,3 +381,28 @@ def test_reduction_into_a_dim_split_over_the_same_axis_reduce_scatters(k):
     assert recs(measure(lambda: x.sum("b"))) == [("reduce_scatter", ("tp",), rs(k, 16 * F32), "forward")]
     # max cannot be reduce-scattered by a sum: all-reduce of the max, then a local slice
     assert recs(measure(lambda: x.max("b"))) == [("all_reduce", ("tp",), ar(k, 16 * F32), "forward")]
+
+
+# ---- uneven blocks: the same collectives, padding never counted -------------------------------
+@pytest.mark.parametrize("k", [2, 4])
+def test_uneven_blocks_count_only_their_data(k):
+    """vocab:65 over tp:k (blocks of 33,32 or 17,16,16,16): a gather counts (k-1)/k of the
+    gathered bytes; a reduction's all-reduce, the reduced tensor's; an all-to-all, the block's."""
+    mesh = make_mesh(f"tp:{k}", "vocab:tp")
+    x = tm.randn("batch:3 vocab:65", mesh, seed=0, requires_grad=True)
+    stats = measure(lambda: x.full())
+    assert [(r.kind, r.axes, r.bytes) for r in stats.records] == [("all_gather", ("tp",), (k - 1) * 3 * 65 * 4 // k)]
+    stats = measure(lambda: x.sum("vocab"))
+    assert [(r.kind, r.bytes) for r in stats.records] == [("all_reduce", ar(k, 3 * 4))]
+    # a relayout to batch: one all-to-all of device 0's block (the largest) of the vocab
+    stats = measure(lambda: tm.relayout(x, "batch:tp"))
+    assert [(r.kind, r.bytes) for r in stats.records] == [("all_to_all", a2a(k, 3 * (33 if k == 2 else 17) * 4))]
+
+
+def test_uneven_sizes_smaller_than_the_blocks():
+    """3 over 4 devices (one block empty): gathered as 3 values, 2 of 3 sent on average per device."""
+    mesh = make_mesh("tp:4", "vocab:tp")
+    x = tm.randn("vocab:3", mesh, seed=0)
+    assert [tuple(s.shape) for s in x.shards] == [(1,), (1,), (1,), (0,)]
+    stats = measure(lambda: x.full())
+    assert [(r.kind, r.bytes) for r in stats.records] == [("all_gather", 3 * 3 * 4 // 4)]
