@@ -203,3 +203,83 @@ def rename_collision(dims: Mapping[str, int], renames: Mapping[str, str], new_na
 
 def _dims(dims: Mapping[str, int]) -> str:
     return "(" + ", ".join(f"{n}:{s}" for n, s in dims.items()) + ")"
+
+
+# ---- torch habits on named dims (torchmesh/tensor/methods.py, reduce.py) -----------------------
+#: Where the torch functions that work on MeshTensors, and the named alternatives, are listed.
+TORCH_TABLE = "docs/tutorial.md, section 'Torch functions and torch habits'"
+
+
+def positional_dim(what: str, given: object, dims: Iterable[str]) -> str:
+    """`x.sum(-1)`: a dim given by position where names are needed."""
+    dims = tuple(dims)
+    positions = given if isinstance(given, (tuple, list)) else (given,)
+    named = [dims[p] for p in positions if isinstance(p, int) and -len(dims) <= p < len(dims)]
+    example = " ".join(named) if len(named) == len(positions) else (dims[-1] if dims else "<dim>")
+    return (
+        f"{what}({given!r}): dims are named, not numbered; this tensor's dims are {_names(dims)}. "
+        f"Fix: name the dim, {what}({example!r}) (or dim={example!r})."
+    )
+
+
+def keepdim_refused(what: str, dims: Iterable[str]) -> str:
+    """`x.sum('ff', keepdim=True)`: named dims broadcast by name, so no dim is kept."""
+    dims = tuple(dims)
+    d = dims[-1] if dims else "<dim>"
+    return (
+        f"{what}(..., keepdim=True): a MeshTensor keeps no reduced dim of size 1, because dims "
+        f"broadcast by name: x - {what}({d!r}) already lines up the remaining dims of the tensor "
+        f"{_names(dims)} with x's. Fix: drop keepdim (keepdim=False is accepted)."
+    )
+
+
+def dims_twice(what: str, dims: object, dim: object) -> str:
+    return f"{what}: got the dims twice, {dims!r} and dim={dim!r}; pass them once (x.sum('ff') or x.sum(dim='ff'))."
+
+
+def positional_method(call: str, dims: Iterable[str], instead: str) -> str:
+    """`x.view(...)`, `x[0]`, `x.T`: positional torch habits, and the named way to do it."""
+    return (
+        f"{call} addresses dims by position, but a MeshTensor's dims are named: this one has dims "
+        f"{_names(dims)}. Instead: {instead}."
+    )
+
+
+def torch_function_refused(name: str, instead: str | None) -> str:
+    """A torch function with no MeshTensor meaning: the named alternative, or where the
+    supported functions are listed."""
+    if instead:
+        return f"{name} is not supported on MeshTensors. Instead: {instead}."
+    return (
+        f"{name} is not supported on MeshTensors. What works: torch's elementwise functions "
+        f"(torch.exp, torch.erf, F.gelu, F.softplus, torch.clamp_min..., listed in {TORCH_TABLE}), "
+        f"reductions and softmax over named dims (torch.sum(x, 'ff'), torch.softmax(x, dim='ff')). "
+        f"For other computations: tm.einsum, tm.rearrange, tm.gather, tm.concat, tm.slice, or a plain "
+        f"torch function on x.full() (the global value)."
+    )
+
+
+def not_in_place(call: str) -> str:
+    return (
+        f"{call}: MeshTensors are not modified in place (nor written into out=): each op returns a "
+        f"new MeshTensor. Fix: y = op(x) without inplace=True / out=."
+    )
+
+
+def shard_parameters_plain(model: str) -> str:
+    return (
+        f"shard_parameters stores the mesh parameters of tm.nn modules (MeshTensors assigned to a "
+        f"tm.nn.Module) split by the parameter rules; the model given, a {model}, has none: its "
+        f"parameters are plain torch tensors, with no named dims to split. Fix: build the model "
+        f"from tm.nn layers (tm.nn.Linear, tm.nn.TransformerLM, ...) or assign MeshTensors to a "
+        f"tm.nn.Module; see docs/moe-and-fsdp.md."
+    )
+
+
+def seeds_disagree(what: str, low: int, high: int) -> str:
+    return (
+        f"{what} was built without seed=, so it drew its seed from torch's default generator, and "
+        f"the ranks drew different seeds ({low} to {high}): its weights would differ between ranks. "
+        f"Fix: call torch.manual_seed(<the same value>) on every rank before building the model, "
+        f"or pass seed=<int>."
+    )

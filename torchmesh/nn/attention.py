@@ -49,7 +49,7 @@ class MultiHeadAttention(Module):
     """
 
     def __init__(self, mesh: "Mesh", d_model: int, heads: int, d_head: int, kv_heads: int | None = None,
-                 causal: bool = True, dropout: float = 0.0, seed: int = 0) -> None:
+                 causal: bool = True, dropout: float = 0.0, seed: int | None = None) -> None:
         super().__init__()
         if kv_heads is not None and (kv_heads <= 0 or heads % kv_heads):
             raise DimError(f"MultiHeadAttention: heads={heads} must be a multiple of kv_heads={kv_heads} "
@@ -59,6 +59,7 @@ class MultiHeadAttention(Module):
         kv = "heads" if self.kv_heads is None else "kv_heads"
         kv_size = heads if self.kv_heads is None else self.kv_heads
         std = d_model**-0.5
+        seed = init.layer_seed(seed, mesh, "MultiHeadAttention")  # None: drawn from torch's generator
         s = lambda name: init.derive_seed(seed, name)  # noqa: E731
         self.wq = init.normal(f"d_model:{d_model} heads:{heads} d_head:{d_head}", mesh, s("wq"), std)
         self.wk = init.normal(f"d_model:{d_model} {kv}:{kv_size} d_head:{d_head}", mesh, s("wk"), std)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from torchmesh import errors
 from torchmesh.errors import LayoutError
-from torchmesh.nn.parameter import Module
+from torchmesh.nn.parameter import Module, mesh_parameters
 from torchmesh.placement.layout import TensorLayout, check
 from torchmesh.placement.rules import LayoutRules, RulesLike
 from torchmesh.tensor.regather import regather_in_backward
@@ -34,7 +35,8 @@ from torchmesh.tensor.relayout import to_layout
 def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = True) -> torch.nn.Module:
     """Store every mesh parameter of `model` split by `rules` too ("d_model:dp"); returns
     `model`. Call it before building the optimizer: the parameters are replaced by their
-    shards (new `nn.Parameter`s).
+    shards (new `nn.Parameter`s). Only mesh parameters (MeshTensors of `tm.nn` modules) are
+    sharded: a model with none (a plain torch module) is a TypeError.
 
     With `regather` (the default, FSDP's reshard-after-forward), the model's forward keeps
     no gathered parameter for backward: backward gathers each again (one more all-gather
@@ -50,6 +52,8 @@ def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = 
     >>> m.w.layout, tuple(m.w.shards[0].shape)
     ({'d_model': 'dp', 'ff': 'tp'}, (4, 8))
     """
+    if next(mesh_parameters(model), None) is None:
+        raise TypeError(errors.shard_parameters_plain(type(model).__name__))
     parsed = LayoutRules.parse(rules)
     owners = []
     for mod_name, module in model.named_modules():

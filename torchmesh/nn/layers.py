@@ -3,7 +3,8 @@
 Each is a `tm.nn.Module`: its weights are MeshTensors (registered as `nn.Parameter` shards),
 laid out by the mesh's rules like any other tensor, so the same module code is data,
 tensor or fully sharded parallel depending only on the rules. Weights come from
-`torchmesh.nn.init` with a seed per parameter, so they do not depend on the mesh.
+`torchmesh.nn.init` with a seed per parameter, so they do not depend on the mesh; a layer
+built without `seed=` draws one from torch's default generator (`torch.manual_seed`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Linear(Module):
 
     The weight has dims `in_dims + out_dims`; every other dim of `x` (batch, seq...) is
     carried through. A split input dim makes partial sums (an all-reduce); a split output
-    dim needs no communication.
+    dim needs no communication. Without `seed`, one is drawn from torch's default generator.
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
@@ -49,8 +50,9 @@ class Linear(Module):
     """
 
     def __init__(self, mesh: "Mesh", in_dims: DimsLike, out_dims: DimsLike, bias: bool = True,
-                 seed: int = 0, std: float | None = None) -> None:
+                 seed: int | None = None, std: float | None = None) -> None:
         super().__init__()
+        seed = init.layer_seed(seed, mesh, "Linear")
         self.in_dims, self.out_dims = parse_dims(in_dims), parse_dims(out_dims)
         fan_in = math.prod(d.size for d in self.in_dims)
         std = fan_in**-0.5 if std is None else std
@@ -89,8 +91,10 @@ class Embedding(Module):
     ({'vocab': 'tp'}, {'batch': 1, 'seq': 3, 'd_model': 4})
     """
 
-    def __init__(self, mesh: "Mesh", vocab_dim: DimsLike, dims: DimsLike, seed: int = 0, std: float = 0.02) -> None:
+    def __init__(self, mesh: "Mesh", vocab_dim: DimsLike, dims: DimsLike, seed: int | None = None,
+                 std: float = 0.02) -> None:
         super().__init__()
+        seed = init.layer_seed(seed, mesh, "Embedding")
         (self.vocab_dim,) = parse_dims(vocab_dim)
         self.dims = parse_dims(dims)
         self.weight = init.normal(_spec((self.vocab_dim, *self.dims)), mesh, init.derive_seed(seed, "weight"), std)
@@ -230,10 +234,12 @@ class FeedForward(Module):
     ({'batch': 4, 'd_model': 8}, {'all_reduce': 1})
     """
 
-    def __init__(self, mesh: "Mesh", d_model: DimsLike, ff: DimsLike, activation: str = "gelu", seed: int = 0) -> None:
+    def __init__(self, mesh: "Mesh", d_model: DimsLike, ff: DimsLike, activation: str = "gelu",
+                 seed: int | None = None) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise DimError(f"FeedForward: unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+        seed = init.layer_seed(seed, mesh, "FeedForward")
         self.activation = activation
         self.w_in = Linear(mesh, d_model, ff, seed=init.derive_seed(seed, "w_in"))
         self.w_out = Linear(mesh, ff, d_model, seed=init.derive_seed(seed, "w_out"))

@@ -42,7 +42,7 @@ from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.elementwise import where
 from torchmesh.tensor.gather import one_hot
 from torchmesh.tensor.mesh_tensor import MeshTensor
-from torchmesh.tensor.random import dropout, randn
+from torchmesh.tensor.random import dropout
 
 TOKEN_EXPERTS = "experts_unsplit"
 EXPERT_BATCH = "batch_unsplit"
@@ -62,7 +62,8 @@ class MoE(Module):
     `dropout` and `activation` (default gelu) from `config` (the LM's `tm.nn.LMConfig`).
     `forward(x)` maps `batch seq d_model` to the same dims and leaves the load-balancing loss
     in `self.aux_loss` (0-d; 1.0 when routing is perfectly balanced; weight it in the
-    training loss). Without `seed`, weights come from the global stream (`tm.manual_seed`).
+    training loss). Without `seed`, one is drawn from torch's default generator
+    (`torch.manual_seed` reproduces it), as for every `tm.nn` layer.
 
     >>> import torch, torchmesh as tm
     >>> from types import SimpleNamespace
@@ -86,6 +87,7 @@ class MoE(Module):
         self.activation = getattr(config, "activation", "gelu")
         if self.activation not in ACTIVATIONS:
             raise DimError(f"MoE: unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+        seed = init.layer_seed(seed, mesh, "MoE")
         self.router = _init(f"d_model:{d} {TOKEN_EXPERTS}:{e}", mesh, d**-0.5, seed, "router")
         self.wi = _init(f"experts:{e} d_model:{d} ff:{ff}", mesh, d**-0.5, seed, "wi")
         self.wo = _init(f"experts:{e} ff:{ff} d_model:{d}", mesh, ff**-0.5, seed, "wo")
@@ -156,11 +158,9 @@ def _total(xs) -> MeshTensor:
     return total
 
 
-def _init(dims: str, mesh: Any, std: float, seed: int | None, name: str) -> MeshTensor:
+def _init(dims: str, mesh: Any, std: float, seed: int, name: str) -> MeshTensor:
     """Normal(0, std) weights, the same on any mesh: from the seed derived from `seed` and the
-    parameter's name, or from the global stream (`tm.manual_seed`) when `seed` is None."""
-    if seed is None:
-        return (randn(dims, mesh) * std).detach().requires_grad_()
+    parameter's name."""
     return init.normal(dims, mesh, init.derive_seed(seed, name), std)
 
 

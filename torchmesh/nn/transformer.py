@@ -78,8 +78,9 @@ class TransformerBlock(Module):
     {'batch': 2, 'seq': 6, 'd_model': 8}
     """
 
-    def __init__(self, mesh: "Mesh", config: LMConfig, seed: int = 0) -> None:
+    def __init__(self, mesh: "Mesh", config: LMConfig, seed: int | None = None) -> None:
         super().__init__()
+        seed = init.layer_seed(seed, mesh, "TransformerBlock")
         c = config
         norm = NORMS[c.norm]
         self.norm1 = norm(mesh, f"d_model:{c.d_model}")
@@ -110,7 +111,8 @@ class TransformerLM(Module):
     output projection to `vocab`. `forward(ids)` maps `batch seq` ids to `batch seq vocab`
     logits; `aux_loss()` is the sum of the MoE blocks' load-balancing losses (0 if dense).
 
-    Weights depend only on `seed` (see `torchmesh.nn.init`), never on the mesh.
+    Weights depend only on `seed` (see `torchmesh.nn.init`), never on the mesh; without
+    `seed`, one is drawn from torch's default generator (`torch.manual_seed` reproduces it).
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp;heads:tp;vocab:tp")
@@ -121,8 +123,9 @@ class TransformerLM(Module):
     {'batch': 4, 'seq': 6, 'vocab': 16}
     """
 
-    def __init__(self, mesh: "Mesh", config: LMConfig, seed: int = 0) -> None:
+    def __init__(self, mesh: "Mesh", config: LMConfig, seed: int | None = None) -> None:
         super().__init__()
+        seed = init.layer_seed(seed, mesh, "TransformerLM")
         c = self.config = config
         self.mesh = mesh
         self.embed = Embedding(mesh, f"vocab:{c.vocab}", f"d_model:{c.d_model}", seed=init.derive_seed(seed, "embed"))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from torchmesh import errors
 from torchmesh.errors import DimError
 from torchmesh.tensor.contraction import OpPlan, run_op
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -31,6 +32,9 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
     >>> tm.pointwise(torch.add, a, b).dims
     ('ff', 'batch')
     """
+    name = getattr(func, "__name__", str(func))
+    if kwargs.get("inplace") or kwargs.get("out") is not None:
+        raise TypeError(errors.not_in_place(f"{name}(..., {'out=' if kwargs.get('out') is not None else 'inplace=True'})"))
     slots: list[tuple[bool, Any]] = []  # (is_kwarg, position or key) of each MeshTensor
     xs: list[MeshTensor] = []
     for i, a in enumerate(args):
@@ -46,7 +50,6 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
         elif isinstance(v, torch.Tensor) and (v.dim() > 0 or _tracked(v)):
             raise DimError(_plain_tensor(func, v))
     out_names = tuple(dict.fromkeys(n for x in xs for n in x.dims))
-    name = getattr(func, "__name__", str(func))
 
     def local_fn(plan: OpPlan):
         aligners = [_aligner(l.names, plan.computed.names) for l in plan.in_layouts]
@@ -106,29 +109,56 @@ def _aligner(src: tuple[str, ...], out: tuple[str, ...]) -> Callable[[torch.Tens
 
 
 # ---- the explicit tables -------------------------------------------------------------------
-#: Unary torch functions that act elementwise (also installed as methods: x.exp()).
-UNARY = {
-    "abs": torch.abs, "neg": torch.neg, "exp": torch.exp, "expm1": torch.expm1, "log": torch.log,
-    "log1p": torch.log1p, "log2": torch.log2, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
-    "square": torch.square, "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid, "relu": torch.relu, "erf": torch.erf, "sign": torch.sign,
-    "floor": torch.floor, "ceil": torch.ceil, "round": torch.round, "reciprocal": torch.reciprocal,
-    "isnan": torch.isnan, "isinf": torch.isinf, "isfinite": torch.isfinite,
-    "logical_not": torch.logical_not, "gelu": F.gelu, "silu": F.silu,
+# Which torch functions act elementwise: those whose aten ops torch tags `pointwise`, and their
+# aliases (tests/test_torch_habits.py checks both directions against torch's tags, and every
+# entry against torch on uneven meshes). Each reaches `pointwise` through __torch_function__;
+# extra arguments (numbers, MeshTensors) and keywords (approximate="tanh") are passed through.
+
+#: torch.<name>; also installed as methods (x.erf(), x.clamp_min(0.0), x.add(y)).
+TORCH_ELEMENTWISE: tuple[str, ...] = tuple("""
+    abs absolute acos arccos acosh arccosh angle asin arcsin asinh arcsinh atan arctan atanh arctanh
+    ceil clone conj_physical cos cosh deg2rad digamma erf erfc erfinv exp exp2 expm1 fix floor frac
+    i0 lgamma log log10 log1p log2 logit mvlgamma nan_to_num neg negative polygamma positive rad2deg
+    reciprocal round rsqrt sgn sign signbit sin sinc sinh sqrt square tan tanh trunc
+    relu sigmoid celu selu hardshrink threshold
+    isfinite isinf isnan isneginf isposinf isreal logical_not bitwise_not
+    clamp clip clamp_min clamp_max
+    add sub subtract rsub mul multiply div divide true_divide floor_divide remainder fmod pow
+    float_power atan2 arctan2 hypot copysign nextafter ldexp xlogy logaddexp logaddexp2 igamma
+    igammac gcd lcm heaviside maximum minimum fmax fmin
+    eq ne not_equal lt less le less_equal gt greater ge greater_equal isclose
+    logical_and logical_or logical_xor bitwise_and bitwise_or bitwise_xor bitwise_left_shift
+    bitwise_right_shift lerp addcmul addcdiv masked_fill
+""".split())
+#: torch.nn.functional.<name> (activations).
+FUNCTIONAL_ELEMENTWISE: tuple[str, ...] = tuple("""
+    relu relu6 elu selu celu gelu silu mish hardtanh hardswish hardsigmoid leaky_relu logsigmoid
+    softplus softsign tanhshrink softshrink hardshrink threshold sigmoid tanh
+""".split())
+#: torch.special.<name>.
+SPECIAL_ELEMENTWISE: tuple[str, ...] = tuple("""
+    airy_ai bessel_j0 bessel_j1 bessel_y0 bessel_y1 chebyshev_polynomial_t chebyshev_polynomial_u
+    chebyshev_polynomial_v chebyshev_polynomial_w digamma entr erf erfc erfcx erfinv exp2 expit expm1
+    gammainc gammaincc gammaln hermite_polynomial_h hermite_polynomial_he i0 i0e i1 i1e
+    laguerre_polynomial_l legendre_polynomial_p log1p log_ndtr logit modified_bessel_i0
+    modified_bessel_i1 modified_bessel_k0 modified_bessel_k1 multigammaln ndtr ndtri polygamma psi
+    round scaled_modified_bessel_k0 scaled_modified_bessel_k1 shifted_chebyshev_polynomial_t
+    shifted_chebyshev_polynomial_u shifted_chebyshev_polynomial_v shifted_chebyshev_polynomial_w
+    sinc spherical_bessel_j0 xlog1py xlogy zeta
+""".split())
+#: Namespace prefix (as users write it) -> (module, names).
+ELEMENTWISE_NAMESPACES = {
+    "torch": (torch, TORCH_ELEMENTWISE),
+    "F": (F, FUNCTIONAL_ELEMENTWISE),
+    "torch.special": (torch.special, SPECIAL_ELEMENTWISE),
 }
-#: n-ary elementwise torch functions (first argument a tensor).
-NARY = {
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
-    "maximum": torch.maximum, "minimum": torch.minimum, "eq": torch.eq, "ne": torch.ne,
-    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "clamp": torch.clamp,
-    "where": torch.where, "logical_and": torch.logical_and, "logical_or": torch.logical_or,
-    "logical_xor": torch.logical_xor, "masked_fill": torch.masked_fill, "lerp": torch.lerp,
-    "remainder": torch.remainder, "atan2": torch.atan2, "fmod": torch.fmod,
+#: Every elementwise torch function object -> its name as written ("F.gelu").
+ELEMENTWISE: dict[Callable, str] = {
+    getattr(module, name): f"{prefix}.{name}"
+    for prefix, (module, names) in ELEMENTWISE_NAMESPACES.items() for name in names
 }
-#: torch.nn.functional elementwise functions reachable through __torch_function__ only.
-FUNCTIONAL = [F.relu, F.gelu, F.silu, F.elu, F.leaky_relu, F.softplus, F.sigmoid, F.tanh,
-              F.hardtanh, F.relu6, F.mish, F.logsigmoid, torch.nan_to_num, torch.true_divide,
-              torch.floor_divide, torch.bitwise_and, torch.bitwise_or, torch.isclose]
+#: Methods of one tensor from torch.nn.functional (x.gelu(), x.silu()); torch's are all methods.
+FUNCTIONAL_METHODS = {"gelu": F.gelu, "silu": F.silu}
 #: Python operators: dunder name -> function of (self, other) in the operator's argument order.
 OPERATORS = {
     "__add__": operator.add, "__sub__": operator.sub, "__mul__": operator.mul,

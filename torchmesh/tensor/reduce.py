@@ -19,16 +19,30 @@ from torchmesh import errors
 from torchmesh.errors import DimError
 from torchmesh.tensor.contraction import OpPlan, run_op
 from torchmesh.tensor.dims import Dim, parse_dims, parse_names
-from torchmesh.tensor.elementwise import where
+from torchmesh.tensor.elementwise import cast, where
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 Dims = Union[str, Iterable[Any], None]
 
 
 def reduced_names(x: MeshTensor, dims: Dims, what: str, reduced_dim: Dims = None,
-                  output_shape: Dims = None) -> tuple[str, ...]:
-    """The dims to reduce: names ('a b', ['a', 'b'], Dims), Mesh TF's `reduced_dim=` or the
-    dims missing from `output_shape=`; all dims when none is given."""
+                  output_shape: Dims = None, *, dim: Dims = None, keepdim: bool = False) -> tuple[str, ...]:
+    """The dims to reduce: names ('a b', ['a', 'b'], Dims), torch's spelling `dim=`, Mesh TF's
+    `reduced_dim=` or the dims missing from `output_shape=`; all dims when none is given.
+
+    Positions (x.sum(-1)) and keepdim=True are TypeErrors that show the named call: dims
+    broadcast by name, so a reduced dim needs no placeholder of size 1."""
+    if dim is not None:
+        if dims is not None:
+            raise TypeError(errors.dims_twice(f"x.{what}", dims, dim))
+        dims = dim
+    if keepdim:
+        raise TypeError(errors.keepdim_refused(f"x.{what}", x.dims))
+    if isinstance(dims, MeshTensor):
+        raise TypeError(f"x.{what}(y) takes dim names, not a tensor; for the elementwise maximum or "
+                        f"minimum of two tensors use torch.maximum(x, y) / torch.minimum(x, y).")
+    if isinstance(dims, int) or (isinstance(dims, (tuple, list)) and any(isinstance(d, int) for d in dims)):
+        raise TypeError(errors.positional_dim(f"x.{what}", dims, x.dims))
     if reduced_dim is not None:
         dims = [reduced_dim] if isinstance(reduced_dim, (str, Dim)) else reduced_dim
     if output_shape is not None:
@@ -78,10 +92,13 @@ def _positions(have: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]
     return tuple(have.index(n) for n in names)
 
 
-def reduce_sum(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_sum(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
+               dtype: torch.dtype | None = None, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """Sum over the named dims (all dims if None); all-reduce over the axes splitting them.
 
-    Also `x.sum("d")`; Mesh TF's `reduced_dim=` and `output_shape=` are accepted.
+    Also `x.sum("d")`; torch's spelling `x.sum(dim="d", dtype=...)` and Mesh TF's `reduced_dim=`
+    and `output_shape=` are accepted. A position (`x.sum(-1)`) or `keepdim=True` is a TypeError
+    that shows the named call: dims broadcast by name, so `x - x.sum("d")` needs no kept dim.
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("dp:2", layout="batch:dp")
@@ -93,10 +110,12 @@ def reduce_sum(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, ou
     >>> stats.counts
     {'all_reduce': 1}
     """
-    return _reduce(x, reduced_names(x, dims, "sum", reduced_dim, output_shape), "sum", "sum")
+    names = reduced_names(x, dims, "sum", reduced_dim, output_shape, dim=dim, keepdim=keepdim)
+    return _reduce(x if dtype is None else cast(x, dtype), names, "sum", "sum")
 
 
-def reduce_mean(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_mean(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
+                dtype: torch.dtype | None = None, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """Mean over the named dims (all dims if None); also `x.mean("d")`.
 
     >>> import torch, torchmesh as tm
@@ -104,7 +123,8 @@ def reduce_mean(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, o
     >>> tm.reduce_mean(x, "d").full()
     tensor([1., 4.])
     """
-    names = reduced_names(x, dims, "mean", reduced_dim, output_shape)
+    names = reduced_names(x, dims, "mean", reduced_dim, output_shape, dim=dim, keepdim=keepdim)
+    x = x if dtype is None else cast(x, dtype)
     count = math.prod(x.sizes[n] for n in names)
     return _reduce(x, names, "sum", "mean") / count
 
@@ -119,7 +139,8 @@ def _extreme(x: MeshTensor, names: tuple[str, ...], kind: str) -> MeshTensor:
     return value + (picked - picked.detach())
 
 
-def reduce_max(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_max(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
+               reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """Maximum over the named dims (all if None), like torch.amax; also `x.max("d")`.
 
     >>> import torch, torchmesh as tm
@@ -127,10 +148,12 @@ def reduce_max(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, ou
     >>> tm.reduce_max(x, "batch").full()
     tensor([7., 5.])
     """
-    return _extreme(x, reduced_names(x, dims, "max", reduced_dim, output_shape), "max")
+    names = reduced_names(x, dims, "max", reduced_dim, output_shape, dim=dim, keepdim=keepdim)
+    return _extreme(x, names, "max")
 
 
-def reduce_min(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_min(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
+               reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """Minimum over the named dims (all if None), like torch.amin; also `x.min("d")`.
 
     >>> import torch, torchmesh as tm
@@ -138,10 +161,12 @@ def reduce_min(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, ou
     >>> tm.reduce_min(x, "batch").full()
     tensor([1., 2.])
     """
-    return _extreme(x, reduced_names(x, dims, "min", reduced_dim, output_shape), "min")
+    names = reduced_names(x, dims, "min", reduced_dim, output_shape, dim=dim, keepdim=keepdim)
+    return _extreme(x, names, "min")
 
 
-def reduce_any(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_any(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
+               reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """True where any element along the named dims is nonzero; also `x.any("d")`.
 
     >>> import torch, torchmesh as tm
@@ -149,10 +174,12 @@ def reduce_any(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, ou
     >>> tm.reduce_any(x, "d").full()
     tensor([ True, False])
     """
-    return _reduce((x != 0).to(torch.uint8), reduced_names(x, dims, "any", reduced_dim, output_shape), "max", "any") != 0
+    names = reduced_names(x, dims, "any", reduced_dim, output_shape, dim=dim, keepdim=keepdim)
+    return _reduce((x != 0).to(torch.uint8), names, "max", "any") != 0
 
 
-def reduce_all(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_all(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
+               reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
     """True where every element along the named dims is nonzero; also `x.all("d")`.
 
     >>> import torch, torchmesh as tm
@@ -160,7 +187,8 @@ def reduce_all(x: MeshTensor, dims: Dims = None, *, reduced_dim: Dims = None, ou
     >>> tm.reduce_all(x, "batch").full()
     tensor([False,  True])
     """
-    return _reduce((x != 0).to(torch.uint8), reduced_names(x, dims, "all", reduced_dim, output_shape), "min", "all") != 0
+    names = reduced_names(x, dims, "all", reduced_dim, output_shape, dim=dim, keepdim=keepdim)
+    return _reduce((x != 0).to(torch.uint8), names, "min", "all") != 0
 
 
 def _stable_max(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor:
@@ -180,7 +208,7 @@ def _unsplit_along(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor | None:
     return to_layout(x, layout)
 
 
-def logsumexp(x: MeshTensor, dims: Dims = None) -> MeshTensor:
+def logsumexp(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False) -> MeshTensor:
     """log(sum(exp(x))) over the named dims, shifted by the (global) maximum for stability.
 
     >>> import torch, torchmesh as tm
@@ -188,7 +216,7 @@ def logsumexp(x: MeshTensor, dims: Dims = None) -> MeshTensor:
     >>> tm.logsumexp(x, "vocab").full()  # log(4)
     tensor([1.3863, 1.3863])
     """
-    names = reduced_names(x, dims, "logsumexp")
+    names = reduced_names(x, dims, "logsumexp", dim=dim, keepdim=keepdim)
     if _unsplit_along(x, names) is not None:
         return run_op([x], tuple(n for n in x.dims if n not in names),
                       lambda plan: _local_kernel(torch.logsumexp, plan.in_layouts[0].names, names), what="logsumexp")
@@ -196,7 +224,7 @@ def logsumexp(x: MeshTensor, dims: Dims = None) -> MeshTensor:
     return reduce_sum((x - m).exp(), names).log() + m
 
 
-def softmax(x: MeshTensor, dim: str) -> MeshTensor:
+def softmax(x: MeshTensor, dim: str, *, dtype: torch.dtype | None = None) -> MeshTensor:
     """Softmax along one named dim; split over an axis, it costs two small all-reduces
     (of the maximum and of the sum): vocab-parallel softmax.
 
@@ -208,6 +236,7 @@ def softmax(x: MeshTensor, dim: str) -> MeshTensor:
     (tensor([[0.2500, 0.2500, 0.2500, 0.2500]]), {'all_reduce': 2})
     """
     names = reduced_names(x, dim, "softmax")
+    x = x if dtype is None else cast(x, dtype)
     local = _unsplit_along(x, names)
     if local is not None and len(names) == 1:
         return local._map(_local_kernel(torch.softmax, local.dims, names))
@@ -215,7 +244,7 @@ def softmax(x: MeshTensor, dim: str) -> MeshTensor:
     return e / reduce_sum(e, names)
 
 
-def log_softmax(x: MeshTensor, dim: str) -> MeshTensor:
+def log_softmax(x: MeshTensor, dim: str, *, dtype: torch.dtype | None = None) -> MeshTensor:
     """log(softmax(x, dim)), computed as x - logsumexp(x, dim).
 
     >>> import torch, torchmesh as tm
@@ -224,6 +253,7 @@ def log_softmax(x: MeshTensor, dim: str) -> MeshTensor:
     tensor([[-0.6931, -0.6931]])
     """
     names = reduced_names(x, dim, "log_softmax")
+    x = x if dtype is None else cast(x, dtype)
     local = _unsplit_along(x, names)
     if local is not None and len(names) == 1:
         return local._map(_local_kernel(torch.log_softmax, local.dims, names))
