@@ -23,6 +23,7 @@ from torchmesh.errors import (
     CollectiveMismatch,
     CollectiveTimeout,
     DimError,
+    IndexRangeError,
     LayoutError,
     MeshError,
     ParseError,
@@ -81,4 +82,5 @@ __all__ = [
     "softmax", "where", "zeros",
     "argmax", "argmin", "cumsum", "full_like", "ones_like", "split", "stack", "top_k", "unstack", "zeros_like",
     "ReplicaMismatch", "check_replicas", "local_map",
+    "IndexRangeError",
 ]

@@ -283,3 +283,33 @@ def seeds_disagree(what: str, low: int, high: int) -> str:
         f"Fix: call torch.manual_seed(<the same value>) on every rank before building the model, "
         f"or pass seed=<int>."
     )
+
+
+# ---- values (issue 18.3): ids outside the dim they index ---------------------------------------
+
+
+class IndexRangeError(TorchMeshError, ValueError, IndexError):
+    """Ids outside [0, size) of the dim they index (`tm.embedding`, `tm.gather`, `tm.one_hot`,
+    `tm.nn.cross_entropy`), raised on every device instead of giving zeros; also an
+    `IndexError`, as torch raises for them.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> try:
+    ...     tm.one_hot(tm.distribute(torch.tensor([1, 4]), "batch", mesh), "vocab:4")
+    ... except tm.IndexRangeError as e:
+    ...     print(e)
+    one_hot: 1 of the 2 ids of the index (batch) lie outside the dim 'vocab' of size 4 (the ids range over [1, 4]; they must lie in [0, 4)). Fix: ...
+    """
+
+
+def ids_out_of_range(op: str, dim: str, size: int, index_dims: Iterable[str], bad: int, total: int, low: int,
+                     high: int, ignore: int | None) -> str:
+    other = "" if ignore is None else f" (other than ignore_index={ignore})"
+    fix = (f"map such ids to ignore_index={ignore} (padding), or enlarge {dim!r}" if ignore is not None
+           else f"clamp or remap the ids, or enlarge {dim!r} (a vocab of at least {high + 1})"
+           if high >= size else "clamp or remap the ids (negative ids index nothing)")
+    return (
+        f"{op}: {bad} of the {total} ids{other} of the index {_names(index_dims)} lie outside the dim {dim!r} of size "
+        f"{size} (the ids range over [{low}, {high}]; they must lie in [0, {size})). Fix: {fix}."
+    )

@@ -4,6 +4,9 @@
 Over a split dim each device looks up only the indices in its own block (others give
 zero) and the partial results are summed over the axes splitting the dim: the lookup of
 Megatron's vocab-parallel embedding, with no communication of the table.
+
+Ids outside [0, size) raise `IndexRangeError` on every device (torch raises for them too),
+never silently giving zeros: see `check_ids` for what that check costs.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from torchmesh import errors
-from torchmesh.errors import DimError
+from torchmesh.errors import DimError, IndexRangeError
 from torchmesh.placement.layout import TensorLayout, block_bounds
 from torchmesh.tensor.contraction import OpPlan, run_op
 from torchmesh.tensor.dims import Dim, parse_dims
@@ -35,12 +38,23 @@ def gather(x: MeshTensor, index: MeshTensor, dim: str) -> MeshTensor:
     tensor([[10., 11.],
             [ 0.,  1.]])
     """
+    check_lookup(x, index, dim, "gather")
+    check_ids(index, x.sizes[dim], "gather", dim)
+    return lookup(x, index, dim)
+
+
+def check_lookup(x: MeshTensor, index: MeshTensor, dim: str, op: str) -> None:
+    """The dims and dtype a lookup of `x` along `dim` by `index` needs (`op` names it)."""
     if dim not in x.dims:
-        raise DimError(errors.missing_dims("gather", [dim], x.dims))
+        raise DimError(errors.missing_dims(op, [dim], x.dims))
     if dim in index.dims:
-        raise DimError(f"gather along {dim!r}: the index must not have dim {dim!r}; its dims are {index.dims}.")
+        raise DimError(f"{op} along {dim!r}: the index must not have dim {dim!r}; its dims are {index.dims}.")
     if index.dtype.is_floating_point or index.dtype.is_complex:
-        raise DimError(f"gather along {dim!r}: the index has dtype {index.dtype}; use an integer tensor.")
+        raise DimError(f"{op} along {dim!r}: the index has dtype {index.dtype}; use an integer tensor.")
+
+
+def lookup(x: MeshTensor, index: MeshTensor, dim: str) -> MeshTensor:
+    """`gather` without the checks, for callers that made them (ids in range, or masked)."""
     out_names = index.dims + tuple(n for n in x.dims if n != dim and n not in index.dims)
     slicer = x.mesh.impl.slice_mesh
 
@@ -57,6 +71,49 @@ def gather(x: MeshTensor, index: MeshTensor, dim: str) -> MeshTensor:
         return fn
 
     return run_op([x, index], out_names, local_fn, what=f"gather along {dim!r}", at=True)
+
+
+_NONE = -(2**62)  # the identity of the max-reduction over devices with no ids
+
+
+def check_ids(index: MeshTensor, size: int, op: str, dim: str, ignore: int | None = None) -> int:
+    """Raise `IndexRangeError` unless every id of `index` (but those equal to `ignore`) lies in
+    [0, size); the number of ids not equal to `ignore`, over the whole (global) index.
+
+    Each device counts its own block's ids outside the range (and those kept); the counts are
+    summed over the axes splitting the index, so every device (every rank on dist) gets the
+    same answer and raises alike, never one rank alone. The cost: a count over the local ids
+    and one read of two integers on the host; where the index is split over processes (dist)
+    one all-reduce of those two integers over the axes splitting it (an index replicated, as
+    on sim and xla, needs none). It is not listed in `comm_stats`, which records the data's
+    collectives. Only when some id is out of range, a second such all-reduce finds the
+    smallest and largest id for the message."""
+    impl = index.mesh.impl
+    axes = tuple(a for a in sorted(index.tensor_layout.used_axes) if impl.axis_size(a) > 1)
+
+    def agree(per_device, op_name: str) -> list[int]:
+        data = tuple(per_device)
+        if axes:
+            data = impl.all_reduce(data, axes, op_name)
+        return data[0].tolist()  # device 0's group over `axes` holds every distinct block once
+
+    def counts(ids: torch.Tensor) -> torch.Tensor:
+        kept = ids != ignore if ignore is not None else torch.ones_like(ids, dtype=torch.bool)
+        bad = kept & ((ids < 0) | (ids >= size))
+        return torch.stack([bad.sum(), kept.sum()]).to(torch.int64)
+
+    n_bad, n_kept = agree((counts(t) for t in index._data), "sum")
+    if n_bad:
+        def extremes(ids: torch.Tensor) -> torch.Tensor:
+            kept = ids != ignore if ignore is not None else torch.ones_like(ids, dtype=torch.bool)
+            ids = ids.to(torch.int64)
+            lo = torch.where(kept, -ids, _NONE).max() if ids.numel() else torch.tensor(_NONE)
+            hi = torch.where(kept, ids, _NONE).max() if ids.numel() else torch.tensor(_NONE)
+            return torch.stack([lo.to(ids.device), hi.to(ids.device)])
+
+        neg_lo, hi = agree((extremes(t) for t in index._data), "max")
+        raise IndexRangeError(errors.ids_out_of_range(op, dim, size, index.dims, n_bad, n_kept, -neg_lo, hi, ignore))
+    return n_kept
 
 
 @lru_cache(maxsize=1024)
@@ -105,7 +162,9 @@ def embedding(ids: MeshTensor, table: MeshTensor, vocab_dim: str = "vocab") -> M
     tensor([[[6., 7.],
              [0., 1.]]])
     """
-    return gather(table, ids, vocab_dim)
+    check_lookup(table, ids, vocab_dim, "embedding")
+    check_ids(ids, table.sizes[vocab_dim], "embedding", vocab_dim)
+    return lookup(table, ids, vocab_dim)
 
 
 def one_hot(index: MeshTensor, dim: "Dim | str", dtype: torch.dtype = torch.float32) -> MeshTensor:
@@ -125,6 +184,7 @@ def one_hot(index: MeshTensor, dim: "Dim | str", dtype: torch.dtype = torch.floa
     mesh = index.mesh
     dims = index.shape + (d,)
     layout = mesh.layout_of(dims)
+    check_ids(index, d.size, "one_hot", d.name)
     index = to_layout(index, mesh.layout_of(index.shape))
     slicer = mesh.impl.slice_mesh
     axes = layout.axes[-1]
