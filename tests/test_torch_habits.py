@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import run_distributed
 from reference import MESHES, check_op, make_mesh
 
 import torchmesh as tm
@@ -430,3 +431,32 @@ def test_shard_parameters_refuses_a_plain_torch_module():
     mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp")
     model = torch.nn.Sequential(tm.nn.Linear(mesh, "d_model:8", "ff:16", seed=0))
     assert tm.nn.shard_parameters(model, "d_model:dp") is model
+
+
+# ---- the same cases on two gloo processes -------------------------------------------------------
+GLOO_CASES = ("(matches_torch or empty_blocks) and (gelu or addcdiv or xlogy or masked_fill or nan_to_num "
+              "or clamp_min or polygamma) or spelling or max_of_two")
+
+
+def _habits_on_ranks(mesh_spec: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+    import os
+    import sys
+
+    os.environ.update(TORCHMESH_TEST_BACKEND="dist", TORCHMESH_TEST_MESHES=mesh_spec)
+    for name in ("reference", __name__):  # imported (unpickling this function) before the env was set
+        sys.modules.pop(name, None)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = pytest.main(["-q", "-p", "no:cacheprovider", "-k", f"({GLOO_CASES}) and not gloo", __file__])
+    import reference
+
+    return int(code), out.getvalue()[-3000:], reference.BACKEND
+
+
+@pytest.mark.timeout(600)
+def test_a_sample_on_two_gloo_processes():
+    for rank, (code, text, backend) in enumerate(run_distributed(_habits_on_ranks, 2, args=("tp:2",), timeout=500)):
+        assert code == 0 and backend == "dist", f"rank {rank} ({backend}): pytest exit {code}\n{text}"
+        assert " passed" in text.splitlines()[-1], text
