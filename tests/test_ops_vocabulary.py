@@ -119,6 +119,20 @@ def test_top_k_ties_go_to_the_lower_index_on_every_mesh(largest, rules, mesh_spe
 
 
 @pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("rules", ["vocab:tp", "vocab:dp,tp"])
+def test_top_k_nan_counts_as_largest_like_torch(rules, mesh_spec):
+    t = torch_randn("batch:3 vocab:7", 5)
+    t[0, 5], t[1, 0], t[1, 6], t[2, 3] = float("nan"), float("nan"), float("nan"), float("inf")
+    x = tm.distribute(t, "batch vocab", make_mesh(mesh_spec, rules))
+    for k, largest in ((1, True), (3, True), (6, False), (7, False)):
+        values, indices = tm.top_k(x, "vocab", k, largest=largest)
+        ref_values, ref_indices = stable_top_k(t, k, 1, largest)
+        assert_matches(values, ref_values, "batch k", equal_nan=True)
+        assert_matches(indices, ref_indices, "batch k")
+        torch.testing.assert_close(values.full(), torch.topk(t, k, 1, largest=largest)[0], equal_nan=True)
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
 def test_top_k_of_integers(mesh_spec):
     t = torch.randint(-3, 4, (3, 65), generator=torch.Generator().manual_seed(2))
     t[0, :] = torch.iinfo(torch.int64).min  # ties with the padding value

@@ -17,8 +17,8 @@ from torchmesh import errors
 from torchmesh.comm import autograd as comm
 from torchmesh.comm.backend import Data
 from torchmesh.errors import DimError
-from torchmesh.placement.layout import TensorLayout
-from torchmesh.placement.mesh_shape import block_bounds, max_block
+from torchmesh.placement.layout import TensorLayout, is_even
+from torchmesh.placement.mesh_shape import block_bounds, max_block, parts
 from torchmesh.tensor.dims import Dim, check_name
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
@@ -103,6 +103,7 @@ def _select(x: MeshTensor, dim: str, k: int, largest: bool, what: str) -> tuple[
     if x.dtype == torch.bool or x.dtype.is_complex:
         raise DimError(f"{what} along {dim!r}: values of dtype {x.dtype} have no order here; cast first "
                        f"(x.to(torch.int32)).")
+    x = _even_for_the_partitioner(x)
     impl, slicer = x.mesh.impl, x.mesh.impl.slice_mesh
     i = x.dims.index(dim)
     axes = tuple(a for a in x.tensor_layout.axes[i] if impl.axis_size(a) > 1)
@@ -130,6 +131,18 @@ def _select(x: MeshTensor, dim: str, k: int, largest: bool, what: str) -> tuple[
     return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), lay, i
 
 
+def _even_for_the_partitioner(x: MeshTensor) -> MeshTensor:
+    """`x`, replicated over the axes of its uneven dims where the backend's partitioner cuts
+    the tensors (xla) and a gradient will flow: torch-xla 2.9 aborts the process when it
+    partitions the scatter of a gather's (or sort's) backward over an uneven split (a failed
+    check in spmd_partitioner_util.h; tm.gather's backward meets the same)."""
+    impl, lay = x.mesh.impl, x.tensor_layout
+    if impl.slice_mesh == impl.shape or not x.requires_grad or is_even(lay, impl.shape):
+        return x
+    axes = tuple(() if d.size % parts(impl.shape, ax) else ax for d, ax in zip(lay.dims, lay.axes))
+    return to_layout(x, TensorLayout(lay.dims, axes))
+
+
 def _never_chosen(dtype: torch.dtype, largest: bool) -> float | int:
     """A padding value no real element loses to: ties go to the lower index, and padding
     carries the index past the end. (Floats: -inf when the largest win; NaN, which sorts
@@ -140,12 +153,25 @@ def _never_chosen(dtype: torch.dtype, largest: bool) -> float | int:
     return info.min if largest else info.max
 
 
+def _ranking(t: torch.Tensor, i: int, largest: bool) -> torch.Tensor:
+    """The permutation along dim i that puts the best first: by value (NaN above every
+    number, as in torch.sort on CPU), equals in index order. NaN is ranked by an explicit key,
+    as backends' sorts place it differently."""
+    t = t.detach()
+    if not t.dtype.is_floating_point:
+        return torch.sort(t, dim=i, descending=largest, stable=True)[1]
+    nan = t.isnan()
+    order = torch.sort(t.masked_fill(nan, 0), dim=i, descending=largest, stable=True)[1]
+    by_nan = torch.sort(nan.gather(i, order).to(torch.int32), dim=i, descending=largest, stable=True)[1]
+    return order.gather(i, by_nan)
+
+
 def _best(t: torch.Tensor, i: int, c: int, largest: bool, start: int, size: int, pad: float | int):
     """A block's best `c` along dim i, best first and lower index first among equals, with
     global indices; padded to `c` (index `size`) when the block is smaller."""
-    values, order = torch.sort(t, dim=i, descending=largest, stable=True)
     m = min(c, t.shape[i])
-    values, order = values.narrow(i, 0, m), order.narrow(i, 0, m) + start
+    order = _ranking(t, i, largest).narrow(i, 0, m)
+    values, order = t.gather(i, order), order + start
     if m < c:
         shape = list(t.shape)
         shape[i] = c - m
@@ -155,8 +181,8 @@ def _best(t: torch.Tensor, i: int, c: int, largest: bool, start: int, size: int,
 
 
 def _final(values: torch.Tensor, indices: torch.Tensor, i: int, k: int, largest: bool):
-    """The best k candidates: put them in index order, then a stable sort by value."""
+    """The best k candidates: put them in index order, then rank them by value."""
     by_index = torch.argsort(indices, dim=i)
     values, indices = values.gather(i, by_index), indices.gather(i, by_index)
-    values, order = torch.sort(values, dim=i, descending=largest, stable=True)
-    return values.narrow(i, 0, k), indices.gather(i, order.narrow(i, 0, k))
+    order = _ranking(values, i, largest).narrow(i, 0, k)
+    return values.gather(i, order), indices.gather(i, order)
