@@ -40,10 +40,13 @@ class LayoutError(TorchMeshError, ValueError):
 
     >>> import torchmesh as tm
     >>> try:
-    ...     tm.zeros("batch:3", tm.Mesh("dp:2", layout="batch:dp"))
+    ...     tm.zeros("batch:4 ff:4", tm.Mesh("dp:2", layout="batch:dp;ff:dp"))
     ... except tm.LayoutError as e:
     ...     print(e)
-    tensor with dims (batch:3) cannot be laid out: dim 'batch' of size 3 is split over mesh axes dp (2 parts) by the rules 'batch:dp', and 3 is not divisible by 2. Fix: ...
+    tensor with dims (batch:4, ff:4) cannot be laid out: dims 'batch' and 'ff' are both split over mesh axis 'dp' by the rules 'batch:dp;ff:dp'. A mesh axis can split at most one dim of a tensor. Fix: ...
+
+    (A dim whose size its axes do not divide is not an error: it is split into blocks whose
+    sizes differ by at most one.)
     """
 
 
@@ -150,16 +153,6 @@ def axis_used_twice(dims: Mapping[str, int], axis: str, dim_a: str, dim_b: str, 
         f"split over mesh axis {axis!r} by the rules {rules!r}. A mesh axis can split at most one "
         f"dim of a tensor. Fix: rename one of the dims (x.rename({dim_b}='{dim_b}_2')), or change "
         f"the rules so that {dim_a!r} and {dim_b!r} use different axes."
-    )
-
-
-def not_divisible(dims: Mapping[str, int], dim: str, axes: tuple[str, ...], parts: int, rules: str) -> str:
-    over = " x ".join(axes)
-    return (
-        f"tensor with dims {_dims(dims)} cannot be laid out: dim {dim!r} of size {dims[dim]} is split "
-        f"over mesh axes {over} ({parts} parts) by the rules {rules!r}, and {dims[dim]} is not "
-        f"divisible by {parts}. Fix: make {dim!r} a multiple of {parts}, or drop the rule for "
-        f"{dim!r} (x.relayout(...)) so that it is replicated."
     )
 
 

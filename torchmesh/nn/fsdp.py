@@ -109,6 +109,6 @@ def _stored_layout(layout: TensorLayout, rules: LayoutRules, mesh, name: str) ->
     except LayoutError as e:
         raise LayoutError(
             f"shard_parameters: parameter {name!r} cannot be stored split by the parameter rules "
-            f"{str(rules)!r}: {e} Fix: leave that dim out of the parameter rules, or choose sizes "
-            f"divisible by the axes."
+            f"{str(rules)!r}: {e} Fix: leave that dim out of the parameter rules, or store it over "
+            f"another axis."
         ) from None
