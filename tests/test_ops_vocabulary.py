@@ -463,6 +463,10 @@ def test_errors_name_the_dims_and_the_fix():
         tm.argmax(x > 0, "vocab")
     with pytest.raises(tm.DimError, match=r"cumsum: dims \(seq\)"):
         tm.cumsum(x, "seq")
+    for call in (lambda: x.argmax(-1), lambda: x.cumsum(1), lambda: x.top_k(1, 2), lambda: tm.unstack(x, 0)):
+        with pytest.raises(TypeError, match=r"dims are named, not numbered; this tensor's dims are \(batch, vocab\)"):
+            call()
+    assert tm.argmax(x, tm.Dim("vocab", 5)).dims == ("batch",)  # a Dim names the dim too
     with pytest.raises(tm.DimError, match=r"sizes \[2, 2\] must be non-negative ints summing to the dim's size 5"):
         tm.split(x, "vocab", [2, 2])
     with pytest.raises(tm.DimError, match=r"tensor 0 has \{'batch': 2, 'vocab': 5\}, tensor 1 has"):

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from torchmesh import errors
 from torchmesh.comm import autograd as comm
-from torchmesh.errors import DimError
 from torchmesh.placement.mesh_shape import block_index
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
+from torchmesh.tensor.selection import dim_name
 
 
 def cumsum(x: MeshTensor, dim: str, exclusive: bool = False, reverse: bool = False) -> MeshTensor:
@@ -34,8 +33,7 @@ def cumsum(x: MeshTensor, dim: str, exclusive: bool = False, reverse: bool = Fal
     >>> tm.cumsum(x, "seq", exclusive=True, reverse=True).full()
     tensor([14., 12.,  9.,  5.,  0.])
     """
-    if dim not in x.dims:
-        raise DimError(errors.missing_dims("cumsum", [dim], x.dims))
+    dim = dim_name(x, dim, "cumsum")
     lay, impl = x.tensor_layout, x.mesh.impl
     i = lay.names.index(dim)
     axes = tuple(a for a in lay.axes[i] if impl.axis_size(a) > 1)

@@ -25,6 +25,17 @@ from torchmesh.tensor.relayout import to_layout
 from torchmesh.tensor.slicing import _whole_along
 
 
+def dim_name(x: MeshTensor, dim: "str | Dim", what: str) -> str:
+    """The name of the one dim an op works along: a name or a Dim of `x` (positions are refused
+    with the names to use; a missing name with the tensor's dims)."""
+    name = dim.name if isinstance(dim, Dim) else dim
+    if not isinstance(name, str):
+        raise TypeError(errors.positional_dim(f"x.{what}", dim, x.dims))
+    if name not in x.dims:
+        raise DimError(errors.missing_dims(what, [name], x.dims))
+    return name
+
+
 def top_k(x: MeshTensor, dim: str, k: int, new_dim: str = "k", *, largest: bool = True) -> tuple[MeshTensor, MeshTensor]:
     """The k largest values along `dim` and their global int64 indices (like `torch.topk`):
     `dim` is replaced by `new_dim` of size k, values sorted from the largest (from the
@@ -43,6 +54,7 @@ def top_k(x: MeshTensor, dim: str, k: int, new_dim: str = "k", *, largest: bool 
     >>> values.dims, values.full(), indices.full()
     (('batch', 'k'), tensor([[9., 7.]]), tensor([[1, 3]]))
     """
+    dim = dim_name(x, dim, "top_k")
     check_name(new_dim)
     if new_dim != dim and new_dim in x.dims:
         raise DimError(f"top_k along {dim!r}: new_dim {new_dim!r} is already a dim of the tensor {x.dims}; "
@@ -94,8 +106,7 @@ def _index_of(x: MeshTensor, dim: str, largest: bool, what: str) -> MeshTensor:
 def _select(x: MeshTensor, dim: str, k: int, largest: bool, what: str) -> tuple[Data, Data, TensorLayout, int]:
     """The best k along `dim` (values, global indices), replicated over the dim's axes; the
     other dims as in `x`. Returns both, x's layout and the dim's position."""
-    if dim not in x.dims:
-        raise DimError(errors.missing_dims(what, [dim], x.dims))
+    dim = dim_name(x, dim, what)
     size = x.sizes[dim]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
         raise DimError(f"{what} along {dim!r}: k={k!r}, but {dim!r} has size {size} in the tensor {x.sizes}; "

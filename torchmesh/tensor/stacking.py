@@ -17,6 +17,7 @@ from torchmesh.placement.layout import TensorLayout
 from torchmesh.tensor.dims import Dim, check_name
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
+from torchmesh.tensor.selection import dim_name
 from torchmesh.tensor.slicing import _local_result, _whole_along
 
 
@@ -83,7 +84,7 @@ def unstack(x: MeshTensor, dim: str) -> list[MeshTensor]:
     >>> [p.full() for p in tm.unstack(x, "layer")]
     [tensor([0., 1.]), tensor([2., 3.]), tensor([4., 5.])]
     """
-    whole, i = _whole_along(x, dim, "unstack")
+    whole, i = _whole_along(x, dim_name(x, dim, "unstack"), "unstack")
     lay = whole.tensor_layout
     rest = TensorLayout(lay.dims[:i] + lay.dims[i + 1 :], lay.axes[:i] + lay.axes[i + 1 :])
     target = x.mesh.layout_of(rest.dims)
@@ -109,6 +110,7 @@ def split(x: MeshTensor, dim: str, sizes: "int | Sequence[int]") -> list[MeshTen
     >>> [p.sizes for p in tm.split(x, "d", 2)]
     [{'d': 2}, {'d': 2}, {'d': 1}]
     """
+    dim = dim_name(x, dim, "split")
     n = x.size(dim)
     pieces = _piece_sizes(sizes, n, dim, x.sizes)
     whole, i = _whole_along(x, dim, "split")
