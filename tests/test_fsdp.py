@@ -183,9 +183,12 @@ def test_axis_already_used_is_skipped_and_errors_name_the_parameter():
     m.odd = tm.randn("d_model:4 x:3", mesh, seed=0, requires_grad=True)
     tm.nn.shard_parameters(m, "d_model:dp")
     assert m.experts_w.layout == {"experts": "dp"} and m.odd.layout == {"d_model": "dp"}
-    m.bad = tm.randn("x:3", mesh, seed=0, requires_grad=True)
-    with pytest.raises(ValueError, match=r"shard_parameters: parameter 'bad' cannot be stored split .* 'x:dp'"):
-        tm.nn.shard_parameters(m, "x:dp")
+    m.uneven = tm.randn("x:3", mesh, seed=0, requires_grad=True)
+    tm.nn.shard_parameters(m, "x:dp")  # 3 over dp:2: stored in blocks of 2 and 1
+    assert m.uneven.layout == {"x": "dp"} and [tuple(s.shape) for s in m.uneven.shards] == [(2,), (1,)]
+    m.bad = tm.randn("y:4", mesh, seed=0, requires_grad=True)
+    with pytest.raises(ValueError, match=r"shard_parameters: parameter 'bad' cannot be stored split .* 'y:fsdp'"):
+        tm.nn.shard_parameters(m, "y:fsdp")
 
 
 def fsdp_on_ranks(mesh_spec: str) -> list[float]:
