@@ -29,7 +29,6 @@ else:
     import reference
 
     import torchmesh as tm
-    from torchmesh.placement.layout import is_even
     from torchmesh.xla.shards import device_blocks
 
     def assert_matches_on_devices(x: tm.MeshTensor, ref: torch.Tensor, ref_dims, what: str = "", **tol) -> None:
@@ -44,15 +43,8 @@ else:
         shape = x.mesh.shape
         blocks = device_blocks(x.local)
         assert [b.device for b in blocks] == list(range(shape.size)), f"{what}: devices {[b.device for b in blocks]}"
-        if not is_even(x.tensor_layout, shape):
-            # Uneven dims: torch-xla 2.9 materialises computed results with uneven dims replicated
-            # (the annotation is dropped when the program runs): every device's block is checked
-            # against the reference by the index torch-xla reports.
-            for b in blocks:
-                torch.testing.assert_close(b.value, ref[b.index], **tol, msg=lambda m, d=b.device: f"{what} device {d}: {m}")
-            return
         for b in blocks:
-            want = x.mesh.impl.block_slices(x.tensor_layout, shape.coords(b.device))  # XLA's tiles
+            want = x.mesh.impl.block_slices(x.tensor_layout, shape.coords(b.device))  # uneven dims: whole
             if ref.dim():
                 assert b.index == want, f"{what}: device {b.device} holds {b.index}, its layout block is {want}"
             torch.testing.assert_close(b.value, ref[want], **tol, msg=lambda m, d=b.device: f"{what} device {d}: {m}")

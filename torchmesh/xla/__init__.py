@@ -5,16 +5,17 @@ not either (each function imports it when called).
 - `compiled_comm_stats(*tensors)`: the collectives XLA compiled into the program that
   computes these tensors, as `tm.comm_stats` reports them;
 - `device_blocks(t)` / `sharding_text(t)`: what each XLA device holds of a tensor;
-  `tile_slices(layout, mesh, coords)`: where XLA's tiling puts a device's block (uneven
-  dims are tiled by ceil(size / blocks) there, the last tiles padded);
+  `tile_slices(layout, mesh, coords)`: where XLA's tiling puts a device's block;
+  `placed_axes(layout, mesh)`: the axes each dim is sharded over on XLA devices (a dim its
+  axes do not divide is kept whole there: torch-xla 2.9 aborts on some uneven shardings);
 - `start_runtime()`: SPMD mode and autograd's XLA queue (done by the first xla Mesh).
 """
 
-from torchmesh.xla.backend import partition_spec, start_runtime
+from torchmesh.xla.backend import partition_spec, placed_axes, start_runtime
 from torchmesh.xla.hlo_stats import compiled_comm_stats, compiled_hlo, parse_hlo
 from torchmesh.xla.shards import DeviceBlock, device_blocks, sharding_text, tile_slices
 
 __all__ = [
-    "DeviceBlock", "compiled_comm_stats", "compiled_hlo", "device_blocks", "parse_hlo", "partition_spec",
+    "DeviceBlock", "compiled_comm_stats", "placed_axes", "compiled_hlo", "device_blocks", "parse_hlo", "partition_spec",
     "sharding_text", "start_runtime", "tile_slices",
 ]

@@ -17,7 +17,7 @@ import torch
 from torchmesh.comm.backend import Data, MeshImpl
 from torchmesh.errors import BackendError, MeshError
 from torchmesh.placement.layout import TensorLayout
-from torchmesh.placement.mesh_shape import MeshShape
+from torchmesh.placement.mesh_shape import MeshShape, parts
 
 
 def _require_torch_xla():
@@ -80,6 +80,23 @@ def partition_spec(axes: tuple[tuple[str, ...], ...]) -> PartitionSpec:
     return tuple(None if not a else a[0] if len(a) == 1 else a for a in axes)
 
 
+@lru_cache(maxsize=4096)
+def placed_axes(layout: TensorLayout, mesh: MeshShape) -> tuple[tuple[str, ...], ...]:
+    """The axes each dim is sharded over on XLA devices: the layout's, except for a dim that
+    its axes do not divide, which is kept whole (replicated over them). torch-xla 2.9's SPMD
+    partitioner aborts the process on some uneven shardings (the backward of a gather or sort
+    over an uneven split) and materialises computed uneven results replicated anyway; values
+    never depend on it, only memory does.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh.xla import placed_axes
+    >>> layout = tm.TensorLayout((tm.Dim("batch", 8), tm.Dim("vocab", 65)), (("dp",), ("tp",)))
+    >>> placed_axes(layout, tm.MeshShape.parse("dp:2;tp:2"))
+    (('dp',), ())
+    """
+    return tuple(axes if d.size % parts(mesh, axes) == 0 else () for d, axes in zip(layout.dims, layout.axes))
+
+
 class XlaImpl(MeshImpl):
     """One controller holds each tensor as one global XLA tensor annotated with its sharding."""
 
@@ -128,8 +145,9 @@ class XlaImpl(MeshImpl):
 
     # ---- sharding annotation -----------------------------------------------------------------
     def annotate(self, ts: Data, layout: TensorLayout) -> Data:
-        """Mark the sharding `layout` implies on the (single) global tensor."""
-        return (self.with_sharding(ts[0], partition_spec(layout.axes)),)
+        """Mark the sharding `layout` implies on the (single) global tensor (its dims that their
+        axes do not divide kept whole: see `placed_axes`)."""
+        return (self.with_sharding(ts[0], partition_spec(placed_axes(layout, self.shape))),)
 
     def with_sharding(self, t: torch.Tensor, spec: PartitionSpec) -> torch.Tensor:
         """`t` annotated with `spec`: in place when `t` carries no sharding yet and no
@@ -161,14 +179,11 @@ class XlaImpl(MeshImpl):
 
     # ---- what each device holds ------------------------------------------------------------------
     def block_slices(self, layout: TensorLayout, coords: tuple[int, ...]) -> tuple[slice, ...]:
-        """XLA's tiling: a dim split into k tiles has tiles of ceil(size / k), the last ones
-        short or empty (the partitioner pads them), over the flattened block index of its axes.
-        For even sizes, and uneven ones like 65 over 2 or 7 over 4, these are the layout's
-        balanced blocks; for others (5 over 4: 2,2,1,0 here, 2,1,1,1 on sim and dist) they
-        differ, which changes where data sits, never a value."""
+        """Where XLA puts a device's block: the layout's blocks for the dims that divide evenly,
+        the whole dim for the others (`placed_axes`)."""
         from torchmesh.xla.shards import tile_slices
 
-        return tile_slices(layout, self.shape, coords)
+        return tile_slices(TensorLayout(layout.dims, placed_axes(layout, self.shape)), self.shape, coords)
 
     def device_shards(self, data: Data) -> tuple[MeshShape, list[tuple[tuple[int, ...], torch.Tensor]]]:
         """Each device's block as torch-xla holds it (runs the pending computation): the real
