@@ -36,6 +36,7 @@ from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.mesh_shape import MeshShape
 from torchmesh.placement.rules import LayoutRules
 from torchmesh.printing import show, show_layout
+from torchmesh.tensor.attention import attention
 from torchmesh.tensor.construct import (
     arange, distribute, from_local, full, full_like, ones, ones_like, zeros, zeros_like,
 )
@@ -75,7 +76,7 @@ __all__ = [
     "load", "save", "to_dtensor",
     "BackendError", "CollectiveMismatch", "CollectiveTimeout", "MeshError", "CommRecord", "CommStats", "Dim", "DimError", "Dimension", "LayoutError",
     "LayoutRules", "Mesh", "MeshShape", "MeshTensor", "ParseError", "PlanningError", "TensorLayout", "TorchMeshError",
-    "arange", "cast", "comm_stats", "concat", "distribute", "dropout", "einsum", "embedding",
+    "arange", "attention", "cast", "comm_stats", "concat", "distribute", "dropout", "einsum", "embedding",
     "from_local", "full", "gather", "log_softmax", "logsumexp", "manual_seed", "one_hot", "ones",
     "pad", "pointwise", "rand", "randn", "rearrange", "reduce_all", "reduce_any", "reduce_max",
     "reduce_mean", "reduce_min", "reduce_sum", "relayout", "rename", "shift", "show", "show_layout", "slice",
