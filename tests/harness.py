@@ -48,7 +48,10 @@ class DistributedFailure(AssertionError):
     """One or more ranks failed or timed out; the message holds every rank's traceback."""
 
 
-def run_distributed(fn: Callable, nprocs: int, args: tuple = (), timeout: float = 180.0) -> list[Any]:
+def run_distributed(fn: Callable, nprocs: int, args: tuple = (), timeout: float = 180.0,
+                    wait_all: bool = False) -> list[Any]:
+    """`wait_all`: when a rank dies, still wait (up to `timeout`) for the others' reports (a
+    crashed-rank test asserts what the survivors raise)."""
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     port = free_port()
@@ -66,7 +69,8 @@ def run_distributed(fn: Callable, nprocs: int, args: tuple = (), timeout: float 
                 rank, status, value = results.get(timeout=min(left, 1.0))
                 outcome[rank] = (status, value)
             except queue_mod.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
+                if all(p.exitcode is not None for p in procs) or (
+                        not wait_all and any(p.exitcode not in (None, 0) for p in procs) and results.empty()):
                     time.sleep(0.5)  # let a dying rank's report arrive
                     if results.empty():
                         break

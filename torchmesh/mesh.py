@@ -22,8 +22,10 @@ class Mesh:
     (4, ('dp', 'tp'))
 
     `backend` is "sim" (every device in this process), "dist" (one process per device,
-    under torchrun) or "xla" (torch-xla SPMD). The rules may be changed for a block of
-    code with `with mesh.rules_scope("..."):`.
+    under torchrun) or "xla" (torch-xla SPMD). On dist, `timeout=` (seconds, default 300 or
+    TORCHMESH_TIMEOUT) bounds every wait for the other ranks and `check=True` (or
+    TORCHMESH_CHECK=1) checks every collective; see docs/reliability.md. The rules may be
+    changed for a block of code with `with mesh.rules_scope("..."):`.
     """
 
     def __init__(self, shape: MeshShapeLike, layout: RulesLike = "", backend: str = "sim", **options: Any):
@@ -31,7 +33,7 @@ class Mesh:
         self.rules: LayoutRules = LayoutRules.parse(layout)
         check_rules_axes(self.rules, self.shape)
         self.backend = backend
-        self.impl: MeshImpl = _make_impl(backend, self.shape, options)
+        self.impl: MeshImpl = _make_impl(backend, self.shape, options, self.rules)
 
     @property
     def axis_names(self) -> tuple[str, ...]:
@@ -76,7 +78,8 @@ class Mesh:
         return f"Mesh({str(self.shape)!r}, layout={str(self.rules)!r}, backend={self.backend!r})"
 
 
-def _make_impl(backend: str, shape: MeshShape, options: dict) -> MeshImpl:
+def _make_impl(backend: str, shape: MeshShape, options: dict, rules: LayoutRules) -> MeshImpl:
+    """The backend; on dist, every rank first checks that all build this mesh with these rules."""
     if backend == "sim":
         from torchmesh.comm.sim import SimImpl
 
@@ -84,7 +87,7 @@ def _make_impl(backend: str, shape: MeshShape, options: dict) -> MeshImpl:
     if backend == "dist":
         from torchmesh.comm.dist import DistImpl
 
-        return DistImpl(shape, **options)
+        return DistImpl(shape, rules=str(rules), **options)
     if backend == "xla":
         from torchmesh.xla.backend import XlaImpl
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from torchmesh.checkpoint.state import assemble, model_mesh, model_params
+from torchmesh.comm.dist import agree_call
 from torchmesh.errors import CheckpointError
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
@@ -52,8 +53,10 @@ def export_state_dict(path: "str | os.PathLike[str]", model: torch.nn.Module) ->
     True
     """
     path = Path(path)
-    values = global_state_dict(model)
     distributed = _distributed(model)
+    if distributed:
+        agree_call("tm.export_state_dict(...)")  # every rank, or an error on every rank (not a hang)
+    values = global_state_dict(model)
     if not distributed or dist.get_rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

@@ -133,3 +133,20 @@ class MeshImpl:
     def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str,
                whole: tuple[int, int] | None = None) -> None:
         """Called before each collective when `checking`: raise unless every rank agrees."""
+
+    def begin_op(self, plan: object, dtypes: tuple, describe: Callable[[], str]) -> str:
+        """An op with this cached plan (and input dtypes) starts; `describe()` names it. When
+        checking, it becomes `current_op` (named by errors) until `end_op`; the dist backend also
+        agrees on each new plan with the other ranks here. Returns what `end_op` restores."""
+        saved = self.current_op
+        if self.checking:
+            self.current_op = describe()
+        return saved
+
+    def agree_call(self, what: str) -> None:
+        """Every rank must be making this call (`what`, e.g. "x.full()") now: the dist backend
+        raises on every rank otherwise (a rank-0-only call), instead of hanging."""
+
+    def end_op(self, saved: str) -> None:
+        """The op begun by `begin_op` ended (or raised): the op named before it is current again."""
+        self.current_op = saved

@@ -5,6 +5,12 @@ default device differ, chosen by whether CUDA is available. Process groups come 
 torch's DeviceMesh (one per mesh axis); device index = global rank (row-major). torch's
 collectives move equal-sized blocks, so uneven blocks are padded to the largest inside the
 collective and cut back after it: the padding is never visible, nor counted by comm_stats.
+
+Ranks that disagree get an error on every rank, never a silent wrong value or a long hang
+(docs/reliability.md): every process group gets `timeout` (default 300 s, TORCHMESH_TIMEOUT);
+the mesh's shape and rules, each new op plan and each new collective are agreed once on a
+side gloo group; with the check on (`TORCHMESH_CHECK=1`), every collective is, with its op,
+the user's call site and its place in the program.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -24,6 +31,10 @@ from torchmesh.errors import (
     MeshError,
 )
 from torchmesh.placement.mesh_shape import MeshShape, axis_groups, block_sizes
+
+#: Seconds a collective waits for the other ranks before raising (`tm.Mesh(..., timeout=)`
+#: or the TORCHMESH_TIMEOUT environment variable override it). gloo's own default is 30 min.
+DEFAULT_TIMEOUT = 300.0
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -64,18 +75,56 @@ def _restart_store() -> dict:
             "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 
 
-def mismatch_message(fingerprints: list) -> str:
+def default_timeout() -> float:
+    """The collective timeout in seconds: TORCHMESH_TIMEOUT if set, else DEFAULT_TIMEOUT."""
+    text = os.environ.get("TORCHMESH_TIMEOUT", "")
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT
+    except ValueError:
+        raise BackendError(f"TORCHMESH_TIMEOUT={text!r} is not a number of seconds. Fix: e.g. "
+                           f"TORCHMESH_TIMEOUT=300.") from None
+    if value <= 0:
+        raise BackendError(f"TORCHMESH_TIMEOUT={text!r} must be positive seconds.")
+    return value
+
+
+_TORCHMESH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_SKIPPED = (_TORCHMESH_DIR, _TORCH_DIR, os.path.dirname(os.__file__) + os.sep + "contextlib.py")
+
+
+def call_site() -> tuple[str, str]:
+    """(the user's call site "file.py:line", the torchmesh entry point it called): the first
+    frame outside torchmesh, torch and contextlib, and the outermost torchmesh frame below it.
+    The file's base name only, so that ranks running one script from different paths agree."""
+    frame, entry = sys._getframe(1), ""
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(_TORCHMESH_DIR):
+            entry = frame.f_code.co_qualname
+        elif not name.startswith(_SKIPPED):
+            return f"{os.path.basename(name)}:{frame.f_lineno}", entry
+        frame = frame.f_back
+    return "?", entry
+
+
+def mismatch_message(fingerprints: list, what: str = "collectives") -> str:
+    """Which ranks were where, one line per distinct fingerprint
+    (kind, axes, shape, dtype, phase, op, site, seq)."""
     groups: dict = {}
     for rank, f in enumerate(fingerprints):
         groups.setdefault(f, []).append(rank)
-    lines = [
-        f"  ranks {ranks}: {kind} over {axes} ({phase}) of a {dtype} shard {list(shape)} in {op or 'an op'}"
-        for (kind, axes, shape, dtype, phase, op), ranks in groups.items()
-    ]
+    lines = []
+    for (kind, axes, shape, dtype, phase, op, site, seq), ranks in groups.items():
+        if kind == "op":
+            lines.append(f"  ranks {ranks}: {op} ({phase}) called at {site}")
+        else:
+            lines.append(f"  ranks {ranks}: {kind} over {axes} ({phase}) of a {dtype} shard {list(shape)} "
+                         f"in {op or 'an op'}, called at {site} (collective #{seq})")
     return (
-        "the ranks reached different collectives; every rank must run the same program (same ops, "
-        "same dims and layouts, in the same order):\n" + "\n".join(lines) + "\nFix: make the program "
-        "identical on every rank (no rank-dependent branches around torchmesh ops)."
+        f"the ranks reached different {what}; every rank must run the same program (same ops, "
+        "same dims, dtypes and layouts, in the same order):\n" + "\n".join(lines) + "\nFix: make the "
+        "program identical on every rank (no rank-dependent branches around torchmesh ops)."
     )
 
 
@@ -89,6 +138,22 @@ def _agree(fingerprints: list, groups: tuple[tuple[int, ...], ...]) -> bool:
     if any(without_shape(f) != first for f in fingerprints):
         return False
     return all(len({fingerprints[r][2] for r in g}) == 1 for g in groups)
+
+
+#: What this process has agreed with the others once (op plans, collective signatures), so
+#: that default mode pays one small side collective per distinct one. Bounded: when full it is
+#: emptied, on every rank at the same point (a correct program adds the same keys in order).
+_SEEN: dict = {}
+_SEEN_LIMIT = 4096
+
+
+def _first_use(key, value=None) -> bool:
+    if key in _SEEN:
+        return False
+    if len(_SEEN) >= _SEEN_LIMIT:
+        _SEEN.clear()
+    _SEEN[key] = value
+    return True
 
 
 # Process groups are made once per process and mesh shape: every Mesh of one shape shares them.
@@ -107,11 +172,63 @@ def _device_mesh(device_type: str, shape: MeshShape):
     return _GROUPS[key]
 
 
+def _set_timeout(group, timeout: float) -> None:
+    """Make `group`'s collectives give up after `timeout` seconds (gloo's default is 30 min;
+    torch's DeviceMesh makes its groups with that default)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(datetime.timedelta(seconds=timeout), group)
+
+
 def _check_group(timeout: float):
-    key = ("check", id(dist.group.WORLD), timeout)
-    if key not in _GROUPS:  # a side group, so a check never waits behind (or blocks) real traffic
+    """The side gloo group of agreements and checks (one per process and default group), so a
+    check never waits behind (or blocks) real traffic."""
+    key = ("check", id(dist.group.WORLD))
+    _TIMEOUT[0] = timeout
+    if key not in _GROUPS:
         _GROUPS[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+    else:
+        _set_timeout(_GROUPS[key], timeout)
     return _GROUPS[key]
+
+
+_TIMEOUT: list = [None]  # the latest mesh's timeout (what agree_call waits by default)
+_SEQ = [0]  # agreements made by this process on the side group (the same on every rank)
+
+
+def _gather(payload: tuple, timeout: float, waiting: str) -> list:
+    """Every rank's `payload` (on the side group); a rank missing for `timeout` seconds, or
+    gone, raises CollectiveTimeout naming what this rank was waiting at."""
+    everyone: list = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(everyone, payload, group=_GROUPS[("check", id(dist.group.WORLD))])
+    except RuntimeError as e:
+        raise CollectiveTimeout(
+            f"rank {dist.get_rank()} waited more than {timeout:.0f}s at {waiting} for the other ranks, "
+            f"or one of them left: one of them runs a different program, crashed, or is stuck. "
+            f"Fix: run the same program on every rank; the timeout is tm.Mesh(..., timeout=seconds) or "
+            f"TORCHMESH_TIMEOUT. ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+    return everyone
+
+
+def agree_call(what: str, timeout: float | None = None) -> None:
+    """Every rank must be at the same torchmesh call (`what`, e.g. "tm.save('ckpt')", and the
+    user's line): raise CollectiveMismatch on every rank if not, CollectiveTimeout on the ranks
+    that waited `timeout` seconds for ranks that never came (a rank-0-only call). Nothing when
+    no process group runs.
+
+    >>> agree_call("tm.save('ckpt')")   # one process: nothing to agree
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    timeout = timeout or _TIMEOUT[0] or default_timeout()
+    _check_group(timeout)
+    site, _ = call_site()
+    _SEQ[0] += 1
+    everyone = _gather(("op", (), (), "", "a call every rank makes", what, site, 0), timeout, what)
+    if any(f != everyone[0] for f in everyone):
+        raise CollectiveMismatch(mismatch_message(everyone, "calls"))
 
 
 def _shutdown() -> None:
@@ -120,14 +237,28 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _communicates(plan) -> bool:
+    """Whether an op plan (tensor/contraction.OpPlan) has a collective, forward or backward."""
+    return bool(any(plan.in_steps) or any(plan.in_bcast) or any(plan.in_gather_rs)
+                or any(step[0] != "split" for step in plan.finish))
+
+
+_AGREED = "\0agreed"  # current_op while an agreed op runs (default mode): its collectives are covered
+
+
 class DistImpl(MeshImpl):
     """This process is one device of the mesh; Data holds its one local shard."""
 
     name = "dist"
 
-    def __init__(self, shape: MeshShape, timeout: float | None = None, check: bool | None = None) -> None:
+    def __init__(self, shape: MeshShape, timeout: float | None = None, check: bool | None = None,
+                 rules: str = "") -> None:
         super().__init__(shape)
-        init_default_group(timeout)
+        self.timeout = default_timeout() if timeout is None else float(timeout)
+        if self.timeout <= 0:
+            raise BackendError(f"tm.Mesh(..., timeout={timeout!r}): the collective timeout must be positive "
+                               f"seconds. Fix: e.g. timeout=300.")
+        init_default_group(self.timeout)
         world = dist.get_world_size()
         if world != shape.size:
             raise MeshError(
@@ -135,40 +266,114 @@ class DistImpl(MeshImpl):
                 f"{shape.size} processes (torchrun --nproc-per-node {shape.size}) or use a mesh whose axis "
                 f"sizes multiply to {world}."
             )
+        self.rank = dist.get_rank()
+        _check_group(self.timeout)
+        self._agree_mesh(shape, rules)  # before any group of this shape is made
         cuda = dist.get_backend() == "nccl"
         self.default_device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.device_mesh = _device_mesh("cuda" if cuda else "cpu", shape)
         self._groups = {n: self.device_mesh.get_group(n) for n in shape.names}
-        self.rank = dist.get_rank()
+        for group in {*self._groups.values(), dist.group.WORLD}:
+            _set_timeout(group, self.timeout)
         self.prints = self.rank == 0
         self._coords = (shape.coords(self.rank),)
         if check is None:
             check = os.environ.get("TORCHMESH_CHECK", "0") not in ("", "0")
         self.checking = bool(check)
-        self.timeout = 60.0 if timeout is None else float(timeout)
-        if self.checking:  # a side group, so a check never waits behind (or blocks) real traffic
-            self._check_group = _check_group(self.timeout)
+
+    def _agree_mesh(self, shape: MeshShape, rules: str) -> None:
+        """Every rank must build the same mesh with the same layout rules (one small collective)."""
+        site, _ = call_site()
+        _SEQ[0] += 1
+        mine = ("op", (), (), "", "creating the mesh", f"tm.Mesh({str(shape)!r}, layout={rules!r})", site, 0)
+        everyone = _gather(mine, self.timeout, f"tm.Mesh({str(shape)!r}, layout={rules!r})")
+        if any(f[5] != everyone[0][5] for f in everyone):
+            by: dict = {}
+            for rank, f in enumerate(everyone):
+                by.setdefault(f[5], []).append(rank)
+            lines = "\n".join(f"  ranks {ranks}: {what}" for what, ranks in by.items())
+            raise MeshError(
+                f"the ranks built different meshes or layout rules:\n{lines}\nFix: build the tm.Mesh "
+                f"with the same axes and rules on every rank (rules must not depend on the rank)."
+            )
+
+    # ---- agreement: check mode (every collective) and first use (default mode) ---------------
+    def begin_op(self, plan: object, dtypes: tuple, describe) -> str:
+        """An op with this (cached) plan starts: name it (check mode), or agree on it with the
+        other ranks the first time this process uses it with these dtypes (default mode), so
+        that its collectives need no agreement of their own. Returns what `end_op` restores."""
+        saved = self.current_op
+        if self.checking:
+            self.current_op = describe()
+            return saved
+        if not _communicates(plan):
+            return saved
+        key = (id(plan), dtypes)
+        if _first_use(key, plan):  # the plan is kept, so its id is not reused while it is a key
+            try:
+                what = f"{describe()} of {', '.join(str(d).removeprefix('torch.') for d in dtypes)}"
+                site, _ = call_site()
+                _SEQ[0] += 1
+                everyone = _gather(("op", (), (), "", "first use", what, site, 0), self.timeout, what)
+                if any(f != everyone[0] for f in everyone):
+                    raise CollectiveMismatch(mismatch_message(everyone, "ops"))
+            except BaseException:
+                _SEEN.pop(key, None)
+                raise
+        self.current_op = _AGREED
+        return saved
+
+    def end_op(self, saved: str) -> None:
+        self.current_op = saved
+
+    def agree_call(self, what: str) -> None:
+        if not self.checking:  # checking, the collectives of the call are verified anyway
+            agree_call(what, self.timeout)
+
+    def _guard(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor,
+               whole: tuple[int, int] | None = None) -> None:
+        """Default mode, a collective outside an agreed op (relayout, full, backward): the first
+        time this process makes one like it (kind, axes, dtype, gathered size, call site), agree
+        on it (shapes compared within each group, as uneven blocks differ between groups)."""
+        if self.checking or self.current_op:
+            return
+        site, entry = call_site()
+        key = (kind, axes, tensor.dtype, whole, site, entry)
+        if _first_use(key):
+            try:
+                self._verify(kind, axes, tensor, "first use", whole, site, entry)
+            except BaseException:
+                _SEEN.pop(key, None)
+                raise
 
     def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str,
                whole: tuple[int, int] | None = None) -> None:
-        """Every rank must be at the same collective: same kind, axes, dtype and op, and the
-        same shape within each group (blocks of an uneven split differ in size between groups,
-        and within a group along a gathered dim: there the gathered size is compared)."""
+        """Every rank must be at the same collective: same kind, axes, dtype, op, call site and
+        place in the program, and the same shape within each group (blocks of an uneven split
+        differ in size between groups, and within a group along a gathered dim: there the
+        gathered size is compared)."""
+        site, entry = call_site()
+        self._verify(kind, axes, tensor, phase, whole, site, entry)
+
+    def _verify(self, kind, axes, tensor, phase, whole, site, entry) -> None:
         shape = list(tensor.shape)
         if whole is not None:
             shape[whole[0]] = whole[1]
-        mine = (kind, axes, tuple(shape), str(tensor.dtype), phase, self.current_op)
-        everyone: list = [None] * dist.get_world_size()
-        try:
-            dist.all_gather_object(everyone, mine, group=self._check_group)
-        except RuntimeError as e:
-            raise CollectiveTimeout(
-                f"rank {self.rank} waited more than {self.timeout:.0f}s at {kind} over {axes} ({phase} of "
-                f"{self.current_op or 'an op'}) for the other ranks: one of them runs a different program, "
-                f"crashed, or is stuck. ({e})"
-            ) from None
+        _SEQ[0] += 1
+        op = self.current_op if self.current_op and self.current_op != _AGREED else entry
+        mine = (kind, axes, tuple(shape), str(tensor.dtype), phase, op, site, _SEQ[0])
+        everyone = _gather(mine, self.timeout, f"{kind} over {axes} ({phase} of {op or 'an op'}, called at {site})")
         if not _agree(everyone, axis_groups(self.shape, axes)):
             raise CollectiveMismatch(mismatch_message(everyone))
+
+    def _failed(self, kind: str, axes: tuple[str, ...], error: RuntimeError) -> CollectiveTimeout:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return CollectiveTimeout(
+            f"rank {self.rank}: {kind} over {axes} did not complete within {self.timeout:.0f}s, or a rank "
+            f"left ({first}). One of the ranks runs a different program, crashed, or is stuck. Fix: run "
+            f"the same program on every rank; TORCHMESH_CHECK=1 names the first collective where the ranks "
+            f"differ; the timeout is tm.Mesh(..., timeout=seconds) or TORCHMESH_TIMEOUT."
+        )
 
     @property
     def local_coords(self) -> tuple[tuple[int, ...], ...]:
@@ -176,9 +381,13 @@ class DistImpl(MeshImpl):
 
     def all_reduce(self, ts: Data, axes: tuple[str, ...], op: str) -> Data:
         t = ts[0]
+        self._guard("all_reduce", axes, t)
         out = t.to(torch.uint8) if t.dtype == torch.bool else t.clone(memory_format=torch.contiguous_format)
-        for axis in axes:  # a sum over several axes is a sum over each in turn
-            dist.all_reduce(out, _OPS[op], group=self._groups[axis])
+        try:
+            for axis in axes:  # a sum over several axes is a sum over each in turn
+                dist.all_reduce(out, _OPS[op], group=self._groups[axis])
+        except RuntimeError as e:
+            raise self._failed("all_reduce", axes, e) from None
         return (out.to(torch.bool) if t.dtype == torch.bool else out,)
 
     def _member(self, axis: str) -> int:
@@ -186,6 +395,13 @@ class DistImpl(MeshImpl):
         return self.coord(self._coords[0], axis)
 
     def all_gather(self, ts: Data, axis: str, dim: int, sizes: Sizes = None) -> Data:
+        self._guard("all_gather", (axis,), ts[0], None if sizes is None else (dim, sizes[0]))
+        try:
+            return self._all_gather(ts, axis, dim, sizes)
+        except RuntimeError as e:
+            raise self._failed("all_gather", (axis,), e) from None
+
+    def _all_gather(self, ts: Data, axis: str, dim: int, sizes: Sizes = None) -> Data:
         k = self.axis_size(axis)
         x = ts[0].movedim(dim, 0).contiguous()
         whole = sizes[0] if sizes else k * x.shape[0]
@@ -203,6 +419,13 @@ class DistImpl(MeshImpl):
         return (out.movedim(0, dim),)
 
     def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
+        self._guard("reduce_scatter", (axis,), ts[0])
+        try:
+            return self._reduce_scatter(ts, axis, dim)
+        except RuntimeError as e:
+            raise self._failed("reduce_scatter", (axis,), e) from None
+
+    def _reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
         k = self.axis_size(axis)
         x = ts[0].movedim(dim, 0).contiguous()
         blocks = block_sizes(x.shape[0], k)
@@ -216,6 +439,13 @@ class DistImpl(MeshImpl):
         return (out[: blocks[self._member(axis)]].movedim(0, dim),)
 
     def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int, sizes: Sizes = None) -> Data:
+        self._guard("all_to_all", (axis,), ts[0], None if sizes is None else (gather_dim, sizes[0]))
+        try:
+            return self._all_to_all(ts, axis, gather_dim, split_dim, sizes)
+        except RuntimeError as e:
+            raise self._failed("all_to_all", (axis,), e) from None
+
+    def _all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int, sizes: Sizes = None) -> Data:
         t, k = ts[0], self.axis_size(axis)
         whole = sizes[0] if sizes else k * t.shape[gather_dim]
         if t.shape[split_dim] % k == 0 and whole == k * t.shape[gather_dim]:
@@ -248,6 +478,13 @@ class DistImpl(MeshImpl):
         return y.reshape(shape)
 
     def shift(self, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
+        self._guard("shift", axes, ts[0])
+        try:
+            return self._shift(ts, axes, offset, wrap)
+        except RuntimeError as e:
+            raise self._failed("shift", axes, e) from None
+
+    def _shift(self, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
         t = ts[0].contiguous()
         group = next(g for g in axis_groups(self.shape, axes) if self.rank in g)
         k, r = len(group), group.index(self.rank)

@@ -192,7 +192,10 @@ def to_global(x: MeshTensor) -> torch.Tensor:
     replicated = TensorLayout(x._layout.dims, tuple(() for _ in x._layout.dims))
     from torchmesh.tensor.contraction import run_steps
 
-    data = run_steps(x._mesh.impl, x._data, x._layout, plan_relayout(x._layout, replicated))
+    steps = plan_relayout(x._layout, replicated)
+    if steps:  # a collective: every rank must call it (a rank-0-only full() raises everywhere)
+        x._mesh.impl.agree_call("x.full()")
+    data = run_steps(x._mesh.impl, x._data, x._layout, steps)
     return x._mesh.impl.global_value(data)
 
 

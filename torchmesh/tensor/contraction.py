@@ -47,7 +47,7 @@ class OpPlan:
     in_gather_rs: tuple[tuple[str, ...], ...] = ()
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=1024)
 def plan_op(
     inputs: tuple[TensorLayout, ...],
     out_names: tuple[str, ...],
@@ -175,8 +175,17 @@ def run_op(
         if x._mesh is not mesh:
             raise DimError(f"{what}: inputs live on different meshes ({mesh} and {x._mesh}).")
     plan = plan_op(tuple(x._layout for x in xs), out_names, mesh.rules, mesh.shape, reduce_op, what)
-    if mesh.impl.checking:
-        mesh.impl.current_op = f"{what} {' , '.join(str(x._layout) for x in xs)} -> {plan.out}"
+    saved = mesh.impl.begin_op(plan, tuple(x._data[0].dtype for x in xs) if xs[0]._data else (),
+                               lambda: f"{what} {' , '.join(str(x._layout) for x in xs)} -> {plan.out}")
+    try:
+        return _run_planned(plan, xs, local_fn, reduce_op, at)
+    finally:
+        mesh.impl.end_op(saved)
+
+
+def _run_planned(plan: OpPlan, xs: Sequence[MeshTensor], local_fn: Callable[..., object],
+                 reduce_op: str, at: bool) -> MeshTensor:
+    mesh = xs[0]._mesh
     datas = prepare_inputs(plan, xs)
     fn, run = local_fn(plan), (mesh.impl.slicewise_at if at else mesh.impl.slicewise)
     sources = []
