@@ -35,6 +35,9 @@ from torchmesh.placement.mesh_shape import MeshShape, axis_groups, block_sizes
 #: Seconds a collective waits for the other ranks before raising (`tm.Mesh(..., timeout=)`
 #: or the TORCHMESH_TIMEOUT environment variable override it). gloo's own default is 30 min.
 DEFAULT_TIMEOUT = 300.0
+#: Seconds that making a process group (rendezvous through the store) may take, at least:
+#: short collective timeouts must not fail a slow start.
+_SETUP_TIMEOUT = 120.0
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -186,9 +189,9 @@ def _check_group(timeout: float):
     key = ("check", id(dist.group.WORLD))
     _TIMEOUT[0] = timeout
     if key not in _GROUPS:
-        _GROUPS[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-    else:
-        _set_timeout(_GROUPS[key], timeout)
+        _GROUPS[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+            seconds=max(timeout, _SETUP_TIMEOUT)))  # its creation waits for every rank's store entry
+    _set_timeout(_GROUPS[key], timeout)
     return _GROUPS[key]
 
 
@@ -258,7 +261,7 @@ class DistImpl(MeshImpl):
         if self.timeout <= 0:
             raise BackendError(f"tm.Mesh(..., timeout={timeout!r}): the collective timeout must be positive "
                                f"seconds. Fix: e.g. timeout=300.")
-        init_default_group(self.timeout)
+        init_default_group(max(self.timeout, _SETUP_TIMEOUT))  # rendezvous; collectives: below
         world = dist.get_world_size()
         if world != shape.size:
             raise MeshError(
