@@ -72,7 +72,13 @@ class MeshTensor:
         return len(self._layout.dims)
 
     def size(self, dim: str) -> int:
-        """Global size of a dim."""
+        """Global size of a dim (by name: `x.size("ff")`)."""
+        if isinstance(dim, int) and not isinstance(dim, bool):
+            raise TypeError(
+                f"x.size({dim}): dims are named, not numbered; this tensor's dims are {self.dims}. "
+                f"Fix: name the dim, x.size({self.dims[dim] if -self.ndim <= dim < self.ndim else 'ff'!r}), "
+                f"or read them all from x.sizes."
+            )
         if dim not in self.sizes:
             raise DimError(f"{dim!r} is not a dim of this tensor; its dims are {self.dims}.")
         return self.sizes[dim]
