@@ -406,3 +406,11 @@ def test_uneven_sizes_smaller_than_the_blocks():
     assert [tuple(s.shape) for s in x.shards] == [(1,), (1,), (1,), (0,)]
     stats = measure(lambda: x.full())
     assert [(r.kind, r.bytes) for r in stats.records] == [("all_gather", 3 * 3 * 4 // 4)]
+
+
+def test_rearrange_passes_an_uneven_dim_through_locally():
+    """batch:5 over dp stays split through a reshape of the other dims: nothing moves."""
+    mesh = make_mesh("dp:2;tp:2", "batch:dp;heads:tp")
+    x = tm.randn("batch:5 ff:12", mesh, seed=0)
+    stats = measure(lambda: tm.rearrange(x, "batch (heads dh) -> batch heads dh", heads=4))
+    assert stats.records == []

@@ -610,6 +610,10 @@ UNEVEN_RA_CASES = {
     "merge_heads_3": ("batch:5 heads:3 dh:4", "batch heads dh -> batch (heads dh):ff", {}, "ff:tp;heads:tp",
                       lambda x: x.reshape(5, 12), "batch ff"),
     "transpose": ("batch:5 ff:7", "batch ff -> ff batch", {}, "batch:dp;ff:tp", lambda x: x.T, "ff batch"),
+    "split_uneven_batch": ("batch:5 ff:12", "batch (heads dh) -> batch heads dh", {"heads": 4}, "batch:dp;heads:tp",
+                           lambda x: x.reshape(5, 4, 3), "batch heads dh"),
+    "merge_uneven_batch": ("batch:5 heads:4 dh:3", "batch heads dh -> batch (heads dh):ff", {}, "batch:dp;ff:tp;heads:tp",
+                           lambda x: x.reshape(5, 12), "batch ff"),
 }
 
 

@@ -12,6 +12,7 @@ first and the result sliced to the rules' layout (a documented relayout).
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +20,7 @@ from functools import lru_cache
 from einops import EinopsError
 from einops.parsing import ParsedExpression
 
+from torchmesh.errors import ArgumentTypeError
 from torchmesh.errors import DimError, ParseError
 from torchmesh.placement.layout import TensorLayout, check, parts
 from torchmesh.placement.mesh_shape import MeshShape
@@ -34,7 +36,7 @@ _GROUP_NAME = re.compile(r"\)\s*:\s*([A-Za-z_][A-Za-z0-9_]*)")
 class RearrangePlan:
     source: TensorLayout  # input layout for the local computation
     split_sizes: tuple[tuple[int, ...], ...]  # per input dim: full sizes of its parts
-    first_parts: tuple[int, ...]  # per input dim: blocks its first part is cut into
+    merged: tuple[int, ...]  # per output dim: how many parts it merges
     perm: tuple[int, ...]
     computed: TensorLayout  # output dims, as computed locally
 
@@ -113,6 +115,13 @@ def plan_rearrange(
             prod *= elem[p]
         if prod != total:
             raise DimError(f"rearrange {pattern!r}: {g} multiply to {prod}, but {dim!r} has size {total}.")
+    for name, size in given.items():  # a size keyword that is ignored would hide a mistake
+        if name not in elem:
+            raise DimError(f"rearrange {pattern!r}: the size keyword {name}={size} names no part of the "
+                           f"left side {sorted(elem)}. Fix: drop it, or name a part the pattern splits.")
+        if elem[name] != size:
+            raise DimError(f"rearrange {pattern!r}: the size keyword {name}={size} disagrees with the tensor, "
+                           f"where {name!r} has size {elem[name]}. Fix: {name}={elem[name]}, or leave it out.")
     flat_right = [p for g in right for p in g]
     if sorted(flat_right) != sorted(elem):
         raise DimError(f"rearrange {pattern!r}: the right side must use each of {sorted(elem)} exactly once.")
@@ -120,10 +129,13 @@ def plan_rearrange(
     out_names = [n if n else (g[0] if len(g) == 1 else "_".join(g)) for g, n in zip(right, right_names)]
     out_dims = tuple(Dim(n, _prod(elem[p] for p in g)) for n, g in zip(out_names, right))
     firsts_left = {g[0] for g in left}
+    # A dim passed through whole (alone in its groups on both sides) keeps its split, even or
+    # not; a split merged dim lines up with its first part's blocks only when they divide.
+    passed = {g[0] for g in left if len(g) == 1} & {g[0] for g in right if len(g) == 1}
     comp: dict[str, tuple[str, ...]] = {p: () for p in elem}
     for name, g in zip(out_names, right):
         axes = rules.axes_of(name)
-        if g[0] in firsts_left and elem[g[0]] % parts(mesh, axes) == 0:
+        if g[0] in firsts_left and (g[0] in passed or elem[g[0]] % parts(mesh, axes) == 0):
             comp[g[0]] = axes
     source = TensorLayout(layout.dims, tuple(comp[g[0]] for g in left))
     check(source, mesh, str(rules))
@@ -133,7 +145,7 @@ def plan_rearrange(
     return RearrangePlan(
         source,
         tuple(tuple(elem[p] for p in g) for g in left),
-        tuple(parts(slicer, comp[g[0]]) for g in left),
+        tuple(len(g) for g in right),
         perm,
         computed,
     )
@@ -155,19 +167,34 @@ def rearrange(x: MeshTensor, pattern: str, **sizes: int) -> MeshTensor:
     >>> tm.rearrange(h, "batch (heads dh) -> batch heads dh", heads=4).sizes
     {'batch': 3, 'heads': 4, 'dh': 2}
     """
+    if not isinstance(pattern, str):
+        raise ArgumentTypeError(f"rearrange(x, pattern): the pattern is a str such as 'a (b c) -> a b c'; "
+                        f"got a {type(pattern).__name__}.")
+    for name, size in sizes.items():
+        try:
+            sizes[name] = operator.index(size) if not isinstance(size, bool) else -1
+        except TypeError:
+            sizes[name] = -1
+        if sizes[name] < 0:
+            raise DimError(f"rearrange {pattern!r}: the size keyword {name}={size!r} is not a size; "
+                           f"sizes are ints >= 0 (e.g. {name}=4).")
     mesh = x.mesh
     plan = plan_rearrange(pattern, x.tensor_layout, tuple(sorted(sizes.items())), mesh.rules, mesh.shape,
                           mesh.impl.slice_mesh)
     src = to_layout(x, plan.source)
     out_dims = plan.computed.dims
-    out_local = [d.size // parts(mesh.impl.slice_mesh, ax) for d, ax in zip(out_dims, plan.computed.axes)]
 
-    def local(t):
+    def local(t):  # sizes from the block itself: a first part may be split unevenly
         shape = []
-        for full_sizes, blocks in zip(plan.split_sizes, plan.first_parts):
-            shape.extend((full_sizes[0] // blocks, *full_sizes[1:]))
+        for i, full_sizes in enumerate(plan.split_sizes):
+            rest = _prod(full_sizes[1:])
+            shape.extend((t.shape[i] // rest if rest else 0, *full_sizes[1:]))
         t = t.reshape(shape).permute(plan.perm)
-        return t.reshape(out_local)
+        out, k = [], 0
+        for n in plan.merged:
+            out.append(_prod(t.shape[k : k + n]))
+            k += n
+        return t.reshape(out)
 
     out = MeshTensor(mesh.impl.slicewise(local, src._data), plan.computed, mesh)
     return to_layout(out, mesh.layout_of(out_dims))
