@@ -5,11 +5,13 @@ one mesh, layout and number of processes loads on any other: DCP reads, on each 
 exactly the blocks that process needs. On dist the ranks write their blocks in parallel;
 on sim (one process) DCP runs without a process group.
 
-Saves are atomic. Every rank writes into `<path>.partial`; when all are done, rank 0 writes
-the completion marker (each file's size and CRC-32, see `integrity.py`) and renames the
-directory to `<path>`. A save interrupted midway (a rank killed) leaves at most a
-`.partial` directory without a marker, which `load` refuses and `latest_checkpoint` skips:
-the previous checkpoint stays complete. Loading checks the files against the marker first,
+Saves are atomic. Every rank writes into a staging directory of this save's own,
+`<path>.partial/<host>-<pid>-<token>`; when all are done, rank 0 writes the completion marker
+(each file's size and CRC-32, see `integrity.py`) and renames the directory to `<path>`. A save
+interrupted midway (a rank killed) leaves at most a `.partial` directory without a marker,
+which `load` refuses and `latest_checkpoint` skips: the previous checkpoint stays complete.
+Two saves to one path at once (two jobs, or two processes) never mix their files: each
+writes its own staging directory, and the one that finishes last replaces the other's whole. Loading checks the files against the marker first,
 so a missing or truncated file is an error naming it, never wrong values. On several
 machines, `path` must be on a filesystem every rank can see.
 
@@ -21,9 +23,12 @@ file (`values.py`). A checkpoint of the older, pickling format is refused (`lega
 
 from __future__ import annotations
 
+import errno
 import operator
 import os
 import shutil
+import socket
+import uuid
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -53,13 +58,19 @@ from torchmesh.checkpoint.state import (
     optimizer_slots,
     state_layout,
 )
+from torchmesh.comm.dist import agree_call
 from torchmesh.errors import CheckpointError
-from torchmesh.placement.layout import local_shape
+from torchmesh.placement.layout import TensorLayout, local_shape
 
 if TYPE_CHECKING:
     from torchmesh.mesh import Mesh
 
 RNG_KEY = "rng"
+#: {checkpoint key: its dim names, in the order saved}, for every tensor with named dims, so
+#: that a load matches dims by name (transposing) and refuses other names.
+DIMS_KEY = "dims"
+#: The optimizer's class, `module.qualname`: another optimizer's state is refused at load.
+OPTIMIZER_KEY = "optimizer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +132,7 @@ def save(
 
     final = Path(path)
     procs = _Processes(model_mesh(model))
+    agree_call("tm.save(...)")  # every rank, or an error on every rank (not a hang)
     state, objects = _save_state(model, optimizer)
     objects[STEP_KEY] = _step(step)
     objects[RNG_KEY] = rng_state()
@@ -132,9 +144,11 @@ def save(
         objects[f"extra/{key}"] = value
     text = values.to_json(objects)
 
-    partial = final.with_name(final.name + ".partial")
+    staging_root = final.with_name(final.name + ".partial")
+    token = procs.gather(_staging_name() if procs.rank == 0 else None)[0]  # also the barrier
+    partial = staging_root / token
     if procs.rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
+        _remove_stale(staging_root)
         partial.mkdir(parents=True)
     procs.barrier()
     with _quiet():
@@ -148,7 +162,7 @@ def save(
         info = {"step": objects[STEP_KEY], "mesh": None if mesh is None else str(mesh.shape), "processes": procs.world,
                 "optimizer": optimizer is not None}
         integrity.write_marker(partial, files, info)
-        _replace(partial, final)
+        _publish(partial, final)
     procs.barrier()
     return final
 
@@ -181,6 +195,7 @@ def load(
 
     directory = Path(path)
     procs = _Processes(model_mesh(model))
+    agree_call("tm.load(...)")  # every rank, or an error on every rank (not a hang)
     marker = integrity.read_marker(directory)
     check_format(marker, directory)
     if optimizer is not None and marker.get("optimizer") is False:
@@ -197,19 +212,22 @@ def load(
     metadata = reader.read_metadata()
     objects = values.read(directory)
     _check_values(objects, directory)
+    if optimizer is not None:
+        _check_optimizer(optimizer, objects, directory)
     stored = metadata.state_dict_metadata
+    dims = objects.get(DIMS_KEY) or {}
 
     state: dict[str, Any] = {}
-    model_targets = _model_targets(model, stored, state) if model is not None else []
-    optim_targets = _optimizer_targets(model, optimizer, stored, state) if optimizer is not None else []
+    model_targets = _model_targets(model, stored, state, dims) if model is not None else []
+    optim_targets = _optimizer_targets(model, optimizer, stored, state, dims) if optimizer is not None else []
     check_tensors(metadata, state, directory)
     if state:
         _dcp_load(dcp, state, reader, procs, directory)
 
     with torch.no_grad():
-        for key, slot in model_targets:
-            for target, block in zip(slot.tensors, local_blocks(state[key], slot.layout, slot.mesh)):
-                target.copy_(block)
+        for key, slot, saved in model_targets:
+            for target, block in zip(slot.tensors, local_blocks(state[key], saved, slot.mesh)):
+                target.copy_(_to_order(block, saved, slot.layout))
     if optimizer is not None:
         _restore_optimizer(model, optimizer, optim_targets, state, objects)
     if rng and objects.get(RNG_KEY) is not None:
@@ -269,8 +287,10 @@ def _save_state(model, optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
         slots += optim_slots
         objects.update(optim_objects)
         objects[GROUPS_KEY] = group_hyperparameters(optimizer)
+        objects[OPTIMIZER_KEY] = _type_name(optimizer)
     for slot in slots:
         state[slot.key] = global_value(slot)
+    objects[DIMS_KEY] = {slot.key: list(slot.layout.names) for slot in slots if slot.layout is not None}
     return state, objects
 
 
@@ -285,16 +305,63 @@ def _step(step: Any) -> int | None:
         raise CheckpointError(f"tm.save(step={step!r}): the step is an int (or None).") from None
 
 
-def _replace(partial: Path, final: Path) -> None:
-    """Move the finished directory into place; an older checkpoint under the same name goes."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(partial, final)
+def _type_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _staging_name() -> str:
+    """A save's own staging directory name: who writes it (so that a killed save's leftovers
+    can be told from a running one's) and a random token."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _remove_stale(root: Path) -> None:
+    """Remove the staging directories under `root` of saves killed on this machine (their
+    process is gone); those of running saves, or of other machines, stay."""
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        parts = child.name.removesuffix(".old").rsplit("-", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        if parts[0] == socket.gethostname() and not _alive(int(parts[1])):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Move the finished staging directory to `final` (a rename, atomic); a checkpoint already
+    there (an older one, or one a concurrent save to the same path just finished) is moved
+    aside and removed whole first, so `final` is always one save's files, never a mix."""
+    for _ in range(16):
+        try:
+            os.rename(partial, final)
+            break
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        old = partial.with_name(partial.name + ".old")
+        try:
+            os.rename(final, old)
+        except FileNotFoundError:  # another save moved it in between: try again
+            continue
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(partial, final)
+        raise CheckpointError(f"tm.save({str(final)!r}): other saves to the same path kept replacing it; this "
+                              f"save is left in {partial}. Fix: save each checkpoint under a name of its own.")
+    try:
+        partial.parent.rmdir()  # the .partial directory, once no other save to this path uses it
+    except OSError:
+        pass
 
 
 # ---- load helpers ----------------------------------------------------------------------------
@@ -329,6 +396,7 @@ def _cause(exc: BaseException) -> str:
 def _check_values(objects: dict[str, Any], directory: Path) -> None:
     """The small values are what `save` writes, checked before anything is changed."""
     step, groups, rng = objects.get(STEP_KEY), objects.get(GROUPS_KEY), objects.get(RNG_KEY)
+    dims, kind = objects.get(DIMS_KEY), objects.get(OPTIMIZER_KEY)
     problem = None
     if not (step is None or isinstance(step, int)) or isinstance(step, bool):
         problem = f"its step {step!r} is not an int"
@@ -336,8 +404,59 @@ def _check_values(objects: dict[str, Any], directory: Path) -> None:
         problem = f"its optimizer hyperparameters {str(groups)[:80]} are not a list of dicts"
     elif rng is not None and not is_rng_state(rng):
         problem = f"its random state {str(rng)[:80]} is not one rng_state() returns"
+    elif dims is not None and not (isinstance(dims, dict) and all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in dims.values())):
+        problem = f"its dim names {str(dims)[:80]} are not a dict of lists of names"
+    elif kind is not None and not isinstance(kind, str):
+        problem = f"its optimizer type {kind!r} is not a name"
     if problem:
         raise CheckpointError(f"checkpoint {directory}: {problem}; nothing was loaded.")
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, objects: dict[str, Any], directory: Path) -> None:
+    """The checkpoint's optimizer is of this one's type, with the same hyperparameter names in
+    each group; checked before anything is loaded (its state would not mean the same)."""
+    saved, mine = objects.get(OPTIMIZER_KEY), _type_name(optimizer)
+    if saved is not None and saved != mine:
+        raise CheckpointError(
+            f"checkpoint {directory} holds the state of a {saved} optimizer; this one is a {mine}, whose state "
+            f"and hyperparameters mean something else, so nothing was loaded. Fix: build a {saved} as when "
+            f"saving, or load only the model (tm.load(path, model=model)) and keep this optimizer fresh."
+        )
+    groups = objects.get(GROUPS_KEY) or []
+    for i, (group, old) in enumerate(zip(optimizer.param_groups, groups)):
+        have, had = sorted(k for k in group if k != "params"), sorted(old)
+        if have != had:
+            raise CheckpointError(
+                f"checkpoint {directory}: parameter group {i} of its {saved or 'optimizer'} has the "
+                f"hyperparameters {had}; this {mine}'s has {have}, so nothing was loaded. Fix: build the "
+                f"optimizer with the same hyperparameters as when saving, or load only the model."
+            )
+
+
+def _saved_layout(key: str, layout: TensorLayout, saved: list[str] | None) -> TensorLayout | str:
+    """`layout` with its dims in the order the checkpoint holds `key` in (transposed on load);
+    a description of the difference when the checkpoint's dims have other names."""
+    if saved is None or tuple(saved) == layout.names:
+        return layout
+    if sorted(saved) != sorted(layout.names):
+        return f"{key}: checkpoint dims {tuple(saved)}, model dims {layout.names}"
+    return TensorLayout(tuple(layout.dims[layout.names.index(n)] for n in saved),
+                        tuple(layout.axes_of(n) for n in saved))
+
+
+def _to_order(block: torch.Tensor, saved: TensorLayout | None, layout: TensorLayout | None) -> torch.Tensor:
+    """A block read in the saved dim order, in `layout`'s order (the same by name)."""
+    if saved is None or layout is None or saved.names == layout.names:
+        return block
+    return block.permute([saved.names.index(n) for n in layout.names])
+
+
+def _in_order(like: torch.Tensor, layout: TensorLayout | None, saved: TensorLayout | None) -> torch.Tensor:
+    """A view of one of our blocks (`layout`'s order) in the saved order: its shape is the block's there."""
+    if saved is None or layout is None or saved.names == layout.names:
+        return like
+    return like.permute([layout.names.index(n) for n in saved.names])
 
 
 def _check_files(directory: Path, files: dict, procs: _Processes, verify: bool) -> None:
@@ -353,27 +472,35 @@ def _stored_shape(stored: dict, key: str) -> tuple[int, ...] | None:
     return None if meta is None or not hasattr(meta, "size") else tuple(meta.size)
 
 
-def _model_targets(model, stored: dict, state: dict) -> list:
+def _model_targets(model, stored: dict, state: dict, dims: dict) -> list:
+    """(key, slot, the slot's layout in the saved dim order) for every model tensor."""
     slots = model_slots(model)
-    missing, wrong = [], []
+    missing, wrong, renamed, saved_layouts = [], [], [], {}
     for slot in slots:
-        want = _global_shape(slot.layout, slot.tensors[0])
+        saved = slot.layout if slot.layout is None else _saved_layout(slot.key, slot.layout, dims.get(slot.key))
+        if isinstance(saved, str):
+            renamed.append(saved)
+            continue
+        saved_layouts[slot.key] = saved
+        want = _global_shape(saved, slot.tensors[0])
         have = _stored_shape(stored, slot.key)
         if have is None:
             missing.append(slot.key)
         elif have != want:
             wrong.append(f"{slot.key}: checkpoint {list(have)}, model {list(want)}")
     unexpected = sorted(set(k for k in stored if k.startswith("model/")) - {s.key for s in slots})
-    if missing or wrong or unexpected:
-        raise CheckpointError(_mismatch_message(missing, wrong, unexpected))
+    if missing or wrong or unexpected or renamed:
+        raise CheckpointError(_mismatch_message(missing, wrong, unexpected, renamed))
     for slot in slots:
         dtype = stored[slot.key].properties.dtype
-        state[slot.key] = empty_global(slot.layout, slot.mesh, slot.tensors[0], dtype)
-    return [(slot.key, slot) for slot in slots]
+        saved = saved_layouts[slot.key]
+        state[slot.key] = empty_global(saved, slot.mesh, _in_order(slot.tensors[0], slot.layout, saved), dtype)
+    return [(slot.key, slot, saved_layouts[slot.key]) for slot in slots]
 
 
-def _optimizer_targets(model, optimizer, stored: dict, state: dict) -> list:
-    """(key, ParamRef, stat, layout) for every stored state tensor of the optimizer's params."""
+def _optimizer_targets(model, optimizer, stored: dict, state: dict, dims: dict) -> list:
+    """(key, ParamRef, stat, layout, the layout in the saved dim order) for every stored state
+    tensor of the optimizer's params."""
     if model is None:
         raise CheckpointError("tm.load(optimizer=...) needs model=... too: the model's parameter names "
                               "name the optimizer's state in the checkpoint.")
@@ -385,13 +512,23 @@ def _optimizer_targets(model, optimizer, stored: dict, state: dict) -> list:
             if have is None:
                 continue
             stat = key[len(prefix):]
+            names = dims.get(key)
+            if names is not None and ref.layout is not None and len(names) == len(have):
+                if not set(names) <= set(ref.layout.names):
+                    raise CheckpointError(_mismatch_message([], [], [], [
+                        f"{key}: checkpoint dims {tuple(names)}, the parameter's dims {ref.layout.names}"]))
+                sizes = dict(zip(names, have))  # the global shape in our dim order
+                have = tuple(sizes[n] for n in ref.layout.names if n in sizes)
             layout = state_layout(optimizer, ref, stat, have, local=False)
+            saved = layout if layout is None else _saved_layout(key, layout, names)
+            if isinstance(saved, str):
+                raise CheckpointError(_mismatch_message([], [], [], [saved]))
             dtype = stored[key].properties.dtype
             if layout is not None:
-                state[key] = empty_global(layout, ref.mesh, _local_like(layout, ref), dtype)
+                state[key] = empty_global(saved, ref.mesh, _in_order(_local_like(layout, ref), layout, saved), dtype)
             else:
                 state[key] = torch.empty(have, dtype=dtype)
-            targets.append((key, ref, stat, layout))
+            targets.append((key, ref, stat, layout, saved))
     return targets
 
 
@@ -413,9 +550,9 @@ def _restore_optimizer(model, optimizer, targets: list, state: dict, objects: di
             group.update({k: v for k, v in saved.items() if k != "params"})
     fresh: dict[int, dict[str, Any]] = defaultdict(dict)
     refs: dict[str, ParamRef] = {r.name: r for r in optimizer_refs(model, optimizer)}
-    for key, ref, stat, layout in targets:
+    for key, ref, stat, layout, saved in targets:
         if layout is not None:
-            blocks = local_blocks(state[key], layout, ref.mesh)
+            blocks = tuple(_to_order(b, saved, layout) for b in local_blocks(state[key], saved, ref.mesh))
         else:
             blocks = tuple(state[key] for _ in ref.shards)
         for i, block in enumerate(blocks):
@@ -447,8 +584,9 @@ def _global_shape(layout, like: torch.Tensor) -> tuple[int, ...]:
     return tuple(like.shape) if layout is None else tuple(d.size for d in layout.dims)
 
 
-def _mismatch_message(missing: list[str], wrong: list[str], unexpected: list[str]) -> str:
+def _mismatch_message(missing: list[str], wrong: list[str], unexpected: list[str], renamed: list[str] = ()) -> str:
     lines = ["the checkpoint does not fit the model:"]
+    lines += [f"  different dim names: {r}" for r in renamed]
     if missing:
         lines.append(f"  not in the checkpoint: {missing}")
     if wrong:
