@@ -18,6 +18,8 @@ from torchmesh.checkpoint import (
 )
 from torchmesh.comm.stats import CommRecord, CommStats, comm_stats
 from torchmesh.errors import (
+    ArgumentError,
+    ArgumentTypeError,
     BackendError,
     CheckpointError,
     CollectiveMismatch,
@@ -83,5 +85,6 @@ __all__ = [
     "softmax", "where", "zeros",
     "argmax", "argmin", "cumsum", "full_like", "ones_like", "split", "stack", "top_k", "unstack", "zeros_like",
     "ReplicaMismatch", "check_replicas", "local_map",
+    "ArgumentError", "ArgumentTypeError",
     "IndexRangeError",
 ]

@@ -278,6 +278,35 @@ def seeds_disagree(what: str, low: int, high: int) -> str:
     )
 
 
+# ---- bad arguments (issue 18.5): values and types outside what an op accepts -----------------
+
+
+class ArgumentError(TorchMeshError, ValueError):
+    """An argument whose value an op cannot take (a probability outside [0, 1], a negative
+    size, a path that cannot hold a checkpoint); the message names the argument and the fix.
+
+    >>> import torchmesh as tm
+    >>> try:
+    ...     tm.dropout(tm.ones("d:4", tm.Mesh("dp:2")), p=-0.5)
+    ... except tm.ArgumentError as e:
+    ...     print(e)
+    dropout(p=-0.5): p is a probability, a number in [0, 1]. Fix: dropout(x, p=0.1).
+    """
+
+
+class ArgumentTypeError(TorchMeshError, TypeError):
+    """An argument of a type an op does not take (a tensor where dim names go, a str where a
+    number goes); a `TypeError`, as torch raises for these.
+
+    >>> import torchmesh as tm
+    >>> try:
+    ...     tm.dropout(tm.ones("d:4", tm.Mesh("dp:2")), p="0.5")
+    ... except tm.ArgumentTypeError as e:
+    ...     print(e)
+    dropout(p='0.5'): p is a number (a float in [0, 1]), not a str. Fix: dropout(x, p=0.1).
+    """
+
+
 # ---- values (issue 18.3): ids outside the dim they index ---------------------------------------
 
 
