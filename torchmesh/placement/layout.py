@@ -93,7 +93,7 @@ def is_even(layout: TensorLayout, mesh: MeshShape) -> bool:
     return all(d.size % parts(mesh, ax) == 0 for d, ax in zip(layout.dims, layout.axes) if ax)
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=2048)
 def resolve(dims: tuple[Dim, ...], rules: LayoutRules, mesh: MeshShape) -> TensorLayout:
     """The layout the rules give a tensor with these dims; raises LayoutError if invalid."""
     return check(TensorLayout(dims, tuple(rules.axes_of(d.name) for d in dims)), mesh, str(rules))

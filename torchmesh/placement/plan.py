@@ -43,7 +43,7 @@ class AllToAll:
 Step = Union[Gather, Slice, AllToAll]
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=2048)
 def plan_relayout(src: TensorLayout, dst: TensorLayout) -> tuple[Step, ...]:
     """The steps that turn a tensor laid out as `src` into one laid out as `dst`.
 
@@ -107,7 +107,7 @@ def apply_step(layout: TensorLayout, step: Step) -> TensorLayout:
     return TensorLayout(layout.dims, tuple(axes))
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=2048)
 def step_sizes(
     src: TensorLayout, steps: tuple[Step, ...], mesh: MeshShape, coords: tuple[tuple[int, ...], ...]
 ) -> tuple[tuple[int, ...] | None, ...]:
