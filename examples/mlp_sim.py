@@ -51,11 +51,16 @@ def train(mesh: tm.Mesh, steps: int, batch: int = 16, d: int = 32, hidden: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, exit 2
     parser.add_argument("--mesh", default="dp:2;tp:2")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-
-    mesh = tm.Mesh(args.mesh, layout=RULES, backend="sim")
+    if args.steps < 1:
+        parser.error(f"argument --steps: {args.steps} is below 1")
+    try:
+        mesh = tm.Mesh(args.mesh, layout=RULES, backend="sim")
+    except tm.TorchMeshError as e:
+        parser.error(f"argument --mesh: {e}")
     single = tm.Mesh("dp:1;tp:1", layout=RULES, backend="sim")
     print(f"mesh {mesh.shape}, rules {RULES!r}\n")
     w = init_params(mesh, 8, 8)["w_in"]

@@ -172,24 +172,45 @@ def plot(losses: list[float], path: str, title: str) -> None:
     plt.close(fig)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def at_least(minimum: float, kind=int):
+    """An argparse type: a number (int or float) of at least `minimum`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not value >= minimum:  # (nan too)
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        return value
+
+    return parse
+
+
 def add_training_args(parser: argparse.ArgumentParser, rules: str, steps: int, plot_path: str) -> None:
     """The flags train_lm.py and train_moe.py share: mesh, layout, model size, optimizer."""
     parser.add_argument("--mesh", default="dp:2;tp:2", help='mesh axes, e.g. "dp:2;tp:2" or "dp:1"')
     parser.add_argument("--layout", default=rules, help="layout rules (rules for axes the mesh lacks are dropped)")
     parser.add_argument("--backend", default="sim", choices=["sim", "dist", "xla"])
-    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--steps", type=at_least(0), default=steps)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--dropout", type=at_least(0.0, float), default=0.0)
+    parser.add_argument("--lr", type=at_least(0.0, float), default=3e-3)
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adafactor"])
-    parser.add_argument("--clip-grad", type=float, default=0.0, help="clip gradients to this global norm (0: off)")
+    parser.add_argument("--clip-grad", type=at_least(0.0, float), default=0.0, help="clip gradients to this global norm (0: off)")
     parser.add_argument("--param-layout", default="", help='store parameters split by these rules too (FSDP), e.g. "d_model:dp"')
-    parser.add_argument("--batch", type=int, default=16, help="global batch (sequences per step)")
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab-size", type=int, default=0,
+    parser.add_argument("--batch", type=at_least(1), default=16, help="global batch (sequences per step)")
+    parser.add_argument("--seq", type=at_least(1), default=64)
+    parser.add_argument("--d-model", type=at_least(1), default=64)
+    parser.add_argument("--heads", type=at_least(1), default=4)
+    parser.add_argument("--layers", type=at_least(0), default=2)
+    parser.add_argument("--vocab-size", type=at_least(0), default=0,
                         help="vocabulary size (default: the corpus's own, 65 characters; larger pads it)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     parser.add_argument("--plot", default=plot_path, help="where to save the loss curve ('' for none)")
@@ -200,20 +221,26 @@ def setup(args: argparse.Namespace, build=None):
     build_model by default), sharded parameters if asked, and the optimizer."""
     torch.manual_seed(args.seed)
     tm.manual_seed(args.seed)  # dropout masks: the same on every rank and mesh
-    with stdout_to_stderr():
-        mesh = tm.Mesh(args.mesh, layout=rules_for(args.mesh, args.layout), backend=args.backend)
-    tokens, chars = load_corpus(CORPUS)
-    model = (build or build_model)(mesh, args, len(chars))
-    if args.param_layout:  # fully sharded parameters: gathered before use, gradients reduce-scattered
-        tm.nn.shard_parameters(model, rules_for(args.mesh, args.param_layout))
-    return mesh, tokens, model, build_optimizer(model, args)
+    try:  # a bad --mesh, --layout or model size: one line and exit status 2, as argparse does
+        if args.heads and args.d_model % args.heads:
+            raise tm.ArgumentError(f"--d-model {args.d_model} is not a multiple of --heads {args.heads}.")
+        with stdout_to_stderr():
+            mesh = tm.Mesh(args.mesh, layout=rules_for(args.mesh, args.layout), backend=args.backend)
+        tokens, chars = load_corpus(CORPUS)
+        model = (build or build_model)(mesh, args, len(chars))
+        if args.param_layout:  # fully sharded parameters: gathered before use, gradients reduce-scattered
+            tm.nn.shard_parameters(model, rules_for(args.mesh, args.param_layout))
+        return mesh, tokens, model, build_optimizer(model, args)
+    except tm.TorchMeshError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(parser, RULES, steps=300, plot_path="train_lm_loss.png")
     parser.add_argument("--checkpoint-dir", default="", help="resume from the newest complete checkpoint here")
-    parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every K steps")
+    parser.add_argument("--save-every", type=at_least(0), default=0, help="save a checkpoint every K steps")
     parser.add_argument("--fail-at-step", type=int, default=-1, help="testing: the last rank exits at this step")
     args = parser.parse_args()
 

@@ -25,7 +25,7 @@ import time
 
 
 import torchmesh as tm
-from train_lm import add_training_args, plot, setup, train
+from train_lm import Parser, add_training_args, at_least, plot, setup, train
 
 RULES = "batch:dp;experts:dp;heads:tp;kv_heads:tp;ff:tp;vocab:tp"
 
@@ -40,13 +40,15 @@ def build_model(mesh: tm.Mesh, args: argparse.Namespace, vocab: int) -> tm.nn.Tr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(parser, RULES, steps=100, plot_path="train_moe_loss.png")
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument("--experts", type=at_least(1), default=4)
+    parser.add_argument("--top-k", type=at_least(1), default=2)
+    parser.add_argument("--capacity-factor", type=at_least(0.0, float), default=1.25)
     parser.set_defaults(checkpoint_dir="", save_every=0, fail_at_step=-1)  # train_lm's train() reads these
     args = parser.parse_args()
+    if args.top_k > args.experts:
+        parser.error(f"--top-k {args.top_k} is more than --experts {args.experts}")
 
     mesh, tokens, model, optimizer = setup(args, build_model)
     show = mesh.impl.prints

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -37,7 +38,13 @@ def parse_count(text: str) -> float:
     m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([KMBGTP]?)\s*", text.upper())
     if not m:
         raise PlanningError(f"cannot read the number {text!r}: write e.g. 10B, 350M or 1.5e9.")
-    return float(m.group(1)) * _SUFFIX[m.group(2)]
+    try:
+        value = float(m.group(1)) * _SUFFIX[m.group(2)]
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise PlanningError(f"cannot read the number {text!r}: write e.g. 10B, 350M or 1.5e9.")
+    return value
 
 
 def parse_bytes(text: str) -> int:
@@ -45,7 +52,13 @@ def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([KMGT]?I?B?)\s*(/S)?\s*", text.upper())
     if not m or m.group(2) not in _BYTES:
         raise PlanningError(f"cannot read the size {text!r}: write e.g. 32GB, 16GiB or 80e9.")
-    return int(float(m.group(1)) * _BYTES[m.group(2)])
+    try:
+        value = float(m.group(1)) * _BYTES[m.group(2)]
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise PlanningError(f"cannot read the size {text!r}: write e.g. 32GB, 16GiB or 80e9.")
+    return int(value)
 
 
 def parse_bandwidths(text: str) -> dict[str, float]:
@@ -56,6 +69,8 @@ def parse_bandwidths(text: str) -> dict[str, float]:
         if not sep:
             raise PlanningError(f"cannot read the bandwidth {part!r}: write axis:bytes-per-second, e.g. 'dp:25GB'.")
         out[axis.strip()] = float(parse_bytes(value))
+        if out[axis.strip()] <= 0:
+            raise PlanningError(f"the bandwidth {part!r} is not positive: write e.g. 'dp:25GB'.")
     return out
 
 
@@ -70,16 +85,36 @@ def parse_roles(text: str) -> dict[str, tuple[str, ...]]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see python -m torchmesh plan --help)\n")
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m torchmesh", description="torchmesh tools")
+    parser = _Parser(prog="python -m torchmesh", description="torchmesh tools")
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="rank layout rules for a model on a mesh (abstract evaluation)",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("--model", default="lm", help="'lm' or 'module:function' (a builder: mesh -> (module, loss_fn))")
     plan.add_argument("--params", default="1B", help="lm: about how many parameters (e.g. 1B, 10B, 100B)")
-    plan.add_argument("--experts", type=int, default=0, help="lm: experts per MoE block (0: dense)")
-    plan.add_argument("--batch", type=int, default=None, help="lm: sequences per step (default: one per device)")
-    plan.add_argument("--seq", type=int, default=None, help="lm: tokens per sequence (default 1024)")
+    plan.add_argument("--experts", type=_at_least(0), default=0, help="lm: experts per MoE block (0: dense)")
+    plan.add_argument("--batch", type=_at_least(1), default=None, help="lm: sequences per step (default: one per device)")
+    plan.add_argument("--seq", type=_at_least(1), default=None, help="lm: tokens per sequence (default 1024)")
     plan.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
                       help="lm: recompute each block's activations in backward (default: on)")
     plan.add_argument("--mesh", required=True, help='mesh axes, e.g. "dp:16;tp:4"')
@@ -90,14 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--bandwidth", default=None, help="override per-axis bandwidth, e.g. 'dp:25GB;tp:300GB'")
     plan.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor", "sgd"))
     plan.add_argument("--roles", default=None, help="dims per role, e.g. 'data=batch;tensor=heads,ff'")
-    plan.add_argument("--top", type=int, default=0, help="show only the best N candidates (0: all)")
+    plan.add_argument("--top", type=_at_least(0), default=0, help="show only the best N candidates (0: all)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         print(plan(args))
+    except SystemExit as e:  # argparse: its one error line is printed; --help exits 0
+        return e.code if isinstance(e.code, int) else 2
     except TorchMeshError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -109,6 +146,10 @@ def plan(args: argparse.Namespace) -> str:
     mesh = MeshShape.parse(args.mesh)
     hardware = _hardware(args)
     memory = parse_bytes(args.memory) if args.memory else hardware.memory
+    if memory <= 0:
+        raise PlanningError(f"--memory {args.memory!r}: the device memory must be positive, e.g. 32GB.")
+    if args.model == "lm" and parse_count(args.params) < 1:
+        raise PlanningError(f"--params {args.params!r}: the model needs at least one parameter, e.g. 1B.")
     if args.model == "lm":
         header, profile, roles = _lm(args, mesh)
     else:
@@ -164,10 +205,21 @@ def _user_model(spec: str, mesh: MeshShape, optimizer: str):
     except (ImportError, AttributeError) as e:
         raise PlanningError(f"--model {spec!r}: cannot load it ({e}). The module must be importable from here "
                        f"(on sys.path) and define {attr}(mesh) -> (module, loss_fn).") from None
-    dims = model_dims(builder)
+    def built(m):  # the user's code: its failures are reported as one line naming --model
+        try:
+            out = builder(m)
+            module, loss_fn = out
+        except TorchMeshError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise PlanningError(f"--model {spec!r}: {attr}(mesh) raised {type(e).__name__}: {e}. It must return "
+                                f"(module, loss_fn).") from None
+        return module, loss_fn
+
+    dims = model_dims(built)
     roles = roles_for(dims)
     header = f"model: {spec} (dims {', '.join(sorted(dims))}), {optimizer}"
-    return header, (lambda rules, param_rules: profile_step(builder, mesh, rules, optimizer, param_rules)), roles
+    return header, (lambda rules, param_rules: profile_step(built, mesh, rules, optimizer, param_rules)), roles
 
 
 def _describe(mesh: MeshShape, hw: Hardware, memory: int) -> str:

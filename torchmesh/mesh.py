@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from torchmesh.comm.backend import MeshImpl
-from torchmesh.errors import BackendError
+from torchmesh.errors import BackendError, MeshError
 from torchmesh.placement.layout import TensorLayout, check_rules_axes, resolve
 from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
 from torchmesh.placement.rules import LayoutRules, RulesLike
@@ -78,8 +78,19 @@ class Mesh:
         return f"Mesh({str(self.shape)!r}, layout={str(self.rules)!r}, backend={self.backend!r})"
 
 
+#: The most devices a sim mesh holds: it keeps a tensor per device and computes every collective
+#: in one process, so a larger one would run for hours; plan with backend="abstract" instead.
+SIM_MAX_DEVICES = 4096
+
+
 def _make_impl(backend: str, shape: MeshShape, options: dict, rules: LayoutRules) -> MeshImpl:
     """The backend; on dist, every rank first checks that all build this mesh with these rules."""
+    if backend == "sim" and shape.size > SIM_MAX_DEVICES:
+        raise MeshError(
+            f"mesh {str(shape)!r} has {shape.size} devices; a sim mesh holds at most {SIM_MAX_DEVICES} "
+            f"(it keeps every device's shard in this process). Fix: backend='abstract' to evaluate shapes, "
+            f"communication and memory without devices (as `python -m torchmesh plan` does), or a smaller mesh."
+        )
     if backend == "sim":
         from torchmesh.comm.sim import SimImpl
 

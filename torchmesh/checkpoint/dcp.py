@@ -130,7 +130,7 @@ def save(
     """
     import torch.distributed.checkpoint as dcp
 
-    final = Path(path)
+    final = _save_path(path)
     procs = _Processes(model_mesh(model))
     agree_call("tm.save(...)")  # every rank, or an error on every rank (not a hang)
     state, objects = _save_state(model, optimizer)
@@ -292,6 +292,23 @@ def _save_state(model, optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
         state[slot.key] = global_value(slot)
     objects[DIMS_KEY] = {slot.key: list(slot.layout.names) for slot in slots if slot.layout is not None}
     return state, objects
+
+
+def _save_path(path: Any) -> Path:
+    """`path` as a directory a checkpoint can be written to, checked before anything is written."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"tm.save(path={path!r}): the path is a str or os.PathLike, not a {type(path).__name__}.")
+    final = Path(path)
+    if str(path) == "" or final.name in ("", ".", ".."):
+        raise CheckpointError(f"tm.save(path={str(path)!r}): name the checkpoint's own directory, e.g. "
+                              f"'checkpoints/step_100' (it is replaced as a whole).")
+    for p in (final, *final.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise CheckpointError(f"tm.save(path={str(path)!r}): {p} exists and is not a directory, so the "
+                                      f"checkpoint directory cannot be made there. Fix: choose another path.")
+            break
+    return final
 
 
 def _step(step: Any) -> int | None:

@@ -10,6 +10,7 @@ dict (or file) out onto any mesh: each process keeps its own blocks, no communic
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -53,15 +54,28 @@ def export_state_dict(path: "str | os.PathLike[str]", model: torch.nn.Module) ->
     True
     """
     path = Path(path)
+    if path.is_dir() or path.name in ("", ".", ".."):
+        raise CheckpointError(f"export_state_dict(path={str(path)!r}): the path names a directory; it names the "
+                              f"file to write, e.g. 'model.pt'.")
     distributed = _distributed(model)
     if distributed:
         agree_call("tm.export_state_dict(...)")  # every rank, or an error on every rank (not a hang)
     values = global_state_dict(model)
     if not distributed or dist.get_rank() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(values, tmp)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"export_state_dict(path={str(path)!r}): cannot make its directory ({e}).") from None
+        # A fresh temporary file made with O_EXCL (never an existing name, never through a
+        # planted symlink), then renamed over `path`: the rename replaces a symlink, not its target.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(values, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     if distributed:
         dist.barrier()
     return path

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from torchmesh.errors import ArgumentTypeError
 from torchmesh import errors
 from torchmesh.errors import LayoutError
 from torchmesh.nn.parameter import Module, mesh_parameters
@@ -53,7 +54,7 @@ def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = 
     ({'d_model': 'dp', 'ff': 'tp'}, (4, 8))
     """
     if next(mesh_parameters(model), None) is None:
-        raise TypeError(errors.shard_parameters_plain(type(model).__name__))
+        raise ArgumentTypeError(errors.shard_parameters_plain(type(model).__name__))
     parsed = LayoutRules.parse(rules)
     owners = []
     for mod_name, module in model.named_modules():

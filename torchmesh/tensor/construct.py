@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchmesh.errors import DimError
+from torchmesh import arguments
+from torchmesh.errors import ArgumentError, ArgumentTypeError, DimError
 from torchmesh.placement.layout import TensorLayout, check, local_shape, local_slices
 from torchmesh.placement.plan import plan_relayout
 from torchmesh.placement.rules import LayoutRules, RulesLike
@@ -50,11 +51,15 @@ def distribute(
     tensor([2., 3.])
     """
     if not isinstance(tensor, torch.Tensor):
-        tensor = torch.as_tensor(tensor)
+        try:
+            tensor = torch.as_tensor(tensor)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ArgumentTypeError(f"distribute(tensor, {dims!r}, mesh): the tensor is a {type(tensor).__name__} "
+                                    f"torch cannot read ({e}). Fix: pass a torch.Tensor.") from None
     names = _names(dims)
     if len(names) != tensor.dim():
         raise DimError(
-            f"distribute: {len(names)} dim names {names} for a tensor with {tensor.dim()} dims "
+            f"distribute(tensor, {dims!r}): {len(names)} dim names {names} for a tensor with {tensor.dim()} dims "
             f"(shape {tuple(tensor.shape)}). Name every dim, outermost first."
         )
     shape = tuple(Dim(n, s) for n, s in zip(names, tensor.shape))
@@ -200,6 +205,7 @@ def to_global(x: MeshTensor) -> torch.Tensor:
 
 
 def _filled(dims: DimsLike, mesh: "Mesh", fill, dtype, device, requires_grad, layout) -> MeshTensor:
+    arguments.dtype(f"tensor {dims!r}", dtype)
     shape = parse_dims(dims)
     lay = layout_for(shape, mesh, layout)
     slicer = mesh.impl.slice_mesh
@@ -242,6 +248,7 @@ def full(dims: DimsLike, value: float, mesh: "Mesh", dtype: torch.dtype | None =
     >>> tm.full("d:3", 0.5, tm.Mesh("dp:2")).full()
     tensor([0.5000, 0.5000, 0.5000])
     """
+    arguments.number(f"full({dims!r}, value)", "value", value)
     return _filled(dims, mesh, lambda s, **kw: torch.full(s, value, **kw), dtype, device, requires_grad, layout)
 
 
@@ -255,7 +262,14 @@ def arange(dim: "Dim | str", mesh: "Mesh", dtype: torch.dtype | None = None, dev
     >>> pos.shard(sp=1)
     tensor([3, 4, 5])
     """
-    (d,) = parse_dims([dim]) if isinstance(dim, Dim) else parse_dims(dim)
+    if arguments.dtype(f"arange({dim!r})", dtype) is torch.bool:
+        raise ArgumentError(f"arange({dim!r}, dtype=torch.bool): counting needs a numeric dtype (torch has no bool "
+                            f"arange). Fix: dtype=torch.int64, then == or > to make bools.")
+    dims = parse_dims([dim]) if isinstance(dim, Dim) else parse_dims(dim)
+    if len(dims) != 1:
+        raise DimError(f"arange({dim!r}): arange makes a 1-d tensor, so it takes one dim, e.g. 'pos:128'; "
+                       f"got {len(dims)}.")
+    (d,) = dims
     lay = layout_for((d,), mesh, layout)
     slicer = mesh.impl.slice_mesh
     device = device if device is not None else mesh.impl.default_device

@@ -83,7 +83,10 @@ def parse_dims(spec: DimsLike, sizes: Mapping[str, int] | None = None) -> tuple[
     if isinstance(spec, Mapping):
         dims = tuple(Dim(n, s) for n, s in spec.items())
     elif isinstance(spec, str):
-        dims = tuple(_parse_token(tok, sizes) for tok in re.split(r"[\s,]+", spec.strip()) if tok)
+        try:
+            dims = tuple(_parse_token(tok, sizes) for tok in re.split(r"[\s,]+", spec.strip()) if tok)
+        except ParseError as e:  # say which string: the token alone may be a fragment of it
+            raise ParseError(f"dims {spec!r}: {e}") from None
     elif isinstance(spec, Iterable):
         dims = tuple(d if isinstance(d, Dim) else _parse_token(d, sizes) for d in spec)
     else:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from torchmesh.errors import ArgumentTypeError
 from torchmesh import errors
 from torchmesh.errors import DimError
 from torchmesh.tensor.contraction import OpPlan, run_op
@@ -34,7 +35,7 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
     """
     name = getattr(func, "__name__", str(func))
     if kwargs.get("inplace") or kwargs.get("out") is not None:
-        raise TypeError(errors.not_in_place(f"{name}(..., {'out=' if kwargs.get('out') is not None else 'inplace=True'})"))
+        raise ArgumentTypeError(errors.not_in_place(f"{name}(..., {'out=' if kwargs.get('out') is not None else 'inplace=True'})"))
     slots: list[tuple[bool, Any]] = []  # (is_kwarg, position or key) of each MeshTensor
     xs: list[MeshTensor] = []
     for i, a in enumerate(args):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from torchmesh.errors import ArgumentTypeError
 from torchmesh.errors import BackendError, DimError
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.tensor.dims import Dim
@@ -74,7 +75,7 @@ class MeshTensor:
     def size(self, dim: str) -> int:
         """Global size of a dim (by name: `x.size("ff")`)."""
         if isinstance(dim, int) and not isinstance(dim, bool):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"x.size({dim}): dims are named, not numbered; this tensor's dims are {self.dims}. "
                 f"Fix: name the dim, x.size({self.dims[dim] if -self.ndim <= dim < self.ndim else 'ff'!r}), "
                 f"or read them all from x.sizes."
@@ -189,7 +190,7 @@ class MeshTensor:
         return format_tensor(self)
 
     def __bool__(self) -> bool:
-        raise TypeError(
+        raise ArgumentTypeError(
             "the truth value of a MeshTensor is ambiguous (and would need communication): use "
             "x.any().item() or x.all().item()."
         )
@@ -201,9 +202,9 @@ class MeshTensor:
         return self._data[0].item()
 
     def __len__(self) -> int:
-        raise TypeError("len() of a MeshTensor has no positional meaning: use x.sizes['<dim>'].")
+        raise ArgumentTypeError("len() of a MeshTensor has no positional meaning: use x.sizes['<dim>'].")
 
     def __iter__(self):
-        raise TypeError("a MeshTensor is not iterable by position: use tm.slice(x, dim, start, stop).")
+        raise ArgumentTypeError("a MeshTensor is not iterable by position: use tm.slice(x, dim, start, stop).")
 
     __hash__ = object.__hash__

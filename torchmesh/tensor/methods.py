@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from torchmesh.errors import ArgumentTypeError
 from torchmesh import errors
 from torchmesh.tensor import elementwise as ew
 from torchmesh.tensor import reduce as red
@@ -156,7 +157,7 @@ def _refuse_method(name: str, instead: str) -> Callable:
             "__rmatmul__": "y @ x"}.get(name, f"x.{name}(...)")
 
     def method(self: MeshTensor, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(errors.positional_method(call, self.dims, instead))
+        raise ArgumentTypeError(errors.positional_method(call, self.dims, instead))
 
     method.__name__ = name
     method.__doc__ = f"Refused: {call} is positional. Instead: {instead}."
@@ -165,7 +166,7 @@ def _refuse_method(name: str, instead: str) -> Callable:
 
 def _refuse_property(name: str, instead: str) -> property:
     def getter(self: MeshTensor) -> Any:
-        raise TypeError(errors.positional_method(f"x.{name}", self.dims, instead))
+        raise ArgumentTypeError(errors.positional_method(f"x.{name}", self.dims, instead))
 
     return property(getter, doc=f"Refused: x.{name} is positional. Instead: {instead}.")
 
@@ -188,14 +189,14 @@ def _by_name(name: str, fn: Callable, positional: tuple[str, ...]) -> Callable:
     def call(x: MeshTensor, *args: Any, **kwargs: Any) -> MeshTensor:
         kwargs.pop("_stacklevel", None)  # F.softmax's bookkeeping
         if kwargs.get("out") is not None:
-            raise TypeError(errors.not_in_place(f"{name}(..., out=)"))
+            raise ArgumentTypeError(errors.not_in_place(f"{name}(..., out=)"))
         kwargs.pop("out", None)
         if len(args) > len(positional):
-            raise TypeError(f"{name} takes at most {len(positional)} arguments after the tensor "
+            raise ArgumentTypeError(f"{name} takes at most {len(positional)} arguments after the tensor "
                             f"({', '.join(positional)}); got {args!r}.")
         for key, value in zip(positional, args):
             if key in kwargs:
-                raise TypeError(f"{name}: got {key} twice, by position and as {key}=.")
+                raise ArgumentTypeError(f"{name}: got {key} twice, by position and as {key}=.")
             kwargs[key] = value
         if kwargs.get("dtype", 0) is None:
             kwargs.pop("dtype")
@@ -216,8 +217,8 @@ def _extreme(reduce: Callable, elementwise: Callable) -> Callable:
             name = reduce.__name__.removeprefix("reduce_")
             dims = args[0] if args else kwargs.get("dim")
             if isinstance(dims, int) or (isinstance(dims, (tuple, list)) and any(isinstance(d, int) for d in dims)):
-                raise TypeError(errors.positional_dim(f"x.{name}", dims, x.dims))
-            raise TypeError(
+                raise ArgumentTypeError(errors.positional_dim(f"x.{name}", dims, x.dims))
+            raise ArgumentTypeError(
                 f"torch.{name}(x, dim) returns (values, indices); on MeshTensors the values are "
                 f"x.{name}({dims!r}) (like torch.a{name}) and the indices tm.arg{name}(x, {dims!r})."
             )
@@ -270,7 +271,7 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
     module = getattr(func, "__module__", "") or ""
     short = getattr(func, "__name__", repr(func))
     prefix = "F" if "nn" in module else "torch.special" if "special" in module else "torch"
-    raise TypeError(errors.torch_function_refused(f"{prefix}.{short.removeprefix('special_')}",
+    raise ArgumentTypeError(errors.torch_function_refused(f"{prefix}.{short.removeprefix('special_')}",
                                                   REFUSED.get(func)))
 
 

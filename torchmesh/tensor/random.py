@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from torchmesh import arguments
+from torchmesh.arguments import probability
 from torchmesh.placement.layout import TensorLayout, local_slices
 from torchmesh.placement.rules import RulesLike
 from torchmesh.tensor.dims import DimsLike, parse_dims
@@ -86,9 +88,10 @@ def _generator(seed: int, block: int) -> torch.Generator:
 def _random(kind: str, dims: DimsLike, mesh: "Mesh", seed, dtype, device, requires_grad, layout) -> MeshTensor:
     from torchmesh.tensor.construct import layout_for
 
+    call = f"{'randn' if kind == 'normal' else 'rand'}({dims!r})"
+    dtype = arguments.dtype(call, dtype, floating=True) or torch.get_default_dtype()
+    seed = next_seed() if seed is None else arguments.integer(call, "seed", seed)
     lay = layout_for(parse_dims(dims), mesh, layout)
-    seed = next_seed() if seed is None else int(seed)
-    dtype = dtype or torch.get_default_dtype()
     target = device if device is not None else mesh.impl.default_device
     slicer = mesh.impl.slice_mesh
 
@@ -142,6 +145,7 @@ def dropout(x: MeshTensor, p: float, training: bool = True, seed: int | None = N
     >>> bool((y.full() == z.full()).all())
     True
     """
+    p = probability("dropout", "p", p, "dropout(x, p=0.1)")
     if not training or p == 0.0:
         return x
     if p >= 1.0:

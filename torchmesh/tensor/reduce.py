@@ -15,6 +15,7 @@ from typing import Any, Union
 
 import torch
 
+from torchmesh.errors import ArgumentTypeError
 from torchmesh import errors
 from torchmesh.errors import DimError
 from torchmesh.tensor.contraction import OpPlan, run_op
@@ -34,19 +35,19 @@ def reduced_names(x: MeshTensor, dims: Dims, what: str, reduced_dim: Dims = None
     broadcast by name, so a reduced dim needs no placeholder of size 1."""
     if dim is not None:
         if dims is not None:
-            raise TypeError(errors.dims_twice(f"x.{what}", dims, dim))
+            raise ArgumentTypeError(errors.dims_twice(f"x.{what}", dims, dim))
         dims = dim
     if keepdim:
-        raise TypeError(errors.keepdim_refused(f"x.{what}", x.dims))
+        raise ArgumentTypeError(errors.keepdim_refused(f"x.{what}", x.dims))
     if isinstance(dims, MeshTensor):
-        raise TypeError(f"x.{what}(y) takes dim names, not a tensor; for the elementwise maximum or "
+        raise ArgumentTypeError(f"x.{what}(y) takes dim names, not a tensor; for the elementwise maximum or "
                         f"minimum of two tensors use torch.maximum(x, y) / torch.minimum(x, y).")
     if isinstance(dims, int) or (isinstance(dims, (tuple, list)) and any(isinstance(d, int) for d in dims)):
-        raise TypeError(errors.positional_dim(f"x.{what}", dims, x.dims))
+        raise ArgumentTypeError(errors.positional_dim(f"x.{what}", dims, x.dims))
     if reduced_dim is not None:
         dims = [reduced_dim] if isinstance(reduced_dim, (str, Dim)) else reduced_dim
     if output_shape is not None:
-        keep = [getattr(d, "name", d) for d in (parse_dims(output_shape, x.sizes) if isinstance(output_shape, str) else output_shape)]
+        keep = [d.name for d in check_output_shape(x, parse_dims(output_shape, x.sizes), what)]
         dims = [n for n in x.dims if n not in keep]
     if dims is None:
         return x.dims
@@ -61,8 +62,25 @@ def reduced_names(x: MeshTensor, dims: Dims, what: str, reduced_dim: Dims = None
     return names
 
 
+def check_output_shape(x: MeshTensor, out: tuple[Dim, ...], what: str) -> tuple[Dim, ...]:
+    """Mesh TF's `output_shape=`: dims of x with x's sizes (DimError naming the first that is not)."""
+    for d in out:
+        if d.name not in x.sizes:
+            raise DimError(f"{what}(output_shape=...): {d.name!r} is not a dim of the tensor {x.dims}; the "
+                           f"output keeps some of the input's dims. Fix: name dims among {x.dims}.")
+        if d.size != x.sizes[d.name]:
+            raise DimError(f"{what}(output_shape=...): {d.name!r} has size {d.size} there but "
+                           f"{x.sizes[d.name]} in the tensor. Fix: Dim({d.name!r}, {x.sizes[d.name]}).")
+    return out
+
+
 def _reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> MeshTensor:
     out = tuple(n for n in x.dims if n not in names)
+    empty = [n for n in names if x.sizes[n] == 0]
+    if kind != "sum" and empty:  # as torch.amax: the extreme of no values is not defined
+        raise DimError(f"{what} over {empty[0]!r}, a dim of size 0 in the tensor {x.dims}: the {kind} of no "
+                       f"values is not defined (torch.a{kind} raises too). Fix: reduce a non-empty dim, or "
+                       f"check the size first.")
     local = {"sum": torch.sum, "max": torch.amax, "min": torch.amin}[kind]
     reduce_op = "sum" if kind == "sum" else kind
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from torchmesh.errors import ArgumentTypeError
 from torchmesh import errors
 from torchmesh.comm import autograd as comm
 from torchmesh.comm.backend import Data
@@ -30,7 +31,7 @@ def dim_name(x: MeshTensor, dim: "str | Dim", what: str) -> str:
     with the names to use; a missing name with the tensor's dims)."""
     name = dim.name if isinstance(dim, Dim) else dim
     if not isinstance(name, str):
-        raise TypeError(errors.positional_dim(f"x.{what}", dim, x.dims))
+        raise ArgumentTypeError(errors.positional_dim(f"x.{what}", dim, x.dims))
     if name not in x.dims:
         raise DimError(errors.missing_dims(what, [name], x.dims))
     return name

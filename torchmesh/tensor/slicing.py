@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from torchmesh import errors
+from torchmesh.arguments import integer, same_mesh
 from torchmesh.comm import autograd as comm
-from torchmesh.errors import DimError
+from torchmesh.errors import ArgumentError, DimError
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.tensor.dims import Dim
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -51,6 +52,8 @@ def slice(x: MeshTensor, dim: str, start: int, stop: int) -> MeshTensor:  # noqa
     tensor([1., 2., 3.])
     """
     n = x.size(dim) if dim in x.dims else 0
+    start = None if start is None else integer(f"slice(x, {dim!r}, start, stop)", "start", start)
+    stop = None if stop is None else integer(f"slice(x, {dim!r}, start, stop)", "stop", stop)
     start, stop, _ = builtins.slice(start, stop).indices(n)
     stop = max(stop, start)
     whole, i = _whole_along(x, dim, "slice")
@@ -70,6 +73,7 @@ def concat(xs: Sequence[MeshTensor], dim: str) -> MeshTensor:
     if not xs:
         raise DimError("concat needs at least one tensor.")
     first = xs[0]
+    same_mesh(f"concat(xs, {dim!r})", list(xs))
     others = [d for d in first.shape if d.name != dim]
     for x in xs:
         if dim not in x.dims or sorted((d.name, d.size) for d in x.shape if d.name != dim) != sorted(
@@ -103,6 +107,15 @@ def pad(x: MeshTensor, dim: str, before: int, after: int, value: float = 0.0) ->
     >>> tm.pad(tm.ones("seq:2", tm.Mesh("dp:2")), "seq", 1, 2).full()
     tensor([0., 1., 1., 0., 0.])
     """
+    call = f"pad(x, {dim!r}, before, after)"
+    before, after = integer(call, "before", before), integer(call, "after", after)
+    if dim in x.dims and x.size(dim) + before + after < 0:
+        raise ArgumentError(f"{call}: before={before} and after={after} (negative ones crop, as in torch) "
+                            f"would leave {x.size(dim) + before + after} elements of {dim!r}, which has "
+                            f"{x.size(dim)}. Fix: crop at most {x.size(dim)} elements in all.")
+    if dim in x.dims and max(before, after) >= 2**62 // max(1, x.numel() // max(1, x.size(dim))):
+        raise ArgumentError(f"{call}: before={before}, after={after} make a tensor of more than 2**62 elements, "
+                            f"which no device can hold. Fix: pad by a size that fits in memory.")
     whole, i = _whole_along(x, dim, "pad")
     spec = [0, 0] * (x.ndim - 1 - i) + [before, after]
     return _local_result(whole, i, x.size(dim) + before + after, lambda t: F.pad(t, spec, value=value))
@@ -122,6 +135,7 @@ def shift(x: MeshTensor, dim: str, offset: int, wrap: bool = False) -> MeshTenso
     """
     if dim not in x.dims:
         raise DimError(errors.missing_dims("shift", [dim], x.dims))
+    offset = integer(f"shift(x, {dim!r}, offset)", "offset", offset)
     x = to_layout(x, x.mesh.layout_of(x.shape))
     impl = x.mesh.impl
     i = x.dims.index(dim)
