@@ -29,6 +29,8 @@ class AbstractImpl(MeshImpl):
     """One representative device of the mesh; Data holds its one shard, on the meta device."""
 
     name = "abstract"
+    reads_values = False
+    holds_values = False
     default_device = META
 
     def __init__(self, shape: MeshShape) -> None:

@@ -37,6 +37,12 @@ class MeshImpl:
     current_op: str = ""
     #: Whether this process prints collective output such as `tm.show` (rank 0 only on dist).
     prints: bool = True
+    #: Whether reading a value on the host is cheap: true where tensors hold their values now
+    #: (sim, dist); false on xla (a read runs the pending program) and abstract (no values).
+    #: Value checks (ids in range) run only where it is, or in check mode.
+    reads_values: bool = True
+    #: Whether tensors have values at all (false on abstract: shapes only, for planning).
+    holds_values: bool = True
 
     def __init__(self, shape: MeshShape, slice_mesh: MeshShape | None = None) -> None:
         self.shape = shape

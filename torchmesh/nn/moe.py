@@ -140,7 +140,7 @@ class MoE(Module):
                 position = position + taken
             keep = mask * (position < cap).float()
             taken = keep.sum("seq") if taken is None else taken + keep.sum("seq")
-            slot = keep * one_hot(position.long(), Dim(CAPACITY, cap))  # zeros past the capacity
+            slot = keep * one_hot(position.long(), Dim(CAPACITY, cap), strict=False)  # zeros past the capacity
             picks.append((slot, (probs * mask).sum(TOKEN_EXPERTS)))
             candidates = where(mask > 0, -1.0, candidates)
         dispatch = _total(slot for slot, _ in picks)

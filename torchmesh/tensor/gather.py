@@ -76,7 +76,7 @@ def lookup(x: MeshTensor, index: MeshTensor, dim: str) -> MeshTensor:
 _NONE = -(2**62)  # the identity of the max-reduction over devices with no ids
 
 
-def check_ids(index: MeshTensor, size: int, op: str, dim: str, ignore: int | None = None) -> int:
+def check_ids(index: MeshTensor, size: int, op: str, dim: str, ignore: int | None = None) -> int | None:
     """Raise `IndexRangeError` unless every id of `index` (but those equal to `ignore`) lies in
     [0, size); the number of ids not equal to `ignore`, over the whole (global) index.
 
@@ -87,8 +87,17 @@ def check_ids(index: MeshTensor, size: int, op: str, dim: str, ignore: int | Non
     one all-reduce of those two integers over the axes splitting it (an index replicated, as
     on sim and xla, needs none). It is not listed in `comm_stats`, which records the data's
     collectives. Only when some id is out of range, a second such all-reduce finds the
-    smallest and largest id for the message."""
+    smallest and largest id for the message.
+
+    Where reading values is not cheap (`MeshImpl.reads_values`: xla, whose read would run the
+    pending program, and abstract, which has no values) nothing is checked unless the mesh is
+    in check mode (TORCHMESH_CHECK=1): XLA clamps such ids. None is returned then (on
+    abstract, every id counts as kept, as a planner assumes)."""
     impl = index.mesh.impl
+    if not impl.holds_values:
+        return index.numel()
+    if not impl.reads_values and not impl.checking:
+        return None
     axes = tuple(a for a in sorted(index.tensor_layout.used_axes) if impl.axis_size(a) > 1)
 
     def agree(per_device, op_name: str) -> list[int]:
@@ -167,9 +176,12 @@ def embedding(ids: MeshTensor, table: MeshTensor, vocab_dim: str = "vocab") -> M
     return lookup(table, ids, vocab_dim)
 
 
-def one_hot(index: MeshTensor, dim: "Dim | str", dtype: torch.dtype = torch.float32) -> MeshTensor:
+def one_hot(index: MeshTensor, dim: "Dim | str", dtype: torch.dtype = torch.float32,
+            strict: bool = True) -> MeshTensor:
     """A new dim `dim` ("vocab:1000" or Dim) that is 1 at `index` and 0 elsewhere; each device
-    builds only its block of a split dim, with no communication.
+    builds only its block of a split dim, with no communication. An id outside the dim raises
+    `IndexRangeError` (as torch's one_hot); with `strict=False` its row is all zeros instead
+    (TensorFlow's and Mesh TF's one_hot: a MoE's tokens past an expert's capacity, say).
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
@@ -184,7 +196,8 @@ def one_hot(index: MeshTensor, dim: "Dim | str", dtype: torch.dtype = torch.floa
     mesh = index.mesh
     dims = index.shape + (d,)
     layout = mesh.layout_of(dims)
-    check_ids(index, d.size, "one_hot", d.name)
+    if strict:
+        check_ids(index, d.size, "one_hot", d.name)
     index = to_layout(index, mesh.layout_of(index.shape))
     slicer = mesh.impl.slice_mesh
     axes = layout.axes[-1]

@@ -101,6 +101,7 @@ class XlaImpl(MeshImpl):
     """One controller holds each tensor as one global XLA tensor annotated with its sharding."""
 
     name = "xla"
+    reads_values = False
 
     def __init__(self, shape: MeshShape) -> None:
         _require_torch_xla()
