@@ -675,3 +675,26 @@ def test_examples_bad_arguments_print_one_line_and_exit_2():
         lines = err.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
         FIGURES["clear"] += 1
+
+
+@given(error=st.sampled_from([OSError(28, "No space left on device"), PermissionError(13, "Permission denied"),
+                              RuntimeError("disk gone")]))
+@settings(FUZZ, max_examples=3)
+def test_a_failing_write_is_a_checkpoint_error_not_a_base_exception(tmp_path_factory, error):
+    """DCP raises a write failure as CheckpointException, a BaseException that `except Exception`
+    misses; tm.save raises CheckpointError instead, and the failed save is never the newest."""
+    from unittest import mock
+
+    import torch.distributed.checkpoint as dcp
+
+    root = tmp_path_factory.mktemp("full")
+    model = tm.nn.Module()
+    model.w = tm.randn("d:3 ff:5", mesh_of("tp:2", "ff:tp"), seed=0)
+    good = tm.save(root / "good", model, step=1)
+
+    def fail(self, plan, planner):
+        raise error
+
+    with mock.patch.object(dcp.FileSystemWriter, "write_data", fail):
+        judge("save", lambda: tm.save(root / "next", model, step=2), lambda: 1 / 0, [str(root / "next"), str(error)])
+    assert tm.latest_checkpoint(root) == good

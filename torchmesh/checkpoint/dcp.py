@@ -149,10 +149,12 @@ def save(
     partial = staging_root / token
     if procs.rank == 0:
         _remove_stale(staging_root)
-        partial.mkdir(parents=True)
+        try:
+            partial.mkdir(parents=True)
+        except OSError as e:
+            raise CheckpointError(f"tm.save(path={str(final)!r}): cannot make {partial} ({e}); nothing was written.") from None
     procs.barrier()
-    with _quiet():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), no_dist=not procs.dist)
+    _dcp_save(dcp, state, partial, procs, final)
     files: dict[str, dict[str, int]] = {}
     for mine in procs.gather(integrity.describe(partial.glob(f"__{procs.rank}_*"))):
         files.update(mine)
@@ -382,6 +384,23 @@ def _publish(partial: Path, final: Path) -> None:
 
 
 # ---- load helpers ----------------------------------------------------------------------------
+
+
+def _dcp_save(dcp, state: dict[str, Any], partial: Path, procs: _Processes, final: Path) -> None:
+    """DCP writes every rank's blocks; its failures (a full disk, a directory that vanished),
+    which DCP raises as a BaseException that `except Exception` misses, become `CheckpointError`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _quiet():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), no_dist=not procs.dist)
+    except CheckpointException as e:
+        causes = "; ".join(f"rank {rank}: {_cause(exc)}" for rank, (exc, _) in sorted(e.failures.items()))
+        raise CheckpointError(
+            f"tm.save(path={str(final)!r}) failed while writing ({causes}); the save is incomplete, so it has no "
+            f"completion marker and the previous checkpoint stays the newest. Fix: the cause above (space, "
+            f"permissions), then save again."
+        ) from None
 
 
 def _dcp_load(dcp, state: dict[str, Any], reader: SafeReader, procs: _Processes, directory: Path) -> None:

@@ -62,7 +62,7 @@ def read_marker(directory: Path) -> dict[str, Any]:
         )
     try:
         content = json.loads(marker.read_bytes())
-    except (ValueError, RecursionError) as e:
+    except (ValueError, RecursionError, OSError) as e:  # OSError: unreadable (a FIFO, no permission)
         raise CheckpointError(f"{marker} is damaged ({type(e).__name__}: {str(e)[:120]}); the checkpoint cannot "
                               f"be read.") from None
     problem = _marker_problem(content)
