@@ -698,3 +698,71 @@ def test_a_failing_write_is_a_checkpoint_error_not_a_base_exception(tmp_path_fac
     with mock.patch.object(dcp.FileSystemWriter, "write_data", fail):
         judge("save", lambda: tm.save(root / "next", model, step=2), lambda: 1 / 0, [str(root / "next"), str(error)])
     assert tm.latest_checkpoint(root) == good
+
+
+# ---- rename, elementwise by name, split, cast, Mesh options ----------------------------------
+
+
+@given(mesh=meshes(), data=st.data(), op=st.sampled_from(["rename", "add", "mul_other_mesh", "split", "cast",
+                                                          "where", "mesh_option", "unstack"]),
+       arg=st.one_of(st.sampled_from(NAMES + ("z",)), st.integers(-2, 6), st.lists(st.integers(-1, 4), max_size=3),
+                     st.just(torch.float64), st.just("float"), st.none()))
+@FUZZ
+def test_names_and_elementwise(mesh, data, op, arg):
+    x, t, names = data.draw(tensors(mesh))
+    dim = data.draw(st.sampled_from(names))
+    i = names.index(dim)
+    ref: Callable[[], object] | None = None
+    compare = None
+    if op == "rename":
+        run = lambda: x.rename(**{dim: arg})  # noqa: E731
+        ref = lambda: t if isinstance(arg, str) and (arg == dim or arg not in names) else 1 / 0  # noqa: E731
+    elif op in ("add", "mul_other_mesh", "where"):
+        other_names = tuple(data.draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=3, unique=True)))
+        sizes = {n: x.sizes.get(n, data.draw(st.integers(0, 3))) for n in other_names}
+        if data.draw(st.booleans()):
+            sizes[other_names[0]] += 1
+        u = torch.randn([sizes[n] for n in other_names])
+        other = mesh_of(str(mesh.shape), "") if op == "mul_other_mesh" else x.mesh
+        out_names = names + tuple(n for n in other_names if n not in names)
+
+        def ref():
+            a = t.reshape(t.shape + (1,) * (len(out_names) - len(names)))
+            b = u.permute([other_names.index(n) for n in out_names if n in other_names])
+            b = b.reshape([sizes[n] if n in other_names else 1 for n in out_names])
+            return torch.where(a > 0, a, b) if op == "where" else (a * b if op == "mul_other_mesh" else a + b)
+
+        def run():
+            y = tm.distribute(u, " ".join(other_names), other)
+            return tm.where(x > 0, x, y) if op == "where" else (x * y if op == "mul_other_mesh" else x + y)
+
+        def compare(got, want):
+            torch.testing.assert_close(got.full().permute([got.dims.index(n) for n in out_names]), want)
+    elif op == "split":
+        run = lambda: tm.split(x, dim, arg)  # noqa: E731
+
+        def ref():
+            if isinstance(arg, bool) or not isinstance(arg, (int, list)) or (isinstance(arg, list) and sum(arg) != t.shape[i]):
+                raise ValueError(arg)
+            if isinstance(arg, int) and arg <= 0 or isinstance(arg, list) and any(a < 0 for a in arg):
+                raise ValueError(arg)
+            return torch.split(t, arg, i)
+
+        def compare(got, want):
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g.full(), w)
+    elif op == "unstack":
+        run = lambda: tm.unstack(x, arg)  # noqa: E731
+        ref = lambda: torch.unbind(t, names.index(arg)) if arg in names else 1 / 0  # noqa: E731
+
+        def compare(got, want):
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g.full(), w)
+    elif op == "cast":
+        run = lambda: tm.cast(x, arg)  # noqa: E731
+        ref = lambda: t.to(arg) if isinstance(arg, torch.dtype) else 1 / 0  # noqa: E731
+    else:
+        run = lambda: tm.Mesh("dp:2", backend="sim", **{str(arg): 1})  # noqa: E731
+    judge(f"{op}({arg!r})", run, ref, [arg, dim, op, "mesh", *names], compare=compare)

@@ -91,6 +91,8 @@ def _make_impl(backend: str, shape: MeshShape, options: dict, rules: LayoutRules
             f"(it keeps every device's shard in this process). Fix: backend='abstract' to evaluate shapes, "
             f"communication and memory without devices (as `python -m torchmesh plan` does), or a smaller mesh."
         )
+    if backend in BACKENDS:
+        _check_options(backend, options)
     if backend == "sim":
         from torchmesh.comm.sim import SimImpl
 
@@ -108,3 +110,26 @@ def _make_impl(backend: str, shape: MeshShape, options: dict, rules: LayoutRules
 
         return AbstractImpl(shape, **options)
     raise BackendError(f"unknown backend {backend!r}: choose one of {BACKENDS}.")
+
+
+def _check_options(backend: str, options: dict) -> None:
+    """Keyword options the backend does not take: an ArgumentTypeError naming them (not the
+    backend class's own TypeError)."""
+    import inspect
+
+    from torchmesh.errors import ArgumentTypeError
+
+    module, cls = {"sim": ("torchmesh.comm.sim", "SimImpl"), "dist": ("torchmesh.comm.dist", "DistImpl"),
+                   "xla": ("torchmesh.xla.backend", "XlaImpl"), "abstract": ("torchmesh.comm.abstract", "AbstractImpl")}[backend]
+    try:
+        params = inspect.signature(getattr(__import__(module, fromlist=[cls]), cls)).parameters
+    except ImportError:  # (xla without torch-xla: the backend's own error says so)
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    taken = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL
+             and n not in ("shape", "rules", "slice_mesh")]
+    unknown = [k for k in options if k not in taken or k in ("shape", "rules", "slice_mesh")]
+    if unknown:
+        raise ArgumentTypeError(f"tm.Mesh(..., backend={backend!r}) takes no option {unknown[0]!r}; its options are "
+                                f"{tuple(taken) or '(none)'}.")

@@ -197,4 +197,7 @@ def cast(x: MeshTensor, dtype: torch.dtype) -> MeshTensor:
     >>> tm.cast(x, torch.bfloat16).dtype
     torch.bfloat16
     """
+    if not isinstance(dtype, torch.dtype):
+        raise ArgumentTypeError(f"cast(x, {dtype!r}): the dtype is a torch.dtype (torch.bfloat16, ...), not a "
+                                f"{type(dtype).__name__}.")
     return x._map(lambda t: t.to(dtype))

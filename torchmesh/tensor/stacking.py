@@ -8,10 +8,11 @@ the rules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
+from torchmesh.errors import ArgumentTypeError
 from torchmesh.errors import DimError
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.tensor.dims import Dim, check_name
@@ -126,6 +127,9 @@ def _piece_sizes(sizes: "int | Sequence[int]", n: int, dim: str, have: dict) -> 
         if sizes < 1:
             raise DimError(f"split along {dim!r}: a piece size must be >= 1, got {sizes}.")
         return [min(sizes, n - s) for s in range(0, n, sizes)] or [0]
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise ArgumentTypeError(f"split along {dim!r}: sizes={sizes!r} is a {type(sizes).__name__}; give a list of "
+                                f"piece sizes summing to {n}, or one int, the size of every piece.")
     sizes = list(sizes)
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sizes) or sum(sizes) != n:
         raise DimError(f"split along {dim!r}: sizes {sizes} must be non-negative ints summing to the dim's "
