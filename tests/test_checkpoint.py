@@ -264,8 +264,16 @@ def test_export_and_import_single_file(tmp_path):
 # ---- an interrupted save on real processes -----------------------------------------------------
 
 
-def interrupted_save(root: str) -> None:
+#: Where a rank dies during the second save: rank 1 while writing its shard; rank 0 (DCP's
+#: coordinator) while writing the metadata after every shard is on disk; rank 0 just before
+#: the finished directory is renamed into place.
+KILL_POINTS = {"shard": (1, "write_data"), "metadata": (0, "finish"), "publish": (0, "publish")}
+
+
+def interrupted_save(root: str, point: str) -> None:
     import torch.distributed.checkpoint as dcp
+
+    import torchmesh.checkpoint.dcp as ours
 
     mesh = tm.Mesh("tp:2", layout="ff:tp", backend="dist")
     model = Net(mesh, seed=0)
@@ -273,17 +281,22 @@ def interrupted_save(root: str) -> None:
     train(model, opt, mesh, range(1))
     tm.save(f"{root}/step_1", model=model, optimizer=opt, step=1)
     train(model, opt, mesh, range(1, 2))
-    if torch.distributed.get_rank() == 1:
-        def die(self, *args, **kwargs):
-            os._exit(17)  # killed while writing its shard
+    rank, where = KILL_POINTS[point]
+    if torch.distributed.get_rank() == rank:
+        def die(*args, **kwargs):
+            os._exit(17)  # killed (as by kill -9: no cleanup, no exception)
 
-        dcp.FileSystemWriter.write_data = die
+        if where == "publish":
+            ours._publish = die
+        else:
+            setattr(dcp.FileSystemWriter, where, die)
     tm.save(f"{root}/step_2", model=model, optimizer=opt, step=2)
 
 
-def test_rank_killed_during_save_keeps_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_rank_killed_during_save_keeps_previous_checkpoint(tmp_path, point):
     with pytest.raises(DistributedFailure):
-        run_distributed(interrupted_save, 2, args=(str(tmp_path),), timeout=120)
+        run_distributed(interrupted_save, 2, args=(str(tmp_path), point), timeout=120)
     assert tm.latest_checkpoint(tmp_path) == tmp_path / "step_1"
     assert not (tmp_path / "step_2").exists()
     _, model, opt = fresh()
