@@ -336,12 +336,14 @@ class DistImpl(MeshImpl):
     def _guard(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor,
                whole: tuple[int, int] | None = None) -> None:
         """Default mode, a collective outside an agreed op (relayout, full, backward): the first
-        time this process makes one like it (kind, axes, dtype, gathered size, call site), agree
-        on it (shapes compared within each group, as uneven blocks differ between groups)."""
+        time this process makes one like it (kind, axes, dtype, rank, call site), agree on it
+        (shapes compared within each group). The key holds nothing that differs between ranks
+        running the same program: blocks of an uneven split, and the gathered sizes of a nested
+        one, differ between groups, so a shape in the key would make one group agree alone."""
         if self.checking or self.current_op:
             return
         site, entry = call_site()
-        key = (kind, axes, tensor.dtype, whole, site, entry)
+        key = (kind, axes, tensor.dtype, tensor.ndim, site, entry)
         if _first_use(key):
             try:
                 self._verify(kind, axes, tensor, "first use", whole, site, entry)
