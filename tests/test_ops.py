@@ -35,6 +35,9 @@ def run_case(mesh, inputs: dict, mesh_fn, torch_fn, out_dims: str, **kw):
 
 # ---- elementwise ------------------------------------------------------------------------------
 EW_INPUTS = {"x": "batch:8 ff:16", "b": "ff:16", "c": "batch:8", "xt": "ff:16 batch:8"}
+# Sizes that do not divide (over tp:2, dp:2;tp:2 and dp:2;tp:4: blocks that differ by one, and
+# empty blocks where a dim has fewer rows than its axes have devices).
+UNEVEN_EW_INPUTS = {"x": "batch:5 ff:7", "b": "ff:7", "c": "batch:5", "xt": "ff:7 batch:5"}
 EW_RULES = ["batch:dp;ff:tp", "ff:dp,tp", "batch:tp,dp", "batch:tp;ff:dp"]
 
 EW_CASES = {
@@ -59,12 +62,14 @@ EW_CASES = {
 }
 
 
+@pytest.mark.parametrize("sizes", ["even", "uneven"])
 @pytest.mark.parametrize("rules", EW_RULES)
 @pytest.mark.parametrize("mesh_spec", MESHES)
 @pytest.mark.parametrize("case", list(EW_CASES))
-def test_elementwise(case, mesh_spec, rules):
+def test_elementwise(case, mesh_spec, rules, sizes):
     mesh_fn, torch_fn, out = EW_CASES[case]
-    run_case(make_mesh(mesh_spec, rules), EW_INPUTS, mesh_fn, torch_fn, out)
+    inputs = EW_INPUTS if sizes == "even" else UNEVEN_EW_INPUTS
+    run_case(make_mesh(mesh_spec, rules), inputs, mesh_fn, torch_fn, out)
 
 
 CMP_CASES = {
@@ -119,6 +124,7 @@ def torch_einsum(equation: str, *ts: torch.Tensor) -> torch.Tensor:
     return torch.einsum(",".join(o.replace(" ", "") for o in ops) + "->" + "".join(letters[n] for n in rhs.split()), *ts)
 
 
+UNEVEN_SIZES = {"batch": 5, "d": 7, "ff": 3, "b": 5, "c": 7, "heads": 3, "seq": 1, "kv": 5, "dh": 3, "a": 65, "e": 7}
 SIZES = {"batch": 8, "d": 16, "ff": 16, "b": 8, "c": 16, "heads": 8, "seq": 4, "kv": 4, "dh": 8, "a": 8, "e": 8}
 
 EINSUM_CASES = [
@@ -136,12 +142,14 @@ EINSUM_CASES = [
 ]
 
 
+@pytest.mark.parametrize("sizes", ["even", "uneven"])
 @pytest.mark.parametrize("mesh_spec", MESHES)
 @pytest.mark.parametrize("equation,rules", [(e, r) for e, rs in EINSUM_CASES for r in rs])
-def test_einsum(equation, rules, mesh_spec):
+def test_einsum(equation, rules, mesh_spec, sizes):
     lhs, _, rhs = equation.partition("->")
     operands = [part.split() for part in lhs.split(",")]
-    spec = {f"x{i}": " ".join(f"{n}:{SIZES[n]}" for n in ns) for i, ns in enumerate(operands)}
+    table = SIZES if sizes == "even" else UNEVEN_SIZES
+    spec = {f"x{i}": " ".join(f"{n}:{table[n]}" for n in ns) for i, ns in enumerate(operands)}
     check_op(
         make_mesh(mesh_spec, rules), spec,
         lambda **xs: tm.einsum(equation, *xs.values()),
@@ -181,7 +189,7 @@ RED_CASES = {
     "reduce_sum_output_shape": (lambda x: tm.reduce_sum(x, output_shape="ff seq"), lambda x: x.sum(0).T, "ff seq"),
     "mean_ff": (lambda x: x.mean("ff"), lambda x: x.mean(2), "batch seq"),
     "mean_all": (lambda x: x.mean(), lambda x: x.mean(), ""),
-    "mean_dim": (lambda x: tm.reduce_mean(x, reduced_dim=tm.Dim("batch", 8)), lambda x: x.mean(0), "seq ff"),
+    "mean_dim": (lambda x: tm.reduce_mean(x, reduced_dim=tm.Dim("batch", x.sizes["batch"])), lambda x: x.mean(0), "seq ff"),
     "max_ff": (lambda x: x.max("ff"), lambda x: x.amax(2), "batch seq"),
     "min_batch": (lambda x: x.min("batch"), lambda x: x.amin(0), "seq ff"),
     "max_all": (lambda x: x.max(), lambda x: x.amax(), ""),
@@ -192,12 +200,13 @@ RED_CASES = {
 }
 
 
+@pytest.mark.parametrize("inputs", [RED_INPUTS, {"x": "batch:5 seq:3 ff:7"}], ids=["even", "uneven"])
 @pytest.mark.parametrize("rules", RED_RULES)
 @pytest.mark.parametrize("mesh_spec", MESHES)
 @pytest.mark.parametrize("case", list(RED_CASES))
-def test_reduction(case, mesh_spec, rules):
+def test_reduction(case, mesh_spec, rules, inputs):
     mesh_fn, torch_fn, out = RED_CASES[case]
-    run_case(make_mesh(mesh_spec, rules), RED_INPUTS, mesh_fn, torch_fn, out)
+    run_case(make_mesh(mesh_spec, rules), inputs, mesh_fn, torch_fn, out)
 
 
 BOOL_CASES = {
@@ -241,19 +250,20 @@ SM_CASES = {
     "method": (lambda x: x.softmax("vocab") * 3, lambda x: x.softmax(1) * 3, "batch vocab"),
     "softmax_batch": (lambda x: tm.softmax(x, "batch"), lambda x: torch.softmax(x, 0), "batch vocab"),
     # columns >= 5 masked: whole shards hold only -inf; the global max is still finite
-    "masked": (lambda x: tm.softmax(tm.where(tm.arange("vocab:16", x.mesh) < 5, x, NEG_INF), "vocab"),
-               lambda x: torch.softmax(torch.where(torch.arange(16) < 5, x, NEG_INF), 1), "batch vocab"),
-    "masked_log": (lambda x: tm.log_softmax(tm.where(tm.arange("vocab:16", x.mesh) < 5, x * 30, -1e4), "vocab"),
-                   lambda x: torch.log_softmax(torch.where(torch.arange(16) < 5, x * 30, -1e4), 1), "batch vocab"),
+    "masked": (lambda x: tm.softmax(tm.where(tm.arange(x.shape[1], x.mesh) < 5, x, NEG_INF), "vocab"),
+               lambda x: torch.softmax(torch.where(torch.arange(x.shape[1]) < 5, x, NEG_INF), 1), "batch vocab"),
+    "masked_log": (lambda x: tm.log_softmax(tm.where(tm.arange(x.shape[1], x.mesh) < 5, x * 30, -1e4), "vocab"),
+                   lambda x: torch.log_softmax(torch.where(torch.arange(x.shape[1]) < 5, x * 30, -1e4), 1), "batch vocab"),
 }
 
 
+@pytest.mark.parametrize("dims", ["batch:8 vocab:16", "batch:3 vocab:65"], ids=["even", "uneven"])  # 65: nanoGPT's vocab
 @pytest.mark.parametrize("rules", SM_RULES)
 @pytest.mark.parametrize("mesh_spec", MESHES)
 @pytest.mark.parametrize("case", list(SM_CASES))
-def test_softmax(case, mesh_spec, rules):
+def test_softmax(case, mesh_spec, rules, dims):
     mesh_fn, torch_fn, out = SM_CASES[case]
-    run_case(make_mesh(mesh_spec, rules), {"x": "batch:8 vocab:16"}, mesh_fn, torch_fn, out, atol=1e-4, rtol=1e-5)
+    run_case(make_mesh(mesh_spec, rules), {"x": dims}, mesh_fn, torch_fn, out, atol=1e-4, rtol=1e-5)
 
 
 # ---- rename, rearrange, relayout ----------------------------------------------------------------
@@ -332,6 +342,7 @@ def test_relayout_from_replicated_and_back_to_rules(mesh_spec):
 # ---- slice, concat, pad, shift --------------------------------------------------------------------
 SEQ_RULES = ["seq:tp", "seq:dp,tp", "seq:tp,dp", "f:tp;seq:dp", ""]
 SEQ_INPUTS = {"x": "seq:16 f:8", "y": "f:8 seq:8", "z": "seq:8 f:8"}
+UNEVEN_SEQ_INPUTS = {"x": "seq:13 f:5", "y": "f:5 seq:7", "z": "seq:3 f:5"}
 SEQ_CASES = {
     "slice": (lambda x: tm.slice(x, "seq", 3, 11), lambda x: x[3:11], "seq f"),
     "slice_negative": (lambda x: tm.slice(x, "seq", -8, 16), lambda x: x[-8:], "seq f"),
@@ -344,12 +355,13 @@ SEQ_CASES = {
 }
 
 
+@pytest.mark.parametrize("sizes", ["even", "uneven"])
 @pytest.mark.parametrize("rules", SEQ_RULES)
 @pytest.mark.parametrize("mesh_spec", MESHES)
 @pytest.mark.parametrize("case", list(SEQ_CASES))
-def test_slice_concat_pad(case, mesh_spec, rules):
+def test_slice_concat_pad(case, mesh_spec, rules, sizes):
     mesh_fn, torch_fn, out = SEQ_CASES[case]
-    run_case(make_mesh(mesh_spec, rules), SEQ_INPUTS, mesh_fn, torch_fn, out)
+    run_case(make_mesh(mesh_spec, rules), SEQ_INPUTS if sizes == "even" else UNEVEN_SEQ_INPUTS, mesh_fn, torch_fn, out)
 
 
 def torch_shift(x: torch.Tensor, offset: int, dim: int, wrap: bool) -> torch.Tensor:
@@ -389,6 +401,11 @@ GATHER_INPUTS = {
     "table": "vocab:16 d:8", "ids": ("batch", IDS), "ids2": ("batch seq", IDS2),
     "logits": "batch:8 vocab:16", "logits3": "batch:8 seq:4 vocab:16",
 }
+UNEVEN_IDS = torch.tensor([3, 6, 0, 4, 1, 3, 5, 3])
+UNEVEN_GATHER_INPUTS = {
+    "table": "vocab:7 d:5", "ids": ("batch", UNEVEN_IDS), "ids2": ("batch seq", IDS2 % 7),
+    "logits": "batch:8 vocab:7", "logits3": "batch:8 seq:4 vocab:7",
+}
 GATHER_RULES = ["vocab:tp", "vocab:dp,tp", "vocab:tp;batch:dp", "d:tp;batch:dp", "batch:tp;vocab:dp"]
 # the index's own dims on the vocab's axis: the lookup result is reduce-scattered into them
 INDEX_ON_VOCAB_AXIS = {"embedding": ["vocab:tp;batch:tp"], "embedding_2d": ["vocab:tp,dp;seq:dp", "vocab:dp;seq:tp;batch:dp"],
@@ -407,11 +424,12 @@ GATHER_CASES = {
 }
 
 
+@pytest.mark.parametrize("sizes", ["even", "uneven"])
 @pytest.mark.parametrize("mesh_spec", MESHES)
 @pytest.mark.parametrize("case,rules", [(c, r) for c in GATHER_CASES for r in GATHER_RULES + INDEX_ON_VOCAB_AXIS.get(c, [])])
-def test_gather(case, rules, mesh_spec):
+def test_gather(case, rules, mesh_spec, sizes):
     mesh_fn, torch_fn, out = GATHER_CASES[case]
-    run_case(make_mesh(mesh_spec, rules), GATHER_INPUTS, mesh_fn, torch_fn, out)
+    run_case(make_mesh(mesh_spec, rules), GATHER_INPUTS if sizes == "even" else UNEVEN_GATHER_INPUTS, mesh_fn, torch_fn, out)
 
 
 @pytest.mark.parametrize("rules", GATHER_RULES)
@@ -550,48 +568,11 @@ def test_random_is_layout_invariant_across_generator_blocks(rules, mesh_spec):
     assert_matches(tm.dropout(tm.ones("batch:48 ff:2048", mesh), 0.3, seed=4), ref, "batch ff", rtol=0, atol=0)
 
 
-# ---- uneven splits: every table again with sizes that do not divide (1, 3, 5, 7, 65) ---------------
+# ---- uneven splits (the tables above run with uneven sizes too; here the cases of their own) -------
 # Over tp:2, dp:2;tp:2 and dp:2;tp:4 these give blocks that differ by one, and (3 or 5 over the 8
 # blocks of dp,tp on dp:2;tp:4) empty blocks.
-UNEVEN_EW_INPUTS = {"x": "batch:5 ff:7", "b": "ff:7", "c": "batch:5", "xt": "ff:7 batch:5"}
 
 
-@pytest.mark.parametrize("rules", EW_RULES)
-@pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("case", list(EW_CASES))
-def test_elementwise_uneven(case, mesh_spec, rules):
-    mesh_fn, torch_fn, out = EW_CASES[case]
-    run_case(make_mesh(mesh_spec, rules), UNEVEN_EW_INPUTS, mesh_fn, torch_fn, out)
-
-
-UNEVEN_SIZES = {"batch": 5, "d": 7, "ff": 3, "b": 5, "c": 7, "heads": 3, "seq": 1, "kv": 5, "dh": 3, "a": 65, "e": 7}
-
-
-@pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("equation,rules", [(e, r) for e, rs in EINSUM_CASES for r in rs])
-def test_einsum_uneven(equation, rules, mesh_spec):
-    lhs, _, rhs = equation.partition("->")
-    operands = [part.split() for part in lhs.split(",")]
-    spec = {f"x{i}": " ".join(f"{n}:{UNEVEN_SIZES[n]}" for n in ns) for i, ns in enumerate(operands)}
-    check_op(make_mesh(mesh_spec, rules), spec, lambda **xs: tm.einsum(equation, *xs.values()),
-             lambda **ts: torch_einsum(equation, *ts.values()), rhs.strip())
-
-
-@pytest.mark.parametrize("rules", RED_RULES)
-@pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("case", [c for c in RED_CASES if "mean_dim" not in c])
-def test_reduction_uneven(case, mesh_spec, rules):
-    mesh_fn, torch_fn, out = RED_CASES[case]
-    run_case(make_mesh(mesh_spec, rules), {"x": "batch:5 seq:3 ff:7"}, mesh_fn, torch_fn, out)
-
-
-@pytest.mark.parametrize("rules", SM_RULES)
-@pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("case", [c for c in SM_CASES if not c.startswith("masked")])
-def test_softmax_uneven(case, mesh_spec, rules):
-    """nanoGPT's Shakespeare vocab (65) split over tp: the vocab-parallel softmax."""
-    mesh_fn, torch_fn, out = SM_CASES[case]
-    run_case(make_mesh(mesh_spec, rules), {"x": "batch:3 vocab:65"}, mesh_fn, torch_fn, out, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mesh_spec", MESHES)
@@ -633,15 +614,6 @@ def test_relayout_uneven(target, mesh_spec):
     check_op(mesh, {"x": "batch:3 ff:65"}, lambda x: x.relayout(tgt) * 2, lambda x: x * 2, "batch ff", rules_layout=False)
 
 
-UNEVEN_SEQ_INPUTS = {"x": "seq:13 f:5", "y": "f:5 seq:7", "z": "seq:3 f:5"}
-
-
-@pytest.mark.parametrize("rules", SEQ_RULES)
-@pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("case", list(SEQ_CASES))
-def test_slice_concat_pad_uneven(case, mesh_spec, rules):
-    mesh_fn, torch_fn, out = SEQ_CASES[case]
-    run_case(make_mesh(mesh_spec, rules), UNEVEN_SEQ_INPUTS, mesh_fn, torch_fn, out)
 
 
 @pytest.mark.parametrize("rules", ["seq:tp", "seq:tp,dp", "f:tp;seq:dp"])
@@ -653,18 +625,6 @@ def test_shift_uneven(offset, wrap, mesh_spec, rules):
              lambda x: torch_shift(x, offset, 1, wrap), "f seq")
 
 
-UNEVEN_IDS = torch.tensor([3, 6, 0, 4, 1, 3, 5, 3])
-UNEVEN_GATHER_INPUTS = {
-    "table": "vocab:7 d:5", "ids": ("batch", UNEVEN_IDS), "ids2": ("batch seq", IDS2 % 7),
-    "logits": "batch:8 vocab:7", "logits3": "batch:8 seq:4 vocab:7",
-}
-
-
-@pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("case,rules", [(c, r) for c in GATHER_CASES for r in GATHER_RULES + INDEX_ON_VOCAB_AXIS.get(c, [])])
-def test_gather_uneven(case, rules, mesh_spec):
-    mesh_fn, torch_fn, out = GATHER_CASES[case]
-    run_case(make_mesh(mesh_spec, rules), UNEVEN_GATHER_INPUTS, mesh_fn, torch_fn, out)
 
 
 @pytest.mark.parametrize("rules", GATHER_RULES)
