@@ -206,3 +206,19 @@ def test_errors():
         model(tm.zeros("batch:2 seq:5", mesh, dtype=torch.int64))
     with pytest.raises(ValueError, match="targets must have the logits' dims without 'vocab'"):
         tm.nn.cross_entropy(tm.zeros("batch:2 vocab:8", mesh), tm.zeros("seq:2", mesh, dtype=torch.int64))
+
+
+def test_grouped_attention_with_kv_heads_split_unevenly():
+    """kv_heads:2 over tp:4 (blocks 1,1,0,0; it used to be refused): the same values and input
+    gradient as on one device."""
+    def run(spec, rules):
+        mesh = tm.Mesh(spec, layout=rules)
+        attn = tm.nn.MultiHeadAttention(mesh, 8, heads=8, d_head=2, kv_heads=2, seed=0)
+        x = tm.randn("batch:3 seq:5 d_model:8", mesh, seed=1, requires_grad=True)
+        y = attn(x)
+        (y * y).sum().backward()
+        return y.full().detach(), x.grad.full()
+
+    (y1, g1), (y4, g4) = run("dp:1", ""), run("tp:4", "heads:tp;kv_heads:tp")
+    torch.testing.assert_close(y4, y1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g4, g1, rtol=1e-5, atol=1e-5)
