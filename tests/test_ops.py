@@ -306,19 +306,13 @@ RA_CASES = {
 }
 
 
-@pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("case", list(RA_CASES))
-def test_rearrange(case, mesh_spec):
-    dims, pattern, sizes, rules, torch_fn, out = RA_CASES[case]
-    check_op(make_mesh(mesh_spec, rules), {"x": dims}, lambda x: tm.rearrange(x, pattern, **sizes), torch_fn, out)
-
-
+@pytest.mark.parametrize("dims", ["batch:8 ff:16", "batch:5 ff:7", "batch:3 ff:65"], ids=["even", "uneven", "vocab65"])
 @pytest.mark.parametrize("mesh_spec", MESHES)
 @pytest.mark.parametrize("target", ["batch:tp", "", "ff:dp,tp", "ff:tp,dp", "batch:dp,tp", "batch:tp;ff:dp", "batch:dp;ff:tp"])
-def test_relayout(target, mesh_spec):
+def test_relayout(target, mesh_spec, dims):
     mesh = make_mesh(mesh_spec, "batch:dp;ff:tp")
     tgt = rules_on(mesh_spec, target)
-    mts, _ = check_op(mesh, {"x": "batch:8 ff:16"}, lambda x: x.relayout(tgt) * 2, lambda x: x * 2,
+    mts, _ = check_op(mesh, {"x": dims}, lambda x: x.relayout(tgt) * 2, lambda x: x * 2,
                       "batch ff", rules_layout=False)
     y = mts["x"].relayout(tgt)
     want = tm.LayoutRules.parse(tgt)
@@ -599,21 +593,10 @@ UNEVEN_RA_CASES = {
 
 
 @pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("case", list(UNEVEN_RA_CASES))
-def test_rearrange_uneven(case, mesh_spec):
-    dims, pattern, sizes, rules, torch_fn, out = UNEVEN_RA_CASES[case]
+@pytest.mark.parametrize("case", [*RA_CASES, *UNEVEN_RA_CASES])
+def test_rearrange(case, mesh_spec):
+    dims, pattern, sizes, rules, torch_fn, out = {**RA_CASES, **UNEVEN_RA_CASES}[case]
     check_op(make_mesh(mesh_spec, rules), {"x": dims}, lambda x: tm.rearrange(x, pattern, **sizes), torch_fn, out)
-
-
-@pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("target", ["batch:tp", "", "ff:dp,tp", "ff:tp,dp", "batch:dp,tp", "batch:tp;ff:dp", "batch:dp;ff:tp"])
-def test_relayout_uneven(target, mesh_spec):
-    mesh = make_mesh(mesh_spec, "batch:dp;ff:tp")
-    tgt = rules_on(mesh_spec, target)
-    check_op(mesh, {"x": "batch:5 ff:7"}, lambda x: x.relayout(tgt) * 2, lambda x: x * 2, "batch ff", rules_layout=False)
-    check_op(mesh, {"x": "batch:3 ff:65"}, lambda x: x.relayout(tgt) * 2, lambda x: x * 2, "batch ff", rules_layout=False)
-
-
 
 
 @pytest.mark.parametrize("rules", ["seq:tp", "seq:tp,dp", "f:tp;seq:dp"])

@@ -31,7 +31,7 @@ import socket
 import uuid
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,37 +386,38 @@ def _publish(partial: Path, final: Path) -> None:
 # ---- load helpers ----------------------------------------------------------------------------
 
 
-def _dcp_save(dcp, state: dict[str, Any], partial: Path, procs: _Processes, final: Path) -> None:
-    """DCP writes every rank's blocks; its failures (a full disk, a directory that vanished),
-    which DCP raises as a BaseException that `except Exception` misses, become `CheckpointError`."""
+@contextmanager
+def _dcp_failures(message: Callable[[str], str]) -> Iterator[None]:
+    """Run DCP quietly; its failures, which DCP gathers from every rank into one
+    `CheckpointException` (a BaseException that `except Exception` misses), become a
+    `CheckpointError` whose text is `message(causes)`."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with _quiet():
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), no_dist=not procs.dist)
+            yield
     except CheckpointException as e:
         causes = "; ".join(f"rank {rank}: {_cause(exc)}" for rank, (exc, _) in sorted(e.failures.items()))
-        raise CheckpointError(
-            f"tm.save(path={str(final)!r}) failed while writing ({causes}); the save is incomplete, so it has no "
-            f"completion marker and the previous checkpoint stays the newest. Fix: the cause above (space, "
-            f"permissions), then save again."
-        ) from None
+        raise CheckpointError(message(causes)) from None
+
+
+def _dcp_save(dcp, state: dict[str, Any], partial: Path, procs: _Processes, final: Path) -> None:
+    """DCP writes every rank's blocks; a failure (a full disk, a directory that vanished) is a
+    `CheckpointError`."""
+    with _dcp_failures(lambda causes: (
+        f"tm.save(path={str(final)!r}) failed while writing ({causes}); the save is incomplete, so it has no "
+        f"completion marker and the previous checkpoint stays the newest. Fix: the cause above (space, "
+        f"permissions), then save again.")):
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), no_dist=not procs.dist)
 
 
 def _dcp_load(dcp, state: dict[str, Any], reader: SafeReader, procs: _Processes, directory: Path) -> None:
     """DCP reads the tensors (weights_only) into `state`; its failures become `CheckpointError`."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        with _quiet():
-            dcp.load(state, storage_reader=reader, planner=TensorsOnlyPlanner(), no_dist=not procs.dist)
-    except CheckpointException as e:  # DCP gathers each rank's failure into one exception
-        causes = "; ".join(f"rank {rank}: {_cause(exc)}" for rank, (exc, _) in sorted(e.failures.items()))
-        raise CheckpointError(
-            f"checkpoint {directory}: its data files do not hold the tensors its metadata describes ({causes}), "
-            f"so nothing was loaded. They are read as tensors only (torch.load(weights_only=True)), never as "
-            f"code. Fix: load another checkpoint (tm.latest_checkpoint lists them by step)."
-        ) from None
+    with _dcp_failures(lambda causes: (
+        f"checkpoint {directory}: its data files do not hold the tensors its metadata describes ({causes}), "
+        f"so nothing was loaded. They are read as tensors only (torch.load(weights_only=True)), never as "
+        f"code. Fix: load another checkpoint (tm.latest_checkpoint lists them by step).")):
+        dcp.load(state, storage_reader=reader, planner=TensorsOnlyPlanner(), no_dist=not procs.dist)
 
 
 def _cause(exc: BaseException) -> str:
