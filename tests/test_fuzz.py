@@ -703,6 +703,13 @@ def test_a_failing_write_is_a_checkpoint_error_not_a_base_exception(tmp_path_fac
 # ---- rename, elementwise by name, split, cast, Mesh options ----------------------------------
 
 
+def _compare_pieces(got: list, want: tuple) -> None:
+    """A list of MeshTensors (split, unstack) against torch's pieces."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.full(), w)
+
+
 @given(mesh=meshes(), data=st.data(), op=st.sampled_from(["rename", "add", "mul_other_mesh", "split", "cast",
                                                           "where", "mesh_option", "unstack"]),
        arg=st.one_of(st.sampled_from(NAMES + ("z",)), st.integers(-2, 6), st.lists(st.integers(-1, 4), max_size=3),
@@ -748,18 +755,11 @@ def test_names_and_elementwise(mesh, data, op, arg):
                 raise ValueError(arg)
             return torch.split(t, arg, i)
 
-        def compare(got, want):
-            assert len(got) == len(want)
-            for g, w in zip(got, want):
-                torch.testing.assert_close(g.full(), w)
+        compare = _compare_pieces
     elif op == "unstack":
         run = lambda: tm.unstack(x, arg)  # noqa: E731
         ref = lambda: torch.unbind(t, names.index(arg)) if arg in names else 1 / 0  # noqa: E731
-
-        def compare(got, want):
-            assert len(got) == len(want)
-            for g, w in zip(got, want):
-                torch.testing.assert_close(g.full(), w)
+        compare = _compare_pieces
     elif op == "cast":
         run = lambda: tm.cast(x, arg)  # noqa: E731
         ref = lambda: t.to(arg) if isinstance(arg, torch.dtype) else 1 / 0  # noqa: E731

@@ -426,17 +426,18 @@ def test_gather(case, rules, mesh_spec, sizes):
     run_case(make_mesh(mesh_spec, rules), GATHER_INPUTS if sizes == "even" else UNEVEN_GATHER_INPUTS, mesh_fn, torch_fn, out)
 
 
+@pytest.mark.parametrize("inputs,n", [(GATHER_INPUTS, 16), (UNEVEN_GATHER_INPUTS, 7)], ids=["even", "uneven"])
 @pytest.mark.parametrize("rules", GATHER_RULES)
 @pytest.mark.parametrize("mesh_spec", MESHES)
-def test_one_hot(mesh_spec, rules):
+def test_one_hot(mesh_spec, rules, inputs, n):
     mesh = make_mesh(mesh_spec, rules)
-    run_case(mesh, GATHER_INPUTS, lambda ids: tm.one_hot(ids, "vocab:16"), lambda ids: F.one_hot(ids, 16).float(),
+    run_case(mesh, inputs, lambda ids: tm.one_hot(ids, f"vocab:{n}"), lambda ids: F.one_hot(ids, n).float(),
              "batch vocab", grad=False)
-    run_case(mesh, GATHER_INPUTS, lambda ids2: tm.one_hot(ids2, tm.Dim("vocab", 16), dtype=torch.float64),
-             lambda ids2: F.one_hot(ids2, 16).double(), "batch seq vocab", grad=False)
+    run_case(mesh, inputs, lambda ids2: tm.one_hot(ids2, tm.Dim("vocab", n), dtype=torch.float64),
+             lambda ids2: F.one_hot(ids2, n).double(), "batch seq vocab", grad=False)
     # one_hot feeds a differentiable op: the cross-entropy of picked logits
-    run_case(mesh, GATHER_INPUTS, lambda logits, ids: (tm.one_hot(ids, "vocab:16") * tm.log_softmax(logits, "vocab")).sum("vocab"),
-             lambda logits, ids: (F.one_hot(ids, 16) * torch.log_softmax(logits, 1)).sum(1), "batch")
+    run_case(mesh, inputs, lambda logits, ids: (tm.one_hot(ids, f"vocab:{n}") * tm.log_softmax(logits, "vocab")).sum("vocab"),
+             lambda logits, ids: (F.one_hot(ids, n) * torch.log_softmax(logits, 1)).sum(1), "batch")
 
 
 # ---- randomness --------------------------------------------------------------------------------
@@ -608,17 +609,6 @@ def test_shift_uneven(offset, wrap, mesh_spec, rules):
              lambda x: torch_shift(x, offset, 1, wrap), "f seq")
 
 
-
-
-@pytest.mark.parametrize("rules", GATHER_RULES)
-@pytest.mark.parametrize("mesh_spec", MESHES)
-def test_one_hot_uneven(mesh_spec, rules):
-    mesh = make_mesh(mesh_spec, rules)
-    run_case(mesh, UNEVEN_GATHER_INPUTS, lambda ids: tm.one_hot(ids, "vocab:7"), lambda ids: F.one_hot(ids, 7).float(),
-             "batch vocab", grad=False)
-    run_case(mesh, UNEVEN_GATHER_INPUTS,
-             lambda logits, ids: (tm.one_hot(ids, "vocab:7") * tm.log_softmax(logits, "vocab")).sum("vocab"),
-             lambda logits, ids: (F.one_hot(ids, 7) * torch.log_softmax(logits, 1)).sum(1), "batch")
 
 
 @pytest.mark.parametrize("rules", ["batch:dp;ff:tp", "ff:dp,tp", "batch:tp"])

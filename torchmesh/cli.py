@@ -36,29 +36,31 @@ _BYTES = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 def parse_count(text: str) -> float:
     """'10B' -> 1e10, '350M' -> 3.5e8, '123T' -> 1.23e14, '5e9' -> 5e9."""
     m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([KMBGTP]?)\s*", text.upper())
+    what = f"cannot read the number {text!r}: write e.g. 10B, 350M or 1.5e9."
     if not m:
-        raise PlanningError(f"cannot read the number {text!r}: write e.g. 10B, 350M or 1.5e9.")
+        raise PlanningError(what)
+    return _scaled(m.group(1), _SUFFIX[m.group(2)], what)
+
+
+def _scaled(number: str, scale: float, what: str) -> float:
+    """`number` (digits the pattern matched, maybe not a float: '1e') times `scale`, finite,
+    else a PlanningError saying `what`."""
     try:
-        value = float(m.group(1)) * _SUFFIX[m.group(2)]
+        value = float(number) * scale
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise PlanningError(f"cannot read the number {text!r}: write e.g. 10B, 350M or 1.5e9.")
+        raise PlanningError(what)
     return value
 
 
 def parse_bytes(text: str) -> int:
     """'32GB' -> 32e9 bytes, '16GiB' -> 16 * 2**30, '80e9' -> 80e9 (GB = 1e9, GiB = 2**30)."""
     m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([KMGT]?I?B?)\s*(/S)?\s*", text.upper())
+    what = f"cannot read the size {text!r}: write e.g. 32GB, 16GiB or 80e9."
     if not m or m.group(2) not in _BYTES:
-        raise PlanningError(f"cannot read the size {text!r}: write e.g. 32GB, 16GiB or 80e9.")
-    try:
-        value = float(m.group(1)) * _BYTES[m.group(2)]
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise PlanningError(f"cannot read the size {text!r}: write e.g. 32GB, 16GiB or 80e9.")
-    return int(value)
+        raise PlanningError(what)
+    return int(_scaled(m.group(1), _BYTES[m.group(2)], what))
 
 
 def parse_bandwidths(text: str) -> dict[str, float]:

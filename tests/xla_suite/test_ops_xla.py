@@ -54,13 +54,16 @@ def test_comparisons(case, mesh_spec):
 
 
 EINSUMS = [(e, rs[0]) for e, rs in ops.EINSUM_CASES] + [(e, rs[-1]) for e, rs in ops.EINSUM_CASES if len(rs) > 1]
+UNEVEN_EINSUMS = [(e, rs[0]) for e, rs in ops.EINSUM_CASES]  # ops.UNEVEN_SIZES: 1, 3, 5, 7, 65
 
 
 @pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("equation,rules", sampled(EINSUMS))
-def test_einsum(equation, rules, mesh_spec):
+@pytest.mark.parametrize("equation,rules,sizes", [(e, r, "even") for e, r in sampled(EINSUMS)]
+                         + [(e, r, "uneven") for e, r in sampled(UNEVEN_EINSUMS)])
+def test_einsum(equation, rules, sizes, mesh_spec):
+    table = ops.SIZES if sizes == "even" else ops.UNEVEN_SIZES
     lhs, _, rhs = equation.partition("->")
-    spec = {f"x{i}": " ".join(f"{n}:{ops.SIZES[n]}" for n in part.split()) for i, part in enumerate(lhs.split(","))}
+    spec = {f"x{i}": " ".join(f"{n}:{table[n]}" for n in part.split()) for i, part in enumerate(lhs.split(","))}
     check_op(xla_mesh(mesh_spec, rules), spec, lambda **xs: tm.einsum(equation, *xs.values()),
              lambda **ts: ops.torch_einsum(equation, *ts.values()), rhs.strip())
 
@@ -176,22 +179,12 @@ def test_single(name, kwargs, mesh_spec, monkeypatch):
 
 
 # ---- uneven splits (test_ops.py's uneven tables, sampled): XLA pads its own tiles ----------------
-UNEVEN_EINSUMS = [(e, rs[0]) for e, rs in ops.EINSUM_CASES]
 
 
 @pytest.mark.parametrize("mesh_spec", MESHES)
 @pytest.mark.parametrize("case,rules", sampled(cycled(list(ops.EW_CASES), ops.EW_RULES))[::3])
 def test_elementwise_uneven(case, rules, mesh_spec):
     run(mesh_spec, rules, ops.UNEVEN_EW_INPUTS, *ops.EW_CASES[case])
-
-
-@pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("equation,rules", sampled(UNEVEN_EINSUMS))
-def test_einsum_uneven(equation, rules, mesh_spec):
-    lhs, _, rhs = equation.partition("->")
-    spec = {f"x{i}": " ".join(f"{n}:{ops.UNEVEN_SIZES[n]}" for n in part.split()) for i, part in enumerate(lhs.split(","))}
-    check_op(xla_mesh(mesh_spec, rules), spec, lambda **xs: tm.einsum(equation, *xs.values()),
-             lambda **ts: ops.torch_einsum(equation, *ts.values()), rhs.strip())
 
 
 @pytest.mark.parametrize("mesh_spec", MESHES)
