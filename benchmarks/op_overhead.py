@@ -45,8 +45,14 @@ def main() -> None:
     rows = []
     for name, (ours, plain) in cases.items():
         t_ours, t_plain = median_us(ours), median_us(plain)
-        rows.append({"op": name, "torchmesh_us": round(t_ours, 2), "torch_us": round(t_plain, 2),
-                     "overhead_us": round(t_ours - t_plain, 2)})
+        rows.append(
+            {
+                "op": name,
+                "torchmesh_us": round(t_ours, 2),
+                "torch_us": round(t_plain, 2),
+                "overhead_us": round(t_ours - t_plain, 2),
+            }
+        )
     print(f"{'op':<12} {'torchmesh us':>13} {'torch us':>9} {'overhead us':>12}")
     for r in rows:
         print(f"{r['op']:<12} {r['torchmesh_us']:>13.2f} {r['torch_us']:>9.2f} {r['overhead_us']:>12.2f}")

@@ -77,8 +77,9 @@ def causal_mask(s: int) -> torch.Tensor:
 
 # ---- the three versions of each workload -------------------------------------------------------
 def mlp_versions(mesh, device_mesh):
-    import torchmesh as tm
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import torchmesh as tm
 
     B, D, Fd = MLP["B"], MLP["D"], MLP["F"]
     torch.manual_seed(0)
@@ -143,8 +144,9 @@ class Block(nn.Module):
 
 
 def block_versions(mesh, device_mesh):
-    import torchmesh as tm
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import torchmesh as tm
 
     B, S, D, H, DH, Fd = (BLOCK[k] for k in ("B", "S", "D", "H", "DH", "F"))
     torch.manual_seed(0)
@@ -153,8 +155,10 @@ def block_versions(mesh, device_mesh):
     mask = causal_mask(S)
 
     # torchmesh: the weights by name, heads and ff split over tp by the rules.
-    wq, wk, wv = (tm.distribute(w.weight.detach().T.reshape(D, H, DH), "d_model heads d_head", mesh,
-                                requires_grad=True) for w in (ref.wq, ref.wk, ref.wv))
+    wq, wk, wv = (
+        tm.distribute(w.weight.detach().T.reshape(D, H, DH), "d_model heads d_head", mesh, requires_grad=True)
+        for w in (ref.wq, ref.wk, ref.wv)
+    )
     wo = tm.distribute(ref.wo.weight.detach().T.reshape(H, DH, D), "heads d_head d_model", mesh, requires_grad=True)
     w1 = tm.distribute(ref.w1.weight.detach().T.contiguous(), "d_model ff", mesh, requires_grad=True)
     w2 = tm.distribute(ref.w2.weight.detach().T.contiguous(), "ff d_model", mesh, requires_grad=True)
@@ -180,7 +184,7 @@ def block_versions(mesh, device_mesh):
         return loss.item()
 
     # raw: this rank's heads and ff columns, f/g operators where Megatron puts them.
-    cols = lambda lin: local_cols(lin.weight.detach().T, 1)  # noqa: E731
+    cols = lambda lin: local_cols(lin.weight.detach().T, 1)
     rq, rk, rv, r1 = cols(ref.wq), cols(ref.wk), cols(ref.wv), cols(ref.w1)
     ro, r2 = local_cols(ref.wo.weight.detach().T, 0), local_cols(ref.w2.weight.detach().T, 0)
     raw_params = (rq, rk, rv, ro, r1, r2)
@@ -197,10 +201,18 @@ def block_versions(mesh, device_mesh):
             p.grad = None
         return loss.item()
 
-    model = parallelize_module(ref, device_mesh, {
-        "wq": ColwiseParallel(), "wk": ColwiseParallel(), "wv": ColwiseParallel(), "wo": RowwiseParallel(),
-        "w1": ColwiseParallel(), "w2": RowwiseParallel(),
-    })
+    model = parallelize_module(
+        ref,
+        device_mesh,
+        {
+            "wq": ColwiseParallel(),
+            "wk": ColwiseParallel(),
+            "wv": ColwiseParallel(),
+            "wo": RowwiseParallel(),
+            "w1": ColwiseParallel(),
+            "w2": RowwiseParallel(),
+        },
+    )
 
     def dtensor_step():
         y = model(x, mask)
@@ -218,7 +230,7 @@ def interleaved_ms(fns: dict, steps: int, warmup: int = 10) -> dict[str, float]:
     names = list(fns)
     samples = {n: [] for n in names}
     for i in range(warmup + steps):
-        for n in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first
+        for n in names[i % len(names) :] + names[: i % len(names)]:  # rotate who goes first
             dist.barrier()
             t0 = time.perf_counter()
             fns[n]()
@@ -230,8 +242,9 @@ def interleaved_ms(fns: dict, steps: int, warmup: int = 10) -> dict[str, float]:
 
 def op_overhead_us(mesh, device_mesh, iters: int) -> list[dict]:
     """Small ops whose layouts need no communication: the cost of the eager machinery."""
-    import torchmesh as tm
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import torchmesh as tm
 
     a, b = torch.randn(8, 16), torch.randn(16, 32)
     x, w = tm.distribute(a, "batch d", mesh), tm.distribute(b, "d ff", mesh)
@@ -260,8 +273,10 @@ def step_bytes(mesh, versions: dict) -> dict:
         versions["torchmesh"]()
     with dtensor_bytes_mode() as dt:
         versions["dtensor"]()
-    return {"torchmesh": {"bytes": stats.total_bytes, "counts": stats.counts},
-            "dtensor": {"bytes": dt.bytes, "counts": dict(dt.counts)}}
+    return {
+        "torchmesh": {"bytes": stats.total_bytes, "counts": stats.counts},
+        "dtensor": {"bytes": dt.bytes, "counts": dict(dt.counts)},
+    }
 
 
 def dtensor_bytes_mode():
@@ -272,8 +287,12 @@ def dtensor_bytes_mode():
 
     from torchmesh.comm.stats import bytes_sent
 
-    kinds = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
-             "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}
+    kinds = {
+        "all_reduce": "all_reduce",
+        "all_gather_into_tensor": "all_gather",
+        "reduce_scatter_tensor": "reduce_scatter",
+        "all_to_all_single": "all_to_all",
+    }
 
     class Mode(CommDebugMode):
         def __init__(self):
@@ -320,24 +339,35 @@ def main() -> None:
     result = run_distributed(rank_body, 2, args=(args.steps, args.op_iters), timeout=3600)[0]
 
     print(f"fwd+bwd step, 2 gloo processes, medians of {args.steps} interleaved steps")
-    print(f"{'workload':<8} {'torchmesh ms':>13} {'raw ms':>8} {'dtensor ms':>11} {'tm/raw':>7} {'dtensor/raw':>12} {'tm/dtensor':>11}")
+    print(
+        f"{'workload':<8} {'torchmesh ms':>13} {'raw ms':>8} {'dtensor ms':>11} {'tm/raw':>7} {'dtensor/raw':>12} {'tm/dtensor':>11}"
+    )
     for name in ("mlp", "block"):
         ms = result[name]["ms"]
-        print(f"{name:<8} {ms['torchmesh']:>13.3f} {ms['raw']:>8.3f} {ms['dtensor']:>11.3f} "
-              f"{ms['torchmesh'] / ms['raw']:>7.2f} {ms['dtensor'] / ms['raw']:>12.2f} {ms['torchmesh'] / ms['dtensor']:>11.2f}")
+        print(
+            f"{name:<8} {ms['torchmesh']:>13.3f} {ms['raw']:>8.3f} {ms['dtensor']:>11.3f} "
+            f"{ms['torchmesh'] / ms['raw']:>7.2f} {ms['dtensor'] / ms['raw']:>12.2f} {ms['torchmesh'] / ms['dtensor']:>11.2f}"
+        )
     print("\neager per-op time on small tensors (no communication), microseconds")
     print(f"{'op':<11} {'torchmesh':>10} {'dtensor':>9} {'torch':>7} {'tm/dtensor':>11}")
     for r in result["ops"]:
-        print(f"{r['op']:<11} {r['torchmesh_us']:>10.1f} {r['dtensor_us']:>9.1f} {r['torch_us']:>7.1f} "
-              f"{r['torchmesh_us'] / r['dtensor_us']:>11.2f}")
+        print(
+            f"{r['op']:<11} {r['torchmesh_us']:>10.1f} {r['dtensor_us']:>9.1f} {r['torch_us']:>7.1f} "
+            f"{r['torchmesh_us'] / r['dtensor_us']:>11.2f}"
+        )
     print("\nbytes each device sends per step (ring formulas)")
     for name in ("mlp", "block"):
         b = result[name]["bytes"]
-        print(f"{name:<8} torchmesh {b['torchmesh']['bytes']:>9} {b['torchmesh']['counts']}   "
-              f"dtensor {b['dtensor']['bytes']:>9} {b['dtensor']['counts']}")
+        print(
+            f"{name:<8} torchmesh {b['torchmesh']['bytes']:>9} {b['torchmesh']['counts']}   "
+            f"dtensor {b['dtensor']['bytes']:>9} {b['dtensor']['counts']}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {**vars(args), "out": str(args.out)}, "mlp_shape": MLP,
-                                    "block_shape": BLOCK, **result}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {"args": {**vars(args), "out": str(args.out)}, "mlp_shape": MLP, "block_shape": BLOCK, **result}, indent=2
+        )
+    )
     print(f"\nsaved {args.out}")
 
 

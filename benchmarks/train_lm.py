@@ -94,8 +94,13 @@ class TorchLM(nn.Module):
 def load_weights(model: TorchLM, w: dict[str, torch.Tensor], c: tm.nn.LMConfig) -> None:
     """Copy torchmesh's global weights (named dims) into the torch model (nn.Linear layouts)."""
     hd = c.heads * c.d_head
-    put = {"tok_embeddings.weight": w["embed.weight"], "pos": w["pos"], "norm.weight": w["norm.weight"],
-           "norm.bias": w["norm.bias"], "output.weight": w["head.weight"].T}
+    put = {
+        "tok_embeddings.weight": w["embed.weight"],
+        "pos": w["pos"],
+        "norm.weight": w["norm.weight"],
+        "norm.bias": w["norm.bias"],
+        "output.weight": w["head.weight"].T,
+    }
     for i in range(c.layers):
         p, q = f"blocks.{i}", f"layers.{i}"
         for n in ("wq", "wk", "wv"):
@@ -145,7 +150,7 @@ def dtensor_step(model, optimizer, dp_group, dp: int, batch: torch.Tensor) -> fl
     from torch.distributed.tensor.parallel import loss_parallel
 
     rows = batch.shape[0] // dp
-    local = batch[dist.get_rank(dp_group) * rows:][:rows] if dp > 1 else batch
+    local = batch[dist.get_rank(dp_group) * rows :][:rows] if dp > 1 else batch
     with loss_parallel():
         logits = model(local[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), local[:, 1:].flatten(0, 1))
@@ -157,7 +162,7 @@ def dtensor_step(model, optimizer, dp_group, dp: int, batch: torch.Tensor) -> fl
         dist.all_reduce(flat, group=dp_group)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
     optimizer.step()
     loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
@@ -190,8 +195,10 @@ def dtensor_bytes(step) -> tuple[dict, int]:
 
 
 def _is_collective(name: str) -> bool:
-    return any(s in name for s in ("all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter",
-                                   "all_to_all", "alltoall"))
+    return any(
+        s in name
+        for s in ("all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "all_to_all", "alltoall")
+    )
 
 
 def _payload(name: str, args) -> tuple[int, int]:
@@ -223,8 +230,15 @@ def run_mesh(spec: str, args: argparse.Namespace) -> dict:
     axes = dict(part.split(":") for part in spec.split(";"))
     dp, tp = int(axes.get("dp", 1)), int(axes.get("tp", 1))
     rules = ";".join(r for r in RULES.split(";") if r.split(":")[1] in axes)
-    c = tm.nn.LMConfig(vocab=args.vocab, d_model=args.d_model, heads=args.heads, d_head=args.d_model // args.heads,
-                       ff=4 * args.d_model, layers=args.layers, seq=args.seq)
+    c = tm.nn.LMConfig(
+        vocab=args.vocab,
+        d_model=args.d_model,
+        heads=args.heads,
+        d_head=args.d_model // args.heads,
+        ff=4 * args.d_model,
+        layers=args.layers,
+        seq=args.seq,
+    )
     mesh = tm.Mesh(spec, layout=rules, backend="dist")
     model = tm.nn.TransformerLM(mesh, c, seed=0)
     weights = {n: p.full() for n, p in tm.nn.mesh_parameters(model)}
@@ -249,8 +263,10 @@ def run_mesh(spec: str, args: argparse.Namespace) -> dict:
 
     times: dict[str, list[float]] = {"torchmesh": [], "dtensor": []}
     for b in batches[2:]:  # interleaved: the same load on both
-        for name, step in (("torchmesh", lambda: tm_step(model, opt, mesh, b)),
-                           ("dtensor", lambda: dtensor_step(torch_model, torch_opt, dp_group, dp, b))):
+        for name, step in (
+            ("torchmesh", lambda b=b: tm_step(model, opt, mesh, b)),
+            ("dtensor", lambda b=b: dtensor_step(torch_model, torch_opt, dp_group, dp, b)),
+        ):
             dist.barrier()
             t0 = time.perf_counter()
             step()
@@ -258,8 +274,11 @@ def run_mesh(spec: str, args: argparse.Namespace) -> dict:
     tokens = args.batch * c.seq
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "mesh": spec, "rules": rules, "first_loss": {"torchmesh": first_tm, "dtensor": first_dt},
-        "median_step_s": med, "tokens_per_s": {k: tokens / v for k, v in med.items()},
+        "mesh": spec,
+        "rules": rules,
+        "first_loss": {"torchmesh": first_tm, "dtensor": first_dt},
+        "median_step_s": med,
+        "tokens_per_s": {k: tokens / v for k, v in med.items()},
         "speedup": med["dtensor"] / med["torchmesh"],
         "bytes_per_step": {"torchmesh": stats.total_bytes, "dtensor": dt_bytes},
         "collectives_per_step": {"torchmesh": dict(stats.counts), "dtensor": dt_counts},
@@ -279,22 +298,36 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_lm.json"))
     args = parser.parse_args()
     if "RANK" not in os.environ:  # start ourselves on 4 processes
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", __file__,
-               *sys.argv[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "4",
+            __file__,
+            *sys.argv[1:],
+        ]
         raise SystemExit(subprocess.call(cmd))
 
     torch.set_num_threads(1)
     results = [run_mesh(spec, args) for spec in args.meshes.split(",")]
     if dist.get_rank() == 0:
-        print(f"\nmodel: d_model {args.d_model}, heads {args.heads}, layers {args.layers}, seq {args.seq}, "
-              f"global batch {args.batch}, vocab {args.vocab}; 4 gloo processes, {args.steps} interleaved steps, medians")
-        print("| mesh | torchmesh tokens/s | DTensor tokens/s | ratio | torchmesh bytes/step | DTensor bytes/step | "
-              "torchmesh collectives | DTensor collectives |")
+        print(
+            f"\nmodel: d_model {args.d_model}, heads {args.heads}, layers {args.layers}, seq {args.seq}, "
+            f"global batch {args.batch}, vocab {args.vocab}; 4 gloo processes, {args.steps} interleaved steps, medians"
+        )
+        print(
+            "| mesh | torchmesh tokens/s | DTensor tokens/s | ratio | torchmesh bytes/step | DTensor bytes/step | "
+            "torchmesh collectives | DTensor collectives |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for r in results:
             t, b, n = r["tokens_per_s"], r["bytes_per_step"], r["collectives_per_step"]
-            print(f"| {r['mesh']} | {t['torchmesh']:,.0f} | {t['dtensor']:,.0f} | {r['speedup']:.2f}x | "
-                  f"{b['torchmesh']:,} | {b['dtensor']:,} | {n['torchmesh']} | {n['dtensor']} |")
+            print(
+                f"| {r['mesh']} | {t['torchmesh']:,.0f} | {t['dtensor']:,.0f} | {r['speedup']:.2f}x | "
+                f"{b['torchmesh']:,} | {b['dtensor']:,} | {n['torchmesh']} | {n['dtensor']} |"
+            )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
         print(f"\nsaved {args.out}")

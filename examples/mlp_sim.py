@@ -40,7 +40,7 @@ def train(mesh: tm.Mesh, steps: int, batch: int = 16, d: int = 32, hidden: int =
     x = tm.randn(f"batch:{batch} d:{d}", mesh, seed=3)
     target = torch.tanh(x)  # a fixed function to fit
     losses = []
-    for step in range(steps):
+    for _ in range(steps):
         loss = ((mlp(params, x) - target) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()

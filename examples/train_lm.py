@@ -63,8 +63,14 @@ def rules_for(mesh: str, rules: str) -> str:
 
 def build_model(mesh: tm.Mesh, args: argparse.Namespace, vocab: int) -> tm.nn.TransformerLM:
     config = tm.nn.LMConfig(
-        vocab=max(vocab, args.vocab_size), d_model=args.d_model, heads=args.heads, d_head=args.d_model // args.heads,
-        ff=4 * args.d_model, layers=args.layers, seq=args.seq, dropout=args.dropout,
+        vocab=max(vocab, args.vocab_size),
+        d_model=args.d_model,
+        heads=args.heads,
+        d_head=args.d_model // args.heads,
+        ff=4 * args.d_model,
+        layers=args.layers,
+        seq=args.seq,
+        dropout=args.dropout,
     )
     return tm.nn.TransformerLM(mesh, config, seed=args.seed)
 
@@ -96,8 +102,9 @@ def stdout_to_stderr():
 
 
 # ---- training ---------------------------------------------------------------------------------
-def train_step(model: tm.nn.TransformerLM, optimizer: torch.optim.Optimizer, ids: tm.MeshTensor,
-               bf16: bool, clip_grad: float = 0.0) -> float:
+def train_step(
+    model: tm.nn.TransformerLM, optimizer: torch.optim.Optimizer, ids: tm.MeshTensor, bf16: bool, clip_grad: float = 0.0
+) -> float:
     """One step on a `batch seq` tensor of seq + 1 tokens; returns the loss."""
     seq = ids.sizes["seq"] - 1
     inputs, targets = tm.slice(ids, "seq", 0, seq), tm.slice(ids, "seq", 1, seq + 1)
@@ -114,8 +121,14 @@ def train_step(model: tm.nn.TransformerLM, optimizer: torch.optim.Optimizer, ids
     return loss.item()
 
 
-def train(mesh: tm.Mesh, model: tm.nn.TransformerLM, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
-          args: argparse.Namespace, start: int = 0) -> list[float]:
+def train(
+    mesh: tm.Mesh,
+    model: tm.nn.TransformerLM,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    args: argparse.Namespace,
+    start: int = 0,
+) -> list[float]:
     from tqdm import tqdm
 
     losses = []
@@ -151,7 +164,11 @@ def fail_if_asked(step: int, args: argparse.Namespace) -> None:
     """--fail-at-step N: the last rank dies before step N, on torchrun's first attempt only."""
     last = int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1
     if step == args.fail_at_step and last and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        print(f"# --fail-at-step: rank {os.environ.get('RANK', '0')} exits before step {step}", file=sys.stderr, flush=True)
+        print(
+            f"# --fail-at-step: rank {os.environ.get('RANK', '0')} exits before step {step}",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(1)
 
 
@@ -181,6 +198,7 @@ class Parser(argparse.ArgumentParser):
 
 def at_least(minimum: float, kind=int):
     """An argparse type: a number (int or float) of at least `minimum`."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -203,15 +221,23 @@ def add_training_args(parser: argparse.ArgumentParser, rules: str, steps: int, p
     parser.add_argument("--dropout", type=at_least(0.0, float), default=0.0)
     parser.add_argument("--lr", type=at_least(0.0, float), default=3e-3)
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adafactor"])
-    parser.add_argument("--clip-grad", type=at_least(0.0, float), default=0.0, help="clip gradients to this global norm (0: off)")
-    parser.add_argument("--param-layout", default="", help='store parameters split by these rules too (FSDP), e.g. "d_model:dp"')
+    parser.add_argument(
+        "--clip-grad", type=at_least(0.0, float), default=0.0, help="clip gradients to this global norm (0: off)"
+    )
+    parser.add_argument(
+        "--param-layout", default="", help='store parameters split by these rules too (FSDP), e.g. "d_model:dp"'
+    )
     parser.add_argument("--batch", type=at_least(1), default=16, help="global batch (sequences per step)")
     parser.add_argument("--seq", type=at_least(1), default=64)
     parser.add_argument("--d-model", type=at_least(1), default=64)
     parser.add_argument("--heads", type=at_least(1), default=4)
     parser.add_argument("--layers", type=at_least(0), default=2)
-    parser.add_argument("--vocab-size", type=at_least(0), default=0,
-                        help="vocabulary size (default: the corpus's own, 65 characters; larger pads it)")
+    parser.add_argument(
+        "--vocab-size",
+        type=at_least(0),
+        default=0,
+        help="vocabulary size (default: the corpus's own, 65 characters; larger pads it)",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     parser.add_argument("--plot", default=plot_path, help="where to save the loss curve ('' for none)")
 
@@ -247,8 +273,12 @@ def main() -> None:
     mesh, tokens, model, optimizer = setup(args)
     if mesh.impl.prints:
         n = sum(p.numel() for _, p in tm.nn.mesh_parameters(model))
-        print(f"# mesh {args.mesh} ({args.backend}), rules {str(mesh.rules)!r}, {n:,} parameters, "
-              f"{len(tokens):,} characters", file=sys.stderr, flush=True)
+        print(
+            f"# mesh {args.mesh} ({args.backend}), rules {str(mesh.rules)!r}, {n:,} parameters, "
+            f"{len(tokens):,} characters",
+            file=sys.stderr,
+            flush=True,
+        )
     first = resume(model, optimizer, args)
     start = time.perf_counter()
     losses = train(mesh, model, optimizer, tokens, args, start=first)
@@ -256,8 +286,12 @@ def main() -> None:
     if mesh.impl.prints and losses:
         tokens_per_s = len(losses) * args.batch * args.seq / elapsed
         saved = f"; curve saved to {args.plot}" if args.plot else ""
-        print(f"# {len(losses)} steps in {elapsed:.1f}s ({tokens_per_s:,.0f} tokens/s); loss "
-              f"{losses[0]:.3f} -> {losses[-1]:.3f}{saved}", file=sys.stderr, flush=True)
+        print(
+            f"# {len(losses)} steps in {elapsed:.1f}s ({tokens_per_s:,.0f} tokens/s); loss "
+            f"{losses[0]:.3f} -> {losses[-1]:.3f}{saved}",
+            file=sys.stderr,
+            flush=True,
+        )
         if args.plot:
             plot(losses, args.plot, f"TransformerLM on {args.mesh} ({args.backend}), rules {mesh.rules}")
 

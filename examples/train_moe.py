@@ -23,18 +23,26 @@ import argparse
 import sys
 import time
 
+from train_lm import Parser, add_training_args, at_least, plot, setup, train
 
 import torchmesh as tm
-from train_lm import Parser, add_training_args, at_least, plot, setup, train
 
 RULES = "batch:dp;experts:dp;heads:tp;kv_heads:tp;ff:tp;vocab:tp"
 
 
 def build_model(mesh: tm.Mesh, args: argparse.Namespace, vocab: int) -> tm.nn.TransformerLM:
     config = tm.nn.LMConfig(
-        vocab=max(vocab, args.vocab_size), d_model=args.d_model, heads=args.heads, d_head=args.d_model // args.heads,
-        ff=2 * args.d_model, layers=args.layers, seq=args.seq, dropout=args.dropout,
-        num_experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
+        vocab=max(vocab, args.vocab_size),
+        d_model=args.d_model,
+        heads=args.heads,
+        d_head=args.d_model // args.heads,
+        ff=2 * args.d_model,
+        layers=args.layers,
+        seq=args.seq,
+        dropout=args.dropout,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        capacity_factor=args.capacity_factor,
     )
     return tm.nn.TransformerLM(mesh, config, seed=args.seed)
 
@@ -54,8 +62,12 @@ def main() -> None:
     show = mesh.impl.prints
     if show:
         n = sum(p.numel() for _, p in tm.nn.mesh_parameters(model))
-        print(f"# mesh {args.mesh} ({args.backend}), rules {str(mesh.rules)!r}, {n:,} parameters, "
-              f"{args.experts} experts (top {args.top_k})", file=sys.stderr, flush=True)
+        print(
+            f"# mesh {args.mesh} ({args.backend}), rules {str(mesh.rules)!r}, {n:,} parameters, "
+            f"{args.experts} experts (top {args.top_k})",
+            file=sys.stderr,
+            flush=True,
+        )
     start = time.perf_counter()
     with tm.comm_stats() as stats:
         losses = train(mesh, model, optimizer, tokens, args)
@@ -63,8 +75,11 @@ def main() -> None:
     if show and losses:
         per_step = {k: v // len(losses) for k, v in sorted(stats.counts.items())}
         print(f"# collectives per step and device: {per_step}", file=sys.stderr)
-        print(f"# {len(losses)} steps in {elapsed:.1f}s; loss {losses[0]:.3f} -> {losses[-1]:.3f}",
-              file=sys.stderr, flush=True)
+        print(
+            f"# {len(losses)} steps in {elapsed:.1f}s; loss {losses[0]:.3f} -> {losses[-1]:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
         if args.plot:
             plot(losses, args.plot, f"MoE LM ({args.experts} experts) on {args.mesh} ({args.backend})")
 

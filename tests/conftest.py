@@ -1,14 +1,19 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (harness, programs) import by name
+# Tests mirror the package (tests/tensor/ for torchmesh/tensor/...); the oracles and the process
+# harness live in tests/support/. Test modules import those, and each other's case tables
+# (the XLA suite reuses tests/tensor/test_ops.py's), by module name.
+_TESTS = Path(__file__).parent
+for _folder in sorted(p for p in _TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))[::-1]:
+    sys.path.insert(0, str(_folder))
 
 import os  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
     """TORCHMESH_TEST_SAMPLE="k:i" keeps every k-th collected test starting at the i-th: used
-    where the op suite runs on 4 gloo processes on a 2-core machine (tests/test_ops_dist.py),
+    where the op suite runs on 4 gloo processes on a 2-core machine (tests/tensor/test_ops_dist.py),
     each mesh a different slice, so every case still runs on some 4-process mesh."""
     sample = os.environ.get("TORCHMESH_TEST_SAMPLE")
     if sample:

@@ -47,29 +47,35 @@ def test_spec_snippet_on_sim(capsys):
     torch_.manual_seed(0)
     # --- begin SPEC section 3 snippet ---
     import torch
+
     import torchmesh as tm
 
     mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="sim")  # or "dist" under torchrun, or "xla"
-    x = tm.distribute(torch.randn(8, 16), "batch d", mesh)   # a global value in, laid out by the rules
+    x = tm.distribute(torch.randn(8, 16), "batch d", mesh)  # a global value in, laid out by the rules
     w = tm.distribute(torch.randn(16, 32), "d ff", mesh, requires_grad=True)
 
-    x.dims      # ("batch", "d")
-    x.sizes     # {"batch": 8, "d": 16}   (global sizes, in order)
-    x.layout    # {"batch": "dp"}         (only split dims)
-    x.mesh      # the Mesh
-    x.full()    # the global torch.Tensor (a collective on dist; every rank gets it)
+    x.dims  # ("batch", "d")
+    x.sizes  # {"batch": 8, "d": 16}   (global sizes, in order)
+    x.layout  # {"batch": "dp"}         (only split dims)
+    x.mesh  # the Mesh
+    x.full()  # the global torch.Tensor (a collective on dist; every rank gets it)
     with pytest.raises(tm.BackendError, match="use x.shards"):  # (sim holds every shard: no single x.local)
-        x.local     # this process's shard (dist, xla); on sim: x.shard(coords) / x.shards
+        x.local  # this process's shard (dist, xla); on sim: x.shard(coords) / x.shards
 
     h = tm.einsum("batch d, d ff -> batch ff", x, w)
-    y = torch.relu(h) * 2 + h            # torch functions and operators work elementwise, by name
-    loss = y.sum()                       # reducing every dim gives a replicated 0-d MeshTensor
-    loss.backward()                      # w.grad is a MeshTensor laid out like w
-    h.sum("ff"); h.mean("batch"); h.max("ff"); tm.softmax(h, "ff"); tm.logsumexp(h, "ff")
+    y = torch.relu(h) * 2 + h  # torch functions and operators work elementwise, by name
+    loss = y.sum()  # reducing every dim gives a replicated 0-d MeshTensor
+    loss.backward()  # w.grad is a MeshTensor laid out like w
+    h.sum("ff")
+    h.mean("batch")
+    h.max("ff")
+    tm.softmax(h, "ff")
+    tm.logsumexp(h, "ff")
     tm.rearrange(h, "batch (heads dh) -> batch heads dh", heads=4)
-    h.rename(ff="hidden"); h.relayout("batch:dp;ff:tp")
+    h.rename(ff="hidden")
+    h.relayout("batch:dp;ff:tp")
 
-    with tm.comm_stats() as stats:       # every collective: kind, axes, bytes per device
+    with tm.comm_stats() as stats:  # every collective: kind, axes, bytes per device
         s = h.sum("ff")
         g = h.relayout("batch:dp")
     print(stats.total_bytes, stats.counts)
@@ -211,5 +217,7 @@ def test_manual_seed_makes_sequences_reproducible():
     assert not torch.equal(a, tm.randn("a:4 b:8", tm.Mesh("dp:1")).full())  # the stream moves on
     tm.manual_seed(43)
     assert not torch.equal(tm.randn("a:4 b:8", tm.Mesh("dp:1")).full(), a)  # another seed, other values
-    assert torch.equal(tm.randn("a:4 b:8", tm.Mesh("dp:1"), seed=123).full(),
-                       tm.randn("a:4 b:8", tm.Mesh("tp:2", layout="b:tp"), seed=123).full())
+    assert torch.equal(
+        tm.randn("a:4 b:8", tm.Mesh("dp:1"), seed=123).full(),
+        tm.randn("a:4 b:8", tm.Mesh("tp:2", layout="b:tp"), seed=123).full(),
+    )

@@ -26,7 +26,8 @@ PUBLIC = [
 ]
 # Every class and function of these modules needs an example (constants have no docstring).
 SURFACE = [
-    (name, obj) for name, obj in PUBLIC
+    (name, obj)
+    for name, obj in PUBLIC
     if name.rsplit(".", 1)[0] in apidoc.EXAMPLES_REQUIRED and (inspect.isclass(obj) or callable(obj))
 ]
 # Examples run here, in one CPU process; torchmesh.xla's need the XLA runtime, so they run in
@@ -86,8 +87,9 @@ def test_xla_docstring_examples_hold():
     """torchmesh.xla's examples, on 4 virtual CPU XLA devices in a fresh process (torch-xla
     reads its devices when it is imported)."""
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
-    out = subprocess.run([sys.executable, "-c", XLA_DOCTESTS], capture_output=True, text=True, env=env,
-                         timeout=280, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", XLA_DOCTESTS], capture_output=True, text=True, env=env, timeout=280, cwd=ROOT
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
 

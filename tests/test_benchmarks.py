@@ -15,7 +15,10 @@ def test_tp_benchmark_runs_and_moves_no_more_bytes_than_dtensor(tmp_path):
     out = tmp_path / "tp.json"
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "tp_mlp.py"), "--steps", "2", "--op-iters", "5", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_mlp_sim_matches_single_device():
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "mlp_sim.py"), "--steps", "8", "--mesh", "dp:2;tp:4"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("step ")]

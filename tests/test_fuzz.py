@@ -43,8 +43,14 @@ MESHES = ("dp:1", "tp:2", "a:3", "dp:2;tp:2")
 NAMES = ("a", "b", "c", "d")
 #: No shrinking: a failing input is reported as drawn (shrinking costs minutes on a busy machine).
 PHASES = (Phase.explicit, Phase.reuse, Phase.generate)
-FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None, phases=PHASES,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=PHASES,
+    suppress_health_check=list(HealthCheck),
+)
 SMALL = settings(FUZZ, max_examples=25)
 
 
@@ -69,8 +75,9 @@ def bounded(seconds: float):
 @pytest.fixture(scope="module", autouse=True)
 def figures(request):
     yield FIGURES
-    line = ("fuzz figures: " + ", ".join(f"{k} {FIGURES[k]}" for k in
-            ("inputs", "equal", "value", "clear", "unclear", "wrong", "hang")))
+    line = "fuzz figures: " + ", ".join(
+        f"{k} {FIGURES[k]}" for k in ("inputs", "equal", "value", "clear", "unclear", "wrong", "hang")
+    )
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(line)
@@ -91,9 +98,14 @@ def _tokens(values: Iterable[object]) -> list[str]:
     return [t for t in out if t]
 
 
-def judge(what: str, run: Callable[[], object], reference: Callable[[], object] | None,
-          names: Iterable[object], compare: Callable[[object, object], None] | None = None,
-          torch_may_refuse: bool = False) -> object:
+def judge(
+    what: str,
+    run: Callable[[], object],
+    reference: Callable[[], object] | None,
+    names: Iterable[object],
+    compare: Callable[[object, object], None] | None = None,
+    torch_may_refuse: bool = False,
+) -> object:
     """Run one fuzzed input: a value equal to `reference()` (torch's), or a clear torchmesh error.
 
     `names`: pieces of the input, at least one of which a clear error message names.
@@ -116,7 +128,7 @@ def judge(what: str, run: Callable[[], object], reference: Callable[[], object] 
             pytest.fail(f"{what}: {type(e).__name__} names nothing of the input {pieces[:8]}: {message}")
         FIGURES["clear"] += 1
         return e
-    except Exception as e:  # noqa: BLE001  (the point: nothing else may escape)
+    except Exception as e:
         FIGURES["unclear"] += 1
         pytest.fail(f"{what}: {type(e).__name__} instead of a torchmesh error:\n{traceback.format_exc()}")
     if reference is None:
@@ -124,7 +136,7 @@ def judge(what: str, run: Callable[[], object], reference: Callable[[], object] 
         return got
     try:
         want = reference()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if torch_may_refuse:
             FIGURES["value"] += 1
             return got
@@ -193,8 +205,11 @@ def _positions(names: tuple[str, ...], which: Iterable[str]) -> tuple[int, ...]:
 # ---- meshes, rules, dims strings, constructors ------------------------------------------------
 
 
-@given(spec=st.one_of(junk, st.sampled_from(MESHES)), rules=st.one_of(junk, st.just("a:dp;b:tp")),
-       backend=st.sampled_from(["sim", "sim", "abstract", "tpu", ""]))
+@given(
+    spec=st.one_of(junk, st.sampled_from(MESHES)),
+    rules=st.one_of(junk, st.just("a:dp;b:tp")),
+    backend=st.sampled_from(["sim", "sim", "abstract", "tpu", ""]),
+)
 @FUZZ
 def test_mesh_and_rules_strings(spec, rules, backend):
     def run():
@@ -212,11 +227,20 @@ def test_a_huge_sim_mesh_is_refused_at_once(size, backend):
     assert isinstance(mesh, tm.MeshError) == (backend == "sim")
 
 
-@given(mesh=meshes(), dims=st.one_of(junk, st.lists(st.sampled_from(NAMES), max_size=3, unique=True).flatmap(
-    lambda ns: st.tuples(*[st.integers(0, 5) for _ in ns]).map(lambda ss: " ".join(f"{n}:{s}" for n, s in zip(ns, ss))))),
+@given(
+    mesh=meshes(),
+    dims=st.one_of(
+        junk,
+        st.lists(st.sampled_from(NAMES), max_size=3, unique=True).flatmap(
+            lambda ns: st.tuples(*[st.integers(0, 5) for _ in ns]).map(
+                lambda ss: " ".join(f"{n}:{s}" for n, s in zip(ns, ss))
+            )
+        ),
+    ),
     kind=st.sampled_from(["zeros", "ones", "full", "randn", "rand", "arange"]),
     value=st.one_of(st.floats(-3, 3), st.integers(-3, 3), st.just("x"), st.none()),
-    dtype=st.sampled_from([None, torch.float64, torch.int64, torch.bool, "float32"]))
+    dtype=st.sampled_from([None, torch.float64, torch.int64, torch.bool, "float32"]),
+)
 @FUZZ
 def test_constructors(mesh, dims, kind, value, dtype):
     def sizes():
@@ -231,11 +255,11 @@ def test_constructors(mesh, dims, kind, value, dtype):
     elif kind == "full":
         run, ref = (lambda: tm.full(dims, value, mesh, dtype=dtype)), (lambda: torch.full(sizes(), value, dtype=dtype))
     elif kind == "arange":
-        run = lambda: tm.arange(dims, mesh, dtype=dtype)  # noqa: E731
-        ref = lambda: torch.arange(sizes()[0], dtype=dtype) if len(sizes()) == 1 else torch.arange(())  # noqa: E731
+        run = lambda: tm.arange(dims, mesh, dtype=dtype)
+        ref = lambda: torch.arange(sizes()[0], dtype=dtype) if len(sizes()) == 1 else torch.arange(())
     else:
         fn = getattr(tm, kind)
-        run = lambda: fn(dims, mesh, seed=value, dtype=dtype)  # noqa: E731
+        run = lambda: fn(dims, mesh, seed=value, dtype=dtype)
     judge(kind, run, ref, [dims, value, dtype, "dtype", "seed", "value"])
 
 
@@ -255,16 +279,20 @@ def einsum_specs(draw):
     """Inputs over dims a..d of consistent sizes (sometimes one off), and an output: a valid
     choice, a name no input has, a duplicate or junk."""
     size = {n: draw(st.integers(0, 4)) for n in NAMES}
-    inputs = draw(st.lists(st.lists(st.sampled_from(NAMES), min_size=0, max_size=3, unique=True),
-                           min_size=1, max_size=3))
+    inputs = draw(
+        st.lists(st.lists(st.sampled_from(NAMES), min_size=0, max_size=3, unique=True), min_size=1, max_size=3)
+    )
     sizes = [[size[n] for n in ns] for ns in inputs]
     if draw(st.booleans()) and inputs[0]:
         sizes[0][0] += 1  # a size that disagrees between inputs
     used = sorted({n for ns in inputs for n in ns})
-    out = draw(st.one_of(
-        st.lists(st.sampled_from(used or ["a"]), max_size=3, unique=True).map(" ".join),
-        st.lists(st.sampled_from(NAMES + ("e",)), max_size=3).map(" ".join),
-        junk))
+    out = draw(
+        st.one_of(
+            st.lists(st.sampled_from(used or ["a"]), max_size=3, unique=True).map(" ".join),
+            st.lists(st.sampled_from(NAMES + ("e",)), max_size=3).map(" ".join),
+            junk,
+        )
+    )
     return inputs, sizes, out
 
 
@@ -285,8 +313,9 @@ def test_einsum(mesh, spec, seed):
         outs = out.split()
         if not all(o in letters for o in outs):
             raise ValueError("not an output torch can read")
-        return torch.einsum(",".join("".join(letters[n] for n in ns) for ns in inputs) + "->"
-                            + "".join(letters[o] for o in outs), *ts)
+        return torch.einsum(
+            ",".join("".join(letters[n] for n in ns) for ns in inputs) + "->" + "".join(letters[o] for o in outs), *ts
+        )
 
     judge(f"einsum {equation!r}", run, ref, [equation, out, *[n for ns in inputs for n in ns]])
 
@@ -302,8 +331,12 @@ _TORCH_REDUCE = {
 }
 
 
-@given(mesh=meshes(), data=st.data(), op=st.sampled_from([*_TORCH_REDUCE, "softmax", "log_softmax"]),
-       style=st.sampled_from(["names", "all", "unknown", "int", "reduced_dim", "output_shape", "bad_output_shape"]))
+@given(
+    mesh=meshes(),
+    data=st.data(),
+    op=st.sampled_from([*_TORCH_REDUCE, "softmax", "log_softmax"]),
+    style=st.sampled_from(["names", "all", "unknown", "int", "reduced_dim", "output_shape", "bad_output_shape"]),
+)
 @FUZZ
 def test_reductions(mesh, data, op, style):
     x, t, names = data.draw(tensors(mesh))
@@ -334,8 +367,12 @@ def test_reductions(mesh, data, op, style):
     fn = getattr(tm, "reduce_" + op) if op in ("sum", "mean", "max", "min") else tm.logsumexp
     if fn is tm.logsumexp and kwargs:
         return
-    judge(f"{op}{args}{kwargs}", lambda: fn(x, *args, **kwargs),
-          lambda: _TORCH_REDUCE[op](t, _positions(names, which)), [*args, *kwargs, *which, op])
+    judge(
+        f"{op}{args}{kwargs}",
+        lambda: fn(x, *args, **kwargs),
+        lambda: _TORCH_REDUCE[op](t, _positions(names, which)),
+        [*args, *kwargs, *which, op],
+    )
 
 
 # ---- rearrange -------------------------------------------------------------------------------
@@ -363,7 +400,7 @@ def rearranges(draw):
     right, i = [], 0
     while i < len(order):
         k = draw(st.integers(1, min(2, len(order) - i)))
-        right.append(order[i] if k == 1 else "(" + " ".join(order[i:i + k]) + ")")
+        right.append(order[i] if k == 1 else "(" + " ".join(order[i : i + k]) + ")")
         i += k
     pattern = " ".join(left) + " -> " + " ".join(right)
     mangle = draw(st.sampled_from(["none"] * 4 + ["wrong_size", "extra_size", "drop", "junk", "negative"]))
@@ -389,22 +426,34 @@ def test_rearrange(mesh, spec):
     def run():
         return tm.rearrange(tm.distribute(t, " ".join(names), mesh), pattern, **kw)
 
-    judge(f"rearrange {pattern!r} {kw}", run, lambda: einops.rearrange(t, pattern, **kw),
-          [pattern, *kw, *map(str, kw.values()), *names])
+    judge(
+        f"rearrange {pattern!r} {kw}",
+        run,
+        lambda: einops.rearrange(t, pattern, **kw),
+        [pattern, *kw, *map(str, kw.values()), *names],
+    )
 
 
 # ---- relayout, slice, pad, shift, concat, stack ---------------------------------------------
 
 
-@given(mesh=meshes(), data=st.data(), rules=st.one_of(junk, st.sampled_from(["a:dp", "a:tp;b:dp", "b:a", "", "c:tp,dp"])))
+@given(
+    mesh=meshes(), data=st.data(), rules=st.one_of(junk, st.sampled_from(["a:dp", "a:tp;b:dp", "b:a", "", "c:tp,dp"]))
+)
 @FUZZ
 def test_relayout(mesh, data, rules):
     x, t, names = data.draw(tensors(mesh))
     judge(f"relayout({rules!r})", lambda: x.relayout(rules), lambda: t, [rules, *names])
 
 
-ints = st.one_of(st.integers(-7, 7), st.sampled_from([10**6, -(10**6), 2**63 - 1]), st.just(np.int64(2)),
-                 st.just(2.5), st.just("1"), st.none())
+ints = st.one_of(
+    st.integers(-7, 7),
+    st.sampled_from([10**6, -(10**6), 2**63 - 1]),
+    st.just(np.int64(2)),
+    st.just(2.5),
+    st.just("1"),
+    st.none(),
+)
 
 
 def _torch_slice(t: torch.Tensor, i: int, start, stop) -> torch.Tensor:
@@ -422,8 +471,14 @@ def _torch_shift(t: torch.Tensor, i: int, n: int, wrap: bool) -> torch.Tensor:
     return out
 
 
-@given(mesh=meshes(), data=st.data(), op=st.sampled_from(["slice", "pad", "shift", "shift_wrap"]),
-       a=ints, b=ints, dim_ok=st.booleans())
+@given(
+    mesh=meshes(),
+    data=st.data(),
+    op=st.sampled_from(["slice", "pad", "shift", "shift_wrap"]),
+    a=ints,
+    b=ints,
+    dim_ok=st.booleans(),
+)
 @FUZZ
 def test_slice_pad_shift(mesh, data, op, a, b, dim_ok):
     x, t, names = data.draw(tensors(mesh))
@@ -432,8 +487,8 @@ def test_slice_pad_shift(mesh, data, op, a, b, dim_ok):
     if op == "slice":
         run, ref = (lambda: tm.slice(x, dim, a, b)), (lambda: _torch_slice(t, i, _int(a, None), _int(b, None)))
     elif op == "pad":
-        run = lambda: tm.pad(x, dim, a, b)  # noqa: E731
-        ref = lambda: F.pad(t.movedim(i, -1), (_int(a), _int(b))).movedim(-1, i)  # noqa: E731
+        run = lambda: tm.pad(x, dim, a, b)
+        ref = lambda: F.pad(t.movedim(i, -1), (_int(a), _int(b))).movedim(-1, i)
     else:
         wrap = op == "shift_wrap"
         run, ref = (lambda: tm.shift(x, dim, a, wrap=wrap)), (lambda: _torch_shift(t, i, _int(a), wrap))
@@ -465,12 +520,11 @@ def test_concat_and_stack(data, same_mesh, op):
     u = torch.randn([sizes[n] for n in names])
     y = tm.distribute(u, " ".join(names), other_mesh)
     if op == "concat":
-        ref = (lambda: torch.cat([t, u], names.index(dim)))
+        ref = lambda: torch.cat([t, u], names.index(dim))
         judge(f"concat {dim!r}", lambda: tm.concat([x, y], dim), ref, [dim, "mesh", *names])
     else:
         new = data.draw(st.sampled_from(["s", names[0]]))
-        judge(f"stack {new!r}", lambda: tm.stack([x, y], new), lambda: torch.stack([t, u]),
-              [new, "mesh", *names])
+        judge(f"stack {new!r}", lambda: tm.stack([x, y], new), lambda: torch.stack([t, u]), [new, "mesh", *names])
 
 
 # ---- lookups, top_k, cumsum, dropout --------------------------------------------------------
@@ -482,12 +536,20 @@ def test_lookups(mesh, data, op):
     vocab = data.draw(st.integers(1, 5))
     ids = torch.tensor(data.draw(st.lists(st.integers(-2, vocab + 1), min_size=1, max_size=5)))
     if op == "one_hot":
-        judge("one_hot", lambda: tm.one_hot(tm.distribute(ids, "a", mesh), tm.Dim("v", vocab)),
-              lambda: F.one_hot(ids, vocab).float(), ["v", "a", str(vocab), "one_hot"])
+        judge(
+            "one_hot",
+            lambda: tm.one_hot(tm.distribute(ids, "a", mesh), tm.Dim("v", vocab)),
+            lambda: F.one_hot(ids, vocab).float(),
+            ["v", "a", str(vocab), "one_hot"],
+        )
     else:
         table = torch.randn(vocab, 3)
-        judge("embedding", lambda: tm.embedding(tm.distribute(ids, "a", mesh), tm.distribute(table, "v d", mesh), "v"),
-              lambda: F.embedding(ids, table), ["v", "a", "d", str(vocab), "embedding"])
+        judge(
+            "embedding",
+            lambda: tm.embedding(tm.distribute(ids, "a", mesh), tm.distribute(table, "v d", mesh), "v"),
+            lambda: F.embedding(ids, table),
+            ["v", "a", "d", str(vocab), "embedding"],
+        )
 
 
 @given(mesh=meshes(), data=st.data(), k=ints, op=st.sampled_from(["top_k", "cumsum", "argmax"]))
@@ -497,27 +559,36 @@ def test_selection_and_scan(mesh, data, k, op):
     dim = data.draw(st.sampled_from(names + ("z",)))
     i = names.index(dim) if dim in names else 0
     if dim not in names:
-        ref = lambda: 1 / 0  # noqa: E731
+        ref = lambda: 1 / 0
     if op == "top_k":
-        run = lambda: tm.top_k(x, dim, k, new_dim="kk")[0]  # noqa: E731
+        run = lambda: tm.top_k(x, dim, k, new_dim="kk")[0]
         if dim in names:
-            ref = lambda: torch.topk(t, _int(k), i).values.movedim(i, -1)  # noqa: E731
+            ref = lambda: torch.topk(t, _int(k), i).values.movedim(i, -1)
 
         def compare(got, want):
             torch.testing.assert_close(got.full(), want.movedim(-1, got.dims.index("kk")))
     elif op == "cumsum":
-        run, compare = (lambda: tm.cumsum(x, dim)), None  # noqa: E731
+        run, compare = (lambda: tm.cumsum(x, dim)), None
         if dim in names:
-            ref = lambda: torch.cumsum(t, i)  # noqa: E731
+            ref = lambda: torch.cumsum(t, i)
     else:
-        run, compare = (lambda: tm.argmax(x, dim)), None  # noqa: E731
+        run, compare = (lambda: tm.argmax(x, dim)), None
         if dim in names:
-            ref = lambda: torch.argmax(t, i)  # noqa: E731
+            ref = lambda: torch.argmax(t, i)
     judge(f"{op}({dim!r}, {k!r})", run, ref, [dim, k, op, *names], compare=compare)
 
 
-@given(mesh=meshes(), data=st.data(), p=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.just("0.5"),
-       st.just(None), st.just(np.float32(0.25)), st.sampled_from([0.0, 1.0, -0.1, 1.1])))
+@given(
+    mesh=meshes(),
+    data=st.data(),
+    p=st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.just("0.5"),
+        st.just(None),
+        st.just(np.float32(0.25)),
+        st.sampled_from([0.0, 1.0, -0.1, 1.1]),
+    ),
+)
 @SMALL
 def test_dropout(mesh, data, p):
     x, t, names = data.draw(tensors(mesh))
@@ -556,9 +627,18 @@ def checkpoint_paths(draw, root: Path):
     return root / draw(st.text(alphabet="abé -_.:", min_size=1, max_size=6)).replace(".", "d")
 
 
-@given(data=st.data(), step=st.one_of(st.integers(-3, 10**12), st.just(np.int64(3)), st.just(2.0), st.just("3"),
-       st.just(True), st.none()), extra=st.one_of(st.none(), st.just({"pos": 3}), st.just({1: 2}),
-       st.just({"t": torch.ones(2)}), st.just({"f": print}), st.just({"n": float("nan")})))
+@given(
+    data=st.data(),
+    step=st.one_of(st.integers(-3, 10**12), st.just(np.int64(3)), st.just(2.0), st.just("3"), st.just(True), st.none()),
+    extra=st.one_of(
+        st.none(),
+        st.just({"pos": 3}),
+        st.just({1: 2}),
+        st.just({"t": torch.ones(2)}),
+        st.just({"f": print}),
+        st.just({"n": float("nan")}),
+    ),
+)
 @settings(FUZZ, max_examples=20)
 def test_save_and_load_paths(tmp_path_factory, data, step, extra):
     root = tmp_path_factory.mktemp("ck")
@@ -566,8 +646,12 @@ def test_save_and_load_paths(tmp_path_factory, data, step, extra):
     mesh = mesh_of("tp:2", "ff:tp")
     model = tm.nn.Module()
     model.w = tm.randn("d:3 ff:5", mesh, seed=0)
-    saved = judge(f"save({str(path)!r}, step={step!r})", lambda: tm.save(path, model, step=step, extra=extra), None,
-                  [str(path), repr(step), "step", "extra", *(extra or {})])
+    saved = judge(
+        f"save({str(path)!r}, step={step!r})",
+        lambda: tm.save(path, model, step=step, extra=extra),
+        None,
+        [str(path), repr(step), "step", "extra", *(extra or {})],
+    )
     if isinstance(saved, Exception):
         assert not list(root.rglob("*.partial")), "a refused save left a .partial directory"
         return
@@ -579,8 +663,21 @@ def test_save_and_load_paths(tmp_path_factory, data, step, extra):
     assert tm.latest_checkpoint(Path(saved).parent) is not None
 
 
-@given(marker=st.one_of(st.binary(max_size=20), st.sampled_from([b"{}", b"[]", b'{"files": 3}', b'{"files": {}, "step": "x"}',
-       b'{"files": {"../x": {"bytes": 1, "crc32": 1}}}'])), as_dir=st.booleans())
+@given(
+    marker=st.one_of(
+        st.binary(max_size=20),
+        st.sampled_from(
+            [
+                b"{}",
+                b"[]",
+                b'{"files": 3}',
+                b'{"files": {}, "step": "x"}',
+                b'{"files": {"../x": {"bytes": 1, "crc32": 1}}}',
+            ]
+        ),
+    ),
+    as_dir=st.booleans(),
+)
 @settings(FUZZ, max_examples=20)
 def test_latest_checkpoint_skips_a_malformed_marker(tmp_path_factory, marker, as_dir):
     root = tmp_path_factory.mktemp("latest")
@@ -624,19 +721,32 @@ def test_export_never_follows_a_planted_tmp(tmp_path_factory, plant):
 # ---- the CLI and the examples: one error line, exit status 2 --------------------------------
 
 CLI_BAD = [
-    ["--mesh", "dp:x"], ["--mesh", "dp:2", "--experts", "x"], ["--mesh", "dp:2", "--top", "-1"],
-    ["--mesh", "dp:2", "--batch", "0"], ["--mesh", "dp:2", "--seq", "-3"], ["--mesh", "dp:2", "--efficiency", "0"],
-    ["--mesh", "dp:2", "--params", "0"], ["--mesh", "dp:2", "--params=-1B"], ["--mesh", "dp:2", "--memory", "0"],
-    ["--mesh", "dp:2", "--memory", "1e999GB"], ["--mesh", "dp:2", "--roles", "x="], ["--mesh", "dp:2", "--bandwidth", "dp:0"],
-    ["--mesh", "dp:2", "--flops", "0"], ["--mesh", "dp:2", "--hardware", "x"], ["--model", "os:getcwd", "--mesh", "dp:2"],
-    [], ["--mesh", "dp:2", "--experts", "-2"], ["--mesh", "dp:2", "--optimizer", "x"], ["--mesh", "dp:0"],
+    ["--mesh", "dp:x"],
+    ["--mesh", "dp:2", "--experts", "x"],
+    ["--mesh", "dp:2", "--top", "-1"],
+    ["--mesh", "dp:2", "--batch", "0"],
+    ["--mesh", "dp:2", "--seq", "-3"],
+    ["--mesh", "dp:2", "--efficiency", "0"],
+    ["--mesh", "dp:2", "--params", "0"],
+    ["--mesh", "dp:2", "--params=-1B"],
+    ["--mesh", "dp:2", "--memory", "0"],
+    ["--mesh", "dp:2", "--memory", "1e999GB"],
+    ["--mesh", "dp:2", "--roles", "x="],
+    ["--mesh", "dp:2", "--bandwidth", "dp:0"],
+    ["--mesh", "dp:2", "--flops", "0"],
+    ["--mesh", "dp:2", "--hardware", "x"],
+    ["--model", "os:getcwd", "--mesh", "dp:2"],
+    [],
+    ["--mesh", "dp:2", "--experts", "-2"],
+    ["--mesh", "dp:2", "--optimizer", "x"],
+    ["--mesh", "dp:0"],
     ["--mesh", "dp:2", "--no-such-flag"],
 ]
 
 
 @pytest.mark.parametrize("args", CLI_BAD, ids=" ".join)
 def test_cli_bad_arguments_print_one_line_and_exit_2(capsys, args):
-    from torchmesh.cli import main
+    from torchmesh.planning.cli import main
 
     FIGURES["inputs"] += 1
     assert main(["plan", *args]) == 2
@@ -646,19 +756,30 @@ def test_cli_bad_arguments_print_one_line_and_exit_2(capsys, args):
     FIGURES["clear"] += 1
 
 
-@given(text=st.one_of(junk, st.text(max_size=8)), parser=st.sampled_from(["count", "bytes", "bandwidths", "roles", "mesh"]))
+@given(
+    text=st.one_of(junk, st.text(max_size=8)), parser=st.sampled_from(["count", "bytes", "bandwidths", "roles", "mesh"])
+)
 @FUZZ
 def test_cli_value_parsers(text, parser):
-    from torchmesh import cli
+    from torchmesh.planning import cli
 
-    fn = {"count": cli.parse_count, "bytes": cli.parse_bytes, "bandwidths": cli.parse_bandwidths,
-          "roles": cli.parse_roles, "mesh": tm.MeshShape.parse}[parser]
+    fn = {
+        "count": cli.parse_count,
+        "bytes": cli.parse_bytes,
+        "bandwidths": cli.parse_bandwidths,
+        "roles": cli.parse_roles,
+        "mesh": tm.MeshShape.parse,
+    }[parser]
     judge(f"{parser}({text!r})", lambda: fn(text), None, [text])
 
 
 EXAMPLES_BAD = [
-    ["train_lm.py", "--steps", "x"], ["train_lm.py", "--mesh", "dp:x"], ["train_lm.py", "--heads", "3"],
-    ["train_moe.py", "--top-k", "5"], ["mlp_sim.py", "--mesh", "dp"], ["train_lm.py", "--dropout", "nan"],
+    ["train_lm.py", "--steps", "x"],
+    ["train_lm.py", "--mesh", "dp:x"],
+    ["train_lm.py", "--heads", "3"],
+    ["train_moe.py", "--top-k", "5"],
+    ["mlp_sim.py", "--mesh", "dp"],
+    ["train_lm.py", "--dropout", "nan"],
 ]
 
 
@@ -667,8 +788,15 @@ def test_examples_bad_arguments_print_one_line_and_exit_2():
     import sys
 
     root = Path(__file__).resolve().parents[1] / "examples"
-    runs = [(args, subprocess.Popen([sys.executable, *args], cwd=root, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)) for args in EXAMPLES_BAD]
+    runs = [
+        (
+            args,
+            subprocess.Popen(
+                [sys.executable, *args], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            ),
+        )
+        for args in EXAMPLES_BAD
+    ]
     for args, proc in runs:
         out, err = proc.communicate(timeout=300)
         FIGURES["inputs"] += 1
@@ -677,8 +805,11 @@ def test_examples_bad_arguments_print_one_line_and_exit_2():
         FIGURES["clear"] += 1
 
 
-@given(error=st.sampled_from([OSError(28, "No space left on device"), PermissionError(13, "Permission denied"),
-                              RuntimeError("disk gone")]))
+@given(
+    error=st.sampled_from(
+        [OSError(28, "No space left on device"), PermissionError(13, "Permission denied"), RuntimeError("disk gone")]
+    )
+)
 @settings(FUZZ, max_examples=3)
 def test_a_failing_write_is_a_checkpoint_error_not_a_base_exception(tmp_path_factory, error):
     """DCP raises a write failure as CheckpointException, a BaseException that `except Exception`
@@ -710,10 +841,19 @@ def _compare_pieces(got: list, want: tuple) -> None:
         torch.testing.assert_close(g.full(), w)
 
 
-@given(mesh=meshes(), data=st.data(), op=st.sampled_from(["rename", "add", "mul_other_mesh", "split", "cast",
-                                                          "where", "mesh_option", "unstack"]),
-       arg=st.one_of(st.sampled_from(NAMES + ("z",)), st.integers(-2, 6), st.lists(st.integers(-1, 4), max_size=3),
-                     st.just(torch.float64), st.just("float"), st.none()))
+@given(
+    mesh=meshes(),
+    data=st.data(),
+    op=st.sampled_from(["rename", "add", "mul_other_mesh", "split", "cast", "where", "mesh_option", "unstack"]),
+    arg=st.one_of(
+        st.sampled_from(NAMES + ("z",)),
+        st.integers(-2, 6),
+        st.lists(st.integers(-1, 4), max_size=3),
+        st.just(torch.float64),
+        st.just("float"),
+        st.none(),
+    ),
+)
 @FUZZ
 def test_names_and_elementwise(mesh, data, op, arg):
     x, t, names = data.draw(tensors(mesh))
@@ -722,8 +862,8 @@ def test_names_and_elementwise(mesh, data, op, arg):
     ref: Callable[[], object] | None = None
     compare = None
     if op == "rename":
-        run = lambda: x.rename(**{dim: arg})  # noqa: E731
-        ref = lambda: t if isinstance(arg, str) and (arg == dim or arg not in names) else 1 / 0  # noqa: E731
+        run = lambda: x.rename(**{dim: arg})
+        ref = lambda: t if isinstance(arg, str) and (arg == dim or arg not in names) else 1 / 0
     elif op in ("add", "mul_other_mesh", "where"):
         other_names = tuple(data.draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=3, unique=True)))
         sizes = {n: x.sizes.get(n, data.draw(st.integers(0, 3))) for n in other_names}
@@ -746,23 +886,27 @@ def test_names_and_elementwise(mesh, data, op, arg):
         def compare(got, want):
             torch.testing.assert_close(got.full().permute([got.dims.index(n) for n in out_names]), want)
     elif op == "split":
-        run = lambda: tm.split(x, dim, arg)  # noqa: E731
+        run = lambda: tm.split(x, dim, arg)
 
         def ref():
-            if isinstance(arg, bool) or not isinstance(arg, (int, list)) or (isinstance(arg, list) and sum(arg) != t.shape[i]):
+            if (
+                isinstance(arg, bool)
+                or not isinstance(arg, (int, list))
+                or (isinstance(arg, list) and sum(arg) != t.shape[i])
+            ):
                 raise ValueError(arg)
-            if isinstance(arg, int) and arg <= 0 or isinstance(arg, list) and any(a < 0 for a in arg):
+            if (isinstance(arg, int) and arg <= 0) or (isinstance(arg, list) and any(a < 0 for a in arg)):
                 raise ValueError(arg)
             return torch.split(t, arg, i)
 
         compare = _compare_pieces
     elif op == "unstack":
-        run = lambda: tm.unstack(x, arg)  # noqa: E731
-        ref = lambda: torch.unbind(t, names.index(arg)) if arg in names else 1 / 0  # noqa: E731
+        run = lambda: tm.unstack(x, arg)
+        ref = lambda: torch.unbind(t, names.index(arg)) if arg in names else 1 / 0
         compare = _compare_pieces
     elif op == "cast":
-        run = lambda: tm.cast(x, arg)  # noqa: E731
-        ref = lambda: t.to(arg) if isinstance(arg, torch.dtype) else 1 / 0  # noqa: E731
+        run = lambda: tm.cast(x, arg)
+        ref = lambda: t.to(arg) if isinstance(arg, torch.dtype) else 1 / 0
     else:
-        run = lambda: tm.Mesh("dp:2", backend="sim", **{str(arg): 1})  # noqa: E731
+        run = lambda: tm.Mesh("dp:2", backend="sim", **{str(arg): 1})
     judge(f"{op}({arg!r})", run, ref, [arg, dim, op, "mesh", *names], compare=compare)

@@ -4,9 +4,12 @@ Write the program once over tensors with named dims; one line of layout rules sa
 dims are split over which mesh axes; torchmesh inserts every collective.
 """
 
+from torchmesh import (
+    nn,
+    optim,
+    planning,
+)
 from torchmesh import tensor as _tensor  # noqa: F401  (installs MeshTensor's methods)
-from torchmesh import nn
-from torchmesh import optim
 from torchmesh.checkpoint import (
     export_state_dict,
     from_dtensor,
@@ -33,21 +36,30 @@ from torchmesh.errors import (
     ReplicaMismatch,
     TorchMeshError,
 )
-from torchmesh.mesh import Mesh
+from torchmesh.nn.parameter import check_replicas
+from torchmesh.placement.dims import Dim
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.mesh_shape import MeshShape
 from torchmesh.placement.rules import LayoutRules
-from torchmesh.printing import show, show_layout
 from torchmesh.tensor.attention import attention
 from torchmesh.tensor.construct import (
-    arange, distribute, from_local, full, full_like, ones, ones_like, zeros, zeros_like,
+    arange,
+    distribute,
+    from_local,
+    full,
+    full_like,
+    ones,
+    ones_like,
+    zeros,
+    zeros_like,
 )
-from torchmesh.tensor.dims import Dim
 from torchmesh.tensor.einsum import einsum
-from torchmesh.tensor.local_map import local_map
 from torchmesh.tensor.elementwise import cast, pointwise, where
 from torchmesh.tensor.gather import embedding, gather, one_hot
+from torchmesh.tensor.local_map import local_map
+from torchmesh.tensor.mesh import Mesh
 from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.tensor.printing import show, show_layout
 from torchmesh.tensor.random import dropout, manual_seed, rand, randn
 from torchmesh.tensor.rearrange import rearrange
 from torchmesh.tensor.reduce import (
@@ -62,29 +74,96 @@ from torchmesh.tensor.reduce import (
     softmax,
 )
 from torchmesh.tensor.relayout import relayout, rename
-from torchmesh.tensor.replicas import check_replicas
 from torchmesh.tensor.scan import cumsum
 from torchmesh.tensor.selection import argmax, argmin, top_k
 from torchmesh.tensor.slicing import concat, pad, shift, slice  # noqa: A004  (tm.slice, like mtf.slice)
 from torchmesh.tensor.stacking import split, stack, unstack
-from torchmesh import planning  # noqa: E402  (tm.planning: layout search before renting devices)
 
 Dimension = Dim  # Mesh TF's name
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "export_state_dict", "from_dtensor", "import_state_dict", "latest_checkpoint",
-    "load", "save", "to_dtensor",
-    "BackendError", "CollectiveMismatch", "CollectiveTimeout", "MeshError", "CommRecord", "CommStats", "Dim", "DimError", "Dimension", "LayoutError",
-    "LayoutRules", "Mesh", "MeshShape", "MeshTensor", "ParseError", "PlanningError", "TensorLayout", "TorchMeshError",
-    "arange", "attention", "cast", "comm_stats", "concat", "distribute", "dropout", "einsum", "embedding",
-    "from_local", "full", "gather", "log_softmax", "logsumexp", "manual_seed", "one_hot", "ones",
-    "pad", "pointwise", "rand", "randn", "rearrange", "reduce_all", "reduce_any", "reduce_max",
-    "reduce_mean", "reduce_min", "reduce_sum", "relayout", "rename", "shift", "show", "show_layout", "slice",
-    "softmax", "where", "zeros",
-    "argmax", "argmin", "cumsum", "full_like", "ones_like", "split", "stack", "top_k", "unstack", "zeros_like",
-    "ReplicaMismatch", "check_replicas", "local_map",
-    "ArgumentError", "ArgumentTypeError",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "BackendError",
+    "CheckpointError",
+    "CollectiveMismatch",
+    "CollectiveTimeout",
+    "CommRecord",
+    "CommStats",
+    "Dim",
+    "DimError",
+    "Dimension",
     "IndexRangeError",
+    "LayoutError",
+    "LayoutRules",
+    "Mesh",
+    "MeshError",
+    "MeshShape",
+    "MeshTensor",
+    "ParseError",
+    "PlanningError",
+    "ReplicaMismatch",
+    "TensorLayout",
+    "TorchMeshError",
+    "arange",
+    "argmax",
+    "argmin",
+    "attention",
+    "cast",
+    "check_replicas",
+    "comm_stats",
+    "concat",
+    "cumsum",
+    "distribute",
+    "dropout",
+    "einsum",
+    "embedding",
+    "export_state_dict",
+    "from_dtensor",
+    "from_local",
+    "full",
+    "full_like",
+    "gather",
+    "import_state_dict",
+    "latest_checkpoint",
+    "load",
+    "local_map",
+    "log_softmax",
+    "logsumexp",
+    "manual_seed",
+    "nn",
+    "one_hot",
+    "ones",
+    "ones_like",
+    "optim",
+    "pad",
+    "planning",
+    "pointwise",
+    "rand",
+    "randn",
+    "rearrange",
+    "reduce_all",
+    "reduce_any",
+    "reduce_max",
+    "reduce_mean",
+    "reduce_min",
+    "reduce_sum",
+    "relayout",
+    "rename",
+    "save",
+    "shift",
+    "show",
+    "show_layout",
+    "slice",
+    "softmax",
+    "split",
+    "stack",
+    "to_dtensor",
+    "top_k",
+    "unstack",
+    "where",
+    "zeros",
+    "zeros_like",
 ]

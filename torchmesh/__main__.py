@@ -1,8 +1,8 @@
-"""`python -m torchmesh plan ...`: see `torchmesh/cli.py`."""
+"""`python -m torchmesh plan ...`: see `torchmesh/planning/cli.py`."""
 
 import sys
 
-from torchmesh.cli import main
+from torchmesh.planning.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,10 +7,9 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Sequence
 from typing import Any
 
-from torchmesh.errors import ArgumentError, ArgumentTypeError, DimError
+from torchmesh.errors import ArgumentError, ArgumentTypeError
 
 
 def integer(call: str, name: str, value: Any, minimum: int | None = None) -> int:
@@ -28,9 +27,11 @@ def integer(call: str, name: str, value: Any, minimum: int | None = None) -> int
 
 def probability(call: str, name: str, value: Any, fix: str) -> float:
     """`value` as a float in [0, 1] (a real number: numpy and 0-d tensors too)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) and not _real_tensor(value):
-        raise ArgumentTypeError(f"{call}({name}={value!r}): {name} is a number (a float in [0, 1]), "
-                                f"not a {type(value).__name__}. Fix: {fix}.")
+    if isinstance(value, bool) or (not isinstance(value, numbers.Real) and not _real_tensor(value)):
+        raise ArgumentTypeError(
+            f"{call}({name}={value!r}): {name} is a number (a float in [0, 1]), "
+            f"not a {type(value).__name__}. Fix: {fix}."
+        )
     p = float(value)
     if not (0.0 <= p <= 1.0) or math.isnan(p):
         raise ArgumentError(f"{call}({name}={value!r}): {name} is a probability, a number in [0, 1]. Fix: {fix}.")
@@ -43,30 +44,20 @@ def _real_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex()
 
 
-def same_mesh(call: str, xs: Sequence[Any]) -> None:
-    """Every input a MeshTensor of one Mesh object (DimError naming both meshes otherwise)."""
-    from torchmesh.tensor.mesh_tensor import MeshTensor
-
-    for x in xs:
-        if not isinstance(x, MeshTensor):
-            raise ArgumentTypeError(f"{call} takes MeshTensors; got a {type(x).__name__}. "
-                                    f"Fix: tm.distribute(value, 'dims', mesh) first.")
-    for x in xs[1:]:
-        if x.mesh is not xs[0].mesh:
-            raise DimError(f"{call}: the inputs live on different meshes ({xs[0].mesh} and {x.mesh}). "
-                           f"Fix: build every input on one Mesh object.")
-
-
 def dtype(call: str, value: Any, floating: bool = False) -> Any:
     """None or a torch.dtype (a floating one where values are drawn)."""
     import torch
 
     if value is not None and not isinstance(value, torch.dtype):
-        raise ArgumentTypeError(f"{call}: dtype={value!r} is a {type(value).__name__}, not a torch.dtype. "
-                                f"Fix: dtype=torch.float32 (or leave it out).")
+        raise ArgumentTypeError(
+            f"{call}: dtype={value!r} is a {type(value).__name__}, not a torch.dtype. "
+            f"Fix: dtype=torch.float32 (or leave it out)."
+        )
     if floating and value is not None and not value.is_floating_point:
-        raise ArgumentError(f"{call}: dtype={value} is not a floating dtype; random values are drawn "
-                            f"as floats. Fix: dtype=torch.float32, then .to(...) if needed.")
+        raise ArgumentError(
+            f"{call}: dtype={value} is not a floating dtype; random values are drawn "
+            f"as floats. Fix: dtype=torch.float32, then .to(...) if needed."
+        )
     return value
 
 
@@ -76,8 +67,9 @@ def number(call: str, name: str, value: Any) -> Any:
 
     if isinstance(value, (numbers.Number, np_number())) or (isinstance(value, torch.Tensor) and value.dim() == 0):
         return value
-    raise ArgumentTypeError(f"{call}: {name}={value!r} is a {type(value).__name__}, not a number. "
-                            f"Fix: {name}=0.5 (a number).")
+    raise ArgumentTypeError(
+        f"{call}: {name}={value!r} is a {type(value).__name__}, not a number. Fix: {name}=0.5 (a number)."
+    )
 
 
 def np_number() -> tuple[type, ...]:

@@ -166,10 +166,7 @@ def unknown_axis(axis: str, dim: str, rules: str, mesh_axes: Iterable[str]) -> s
 def missing_dims(what: str, wanted: Iterable[str], have: Iterable[str]) -> str:
     wanted, have = list(wanted), list(have)
     missing = [d for d in wanted if d not in have]
-    return (
-        f"{what}: dims {_names(missing)} are not dims of the tensor {_names(have)}. "
-        f"Fix: name one of {_names(have)}."
-    )
+    return f"{what}: dims {_names(missing)} are not dims of the tensor {_names(have)}. Fix: name one of {_names(have)}."
 
 
 def size_mismatch(what: str, name: str, sizes: Iterable[int]) -> str:
@@ -184,8 +181,10 @@ def rename_collision(dims: Mapping[str, int], renames: Mapping[str, str], new_na
     dup = next(n for i, n in enumerate(new_names) if n in new_names[:i])
     call = ", ".join(f"{old}={new!r}" for old, new in renames.items())
     if dup in dims and dup not in renames:
-        fix = (f"rename to a name the tensor does not have, or rename its dim {dup!r} too "
-               f"(x.rename({call}, {dup}='{dup}_2'))")
+        fix = (
+            f"rename to a name the tensor does not have, or rename its dim {dup!r} too "
+            f"(x.rename({call}, {dup}='{dup}_2'))"
+        )
     else:
         fix = f"give the dims renamed to {dup!r} different names"
     return (
@@ -325,12 +324,25 @@ class IndexRangeError(TorchMeshError, ValueError, IndexError):
     """
 
 
-def ids_out_of_range(op: str, dim: str, size: int, index_dims: Iterable[str], bad: int, total: int, low: int,
-                     high: int, ignore: int | None) -> str:
+def ids_out_of_range(
+    op: str,
+    dim: str,
+    size: int,
+    index_dims: Iterable[str],
+    bad: int,
+    total: int,
+    low: int,
+    high: int,
+    ignore: int | None,
+) -> str:
     other = "" if ignore is None else f" (other than ignore_index={ignore})"
-    fix = (f"map such ids to ignore_index={ignore} (padding), or enlarge {dim!r}" if ignore is not None
-           else f"clamp or remap the ids, or enlarge {dim!r} (a vocab of at least {high + 1})"
-           if high >= size else "clamp or remap the ids (negative ids index nothing)")
+    fix = (
+        f"map such ids to ignore_index={ignore} (padding), or enlarge {dim!r}"
+        if ignore is not None
+        else f"clamp or remap the ids, or enlarge {dim!r} (a vocab of at least {high + 1})"
+        if high >= size
+        else "clamp or remap the ids (negative ids index nothing)"
+    )
     return (
         f"{op}: {bad} of the {total} ids{other} of the index {_names(index_dims)} lie outside the dim {dim!r} of size "
         f"{size} (the ids range over [{low}, {high}]; they must lie in [0, {size})). Fix: {fix}."

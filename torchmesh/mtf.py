@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from torchmesh.placement.dims import Dim, DimsLike, parse_dims
 from torchmesh.tensor import slicing as _slicing
 from torchmesh.tensor.construct import distribute
-from torchmesh.tensor.dims import Dim, DimsLike, parse_dims
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.elementwise import cast
 from torchmesh.tensor.gather import gather as _gather
@@ -37,12 +37,12 @@ from torchmesh.tensor.reduce import (
 from torchmesh.tensor.relayout import rename
 
 if TYPE_CHECKING:
-    from torchmesh.mesh import Mesh
+    from torchmesh.tensor.mesh import Mesh
 
 Dimension = Dim
 
 
-def Shape(dims: DimsLike) -> tuple[Dim, ...]:  # noqa: N802  (Mesh TF's name)
+def Shape(dims: DimsLike) -> tuple[Dim, ...]:
     """A tuple of Dims (Mesh TF's `mtf.Shape`).
 
     >>> import torchmesh.mtf as mtf
@@ -52,7 +52,7 @@ def Shape(dims: DimsLike) -> tuple[Dim, ...]:  # noqa: N802  (Mesh TF's name)
     return parse_dims(dims)
 
 
-def import_tf_tensor(mesh: "Mesh", tensor: torch.Tensor, shape: DimsLike) -> MeshTensor:
+def import_tf_tensor(mesh: Mesh, tensor: torch.Tensor, shape: DimsLike) -> MeshTensor:
     """`mtf.import_tf_tensor`: a global torch tensor laid out on the mesh.
 
     >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
@@ -81,7 +81,7 @@ def rename_dimension(x: MeshTensor, old_name: str, new_name: str) -> MeshTensor:
     return rename(x, {old_name: new_name})
 
 
-def shift(x: MeshTensor, offset: int, dim: "Dim | str", wrap: bool) -> MeshTensor:
+def shift(x: MeshTensor, offset: int, dim: Dim | str, wrap: bool) -> MeshTensor:
     """`mtf.shift(x, offset, dim, wrap)`: `tm.shift(x, dim, offset, wrap=wrap)`.
 
     >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
@@ -114,7 +114,7 @@ def concat(xs: Sequence[MeshTensor], concat_dim_name: str) -> MeshTensor:
     return _slicing.concat(xs, concat_dim_name)
 
 
-def gather(weights: MeshTensor, indices: MeshTensor, dim: "Dim | str") -> MeshTensor:
+def gather(weights: MeshTensor, indices: MeshTensor, dim: Dim | str) -> MeshTensor:
     """`mtf.gather(weights, indices, dim)`: look up `indices` along `dim` of `weights`.
 
     >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
@@ -138,7 +138,7 @@ def one_hot(indices: MeshTensor, output_dim: Dim, dtype: torch.dtype = torch.flo
     return _one_hot(indices, output_dim, dtype)
 
 
-def reduce_logsumexp(x: MeshTensor, reduced_dim: "Dim | str") -> MeshTensor:
+def reduce_logsumexp(x: MeshTensor, reduced_dim: Dim | str) -> MeshTensor:
     """`mtf.reduce_logsumexp(x, reduced_dim)`: `tm.logsumexp(x, name)`.
 
     >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
@@ -150,7 +150,23 @@ def reduce_logsumexp(x: MeshTensor, reduced_dim: "Dim | str") -> MeshTensor:
 
 
 __all__ = [
-    "Dimension", "Shape", "cast", "concat", "einsum", "gather", "import_tf_tensor", "one_hot",
-    "reduce_all", "reduce_any", "reduce_logsumexp", "reduce_max", "reduce_mean", "reduce_min",
-    "reduce_sum", "rename_dimension", "shift", "slice", "softmax",
+    "Dimension",
+    "Shape",
+    "cast",
+    "concat",
+    "einsum",
+    "gather",
+    "import_tf_tensor",
+    "one_hot",
+    "reduce_all",
+    "reduce_any",
+    "reduce_logsumexp",
+    "reduce_max",
+    "reduce_mean",
+    "reduce_min",
+    "reduce_sum",
+    "rename_dimension",
+    "shift",
+    "slice",
+    "softmax",
 ]

@@ -19,6 +19,17 @@ from torchmesh.checkpoint.legacy import upgrade_checkpoint
 from torchmesh.checkpoint.rng import rng_state, set_rng_state
 
 __all__ = [
-    "MARKER", "Loaded", "export_state_dict", "from_dtensor", "global_state_dict", "import_state_dict",
-    "latest_checkpoint", "load", "rng_state", "save", "set_rng_state", "to_dtensor", "upgrade_checkpoint",
+    "MARKER",
+    "Loaded",
+    "export_state_dict",
+    "from_dtensor",
+    "global_state_dict",
+    "import_state_dict",
+    "latest_checkpoint",
+    "load",
+    "rng_state",
+    "save",
+    "set_rng_state",
+    "to_dtensor",
+    "upgrade_checkpoint",
 ]

@@ -29,7 +29,6 @@ import os
 import shutil
 import socket
 import uuid
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -42,7 +41,7 @@ import torch.distributed as dist
 
 from torchmesh.checkpoint import integrity, values
 from torchmesh.checkpoint.legacy import check_format
-from torchmesh.checkpoint.reader import SafeReader, TensorsOnlyPlanner, check_tensors
+from torchmesh.checkpoint.reader import SafeReader, TensorsOnlyPlanner, check_tensors, quiet_dcp
 from torchmesh.checkpoint.rng import is_rng_state, rng_state, set_rng_state
 from torchmesh.checkpoint.state import (
     GROUPS_KEY,
@@ -63,7 +62,7 @@ from torchmesh.errors import CheckpointError
 from torchmesh.placement.layout import TensorLayout, local_shape
 
 if TYPE_CHECKING:
-    from torchmesh.mesh import Mesh
+    from torchmesh.tensor.mesh import Mesh
 
 RNG_KEY = "rng"
 #: {checkpoint key: its dim names, in the order saved}, for every tensor with named dims, so
@@ -85,7 +84,7 @@ class Loaded:
 class _Processes:
     """The processes that take part in a save or load: every rank on dist, just this one otherwise."""
 
-    def __init__(self, mesh: "Mesh | None") -> None:
+    def __init__(self, mesh: Mesh | None) -> None:
         if mesh is not None:
             self.dist = mesh.backend == "dist"
         else:  # a model without mesh parameters: every rank of a running job, if any
@@ -106,7 +105,7 @@ class _Processes:
 
 
 def save(
-    path: "str | os.PathLike[str]",
+    path: str | os.PathLike[str],
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     step: int | None = None,
@@ -138,8 +137,10 @@ def save(
     objects[RNG_KEY] = rng_state()
     for key, value in (extra or {}).items():
         if not isinstance(key, str):
-            raise CheckpointError(f"tm.save(extra=...) has the key {key!r} of type {type(key).__name__}. "
-                                  f"Fix: name extra values with str keys.")
+            raise CheckpointError(
+                f"tm.save(extra=...) has the key {key!r} of type {type(key).__name__}. "
+                f"Fix: name extra values with str keys."
+            )
         values.encode(value, f"tm.save(extra=...)[{key!r}]", tensors=False)  # refused now, not at load
         objects[f"extra/{key}"] = value
     text = values.to_json(objects)
@@ -152,7 +153,9 @@ def save(
         try:
             partial.mkdir(parents=True)
         except OSError as e:
-            raise CheckpointError(f"tm.save(path={str(final)!r}): cannot make {partial} ({e}); nothing was written.") from None
+            raise CheckpointError(
+                f"tm.save(path={str(final)!r}): cannot make {partial} ({e}); nothing was written."
+            ) from None
     procs.barrier()
     _dcp_save(dcp, state, partial, procs, final)
     files: dict[str, dict[str, int]] = {}
@@ -161,8 +164,12 @@ def save(
     if procs.rank == 0:
         files.update(integrity.describe([partial / ".metadata", values.write(partial, text)]))
         mesh = model_mesh(model)
-        info = {"step": objects[STEP_KEY], "mesh": None if mesh is None else str(mesh.shape), "processes": procs.world,
-                "optimizer": optimizer is not None}
+        info = {
+            "step": objects[STEP_KEY],
+            "mesh": None if mesh is None else str(mesh.shape),
+            "processes": procs.world,
+            "optimizer": optimizer is not None,
+        }
         integrity.write_marker(partial, files, info)
         _publish(partial, final)
     procs.barrier()
@@ -170,7 +177,7 @@ def save(
 
 
 def load(
-    path: "str | os.PathLike[str]",
+    path: str | os.PathLike[str],
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     verify: bool = True,
@@ -208,8 +215,10 @@ def load(
     _check_files(directory, marker["files"], procs, verify)
     for needed in (".metadata", values.VALUES):
         if needed not in marker["files"]:
-            raise CheckpointError(f"checkpoint {directory}: its marker does not list {needed}, which every "
-                                  f"checkpoint has; it cannot be read.")
+            raise CheckpointError(
+                f"checkpoint {directory}: its marker does not list {needed}, which every "
+                f"checkpoint has; it cannot be read."
+            )
     reader = SafeReader(directory, marker["files"])
     metadata = reader.read_metadata()
     objects = values.read(directory)
@@ -234,11 +243,11 @@ def load(
         _restore_optimizer(model, optimizer, optim_targets, state, objects)
     if rng and objects.get(RNG_KEY) is not None:
         set_rng_state(objects[RNG_KEY])
-    extra = {k[len("extra/"):]: v for k, v in objects.items() if k.startswith("extra/")}
+    extra = {k[len("extra/") :]: v for k, v in objects.items() if k.startswith("extra/")}
     return Loaded(directory, objects.get(STEP_KEY), extra)
 
 
-def latest_checkpoint(directory: "str | os.PathLike[str]") -> Path | None:
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint (highest saved step) among the subdirectories of
     `directory`, or None. Interrupted saves (no completion marker) are skipped.
 
@@ -264,16 +273,6 @@ def latest_checkpoint(directory: "str | os.PathLike[str]") -> Path | None:
     return found
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence DCP's notices that are expected here: single-process mode on sim (chosen on
-    purpose) and its own use of the deprecated TypedStorage."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-        yield
-
-
 # ---- save helpers ----------------------------------------------------------------------------
 
 
@@ -283,8 +282,10 @@ def _save_state(model, optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     slots = model_slots(model) if model is not None else []
     if optimizer is not None:
         if model is None:
-            raise CheckpointError("tm.save(optimizer=...) needs model=... too: the model's parameter names "
-                                  "name the optimizer's state in the checkpoint.")
+            raise CheckpointError(
+                "tm.save(optimizer=...) needs model=... too: the model's parameter names "
+                "name the optimizer's state in the checkpoint."
+            )
         optim_slots, optim_objects = optimizer_slots(model, optimizer)
         slots += optim_slots
         objects.update(optim_objects)
@@ -302,13 +303,17 @@ def _save_path(path: Any) -> Path:
         raise CheckpointError(f"tm.save(path={path!r}): the path is a str or os.PathLike, not a {type(path).__name__}.")
     final = Path(path)
     if str(path) == "" or final.name in ("", ".", ".."):
-        raise CheckpointError(f"tm.save(path={str(path)!r}): name the checkpoint's own directory, e.g. "
-                              f"'checkpoints/step_100' (it is replaced as a whole).")
+        raise CheckpointError(
+            f"tm.save(path={str(path)!r}): name the checkpoint's own directory, e.g. "
+            f"'checkpoints/step_100' (it is replaced as a whole)."
+        )
     for p in (final, *final.parents):
         if p.exists() or p.is_symlink():
             if not p.is_dir():
-                raise CheckpointError(f"tm.save(path={str(path)!r}): {p} exists and is not a directory, so the "
-                                      f"checkpoint directory cannot be made there. Fix: choose another path.")
+                raise CheckpointError(
+                    f"tm.save(path={str(path)!r}): {p} exists and is not a directory, so the "
+                    f"checkpoint directory cannot be made there. Fix: choose another path."
+                )
             break
     return final
 
@@ -375,8 +380,10 @@ def _publish(partial: Path, final: Path) -> None:
             continue
         shutil.rmtree(old, ignore_errors=True)
     else:
-        raise CheckpointError(f"tm.save({str(final)!r}): other saves to the same path kept replacing it; this "
-                              f"save is left in {partial}. Fix: save each checkpoint under a name of its own.")
+        raise CheckpointError(
+            f"tm.save({str(final)!r}): other saves to the same path kept replacing it; this "
+            f"save is left in {partial}. Fix: save each checkpoint under a name of its own."
+        )
     try:
         partial.parent.rmdir()  # the .partial directory, once no other save to this path uses it
     except OSError:
@@ -394,7 +401,7 @@ def _dcp_failures(message: Callable[[str], str]) -> Iterator[None]:
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        with _quiet():
+        with quiet_dcp():
             yield
     except CheckpointException as e:
         causes = "; ".join(f"rank {rank}: {_cause(exc)}" for rank, (exc, _) in sorted(e.failures.items()))
@@ -404,19 +411,25 @@ def _dcp_failures(message: Callable[[str], str]) -> Iterator[None]:
 def _dcp_save(dcp, state: dict[str, Any], partial: Path, procs: _Processes, final: Path) -> None:
     """DCP writes every rank's blocks; a failure (a full disk, a directory that vanished) is a
     `CheckpointError`."""
-    with _dcp_failures(lambda causes: (
-        f"tm.save(path={str(final)!r}) failed while writing ({causes}); the save is incomplete, so it has no "
-        f"completion marker and the previous checkpoint stays the newest. Fix: the cause above (space, "
-        f"permissions), then save again.")):
+    with _dcp_failures(
+        lambda causes: (
+            f"tm.save(path={str(final)!r}) failed while writing ({causes}); the save is incomplete, so it has no "
+            f"completion marker and the previous checkpoint stays the newest. Fix: the cause above (space, "
+            f"permissions), then save again."
+        )
+    ):
         dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), no_dist=not procs.dist)
 
 
 def _dcp_load(dcp, state: dict[str, Any], reader: SafeReader, procs: _Processes, directory: Path) -> None:
     """DCP reads the tensors (weights_only) into `state`; its failures become `CheckpointError`."""
-    with _dcp_failures(lambda causes: (
-        f"checkpoint {directory}: its data files do not hold the tensors its metadata describes ({causes}), "
-        f"so nothing was loaded. They are read as tensors only (torch.load(weights_only=True)), never as "
-        f"code. Fix: load another checkpoint (tm.latest_checkpoint lists them by step).")):
+    with _dcp_failures(
+        lambda causes: (
+            f"checkpoint {directory}: its data files do not hold the tensors its metadata describes ({causes}), "
+            f"so nothing was loaded. They are read as tensors only (torch.load(weights_only=True)), never as "
+            f"code. Fix: load another checkpoint (tm.latest_checkpoint lists them by step)."
+        )
+    ):
         dcp.load(state, storage_reader=reader, planner=TensorsOnlyPlanner(), no_dist=not procs.dist)
 
 
@@ -441,8 +454,10 @@ def _check_values(objects: dict[str, Any], directory: Path) -> None:
         problem = f"its optimizer hyperparameters {str(groups)[:80]} are not a list of dicts"
     elif rng is not None and not is_rng_state(rng):
         problem = f"its random state {str(rng)[:80]} is not one rng_state() returns"
-    elif dims is not None and not (isinstance(dims, dict) and all(
-            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in dims.values())):
+    elif dims is not None and not (
+        isinstance(dims, dict)
+        and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in dims.values())
+    ):
         problem = f"its dim names {str(dims)[:80]} are not a dict of lists of names"
     elif kind is not None and not isinstance(kind, str):
         problem = f"its optimizer type {kind!r} is not a name"
@@ -478,8 +493,9 @@ def _saved_layout(key: str, layout: TensorLayout, saved: list[str] | None) -> Te
         return layout
     if sorted(saved) != sorted(layout.names):
         return f"{key}: checkpoint dims {tuple(saved)}, model dims {layout.names}"
-    return TensorLayout(tuple(layout.dims[layout.names.index(n)] for n in saved),
-                        tuple(layout.axes_of(n) for n in saved))
+    return TensorLayout(
+        tuple(layout.dims[layout.names.index(n)] for n in saved), tuple(layout.axes_of(n) for n in saved)
+    )
 
 
 def _to_order(block: torch.Tensor, saved: TensorLayout | None, layout: TensorLayout | None) -> torch.Tensor:
@@ -525,7 +541,7 @@ def _model_targets(model, stored: dict, state: dict, dims: dict) -> list:
             missing.append(slot.key)
         elif have != want:
             wrong.append(f"{slot.key}: checkpoint {list(have)}, model {list(want)}")
-    unexpected = sorted(set(k for k in stored if k.startswith("model/")) - {s.key for s in slots})
+    unexpected = sorted({k for k in stored if k.startswith("model/")} - {s.key for s in slots})
     if missing or wrong or unexpected or renamed:
         raise CheckpointError(_mismatch_message(missing, wrong, unexpected, renamed))
     for slot in slots:
@@ -539,8 +555,10 @@ def _optimizer_targets(model, optimizer, stored: dict, state: dict, dims: dict) 
     """(key, ParamRef, stat, layout, the layout in the saved dim order) for every stored state
     tensor of the optimizer's params."""
     if model is None:
-        raise CheckpointError("tm.load(optimizer=...) needs model=... too: the model's parameter names "
-                              "name the optimizer's state in the checkpoint.")
+        raise CheckpointError(
+            "tm.load(optimizer=...) needs model=... too: the model's parameter names "
+            "name the optimizer's state in the checkpoint."
+        )
     targets = []
     for ref in optimizer_refs(model, optimizer):
         prefix = f"optim/{ref.name}/"
@@ -548,12 +566,18 @@ def _optimizer_targets(model, optimizer, stored: dict, state: dict, dims: dict) 
             have = _stored_shape(stored, key)
             if have is None:
                 continue
-            stat = key[len(prefix):]
+            stat = key[len(prefix) :]
             names = dims.get(key)
             if names is not None and ref.layout is not None and len(names) == len(have):
                 if not set(names) <= set(ref.layout.names):
-                    raise CheckpointError(_mismatch_message([], [], [], [
-                        f"{key}: checkpoint dims {tuple(names)}, the parameter's dims {ref.layout.names}"]))
+                    raise CheckpointError(
+                        _mismatch_message(
+                            [],
+                            [],
+                            [],
+                            [f"{key}: checkpoint dims {tuple(names)}, the parameter's dims {ref.layout.names}"],
+                        )
+                    )
                 sizes = dict(zip(names, have))  # the global shape in our dim order
                 have = tuple(sizes[n] for n in ref.layout.names if n in sizes)
             layout = state_layout(optimizer, ref, stat, have, local=False)
@@ -597,7 +621,7 @@ def _restore_optimizer(model, optimizer, targets: list, state: dict, objects: di
             device = ref.shards[i].device if on_param else torch.device("cpu")
             fresh[id(ref.shards[i])][stat] = block.to(device, copy=True, memory_format=torch.contiguous_format)
     for key, value in objects.items():
-        name, _, stat = key[len("optim/"):].rpartition("/")
+        name, _, stat = key[len("optim/") :].rpartition("/")
         if key.startswith("optim/") and name in refs:
             for shard in refs[name].shards:
                 fresh[id(shard)][stat] = value

@@ -22,22 +22,22 @@ DTensor itself (a collective) and carries on.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
 
 from torchmesh.errors import BackendError, DimError, LayoutError, MeshError
-from functools import lru_cache
-
+from torchmesh.placement.dims import Dim
 from torchmesh.placement.layout import TensorLayout, check
 from torchmesh.placement.mesh_shape import MeshShape, block_bounds, parts
-from torchmesh.tensor.dims import Dim
+from torchmesh.tensor.construct import _names
+from torchmesh.tensor.mesh import Mesh
 from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.tensor.relayout import to_layout
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
-
-    from torchmesh.mesh import Mesh
 
 
 def placements_of(layout: TensorLayout, axis_names: tuple[str, ...]) -> tuple:
@@ -59,7 +59,7 @@ def placements_of(layout: TensorLayout, axis_names: tuple[str, ...]) -> tuple:
     return tuple(placements)
 
 
-def to_dtensor(x: MeshTensor) -> "DTensor":
+def to_dtensor(x: MeshTensor) -> DTensor:
     """The DTensor over the mesh's DeviceMesh that holds the same shards (no copy, no communication).
 
     Needs the dist backend (one process per device). Differentiable: gradients flow back to `x`.
@@ -70,8 +70,6 @@ def to_dtensor(x: MeshTensor) -> "DTensor":
     >>> # d.placements == (Shard(dim=0), Shard(dim=1)); d.full_tensor() equals x.full()
     """
     from torch.distributed.tensor import DTensor
-
-    from torchmesh.tensor.relayout import to_layout
 
     mesh = x.mesh
     device_mesh = _device_mesh(mesh, "to_dtensor")
@@ -84,13 +82,16 @@ def to_dtensor(x: MeshTensor) -> "DTensor":
         return whole.redistribute(device_mesh, placements)
     shape = torch.Size(d.size for d in layout.dims)
     return DTensor.from_local(
-        x.local, device_mesh, placements, run_check=False, shape=shape, stride=_contiguous_stride(shape),
+        x.local,
+        device_mesh,
+        placements,
+        run_check=False,
+        shape=shape,
+        stride=_contiguous_stride(shape),
     )
 
 
-def from_dtensor(
-    d: "DTensor", dims: "str | Sequence[str | Dim]", mesh: "Mesh", materialize: bool = False
-) -> MeshTensor:
+def from_dtensor(d: DTensor, dims: str | Sequence[str | Dim], mesh: Mesh, materialize: bool = False) -> MeshTensor:
     """A MeshTensor over the DTensor's local shard, with the layout its placements name.
 
     `dims` names the DTensor's dims in order ("batch ff"); `mesh` is a dist `tm.Mesh` with the
@@ -104,13 +105,13 @@ def from_dtensor(
     """
     from torch.distributed.tensor import Replicate, Shard
 
-    from torchmesh.tensor.construct import _names
-
     device_mesh = _device_mesh(mesh, "from_dtensor")
     names = _names(dims)
     if len(names) != d.ndim:
-        raise DimError(f"from_dtensor: {len(names)} dim names {names} for a DTensor with {d.ndim} dims "
-                       f"(shape {tuple(d.shape)}). Name every dim, outermost first.")
+        raise DimError(
+            f"from_dtensor: {len(names)} dim names {names} for a DTensor with {d.ndim} dims "
+            f"(shape {tuple(d.shape)}). Name every dim, outermost first."
+        )
     _check_same_mesh(d, device_mesh, mesh)
     bad = _unnamed_placements(d)
     if bad:
@@ -126,8 +127,6 @@ def from_dtensor(
     layout = check(TensorLayout(shape, tuple(tuple(a) for a in axes)), mesh.shape, "from_dtensor")
     disagree = _chunk_disagrees(layout, mesh.shape)
     if disagree:  # DTensor's chunks are not our blocks: gather those dims, cut them our way
-        from torchmesh.tensor.relayout import to_layout
-
         kept = [Replicate() if isinstance(p, Shard) and p.dim in disagree else p for p in d.placements]
         held = TensorLayout(shape, tuple(() if i in disagree else a for i, a in enumerate(layout.axes)))
         whole = MeshTensor((d.redistribute(d.device_mesh, kept).to_local(),), held, mesh)
@@ -138,7 +137,7 @@ def from_dtensor(
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def _device_mesh(mesh: "Mesh", what: str):
+def _device_mesh(mesh: Mesh, what: str):
     device_mesh = getattr(mesh.impl, "device_mesh", None)
     if mesh.backend != "dist" or device_mesh is None:
         raise BackendError(
@@ -156,7 +155,7 @@ def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def _check_same_mesh(d: "DTensor", device_mesh, mesh: "Mesh") -> None:
+def _check_same_mesh(d: DTensor, device_mesh, mesh: Mesh) -> None:
     theirs = (tuple(d.device_mesh.mesh_dim_names or ()), tuple(d.device_mesh.mesh.shape))
     ours = (mesh.axis_names, mesh.shape.sizes)
     if theirs != ours or not torch.equal(d.device_mesh.mesh, device_mesh.mesh):
@@ -168,7 +167,7 @@ def _check_same_mesh(d: "DTensor", device_mesh, mesh: "Mesh") -> None:
         )
 
 
-def _unnamed_placements(d: "DTensor") -> set[int]:
+def _unnamed_placements(d: DTensor) -> set[int]:
     """Mesh axes whose placement has no MeshTensor layout: Partial, _StridedShard and the like."""
     from torch.distributed.tensor import Replicate, Shard
 
@@ -200,7 +199,7 @@ def _chunk_disagrees(layout: TensorLayout, mesh: MeshShape) -> frozenset[int]:
     return frozenset(out)
 
 
-def _unnamed_message(d: "DTensor", names: tuple[str, ...], bad: set[int]) -> str:
+def _unnamed_message(d: DTensor, names: tuple[str, ...], bad: set[int]) -> str:
     axes = d.device_mesh.mesh_dim_names or tuple(str(j) for j in range(d.device_mesh.ndim))
     what = ", ".join(f"{d.placements[j]} on axis {axes[j]!r}" for j in sorted(bad))
     return (

@@ -43,7 +43,7 @@ def global_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_state_dict(path: "str | os.PathLike[str]", model: torch.nn.Module) -> Path:
+def export_state_dict(path: str | os.PathLike[str], model: torch.nn.Module) -> Path:
     """Write the model's global values to one `torch.save` file (rank 0 writes; call it on
     every rank on dist). The file is written to a temporary name, then renamed.
 
@@ -55,8 +55,10 @@ def export_state_dict(path: "str | os.PathLike[str]", model: torch.nn.Module) ->
     """
     path = Path(path)
     if path.is_dir() or path.name in ("", ".", ".."):
-        raise CheckpointError(f"export_state_dict(path={str(path)!r}): the path names a directory; it names the "
-                              f"file to write, e.g. 'model.pt'.")
+        raise CheckpointError(
+            f"export_state_dict(path={str(path)!r}): the path names a directory; it names the "
+            f"file to write, e.g. 'model.pt'."
+        )
     distributed = _distributed(model)
     if distributed:
         agree_call("tm.export_state_dict(...)")  # every rank, or an error on every rank (not a hang)
@@ -81,7 +83,7 @@ def export_state_dict(path: "str | os.PathLike[str]", model: torch.nn.Module) ->
     return path
 
 
-def import_state_dict(source: "str | os.PathLike[str] | Mapping[str, torch.Tensor]", model: torch.nn.Module) -> None:
+def import_state_dict(source: str | os.PathLike[str] | Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
     """Copy global values (a dict, or a file written by `export_state_dict` or `torch.save`)
     into the model's parameters, laid out as they are now: each device keeps its blocks.
 

@@ -63,8 +63,9 @@ def read_marker(directory: Path) -> dict[str, Any]:
     try:
         content = json.loads(marker.read_bytes())
     except (ValueError, RecursionError, OSError) as e:  # OSError: unreadable (a FIFO, no permission)
-        raise CheckpointError(f"{marker} is damaged ({type(e).__name__}: {str(e)[:120]}); the checkpoint cannot "
-                              f"be read.") from None
+        raise CheckpointError(
+            f"{marker} is damaged ({type(e).__name__}: {str(e)[:120]}); the checkpoint cannot be read."
+        ) from None
     problem = _marker_problem(content)
     if problem:
         raise CheckpointError(f"{marker} is not a marker torchmesh writes: {problem}; the checkpoint cannot be read.")
@@ -118,7 +119,8 @@ def problems(directory: Path, files: dict[str, dict[str, int]], checksum: Iterab
 
 def damaged_message(directory: Path, found: list[str]) -> str:
     return (
-        f"checkpoint {directory} is damaged, so nothing was loaded from it:\n  " + "\n  ".join(found)
+        f"checkpoint {directory} is damaged, so nothing was loaded from it:\n  "
+        + "\n  ".join(found)
         + "\nFix: load an older complete checkpoint (tm.latest_checkpoint lists them by step), or "
         "restore the file(s) named above."
     )

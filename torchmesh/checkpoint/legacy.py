@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from torchmesh.checkpoint import integrity, values
+from torchmesh.checkpoint.reader import quiet_dcp
 from torchmesh.errors import CheckpointError
 
 OBJECTS_KEY = "torchmesh/objects"  # the format-1 bytes item: every small value, pickled together
@@ -25,8 +26,10 @@ def check_format(marker: dict[str, Any], directory: Path) -> None:
     if found == integrity.FORMAT:
         return
     if found > integrity.FORMAT:
-        raise CheckpointError(f"checkpoint {directory} has format {found}, newer than this torchmesh reads "
-                              f"({integrity.FORMAT}). Fix: load it with the torchmesh version that wrote it, or newer.")
+        raise CheckpointError(
+            f"checkpoint {directory} has format {found}, newer than this torchmesh reads "
+            f"({integrity.FORMAT}). Fix: load it with the torchmesh version that wrote it, or newer."
+        )
     raise CheckpointError(
         f"checkpoint {directory} was written by an older torchmesh (format {found}), which stored its small "
         f"values (step, extra, hyperparameters, random state) as pickles; reading those can run code, so it "
@@ -36,7 +39,7 @@ def check_format(marker: dict[str, Any], directory: Path) -> None:
     )
 
 
-def upgrade_checkpoint(path: "str | os.PathLike[str]", *, trusted: bool = False) -> Path:
+def upgrade_checkpoint(path: str | os.PathLike[str], *, trusted: bool = False) -> Path:
     """Convert a checkpoint written before format 2 in place, so that `tm.load` reads it.
 
     Its small values were pickled, and reading a pickle runs whatever it asks for, so this
@@ -53,8 +56,6 @@ def upgrade_checkpoint(path: "str | os.PathLike[str]", *, trusted: bool = False)
     """
     import torch.distributed.checkpoint as dcp
 
-    from torchmesh.checkpoint.dcp import _quiet
-
     directory = Path(path)
     marker = integrity.read_marker(directory)
     if marker.get("format", 1) == integrity.FORMAT:
@@ -69,12 +70,12 @@ def upgrade_checkpoint(path: "str | os.PathLike[str]", *, trusted: bool = False)
     if found:
         raise CheckpointError(integrity.damaged_message(directory, found))
     state: dict[str, Any] = {OBJECTS_KEY: b""}
-    with _quiet():
+    with quiet_dcp():
         dcp.load(state, storage_reader=dcp.FileSystemReader(directory), no_dist=True)
     objects = pickle.loads(state[OBJECTS_KEY])  # trusted=True: the caller vouched for this file
     for key, value in objects.items():
         if key.startswith("extra/"):
-            values.encode(value, f"extra[{key[len('extra/'):]!r}]", tensors=False)
+            values.encode(value, f"extra[{key[len('extra/') :]!r}]", tensors=False)
     written = values.write(directory, values.to_json(objects))
     files = {**marker["files"], **integrity.describe([written])}
     info = {k: v for k, v in marker.items() if k not in ("files", "format")}

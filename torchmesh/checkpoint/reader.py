@@ -18,7 +18,9 @@ from __future__ import annotations
 import io
 import pathlib
 import pickle
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,17 +44,28 @@ from torchmesh.errors import CheckpointError
 # checkpoint's path, and the enum / lookup that name a memory format and a layout.
 _ALLOWED: dict[tuple[str, str], Any] = {
     (cls.__module__, cls.__qualname__): cls
-    for cls in (Metadata, TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata, TensorProperties,
-                MetadataIndex, StorageMeta, _StorageInfo, _MEM_FORMAT_ENCODING)
+    for cls in (
+        Metadata,
+        TensorStorageMetadata,
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        TensorProperties,
+        MetadataIndex,
+        StorageMeta,
+        _StorageInfo,
+        _MEM_FORMAT_ENCODING,
+    )
 }
-_ALLOWED.update({
-    ("torch", "Size"): torch.Size,
-    ("pathlib", "PosixPath"): pathlib.PosixPath,
-    ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,  # a path DCP records, never used
-    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
-    ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
-    ("torch.serialization", "_get_layout"): lambda name: _LAYOUTS[name],
-})
+_ALLOWED.update(
+    {
+        ("torch", "Size"): torch.Size,
+        ("pathlib", "PosixPath"): pathlib.PosixPath,
+        ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,  # a path DCP records, never used
+        ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+        ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
+        ("torch.serialization", "_get_layout"): lambda name: _LAYOUTS[name],
+    }
+)
 _LAYOUTS = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
 
 
@@ -76,14 +89,27 @@ def read_metadata(path: pathlib.Path) -> Metadata:
     try:
         with open(path, "rb") as f:
             metadata = MetadataUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError,
-            IndexError, RecursionError, MemoryError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        IndexError,
+        RecursionError,
+        MemoryError,
+    ) as e:
         raise CheckpointError(
             f"{path} is not DCP metadata that torchmesh reads ({type(e).__name__}: {str(e)[:200]}); nothing "
             f"was loaded. A checkpoint's files are read as data only, never as code."
         ) from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) \
-            or not isinstance(metadata.storage_data, dict):
+    if (
+        not isinstance(metadata, Metadata)
+        or not isinstance(metadata.state_dict_metadata, dict)
+        or not isinstance(metadata.storage_data, dict)
+    ):
         raise CheckpointError(f"{path} does not hold DCP's Metadata (found {type(metadata).__name__}).")
     return metadata
 
@@ -93,13 +119,19 @@ def check_metadata(metadata: Metadata, listed: Iterable[str], where: pathlib.Pat
     which are never read), and every data file it points into one the marker lists, untransformed."""
     for key, meta in metadata.state_dict_metadata.items():
         if not isinstance(key, str) or not (isinstance(meta, BytesStorageMetadata) or _is_tensor_meta(meta)):
-            raise CheckpointError(f"{where}/.metadata describes {key!r} as {meta!r}, which DCP does not write; "
-                                  f"nothing was loaded.")
+            raise CheckpointError(
+                f"{where}/.metadata describes {key!r} as {meta!r}, which DCP does not write; nothing was loaded."
+            )
     listed = set(listed)
     for index, info in metadata.storage_data.items():
-        if (not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo)
-                or info.relative_path not in listed or info.transform_descriptors
-                or not isinstance(info.offset, int) or not isinstance(info.length, int)):
+        if (
+            not isinstance(index, MetadataIndex)
+            or not isinstance(info, _StorageInfo)
+            or info.relative_path not in listed
+            or info.transform_descriptors
+            or not isinstance(info.offset, int)
+            or not isinstance(info.length, int)
+        ):
             raise CheckpointError(
                 f"{where}/.metadata points {getattr(index, 'fqn', index)!r} at {info!r}, which is not a file "
                 f"of this checkpoint's marker (or has storage transforms); nothing was loaded."
@@ -107,11 +139,19 @@ def check_metadata(metadata: Metadata, listed: Iterable[str], where: pathlib.Pat
 
 
 def _is_tensor_meta(meta: Any) -> bool:
-    return (isinstance(meta, TensorStorageMetadata) and isinstance(meta.properties, TensorProperties)
-            and isinstance(meta.properties.dtype, torch.dtype) and isinstance(meta.size, torch.Size)
-            and isinstance(meta.chunks, list)
-            and all(isinstance(c, ChunkStorageMetadata) and isinstance(c.offsets, torch.Size)
-                    and isinstance(c.sizes, torch.Size) for c in meta.chunks))
+    return (
+        isinstance(meta, TensorStorageMetadata)
+        and isinstance(meta.properties, TensorProperties)
+        and isinstance(meta.properties.dtype, torch.dtype)
+        and isinstance(meta.size, torch.Size)
+        and isinstance(meta.chunks, list)
+        and all(
+            isinstance(c, ChunkStorageMetadata)
+            and isinstance(c.offsets, torch.Size)
+            and isinstance(c.sizes, torch.Size)
+            for c in meta.chunks
+        )
+    )
 
 
 def check_tensors(metadata: Metadata, keys: Iterable[str], where: pathlib.Path) -> None:
@@ -150,4 +190,16 @@ class TensorsOnlyPlanner(DefaultLoadPlanner):
     """DCP's load planner, refusing to read any value stored as bytes (DCP unpickles those)."""
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        raise CheckpointError(f"the checkpoint asks to unpickle {read_item.dest_index.fqn!r}; torchmesh reads tensors only.")
+        raise CheckpointError(
+            f"the checkpoint asks to unpickle {read_item.dest_index.fqn!r}; torchmesh reads tensors only."
+        )
+
+
+@contextmanager
+def quiet_dcp() -> Iterator[None]:
+    """Silence DCP's notices that are expected here: single-process mode on sim (chosen on
+    purpose) and its own use of the deprecated TypedStorage."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        yield

@@ -33,7 +33,12 @@ def is_rng_state(state: Any) -> bool:
     """Whether `state` has the form `rng_state` returns (torch's state: a 1-d uint8 tensor)."""
     ours = state.get("torchmesh") if isinstance(state, dict) else None
     theirs = state.get("torch") if isinstance(state, dict) else None
-    return (isinstance(ours, dict) and set(ours) == set(_random._state)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in ours.values())
-            and isinstance(theirs, torch.Tensor) and theirs.dtype == torch.uint8 and theirs.dim() == 1
-            and theirs.numel() == torch.get_rng_state().numel())
+    return (
+        isinstance(ours, dict)
+        and set(ours) == set(_random._state)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in ours.values())
+        and isinstance(theirs, torch.Tensor)
+        and theirs.dtype == torch.uint8
+        and theirs.dim() == 1
+        and theirs.numel() == torch.get_rng_state().numel()
+    )

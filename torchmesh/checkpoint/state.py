@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from torchmesh.checkpoint.dtensor import from_dtensor, to_dtensor
 from torchmesh.errors import CheckpointError
 from torchmesh.nn.parameter import _shards, mesh_parameters
 from torchmesh.placement.layout import TensorLayout, block_index, local_shape, local_slices, parts
+from torchmesh.tensor.mesh import Mesh
 from torchmesh.tensor.mesh_tensor import MeshTensor
-
-if TYPE_CHECKING:
-    from torchmesh.mesh import Mesh
 
 GROUPS_KEY = "optim/param_groups"
 STEP_KEY = "step"
@@ -44,7 +43,7 @@ class Slot:
     key: str
     tensors: tuple[torch.Tensor, ...]
     layout: TensorLayout | None = None  # None: replicated, the same tensor everywhere
-    mesh: "Mesh | None" = None
+    mesh: Mesh | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +53,7 @@ class ParamRef:
     name: str
     shards: tuple[torch.Tensor, ...]
     layout: TensorLayout | None
-    mesh: "Mesh | None"
+    mesh: Mesh | None
 
 
 def model_params(model: torch.nn.Module) -> list[ParamRef]:
@@ -73,7 +72,7 @@ def model_params(model: torch.nn.Module) -> list[ParamRef]:
     return refs
 
 
-def model_mesh(model: torch.nn.Module | None) -> "Mesh | None":
+def model_mesh(model: torch.nn.Module | None) -> Mesh | None:
     """The mesh of the model's first mesh parameter (None for a model without any)."""
     if model is None:
         return None
@@ -123,8 +122,9 @@ def optimizer_slots(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return slots, objects
 
 
-def state_layout(optimizer: torch.optim.Optimizer, ref: ParamRef, stat: str, shape: tuple[int, ...],
-                 local: bool) -> TensorLayout | None:
+def state_layout(
+    optimizer: torch.optim.Optimizer, ref: ParamRef, stat: str, shape: tuple[int, ...], local: bool
+) -> TensorLayout | None:
     """The layout of a parameter's optimizer state tensor (None: replicated), given its shape
     (this shard's block when `local`, else the global shape).
 
@@ -139,10 +139,15 @@ def state_layout(optimizer: torch.optim.Optimizer, ref: ParamRef, stat: str, sha
     declare = getattr(optimizer, "mesh_state_dims", None)
     names = declare(stat, ref.layout.names) if declare is not None else None
     if names is not None:
-        layout = TensorLayout(tuple(ref.layout.dims[ref.layout.names.index(n)] for n in names),
-                              tuple(ref.layout.axes_of(n) for n in names))
-        want = (local_shape(layout, ref.mesh.impl.slice_mesh, ref.mesh.impl.local_coords[0]) if local
-                else tuple(d.size for d in layout.dims))
+        layout = TensorLayout(
+            tuple(ref.layout.dims[ref.layout.names.index(n)] for n in names),
+            tuple(ref.layout.axes_of(n) for n in names),
+        )
+        want = (
+            local_shape(layout, ref.mesh.impl.slice_mesh, ref.mesh.impl.local_coords[0])
+            if local
+            else tuple(d.size for d in layout.dims)
+        )
         if tuple(want) == shape:
             return layout
     elif shape == param_shape:
@@ -150,8 +155,11 @@ def state_layout(optimizer: torch.optim.Optimizer, ref: ParamRef, stat: str, sha
     raise CheckpointError(
         f"optimizer state {stat!r} of the mesh parameter {ref.name!r} (dims {ref.layout.names}) has "
         f"{'shard' if local else 'global'} shape {list(shape)}, "
-        + (f"not that of the dims {tuple(names)} its optimizer declares" if names is not None else
-           f"neither the parameter's {list(param_shape)} nor a scalar")
+        + (
+            f"not that of the dims {tuple(names)} its optimizer declares"
+            if names is not None
+            else f"neither the parameter's {list(param_shape)} nor a scalar"
+        )
         + ", so its layout on another mesh is unknown. Fix: keep per-parameter state shaped like the "
         "parameter (or 0-d), or give the optimizer a method mesh_state_dims(stat, dims) naming the "
         "parameter dims each state keeps."
@@ -168,13 +176,11 @@ def global_value(slot: Slot) -> torch.Tensor:
         if slot.layout is None:
             return slot.tensors[0].detach()
         if slot.mesh.backend == "dist":
-            from torchmesh.checkpoint.dtensor import to_dtensor
-
             return to_dtensor(MeshTensor(tuple(t.detach() for t in slot.tensors), slot.layout, slot.mesh))
         return assemble(slot.tensors, slot.layout, slot.mesh)
 
 
-def assemble(tensors: tuple[torch.Tensor, ...], layout: TensorLayout, mesh: "Mesh") -> torch.Tensor:
+def assemble(tensors: tuple[torch.Tensor, ...], layout: TensorLayout, mesh: Mesh) -> torch.Tensor:
     """The global value from the blocks this process holds, when it holds them all (sim, or a
     replicated value): each block copied once into place, no collective."""
     first = tensors[0]
@@ -192,26 +198,22 @@ def assemble(tensors: tuple[torch.Tensor, ...], layout: TensorLayout, mesh: "Mes
 
 
 def empty_global(
-    layout: TensorLayout | None, mesh: "Mesh | None", like: torch.Tensor, dtype: torch.dtype
+    layout: TensorLayout | None, mesh: Mesh | None, like: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """A tensor for DCP to load a global value into: this process's block of it on dist (as a
     DTensor), the whole value otherwise."""
     if layout is not None and mesh.backend == "dist":
-        from torchmesh.checkpoint.dtensor import to_dtensor
-
         local = torch.empty(like.shape, dtype=dtype, device=like.device)
         return to_dtensor(MeshTensor((local,), layout, mesh))
     shape = like.shape if layout is None else tuple(d.size for d in layout.dims)
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def local_blocks(loaded: torch.Tensor, layout: TensorLayout | None, mesh: "Mesh | None") -> tuple[torch.Tensor, ...]:
+def local_blocks(loaded: torch.Tensor, layout: TensorLayout | None, mesh: Mesh | None) -> tuple[torch.Tensor, ...]:
     """This process's blocks of a loaded global value, in local device order."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(loaded, DTensor):  # DTensor's blocks, cut back to ours where they differ (uneven)
-        from torchmesh.checkpoint.dtensor import from_dtensor
-
         return (from_dtensor(loaded, layout.names, mesh).local,)
     if layout is None:
         return (loaded,)

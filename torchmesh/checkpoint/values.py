@@ -39,8 +39,10 @@ def encode(value: Any, where: str, tensors: bool) -> Any:
     if isinstance(value, dict):
         bad = [k for k in value if not isinstance(k, str)]
         if bad:
-            raise CheckpointError(f"{where} has the key {bad[0]!r} of type {type(bad[0]).__name__}; a checkpoint "
-                                  f"holds {PLAIN} only. Fix: use str keys.")
+            raise CheckpointError(
+                f"{where} has the key {bad[0]!r} of type {type(bad[0]).__name__}; a checkpoint "
+                f"holds {PLAIN} only. Fix: use str keys."
+            )
         return {"dict": {k: encode(v, f"{where}[{k!r}]", tensors) for k, v in value.items()}}
     if isinstance(value, (list, tuple)):
         items = [encode(v, f"{where}[{i}]", tensors) for i, v in enumerate(value)]
@@ -61,7 +63,7 @@ def decode(data: Any, where: str) -> Any:
     if isinstance(data, list):
         return [decode(v, f"{where}[{i}]") for i, v in enumerate(data)]
     if isinstance(data, dict) and len(data) == 1:
-        (tag, body), = data.items()
+        ((tag, body),) = data.items()
         if tag == "dict" and isinstance(body, dict):
             return {k: decode(v, f"{where}[{k!r}]") for k, v in body.items()}
         if tag == "tuple" and isinstance(body, list):
@@ -94,8 +96,10 @@ def read(directory: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path} is not the JSON torchmesh writes ({type(e).__name__}: {str(e)[:120]}); "
-                              f"the checkpoint cannot be read.") from None
+        raise CheckpointError(
+            f"{path} is not the JSON torchmesh writes ({type(e).__name__}: {str(e)[:120]}); "
+            f"the checkpoint cannot be read."
+        ) from None
     try:
         values = decode(data, "values")
     except RecursionError:
@@ -114,16 +118,24 @@ def _tensor_json(t: torch.Tensor) -> dict[str, Any]:
     device = str(t.device)
     t = t.detach().to("cpu").contiguous()
     raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "device": device,
-            "data": base64.b64encode(raw).decode("ascii")}
+    return {
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": list(t.shape),
+        "device": device,
+        "data": base64.b64encode(raw).decode("ascii"),
+    }
 
 
 def _tensor(body: dict[str, Any], where: str) -> torch.Tensor:
     dtype = getattr(torch, str(body.get("dtype")), None)
     shape = body.get("shape")
     data = body.get("data")
-    if (not isinstance(dtype, torch.dtype) or not isinstance(shape, list) or not isinstance(data, str)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+    if (
+        not isinstance(dtype, torch.dtype)
+        or not isinstance(shape, list)
+        or not isinstance(data, str)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+    ):
         raise CheckpointError(f"{where} is not a tensor torchmesh writes (dtype, shape, data): {str(body)[:80]}")
     try:
         raw = base64.b64decode(data, validate=True)
@@ -132,8 +144,11 @@ def _tensor(body: dict[str, Any], where: str) -> torch.Tensor:
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(raw) != math.prod(shape) * itemsize:
         raise CheckpointError(f"{where}: {len(raw)} bytes for a {dtype} tensor of shape {shape}.")
-    t = torch.empty(shape, dtype=dtype) if not raw else (
-        torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape))
+    t = (
+        torch.empty(shape, dtype=dtype)
+        if not raw
+        else (torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape))
+    )
     device = body.get("device", "cpu")
     if device == "cpu":
         return t

@@ -41,8 +41,9 @@ def _needs_grad(ts: Data) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
-def _rec(impl: MeshImpl, kind: str, axes: tuple[str, ...], ts: Data, phase: str,
-         whole: tuple[int, int] | None = None) -> None:
+def _rec(
+    impl: MeshImpl, kind: str, axes: tuple[str, ...], ts: Data, phase: str, whole: tuple[int, int] | None = None
+) -> None:
     """Before every collective: verify ranks agree (when checking), then record it. `whole`
     is (dim, gathered size) for gathers of blocks that may be uneven."""
     if impl.checking:
@@ -192,8 +193,15 @@ def sum_grad(impl: MeshImpl, ts: Data, axes: tuple[str, ...]) -> Data:
     return _SumGrad.apply(impl, axes, *ts)
 
 
-def all_gather(impl: MeshImpl, ts: Data, axis: str, dim: int, phase: str = "forward",
-               reduce_grad: bool = False, sizes: Sizes = None) -> Data:
+def all_gather(
+    impl: MeshImpl,
+    ts: Data,
+    axis: str,
+    dim: int,
+    phase: str = "forward",
+    reduce_grad: bool = False,
+    sizes: Sizes = None,
+) -> Data:
     """`phase` labels a gather run outside autograd (e.g. "backward" for a regather).
     `reduce_grad`: the gathered input is then broadcast over `axis` (a fully sharded parameter
     meeting split activations), so its gradient is reduce-scattered, not sliced. `sizes`:
@@ -221,8 +229,9 @@ def reduce_scatter(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:
     return _reduce_scatter(impl, ts, axis, dim)
 
 
-def all_to_all(impl: MeshImpl, ts: Data, axis: str, gather_dim: int, split_dim: int, phase: str = "forward",
-               sizes: Sizes = None) -> Data:
+def all_to_all(
+    impl: MeshImpl, ts: Data, axis: str, gather_dim: int, split_dim: int, phase: str = "forward", sizes: Sizes = None
+) -> Data:
     if impl.axis_size(axis) == 1:
         return ts
     if _needs_grad(ts):
@@ -239,8 +248,14 @@ def shift(impl: MeshImpl, ts: Data, axes: tuple[str, ...], offset: int, wrap: bo
         return ts
     if abs(offset) >= k:  # every sender is off the group (one device: it receives nothing)
         if _needs_grad(ts):  # zeros that stay in the graph (zero gradient), as on a real group
-            return tuple(torch.where(torch.zeros((), dtype=torch.bool, device=t.device), t,
-                                     torch.zeros((), dtype=t.dtype, device=t.device)) for t in ts)
+            return tuple(
+                torch.where(
+                    torch.zeros((), dtype=torch.bool, device=t.device),
+                    t,
+                    torch.zeros((), dtype=t.dtype, device=t.device),
+                )
+                for t in ts
+            )
         return tuple(torch.zeros_like(t) for t in ts)
     if _needs_grad(ts):
         return _Shift.apply(impl, axes, offset, wrap, *ts)

@@ -136,8 +136,9 @@ class MeshImpl:
     def sync(self) -> None:
         """Called at the end of a step (`mesh.sync()`): the XLA backend runs its pending program."""
 
-    def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str,
-               whole: tuple[int, int] | None = None) -> None:
+    def verify(
+        self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str, whole: tuple[int, int] | None = None
+    ) -> None:
         """Called before each collective when `checking`: raise unless every rank agrees."""
 
     def begin_op(self, plan: object, dtypes: tuple, describe: Callable[[], str]) -> str:

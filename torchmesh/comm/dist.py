@@ -74,8 +74,11 @@ def _restart_store() -> dict:
     if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    return {"store": dist.PrefixStore(f"torchmesh/attempt{attempt}/", store),
-            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
+    return {
+        "store": dist.PrefixStore(f"torchmesh/attempt{attempt}/", store),
+        "rank": int(os.environ["RANK"]),
+        "world_size": int(os.environ["WORLD_SIZE"]),
+    }
 
 
 def default_timeout() -> float:
@@ -84,8 +87,9 @@ def default_timeout() -> float:
     try:
         value = float(text) if text else DEFAULT_TIMEOUT
     except ValueError:
-        raise BackendError(f"TORCHMESH_TIMEOUT={text!r} is not a number of seconds. Fix: e.g. "
-                           f"TORCHMESH_TIMEOUT=300.") from None
+        raise BackendError(
+            f"TORCHMESH_TIMEOUT={text!r} is not a number of seconds. Fix: e.g. TORCHMESH_TIMEOUT=300."
+        ) from None
     if value <= 0:
         raise BackendError(f"TORCHMESH_TIMEOUT={text!r} must be positive seconds.")
     return value
@@ -122,8 +126,10 @@ def mismatch_message(fingerprints: list, what: str = "collectives") -> str:
         if kind == "op":
             lines.append(f"  ranks {ranks}: {op} ({phase}) called at {site}")
         else:
-            lines.append(f"  ranks {ranks}: {kind} over {axes} ({phase}) of a {dtype} shard {list(shape)} "
-                         f"in {op or 'an op'}, called at {site} (collective #{seq})")
+            lines.append(
+                f"  ranks {ranks}: {kind} over {axes} ({phase}) of a {dtype} shard {list(shape)} "
+                f"in {op or 'an op'}, called at {site} (collective #{seq})"
+            )
     return (
         f"the ranks reached different {what}; every rank must run the same program (same ops, "
         "same dims, dtypes and layouts, in the same order):\n" + "\n".join(lines) + "\nFix: make the "
@@ -134,6 +140,7 @@ def mismatch_message(fingerprints: list, what: str = "collectives") -> str:
 def _agree(fingerprints: list, groups: tuple[tuple[int, ...], ...]) -> bool:
     """Whether every rank reached the same collective: all fingerprints equal but for the
     shape (index 2), which must be equal within each communicating group."""
+
     def without_shape(f: tuple) -> tuple:
         return f[:2] + f[3:]
 
@@ -189,8 +196,9 @@ def _check_group(timeout: float):
     key = ("check", id(dist.group.WORLD))
     _TIMEOUT[0] = timeout
     if key not in _GROUPS:
-        _GROUPS[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(
-            seconds=max(timeout, _SETUP_TIMEOUT)))  # its creation waits for every rank's store entry
+        _GROUPS[key] = dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=max(timeout, _SETUP_TIMEOUT))
+        )  # its creation waits for every rank's store entry
     _set_timeout(_GROUPS[key], timeout)
     return _GROUPS[key]
 
@@ -240,12 +248,6 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _communicates(plan) -> bool:
-    """Whether an op plan (tensor/contraction.OpPlan) has a collective, forward or backward."""
-    return bool(any(plan.in_steps) or any(plan.in_bcast) or any(plan.in_gather_rs)
-                or any(step[0] != "split" for step in plan.finish))
-
-
 _AGREED = "\0agreed"  # current_op while an agreed op runs (default mode): its collectives are covered
 
 
@@ -254,13 +256,16 @@ class DistImpl(MeshImpl):
 
     name = "dist"
 
-    def __init__(self, shape: MeshShape, timeout: float | None = None, check: bool | None = None,
-                 rules: str = "") -> None:
+    def __init__(
+        self, shape: MeshShape, timeout: float | None = None, check: bool | None = None, rules: str = ""
+    ) -> None:
         super().__init__(shape)
         self.timeout = default_timeout() if timeout is None else float(timeout)
         if self.timeout <= 0:
-            raise BackendError(f"tm.Mesh(..., timeout={timeout!r}): the collective timeout must be positive "
-                               f"seconds. Fix: e.g. timeout=300.")
+            raise BackendError(
+                f"tm.Mesh(..., timeout={timeout!r}): the collective timeout must be positive "
+                f"seconds. Fix: e.g. timeout=300."
+            )
         init_default_group(max(self.timeout, _SETUP_TIMEOUT))  # rendezvous; collectives: below
         world = dist.get_world_size()
         if world != shape.size:
@@ -309,7 +314,7 @@ class DistImpl(MeshImpl):
         if self.checking:
             self.current_op = describe()
             return saved
-        if not _communicates(plan):
+        if not plan.communicates:
             return saved
         key = (id(plan), dtypes)
         if _first_use(key, plan):  # the plan is kept, so its id is not reused while it is a key
@@ -333,8 +338,9 @@ class DistImpl(MeshImpl):
         if not self.checking:  # checking, the collectives of the call are verified anyway
             agree_call(what, self.timeout)
 
-    def _guard(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor,
-               whole: tuple[int, int] | None = None) -> None:
+    def _guard(
+        self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, whole: tuple[int, int] | None = None
+    ) -> None:
         """Default mode, a collective outside an agreed op (relayout, full, backward): the first
         time this process makes one like it (kind, axes, dtype, rank, call site), agree on it
         (shapes compared within each group). The key holds nothing that differs between ranks
@@ -351,8 +357,9 @@ class DistImpl(MeshImpl):
                 _SEEN.pop(key, None)
                 raise
 
-    def verify(self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str,
-               whole: tuple[int, int] | None = None) -> None:
+    def verify(
+        self, kind: str, axes: tuple[str, ...], tensor: torch.Tensor, phase: str, whole: tuple[int, int] | None = None
+    ) -> None:
         """Every rank must be at the same collective: same kind, axes, dtype, op, call site and
         place in the program, and the same shape within each group (blocks of an uneven split
         differ in size between groups, and within a group along a gathered dim: there the
@@ -466,8 +473,7 @@ class DistImpl(MeshImpl):
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self._groups[axis])
         me = self._member(axis)
-        pieces = [recv[j].narrow(gather_dim, 0, recv_sizes[j]).narrow(split_dim, 0, send_sizes[me])
-                  for j in range(k)]
+        pieces = [recv[j].narrow(gather_dim, 0, recv_sizes[j]).narrow(split_dim, 0, send_sizes[me]) for j in range(k)]
         return (torch.cat(pieces, gather_dim),)
 
     def _all_to_all_even(self, t: torch.Tensor, axis: str, gather_dim: int, split_dim: int) -> torch.Tensor:

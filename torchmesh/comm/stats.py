@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-_ACTIVE: list["CommStats"] = []
+_ACTIVE: list[CommStats] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +119,14 @@ def bytes_sent(kind: str, k: int, s: int) -> int:
     }[kind]
 
 
-def record(kind: str, axes: tuple[str, ...], k: int, tensor: torch.Tensor, phase: str = "forward",
-           whole: tuple[int, int] | None = None) -> None:
+def record(
+    kind: str,
+    axes: tuple[str, ...],
+    k: int,
+    tensor: torch.Tensor,
+    phase: str = "forward",
+    whole: tuple[int, int] | None = None,
+) -> None:
     """Add one collective over a group of `k` devices, `tensor` being a device's input.
     `whole` = (dim, gathered size) where the blocks of a gather may be uneven: an all-gather
     then counts (k-1)/k of the gathered bytes (the group's average; padding never counts)."""

@@ -1,14 +1,25 @@
 """`tm.nn`: torch.nn modules over named dims, whose parameters are MeshTensors."""
 
-from torchmesh.nn.parameter import Module, mesh_parameters
 from torchmesh.nn.attention import MultiHeadAttention
+from torchmesh.nn.fsdp import shard_parameters
 from torchmesh.nn.layers import Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
 from torchmesh.nn.losses import cross_entropy
-from torchmesh.nn.fsdp import shard_parameters
 from torchmesh.nn.moe import MoE
+from torchmesh.nn.parameter import Module, mesh_parameters
 from torchmesh.nn.transformer import LMConfig, TransformerBlock, TransformerLM
 
 __all__ = ["Module", "mesh_parameters"]
-__all__ += ["Dropout", "Embedding", "FeedForward", "LMConfig", "LayerNorm", "Linear", "MultiHeadAttention",
-            "RMSNorm", "TransformerBlock", "TransformerLM", "cross_entropy"]
+__all__ += [
+    "Dropout",
+    "Embedding",
+    "FeedForward",
+    "LMConfig",
+    "LayerNorm",
+    "Linear",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "TransformerBlock",
+    "TransformerLM",
+    "cross_entropy",
+]
 __all__ += ["MoE", "shard_parameters"]

@@ -24,7 +24,7 @@ from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 if TYPE_CHECKING:
-    from torchmesh.mesh import Mesh
+    from torchmesh.tensor.mesh import Mesh
 
 
 class MultiHeadAttention(Module):
@@ -37,23 +37,36 @@ class MultiHeadAttention(Module):
     ('batch', 'seq', 'd_model')
     """
 
-    def __init__(self, mesh: "Mesh", d_model: int, heads: int, d_head: int, kv_heads: int | None = None,
-                 causal: bool = True, dropout: float = 0.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        mesh: Mesh,
+        d_model: int,
+        heads: int,
+        d_head: int,
+        kv_heads: int | None = None,
+        causal: bool = True,
+        dropout: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         if kv_heads is not None and (kv_heads <= 0 or heads % kv_heads):
-            raise DimError(f"MultiHeadAttention: heads={heads} must be a multiple of kv_heads={kv_heads} "
-                           f"(each key/value head serves heads/kv_heads query heads).")
+            raise DimError(
+                f"MultiHeadAttention: heads={heads} must be a multiple of kv_heads={kv_heads} "
+                f"(each key/value head serves heads/kv_heads query heads)."
+            )
         self.heads, self.d_head, self.causal, self.p = heads, d_head, causal, dropout
         self.kv_heads = None if kv_heads in (None, heads) else kv_heads
         kv = "heads" if self.kv_heads is None else "kv_heads"
         kv_size = heads if self.kv_heads is None else self.kv_heads
         std = d_model**-0.5
         seed = init.layer_seed(seed, mesh, "MultiHeadAttention")  # None: drawn from torch's generator
-        s = lambda name: init.derive_seed(seed, name)  # noqa: E731
+        s = lambda name: init.derive_seed(seed, name)
         self.wq = init.normal(f"d_model:{d_model} heads:{heads} d_head:{d_head}", mesh, s("wq"), std)
         self.wk = init.normal(f"d_model:{d_model} {kv}:{kv_size} d_head:{d_head}", mesh, s("wk"), std)
         self.wv = init.normal(f"d_model:{d_model} {kv}:{kv_size} d_head:{d_head}", mesh, s("wv"), std)
-        self.wo = init.normal(f"heads:{heads} d_head:{d_head} d_model:{d_model}", mesh, s("wo"), (heads * d_head) ** -0.5)
+        self.wo = init.normal(
+            f"heads:{heads} d_head:{d_head} d_model:{d_model}", mesh, s("wo"), (heads * d_head) ** -0.5
+        )
 
     def forward(self, x: MeshTensor) -> MeshTensor:
         kv = "heads" if self.kv_heads is None else "kv_heads"

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from torchmesh.errors import ArgumentTypeError
 from torchmesh import errors
-from torchmesh.errors import LayoutError
+from torchmesh.comm.regather import regather_in_backward
+from torchmesh.errors import ArgumentTypeError, LayoutError
 from torchmesh.nn.parameter import Module, mesh_parameters
 from torchmesh.placement.layout import TensorLayout, check
 from torchmesh.placement.rules import LayoutRules, RulesLike
-from torchmesh.tensor.regather import regather_in_backward
 from torchmesh.tensor.relayout import to_layout
 
 
@@ -41,7 +40,7 @@ def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = 
 
     With `regather` (the default, FSDP's reshard-after-forward), the model's forward keeps
     no gathered parameter for backward: backward gathers each again (one more all-gather
-    per parameter, `torchmesh.tensor.regather`). `regather=False` keeps them instead (less
+    per parameter, `torchmesh.comm.regather`). `regather=False` keeps them instead (less
     communication, the full parameters of every layer alive until backward); use it for
     models whose blocks run under torch.utils.checkpoint, which frees them anyway.
 
@@ -91,8 +90,10 @@ def _regather_during_forward(model: torch.nn.Module) -> None:
     def leave(module, args, output):
         active.pop().__exit__(None, None, None)
 
-    model._torchmesh_regather = (model.register_forward_pre_hook(enter),
-                                 model.register_forward_hook(leave, always_call=True))
+    model._torchmesh_regather = (
+        model.register_forward_pre_hook(enter),
+        model.register_forward_hook(leave, always_call=True),
+    )
 
 
 def _stored_layout(layout: TensorLayout, rules: LayoutRules, mesh, name: str) -> TensorLayout:

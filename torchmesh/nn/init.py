@@ -23,13 +23,13 @@ import torch
 
 from torchmesh import errors
 from torchmesh.errors import CollectiveMismatch
+from torchmesh.placement.dims import DimsLike
 from torchmesh.tensor.construct import ones, zeros
-from torchmesh.tensor.dims import DimsLike
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.random import _mix, randn
 
 if TYPE_CHECKING:
-    from torchmesh.mesh import Mesh
+    from torchmesh.tensor.mesh import Mesh
 
 
 def derive_seed(seed: int, name: str) -> int:
@@ -38,7 +38,7 @@ def derive_seed(seed: int, name: str) -> int:
     return _mix(int(seed), zlib.crc32(name.encode()))
 
 
-def layer_seed(seed: int | None, mesh: "Mesh", what: str) -> int:
+def layer_seed(seed: int | None, mesh: Mesh, what: str) -> int:
     """`seed`, or (None) a seed drawn from torch's default generator, the same on every rank
     that seeded torch alike (checked where the mesh spans several processes).
 
@@ -56,7 +56,7 @@ def layer_seed(seed: int | None, mesh: "Mesh", what: str) -> int:
     return drawn
 
 
-def _check_ranks_agree(seed: int, mesh: "Mesh", what: str) -> None:
+def _check_ranks_agree(seed: int, mesh: Mesh, what: str) -> None:
     """Raise on every rank if the processes of `mesh` drew different seeds (an all-reduce of
     (seed, -seed) by max gives the largest and the smallest). Nothing to check where this
     process holds every device (sim, xla) or where values are not computed (abstract)."""
@@ -74,16 +74,16 @@ def _check_ranks_agree(seed: int, mesh: "Mesh", what: str) -> None:
         raise CollectiveMismatch(errors.seeds_disagree(what, -neg_low, high))
 
 
-def normal(dims: DimsLike, mesh: "Mesh", seed: int, std: float, dtype: torch.dtype | None = None) -> MeshTensor:
+def normal(dims: DimsLike, mesh: Mesh, seed: int, std: float, dtype: torch.dtype | None = None) -> MeshTensor:
     """A trainable tensor of normal values with standard deviation `std`, identical on any mesh."""
     return (randn(dims, mesh, seed=seed, dtype=dtype) * std).detach().requires_grad_()
 
 
-def zeros_param(dims: DimsLike, mesh: "Mesh", dtype: torch.dtype | None = None) -> MeshTensor:
+def zeros_param(dims: DimsLike, mesh: Mesh, dtype: torch.dtype | None = None) -> MeshTensor:
     """A trainable tensor of zeros (biases)."""
     return zeros(dims, mesh, dtype=dtype, requires_grad=True)
 
 
-def ones_param(dims: DimsLike, mesh: "Mesh", dtype: torch.dtype | None = None) -> MeshTensor:
+def ones_param(dims: DimsLike, mesh: Mesh, dtype: torch.dtype | None = None) -> MeshTensor:
     """A trainable tensor of ones (norm scales)."""
     return ones(dims, mesh, dtype=dtype, requires_grad=True)

@@ -20,15 +20,16 @@ from torchmesh import errors
 from torchmesh.errors import DimError
 from torchmesh.nn import init
 from torchmesh.nn.parameter import Module
-from torchmesh.tensor.contraction import OpPlan, run_op
-from torchmesh.tensor.dims import Dim, DimsLike, parse_dims
+from torchmesh.placement.dims import Dim, DimsLike, parse_dims
+from torchmesh.placement.op_plan import OpPlan
+from torchmesh.tensor.contraction import run_op
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.gather import embedding
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.random import dropout
 
 if TYPE_CHECKING:
-    from torchmesh.mesh import Mesh
+    from torchmesh.tensor.mesh import Mesh
 
 
 def _spec(dims: tuple[Dim, ...]) -> str:
@@ -49,8 +50,15 @@ class Linear(Module):
     {'batch': 4, 'ff': 16}
     """
 
-    def __init__(self, mesh: "Mesh", in_dims: DimsLike, out_dims: DimsLike, bias: bool = True,
-                 seed: int | None = None, std: float | None = None) -> None:
+    def __init__(
+        self,
+        mesh: Mesh,
+        in_dims: DimsLike,
+        out_dims: DimsLike,
+        bias: bool = True,
+        seed: int | None = None,
+        std: float | None = None,
+    ) -> None:
         super().__init__()
         seed = init.layer_seed(seed, mesh, "Linear")
         self.in_dims, self.out_dims = parse_dims(in_dims), parse_dims(out_dims)
@@ -91,8 +99,9 @@ class Embedding(Module):
     ({'vocab': 'tp'}, {'batch': 1, 'seq': 3, 'd_model': 4})
     """
 
-    def __init__(self, mesh: "Mesh", vocab_dim: DimsLike, dims: DimsLike, seed: int | None = None,
-                 std: float = 0.02) -> None:
+    def __init__(
+        self, mesh: Mesh, vocab_dim: DimsLike, dims: DimsLike, seed: int | None = None, std: float = 0.02
+    ) -> None:
         super().__init__()
         seed = init.layer_seed(seed, mesh, "Embedding")
         (self.vocab_dim,) = parse_dims(vocab_dim)
@@ -117,7 +126,7 @@ class LayerNorm(Module):
     True
     """
 
-    def __init__(self, mesh: "Mesh", dim: DimsLike, eps: float = 1e-5, bias: bool = True) -> None:
+    def __init__(self, mesh: Mesh, dim: DimsLike, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
         (self.dim,) = parse_dims(dim)
         self.eps = eps
@@ -140,8 +149,9 @@ def _local_along(x: MeshTensor, name: str) -> bool:
     """Whether the rules leave `name` unsplit (over axes of size > 1): then a norm over it is
     a local kernel on each device; otherwise its mean and variance are all-reduced."""
     mesh = x.mesh
-    return name in x.dims and not any(mesh.impl.axis_size(a) > 1 for a in mesh.rules.axes_of(name)
-                                      if a in mesh.axis_names)
+    return name in x.dims and not any(
+        mesh.impl.axis_size(a) > 1 for a in mesh.rules.axes_of(name) if a in mesh.axis_names
+    )
 
 
 def _norm_kernel(fn, plan: OpPlan, name: str, eps: float):
@@ -177,7 +187,7 @@ class RMSNorm(Module):
     tensor([[0.8485, 1.1314]])
     """
 
-    def __init__(self, mesh: "Mesh", dim: DimsLike, eps: float = 1e-6) -> None:
+    def __init__(self, mesh: Mesh, dim: DimsLike, eps: float = 1e-6) -> None:
         super().__init__()
         (self.dim,) = parse_dims(dim)
         self.eps = eps
@@ -186,8 +196,9 @@ class RMSNorm(Module):
     def forward(self, x: MeshTensor) -> MeshTensor:
         name = self.dim.name
         if _local_along(x, name):
-            return run_op([x, self.weight], x.dims, lambda plan: _norm_kernel(F.rms_norm, plan, name, self.eps),
-                          what="rms_norm")
+            return run_op(
+                [x, self.weight], x.dims, lambda plan: _norm_kernel(F.rms_norm, plan, name, self.eps), what="rms_norm"
+            )
         return x * ((x * x).mean(name) + self.eps).rsqrt() * self.weight
 
 
@@ -234,8 +245,9 @@ class FeedForward(Module):
     ({'batch': 4, 'd_model': 8}, {'all_reduce': 1})
     """
 
-    def __init__(self, mesh: "Mesh", d_model: DimsLike, ff: DimsLike, activation: str = "gelu",
-                 seed: int | None = None) -> None:
+    def __init__(
+        self, mesh: Mesh, d_model: DimsLike, ff: DimsLike, activation: str = "gelu", seed: int | None = None
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise DimError(f"FeedForward: unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")

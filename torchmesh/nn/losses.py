@@ -20,8 +20,9 @@ from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.reduce import logsumexp
 
 
-def cross_entropy(logits: MeshTensor, targets: MeshTensor, vocab_dim: str = "vocab",
-                  ignore_index: int = -100) -> MeshTensor:
+def cross_entropy(
+    logits: MeshTensor, targets: MeshTensor, vocab_dim: str = "vocab", ignore_index: int = -100
+) -> MeshTensor:
     """Mean cross-entropy of `logits` (dims: targets' dims + `vocab_dim`) against integer
     `targets`; a replicated 0-d MeshTensor, like `F.cross_entropy(..., reduction="mean")`.
     Targets equal to `ignore_index` count for nothing, in the sum and in the mean (NaN when
@@ -41,8 +42,10 @@ def cross_entropy(logits: MeshTensor, targets: MeshTensor, vocab_dim: str = "voc
         raise DimError(errors.missing_dims("cross_entropy: logits", [vocab_dim], logits.dims))
     expected = set(logits.dims) - {vocab_dim}
     if set(targets.dims) != expected:
-        raise DimError(f"cross_entropy: targets must have the logits' dims without {vocab_dim!r}, "
-                       f"{tuple(n for n in logits.dims if n != vocab_dim)}; got {targets.dims}.")
+        raise DimError(
+            f"cross_entropy: targets must have the logits' dims without {vocab_dim!r}, "
+            f"{tuple(n for n in logits.dims if n != vocab_dim)}; got {targets.dims}."
+        )
     check_lookup(logits, targets, vocab_dim, "cross_entropy")
     counted = check_ids(targets, logits.sizes[vocab_dim], "cross_entropy", vocab_dim, ignore=ignore_index)
     if counted == targets.numel():  # nothing ignored: the plain mean

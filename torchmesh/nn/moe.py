@@ -35,9 +35,9 @@ from torchmesh.errors import DimError
 from torchmesh.nn import init
 from torchmesh.nn.layers import ACTIVATIONS
 from torchmesh.nn.parameter import Module
+from torchmesh.placement.dims import Dim
 from torchmesh.placement.rules import LayoutRules
 from torchmesh.tensor.construct import arange
-from torchmesh.tensor.dims import Dim
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.elementwise import where
 from torchmesh.tensor.gather import one_hot
@@ -98,18 +98,32 @@ class MoE(Module):
             raise DimError(f"MoE takes a tensor with dims (batch, seq, d_model); got {x.dims}.")
         with self.mesh.rules_scope(_inner_rules(self.mesh.rules), replace=True):
             combine, dispatch, aux = self.route(x)
-            tokens = einsum(f"batch seq d_model, batch seq {TOKEN_EXPERTS} {CAPACITY} -> "
-                            f"{TOKEN_EXPERTS} batch {CAPACITY} d_model", x, dispatch)
+            tokens = einsum(
+                f"batch seq d_model, batch seq {TOKEN_EXPERTS} {CAPACITY} -> {TOKEN_EXPERTS} batch {CAPACITY} d_model",
+                x,
+                dispatch,
+            )
             # The all-to-all: the split moves from batch (token side) to experts (expert side).
             tokens = tokens.rename({TOKEN_EXPERTS: "experts", "batch": EXPERT_BATCH})
-            h = einsum(f"experts {EXPERT_BATCH} {CAPACITY} d_model, experts d_model ff -> "
-                       f"experts {EXPERT_BATCH} {CAPACITY} ff", tokens, self.wi)
+            h = einsum(
+                f"experts {EXPERT_BATCH} {CAPACITY} d_model, experts d_model ff -> "
+                f"experts {EXPERT_BATCH} {CAPACITY} ff",
+                tokens,
+                self.wi,
+            )
             h = dropout(ACTIVATIONS[self.activation](h), self.p_dropout, self.training)
-            out = einsum(f"experts {EXPERT_BATCH} {CAPACITY} ff, experts ff d_model -> "
-                         f"experts {EXPERT_BATCH} {CAPACITY} d_model", h, self.wo)
+            out = einsum(
+                f"experts {EXPERT_BATCH} {CAPACITY} ff, experts ff d_model -> "
+                f"experts {EXPERT_BATCH} {CAPACITY} d_model",
+                h,
+                self.wo,
+            )
             out = out.rename({"experts": TOKEN_EXPERTS, EXPERT_BATCH: "batch"})  # all-to-all back
-            y = einsum(f"{TOKEN_EXPERTS} batch {CAPACITY} d_model, batch seq {TOKEN_EXPERTS} {CAPACITY} -> "
-                       "batch seq d_model", out, combine)
+            y = einsum(
+                f"{TOKEN_EXPERTS} batch {CAPACITY} d_model, batch seq {TOKEN_EXPERTS} {CAPACITY} -> batch seq d_model",
+                out,
+                combine,
+            )
         object.__setattr__(self, "aux_loss", aux)
         return y
 
@@ -120,8 +134,9 @@ class MoE(Module):
         1 where a token sits in an expert's buffer, combine is its gate weight there."""
         mesh, e, seq = self.mesh, self.num_experts, x.size("seq")
         cap = expert_capacity(seq, e, self.top_k, self.capacity_factor)
-        probs = einsum(f"batch seq d_model, d_model {TOKEN_EXPERTS} -> batch seq {TOKEN_EXPERTS}",
-                       x, self.router).softmax(TOKEN_EXPERTS)
+        probs = einsum(
+            f"batch seq d_model, d_model {TOKEN_EXPERTS} -> batch seq {TOKEN_EXPERTS}", x, self.router
+        ).softmax(TOKEN_EXPERTS)
         expert_ids = arange(f"{TOKEN_EXPERTS}:{e}", mesh)
         # before[s, t] = 1 where s < t: an exclusive cumulative sum over seq as an einsum.
         before = (arange(f"seq:{seq}", mesh) < arange(f"seq_to:{seq}", mesh)).float()
@@ -134,8 +149,9 @@ class MoE(Module):
             mask = one_hot(index, Dim(TOKEN_EXPERTS, e))  # batch seq experts_unsplit
             if k == 0:  # GShard's loss: fraction routed first to each expert x its mean gate
                 aux = (mask.mean("seq") * probs.mean("seq")).mean() * float(e * e)
-            position = einsum(f"batch seq {TOKEN_EXPERTS}, seq seq_to -> batch seq_to {TOKEN_EXPERTS}",
-                              mask, before).rename(seq_to="seq")
+            position = einsum(
+                f"batch seq {TOKEN_EXPERTS}, seq seq_to -> batch seq_to {TOKEN_EXPERTS}", mask, before
+            ).rename(seq_to="seq")
             if taken is not None:
                 position = position + taken
             keep = mask * (position < cap).float()

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchmesh.placement.layout import TensorLayout
+from torchmesh.tensor import replicas
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 if TYPE_CHECKING:
-    from torchmesh.mesh import Mesh
+    from torchmesh.tensor.mesh import Mesh
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +33,7 @@ class MeshParamSpec:
     """What turns a module's registered shards back into a MeshTensor."""
 
     layout: TensorLayout
-    mesh: "Mesh"
+    mesh: Mesh
 
 
 class Module(torch.nn.Module):
@@ -106,3 +107,26 @@ def mesh_parameters(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple
             continue
         for name, spec in specs.items():
             yield (f"{mod_name}.{name}" if mod_name else name), _as_mesh_tensor(mod, name, spec)
+
+
+def check_replicas(tensors: Any, grads: bool = False) -> None:
+    """Raise `tm.ReplicaMismatch`, naming the tensor, the axis and the devices, if the copies
+    of a replicated tensor differ between devices (bitwise). `tensors`: a module (its mesh
+    parameters, by their names), a MeshTensor, a dict of them, or a list. With `grads`, the
+    gradients are checked too. A collective: call it on every rank.
+
+    >>> import torch, torchmesh as tm
+    >>> mesh = tm.Mesh("dp:2;tp:2", layout="ff:tp")
+    >>> w = tm.distribute(torch.ones(4, 6), "d ff", mesh)      # replicated over dp
+    >>> tm.check_replicas({"w": w})                            # the copies agree: nothing happens
+    >>> _ = w.shards[2].add_(1)                                # one dp copy drifts
+    >>> try:
+    ...     tm.check_replicas({"w": w})
+    ... except tm.ReplicaMismatch as e:
+    ...     print(e)
+    replicated copies differ: 'w' (dims (d:4, ff:6), split {'ff': 'tp'}) is replicated over dp, ...
+    but [dp=1,tp=0] differs from [dp=0,tp=0]. ...
+    """
+    if isinstance(tensors, torch.nn.Module):
+        tensors = dict(mesh_parameters(tensors))
+    replicas.check_replicas(tensors, grads)

@@ -9,7 +9,6 @@ for data x Megatron tensor parallelism with a vocab-parallel embedding and loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,13 +16,12 @@ from torchmesh.errors import DimError
 from torchmesh.nn import init
 from torchmesh.nn.attention import MultiHeadAttention
 from torchmesh.nn.layers import Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
+from torchmesh.nn.moe import MoE
 from torchmesh.nn.parameter import Module
 from torchmesh.tensor.construct import zeros
+from torchmesh.tensor.mesh import Mesh
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.slicing import slice as tm_slice
-
-if TYPE_CHECKING:
-    from torchmesh.mesh import Mesh
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,20 +76,22 @@ class TransformerBlock(Module):
     {'batch': 2, 'seq': 6, 'd_model': 8}
     """
 
-    def __init__(self, mesh: "Mesh", config: LMConfig, seed: int | None = None) -> None:
+    def __init__(self, mesh: Mesh, config: LMConfig, seed: int | None = None) -> None:
         super().__init__()
         seed = init.layer_seed(seed, mesh, "TransformerBlock")
         c = config
         norm = NORMS[c.norm]
         self.norm1 = norm(mesh, f"d_model:{c.d_model}")
-        self.attn = MultiHeadAttention(mesh, c.d_model, c.heads, c.d_head, c.kv_heads, dropout=c.dropout,
-                                       seed=init.derive_seed(seed, "attn"))
+        self.attn = MultiHeadAttention(
+            mesh, c.d_model, c.heads, c.d_head, c.kv_heads, dropout=c.dropout, seed=init.derive_seed(seed, "attn")
+        )
         self.norm2 = norm(mesh, f"d_model:{c.d_model}")
         if c.num_experts > 0:
             self.ffn = _moe(mesh, c, init.derive_seed(seed, "ffn"))
         else:
-            self.ffn = FeedForward(mesh, f"d_model:{c.d_model}", f"ff:{c.ff}", c.activation,
-                                   seed=init.derive_seed(seed, "ffn"))
+            self.ffn = FeedForward(
+                mesh, f"d_model:{c.d_model}", f"ff:{c.ff}", c.activation, seed=init.derive_seed(seed, "ffn")
+            )
         self.drop = Dropout(c.dropout)
 
     def forward(self, x: MeshTensor) -> MeshTensor:
@@ -99,10 +99,8 @@ class TransformerBlock(Module):
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
-def _moe(mesh: "Mesh", config: LMConfig, seed: int) -> Module:
+def _moe(mesh: Mesh, config: LMConfig, seed: int) -> Module:
     """The MoE feed-forward (imported here: only MoE models need it), seeded per block."""
-    from torchmesh.nn.moe import MoE
-
     return MoE(mesh, config, seed=seed)
 
 
@@ -123,7 +121,7 @@ class TransformerLM(Module):
     {'batch': 4, 'seq': 6, 'vocab': 16}
     """
 
-    def __init__(self, mesh: "Mesh", config: LMConfig, seed: int | None = None) -> None:
+    def __init__(self, mesh: Mesh, config: LMConfig, seed: int | None = None) -> None:
         super().__init__()
         seed = init.layer_seed(seed, mesh, "TransformerLM")
         c = self.config = config
@@ -135,16 +133,19 @@ class TransformerLM(Module):
             TransformerBlock(mesh, c, seed=init.derive_seed(seed, f"blocks.{i}")) for i in range(c.layers)
         )
         self.norm = NORMS[c.norm](mesh, f"d_model:{c.d_model}")
-        self.head = Linear(mesh, f"d_model:{c.d_model}", f"vocab:{c.vocab}", bias=False,
-                           seed=init.derive_seed(seed, "head"))
+        self.head = Linear(
+            mesh, f"d_model:{c.d_model}", f"vocab:{c.vocab}", bias=False, seed=init.derive_seed(seed, "head")
+        )
 
     def forward(self, ids: MeshTensor) -> MeshTensor:
         seq = ids.sizes.get("seq")
         if seq is None or "batch" not in ids.sizes or ids.ndim != 2:
             raise DimError(f"TransformerLM: ids must have dims (batch, seq); got {ids.dims}.")
         if seq > self.config.seq:
-            raise DimError(f"TransformerLM: seq={seq} is longer than config.seq={self.config.seq}; "
-                           f"raise config.seq or feed shorter sequences.")
+            raise DimError(
+                f"TransformerLM: seq={seq} is longer than config.seq={self.config.seq}; "
+                f"raise config.seq or feed shorter sequences."
+            )
         pos = self.pos if seq == self.config.seq else tm_slice(self.pos, "seq", 0, seq)
         x = self.drop(self.embed(ids) + pos)
         for block in self.blocks:

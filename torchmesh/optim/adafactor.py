@@ -54,7 +54,7 @@ class Adafactor(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: "torch.nn.Module | Iterable[MeshTensor]",
+        params: torch.nn.Module | Iterable[MeshTensor],
         lr: float | None = None,
         eps: tuple[float, float] = (1e-30, 1e-3),
         clip_threshold: float = 1.0,
@@ -67,8 +67,16 @@ class Adafactor(torch.optim.Optimizer):
         if lr is not None and lr <= 0:
             raise DimError(f"Adafactor: lr must be positive or None (relative step); got {lr}.")
         self._mesh_params = mesh_tensors(params, "Adafactor")
-        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
-                        weight_decay=weight_decay, scale_parameter=scale_parameter, warmup_init=warmup_init)
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            warmup_init=warmup_init,
+        )
         super().__init__([t for p in self._mesh_params for t in p._data], defaults)
 
     @torch.no_grad()

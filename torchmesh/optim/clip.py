@@ -20,7 +20,7 @@ from torchmesh.tensor.mesh_tensor import MeshTensor
 
 
 @torch.no_grad()
-def grad_norm(params: "torch.nn.Module | Iterable[MeshTensor]", norm_type: float = 2.0) -> torch.Tensor:
+def grad_norm(params: torch.nn.Module | Iterable[MeshTensor], norm_type: float = 2.0) -> torch.Tensor:
     """The norm of all gradients taken together, as if every parameter were one global tensor
     (a 0-d torch tensor, the same on every device and rank); parameters without a gradient
     are skipped.
@@ -42,8 +42,9 @@ def grad_norm(params: "torch.nn.Module | Iterable[MeshTensor]", norm_type: float
         local = tuple(_local(t, norm_type) for t in g._data)
         axes = tuple(a for a in g.mesh.axis_names if a in g.tensor_layout.used_axes)
         have = groups.get(axes)
-        groups[axes] = local if have is None else tuple(
-            torch.maximum(a, b) if inf else a + b for a, b in zip(have, local))
+        groups[axes] = (
+            local if have is None else tuple(torch.maximum(a, b) if inf else a + b for a, b in zip(have, local))
+        )
     total = None
     for axes, local in groups.items():
         reduced = comm.all_reduce(impl, local, axes, "max" if inf else "sum")[0]
@@ -59,8 +60,9 @@ def _local(t: torch.Tensor, norm_type: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: "torch.nn.Module | Iterable[MeshTensor]", max_norm: float,
-                    norm_type: float = 2.0) -> torch.Tensor:
+def clip_grad_norm_(
+    params: torch.nn.Module | Iterable[MeshTensor], max_norm: float, norm_type: float = 2.0
+) -> torch.Tensor:
     """Scale every gradient in place so that their global norm is at most `max_norm`, like
     `torch.nn.utils.clip_grad_norm_` on the single-device model; returns the norm before
     clipping.

@@ -7,14 +7,13 @@ from collections.abc import Iterable
 import torch
 
 from torchmesh.errors import DimError
+from torchmesh.nn.parameter import mesh_parameters
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 
-def mesh_tensors(params: "torch.nn.Module | Iterable[MeshTensor]", what: str) -> list[MeshTensor]:
+def mesh_tensors(params: torch.nn.Module | Iterable[MeshTensor], what: str) -> list[MeshTensor]:
     """The mesh parameters of a module (`tm.nn.mesh_parameters`), or a list of MeshTensors."""
     if isinstance(params, torch.nn.Module):
-        from torchmesh.nn.parameter import mesh_parameters
-
         found = [p for _, p in mesh_parameters(params)]
         plain = {id(s) for p in found for s in p._data}
         stray = [n for n, p in params.named_parameters() if id(p) not in plain]

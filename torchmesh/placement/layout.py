@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from torchmesh import errors
 from torchmesh.errors import LayoutError
+from torchmesh.placement.dims import Dim
 from torchmesh.placement.mesh_shape import (  # noqa: F401  (re-exported)
     MeshShape,
     block_bounds,
@@ -19,7 +20,6 @@ from torchmesh.placement.mesh_shape import (  # noqa: F401  (re-exported)
     parts,
 )
 from torchmesh.placement.rules import LayoutRules
-from torchmesh.tensor.dims import Dim
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,7 @@ class TensorLayout:
         """{dim: axis} for split dims (a tuple of axes where a dim is split over several)."""
         return {d.name: (ax[0] if len(ax) == 1 else ax) for d, ax in zip(self.dims, self.axes) if ax}
 
-    def with_dims(self, dims: tuple[Dim, ...]) -> "TensorLayout":
+    def with_dims(self, dims: tuple[Dim, ...]) -> TensorLayout:
         return TensorLayout(dims, self.axes)
 
     def __str__(self) -> str:

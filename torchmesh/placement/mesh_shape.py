@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Union
 
 from torchmesh.errors import ParseError
-from torchmesh.tensor.dims import check_name
+from torchmesh.placement.dims import check_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +40,7 @@ class MeshShape:
             seen.add(name)
 
     @staticmethod
-    def parse(spec: "MeshShapeLike") -> "MeshShape":
+    def parse(spec: MeshShapeLike) -> MeshShape:
         """Read "dp:2;tp:4", a dict {"dp": 2, "tp": 4}, or a MeshShape."""
         if isinstance(spec, MeshShape):
             return spec
@@ -88,7 +87,7 @@ class MeshShape:
         return ";".join(f"{n}:{s}" for n, s in self.axes)
 
 
-MeshShapeLike = Union[str, dict, MeshShape]
+MeshShapeLike = str | dict | MeshShape
 
 
 @lru_cache(maxsize=256)

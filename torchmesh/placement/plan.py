@@ -1,6 +1,8 @@
 """Redistribution planning: a pure function from (layout A, layout B) to collective steps.
 
-Each step changes how one mesh axis splits one dim; a backend executes the steps in order.
+The steps are the one vocabulary of every plan (relayouts here, ops' outputs in `op_plan`):
+Gather, Slice and AllToAll change how one mesh axis splits one dim; AllReduce and
+ReduceScatter complete partial sums. `torchmesh.comm.executor.run_steps` runs a list of them.
 Steps are plain data, so plans are unit-tested without processes and cached on their inputs.
 """
 
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Union
 
 from torchmesh.errors import LayoutError
 from torchmesh.placement.layout import TensorLayout
@@ -40,7 +41,23 @@ class AllToAll:
     split_dim: int
 
 
-Step = Union[Gather, Slice, AllToAll]
+@dataclass(frozen=True, slots=True)
+class AllReduce:
+    """Complete a partial result over `axes` (summed, or max/min-ed: `op`); the layout stays."""
+
+    axes: tuple[str, ...]
+    op: str = "sum"
+
+
+@dataclass(frozen=True, slots=True)
+class ReduceScatter:
+    """Sum a partial result over `axis` and keep this device's block along dim position `dim`."""
+
+    axis: str
+    dim: int
+
+
+Step = Gather | Slice | AllToAll | AllReduce | ReduceScatter
 
 
 @lru_cache(maxsize=2048)
@@ -98,9 +115,9 @@ def apply_step(layout: TensorLayout, step: Step) -> TensorLayout:
     if isinstance(step, Gather):
         assert axes[step.dim][-1] == step.axis
         axes[step.dim] = axes[step.dim][:-1]
-    elif isinstance(step, Slice):
+    elif isinstance(step, (Slice, ReduceScatter)):
         axes[step.dim] = axes[step.dim] + (step.axis,)
-    else:
+    elif isinstance(step, AllToAll):
         assert axes[step.gather_dim][-1] == step.axis
         axes[step.gather_dim] = axes[step.gather_dim][:-1]
         axes[step.split_dim] = axes[step.split_dim] + (step.axis,)

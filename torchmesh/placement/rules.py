@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Union
 
 from torchmesh.errors import ParseError
-from torchmesh.tensor.dims import check_name
+from torchmesh.placement.dims import check_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +40,7 @@ class LayoutRules:
                 raise ParseError(f"layout rules: dim {dim!r} names a mesh axis twice in {axes}.")
 
     @staticmethod
-    def parse(spec: "RulesLike") -> "LayoutRules":
+    def parse(spec: RulesLike) -> LayoutRules:
         """Read "batch:dp;ff:tp", {"batch": "dp", "embed": ("dp", "fsdp")}, pairs, or LayoutRules."""
         if isinstance(spec, LayoutRules):
             return spec
@@ -66,7 +65,7 @@ class LayoutRules:
     def axes(self) -> frozenset[str]:
         return frozenset(a for _, axes in self.rules for a in axes)
 
-    def updated(self, other: "RulesLike") -> "LayoutRules":
+    def updated(self, other: RulesLike) -> LayoutRules:
         """These rules with `other`'s rules added or replacing ours for the same dims."""
         other = LayoutRules.parse(other)
         table = dict(self.rules)
@@ -77,7 +76,7 @@ class LayoutRules:
         return ";".join(f"{d}:{','.join(a)}" for d, a in self.rules)
 
 
-RulesLike = Union[str, Mapping[str, Union[str, Iterable[str]]], Iterable[tuple], LayoutRules, None]
+RulesLike = str | Mapping[str, str | Iterable[str]] | Iterable[tuple] | LayoutRules | None
 
 
 @lru_cache(maxsize=1024)

@@ -34,11 +34,12 @@ import torch.nn.functional as F
 
 from torchmesh import errors
 from torchmesh.errors import DimError
+from torchmesh.placement.dims import Dim
 from torchmesh.placement.mesh_shape import block_bounds
+from torchmesh.placement.op_plan import OpPlan
 from torchmesh.tensor import random
 from torchmesh.tensor.construct import arange
-from torchmesh.tensor.contraction import OpPlan, run_op
-from torchmesh.tensor.dims import Dim
+from torchmesh.tensor.contraction import run_op
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.elementwise import _aligner, cast, pointwise, where
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -46,8 +47,8 @@ from torchmesh.tensor.rearrange import rearrange
 from torchmesh.tensor.reduce import reduce_max, reduce_sum, softmax
 
 if TYPE_CHECKING:
-    from torchmesh.mesh import Mesh
     from torchmesh.placement.rules import LayoutRules
+    from torchmesh.tensor.mesh import Mesh
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +117,25 @@ def attention(
     """
     value_dim = value_dim or head_dim
     if heads is not None or kv_heads is not None:
-        return _grouped(q, k, v, heads, kv_heads, mask, dict(
-            seq=seq, kv_seq=kv_seq, head_dim=head_dim, value_dim=value_dim, causal=causal, scale=scale,
-            dropout=dropout, training=training, seed=seed))
+        return _grouped(
+            q,
+            k,
+            v,
+            heads,
+            kv_heads,
+            mask,
+            dict(
+                seq=seq,
+                kv_seq=kv_seq,
+                head_dim=head_dim,
+                value_dim=value_dim,
+                causal=causal,
+                scale=scale,
+                dropout=dropout,
+                training=training,
+                seed=seed,
+            ),
+        )
     dims = _roles(q, k, v, mask, seq, kv_seq, head_dim, value_dim)
     if not 0.0 <= dropout < 1.0:
         raise DimError(f"attention: dropout={dropout} must be in [0, 1).")
@@ -132,22 +149,24 @@ def attention(
 
 
 # ---- the two routes -----------------------------------------------------------------------
-def _whole(mesh: "Mesh", names: tuple[str, ...]) -> bool:
+def _whole(mesh: Mesh, names: tuple[str, ...]) -> bool:
     """Whether the rules split none of `names` over an axis of size > 1 (on xla every axis
     of the slicing mesh has size 1: each device program sees whole tensors)."""
     return not any(mesh.impl.axis_size(a) > 1 for n in names for a in mesh.rules.axes_of(n))
 
 
-def _fused(q: MeshTensor, k: MeshTensor, v: MeshTensor, mask: MeshTensor | None, dims: _Dims,
-           causal: bool, scale: float) -> MeshTensor:
+def _fused(
+    q: MeshTensor, k: MeshTensor, v: MeshTensor, mask: MeshTensor | None, dims: _Dims, causal: bool, scale: float
+) -> MeshTensor:
     """Each device's block through torch's fused kernel; `kv_seq` and `head_dim` are whole."""
     xs = [q, k, v] + ([mask] if mask is not None else [])
     slicer, seq_size = q.mesh.impl.slice_mesh, q.sizes[dims.seq]
 
     def local_fn(plan: OpPlan):
         seq_axes = plan.in_layouts[0].axes_of(dims.seq)
-        kernel = _kernel(tuple(lay.names for lay in plan.in_layouts), plan.computed.names, dims, causal,
-                         scale, bool(seq_axes))
+        kernel = _kernel(
+            tuple(lay.names for lay in plan.in_layouts), plan.computed.names, dims, causal, scale, bool(seq_axes)
+        )
         if not seq_axes:
             return lambda coords, *ts: kernel(0, *ts)
         return lambda coords, *ts: kernel(block_bounds(seq_size, slicer, seq_axes, coords)[0], *ts)
@@ -155,14 +174,24 @@ def _fused(q: MeshTensor, k: MeshTensor, v: MeshTensor, mask: MeshTensor | None,
     return run_op(xs, dims.out, local_fn, what="attention", at=True)
 
 
-def _by_einsum(q: MeshTensor, k: MeshTensor, v: MeshTensor, mask: MeshTensor | None, dims: _Dims,
-               causal: bool, scale: float, p: float, seed: int | None) -> MeshTensor:
+def _by_einsum(
+    q: MeshTensor,
+    k: MeshTensor,
+    v: MeshTensor,
+    mask: MeshTensor | None,
+    dims: _Dims,
+    causal: bool,
+    scale: float,
+    p: float,
+    seed: int | None,
+) -> MeshTensor:
     """Scores, masks, softmax, dropout and the weighted sum as MeshTensor ops (any layout)."""
     scores_dims = " ".join(dims.scores)
     scores = einsum(f"{' '.join(q.dims)}, {' '.join(k.dims)} -> {scores_dims}", q, k) * scale
     if causal:
-        allowed = _causal_mask(q.mesh, q.mesh.rules, Dim(dims.seq, q.sizes[dims.seq]),
-                               Dim(dims.kv_seq, k.sizes[dims.kv_seq]))
+        allowed = _causal_mask(
+            q.mesh, q.mesh.rules, Dim(dims.seq, q.sizes[dims.seq]), Dim(dims.kv_seq, k.sizes[dims.kv_seq])
+        )
         scores = pointwise(_keep_allowed, scores, allowed)
     if mask is not None:
         scores = pointwise(_keep_allowed, scores, mask) if mask.dtype == torch.bool else scores + mask
@@ -189,15 +218,16 @@ def _softmax_or_zeros(scores: MeshTensor, dim: str) -> MeshTensor:
 
 
 @lru_cache(maxsize=4)
-def _causal_mask(mesh: "Mesh", rules: "LayoutRules", seq: Dim, kv_seq: Dim) -> MeshTensor:
+def _causal_mask(mesh: Mesh, rules: LayoutRules, seq: Dim, kv_seq: Dim) -> MeshTensor:
     """True where query position >= key position (a few recent ones kept: tm.nn calls this
     every step with the same sizes). `rules` is part of the key: a rules scope relays it out."""
     return arange(seq, mesh) >= arange(kv_seq, mesh)
 
 
 @lru_cache(maxsize=256)
-def _kernel(names: tuple[tuple[str, ...], ...], out: tuple[str, ...], dims: _Dims, causal: bool, scale: float,
-            seq_split: bool):
+def _kernel(
+    names: tuple[tuple[str, ...], ...], out: tuple[str, ...], dims: _Dims, causal: bool, scale: float, seq_split: bool
+):
     """The per-device function (offset of its `seq` block, q, k, v[, mask]) -> its output block.
 
     The local tensors are put in the kernel's order (batch dims, then sequence, then head
@@ -218,8 +248,9 @@ def _kernel(names: tuple[tuple[str, ...], ...], out: tuple[str, ...], dims: _Dim
     fold = (len(shared) - 1, len(shared) + len(q_only))  # q's batch dims folded into one for gqa
     pad = max(0, 2 - (len(shared) if gqa else len(order)))  # fused kernels want (N, H, L, E)
 
-    def kernel(offset: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+    def kernel(
+        offset: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q, k, v = align_q(q), align_k(k), align_v(v)
         if mask is not None:
             mask = align_m(mask)
@@ -249,8 +280,7 @@ def _kernel(names: tuple[tuple[str, ...], ...], out: tuple[str, ...], dims: _Dim
             q, k, v = (t.expand(*batch, *t.shape[-2:]) for t in (q, k, v))
         for _ in range(pad):
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                           enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
         return y.reshape(*batch, *y.shape[-2:]).permute(perm)
 
     return kernel
@@ -275,24 +305,38 @@ def _allowed(queries: int, keys: int, offset: int, device: torch.device) -> torc
 _GROUP = "group"
 
 
-def _grouped(q: MeshTensor, k: MeshTensor, v: MeshTensor, heads: str | None, kv_heads: str | None,
-             mask: MeshTensor | None, options: dict) -> MeshTensor:
+def _grouped(
+    q: MeshTensor,
+    k: MeshTensor,
+    v: MeshTensor,
+    heads: str | None,
+    kv_heads: str | None,
+    mask: MeshTensor | None,
+    options: dict,
+) -> MeshTensor:
     """q's `heads` (H) split into `kv_heads group` (G x H/G), attended by name, merged back."""
     if heads is None or kv_heads is None:
-        raise DimError(f"attention: grouped-query attention needs both heads= and kv_heads= (got heads={heads!r}, "
-                       f"kv_heads={kv_heads!r}). Fix: name q's heads dim and k's and v's key/value heads dim.")
+        raise DimError(
+            f"attention: grouped-query attention needs both heads= and kv_heads= (got heads={heads!r}, "
+            f"kv_heads={kv_heads!r}). Fix: name q's heads dim and k's and v's key/value heads dim."
+        )
     for what, x, have, lack in (("q", q, heads, kv_heads), ("k", k, kv_heads, heads), ("v", v, kv_heads, heads)):
         if have not in x.dims:
-            raise DimError(errors.missing_dims(f"attention: {what} (heads={heads!r}, kv_heads={kv_heads!r})",
-                                               [have], x.dims))
+            raise DimError(
+                errors.missing_dims(f"attention: {what} (heads={heads!r}, kv_heads={kv_heads!r})", [have], x.dims)
+            )
         if lack in x.dims or _GROUP in x.dims:
-            raise DimError(f"attention: {what} {x.dims} has a dim {lack if lack in x.dims else _GROUP!r}; with "
-                           f"heads={heads!r} and kv_heads={kv_heads!r}, q has only {heads!r}, k and v only "
-                           f"{kv_heads!r}, and no input a dim {_GROUP!r}. Fix: rename it.")
+            raise DimError(
+                f"attention: {what} {x.dims} has a dim {lack if lack in x.dims else _GROUP!r}; with "
+                f"heads={heads!r} and kv_heads={kv_heads!r}, q has only {heads!r}, k and v only "
+                f"{kv_heads!r}, and no input a dim {_GROUP!r}. Fix: rename it."
+            )
     n_heads, n_kv = q.sizes[heads], k.sizes[kv_heads]
     if n_heads % n_kv:
-        raise DimError(f"attention: {heads}={n_heads} must be a multiple of {kv_heads}={n_kv} (each key/value "
-                       f"head serves {heads}/{kv_heads} query heads).")
+        raise DimError(
+            f"attention: {heads}={n_heads} must be a multiple of {kv_heads}={n_kv} (each key/value "
+            f"head serves {heads}/{kv_heads} query heads)."
+        )
 
     def split(x: MeshTensor) -> MeshTensor:  # heads -> kv_heads group, in place
         left = _spaced(x.dims, {heads: f"({kv_heads} {_GROUP})"})
@@ -311,39 +355,65 @@ def _spaced(names: tuple[str, ...], replace: dict[str, str] | None = None) -> st
 
 
 # ---- checking the dims --------------------------------------------------------------------
-def _roles(q: MeshTensor, k: MeshTensor, v: MeshTensor, mask: MeshTensor | None, seq: str, kv_seq: str,
-           head_dim: str, value_dim: str) -> _Dims:
+def _roles(
+    q: MeshTensor,
+    k: MeshTensor,
+    v: MeshTensor,
+    mask: MeshTensor | None,
+    seq: str,
+    kv_seq: str,
+    head_dim: str,
+    value_dim: str,
+) -> _Dims:
     """Each dim's role, or a DimError naming the input, its dims and the fix."""
     if seq == kv_seq:
-        raise DimError(f"attention: seq and kv_seq are both {seq!r}; queries and keys need distinct sequence "
-                       f"dims. Fix: k.rename({seq}='kv_{seq}'), v likewise, and pass kv_seq='kv_{seq}'.")
+        raise DimError(
+            f"attention: seq and kv_seq are both {seq!r}; queries and keys need distinct sequence "
+            f"dims. Fix: k.rename({seq}='kv_{seq}'), v likewise, and pass kv_seq='kv_{seq}'."
+        )
     other_value = value_dim if value_dim != head_dim else None
-    for what, x, need, refuse in (("q", q, (seq, head_dim), (kv_seq, other_value)),
-                                  ("k", k, (kv_seq, head_dim), (seq, other_value)),
-                                  ("v", v, (kv_seq, value_dim), (seq, head_dim if other_value else None))):
+    for what, x, need, refuse in (
+        ("q", q, (seq, head_dim), (kv_seq, other_value)),
+        ("k", k, (kv_seq, head_dim), (seq, other_value)),
+        ("v", v, (kv_seq, value_dim), (seq, head_dim if other_value else None)),
+    ):
         if any(n not in x.dims for n in need):
-            raise DimError(errors.missing_dims(f"attention: {what} (seq={seq!r}, kv_seq={kv_seq!r}, "
-                                               f"head_dim={head_dim!r}, value_dim={value_dim!r})", need, x.dims))
+            raise DimError(
+                errors.missing_dims(
+                    f"attention: {what} (seq={seq!r}, kv_seq={kv_seq!r}, "
+                    f"head_dim={head_dim!r}, value_dim={value_dim!r})",
+                    need,
+                    x.dims,
+                )
+            )
         bad = [n for n in refuse if n is not None and n in x.dims]
         if bad:
-            raise DimError(f"attention: {what} {x.dims} has the dim {bad[0]!r}, which belongs to "
-                           f"{'k and v' if bad[0] == kv_seq else 'q' if bad[0] == seq else 'another input'}. "
-                           f"Fix: rename it ({what}.rename({bad[0]}='...')).")
+            raise DimError(
+                f"attention: {what} {x.dims} has the dim {bad[0]!r}, which belongs to "
+                f"{'k and v' if bad[0] == kv_seq else 'q' if bad[0] == seq else 'another input'}. "
+                f"Fix: rename it ({what}.rename({bad[0]}='...'))."
+            )
     if q.sizes[head_dim] != k.sizes[head_dim]:
         raise DimError(errors.size_mismatch("attention: q and k", head_dim, [q.sizes[head_dim], k.sizes[head_dim]]))
     if value_dim == head_dim and v.sizes[head_dim] != q.sizes[head_dim]:
-        raise DimError(f"attention: v's {head_dim!r} has size {v.sizes[head_dim]}, q's and k's {q.sizes[head_dim]}. "
-                       f"Fix: a value head size of its own: v.rename({head_dim}='d_value') and value_dim='d_value'.")
+        raise DimError(
+            f"attention: v's {head_dim!r} has size {v.sizes[head_dim]}, q's and k's {q.sizes[head_dim]}. "
+            f"Fix: a value head size of its own: v.rename({head_dim}='d_value') and value_dim='d_value'."
+        )
     roles = (seq, kv_seq, head_dim, value_dim)
     kv_only = tuple(n for n in dict.fromkeys(k.dims + v.dims) if n not in q.dims and n not in roles)
     batch = tuple(n for n in q.dims if n not in roles) + kv_only
     if mask is not None:
         extra = [n for n in mask.dims if n not in batch + (seq, kv_seq)]
         if extra:
-            raise DimError(f"attention: mask {mask.dims} has dims {extra} that the scores {batch + (seq, kv_seq)} "
-                           f"lack. Fix: a mask over some of the scores' dims (reduce or rename the others).")
+            raise DimError(
+                f"attention: mask {mask.dims} has dims {extra} that the scores {batch + (seq, kv_seq)} "
+                f"lack. Fix: a mask over some of the scores' dims (reduce or rename the others)."
+            )
         if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-            raise DimError(f"attention: mask has dtype {mask.dtype}; it must be boolean (True where a query may "
-                           f"attend a key) or floating point (added to the scores). Fix: mask != 0 or mask.float().")
+            raise DimError(
+                f"attention: mask has dtype {mask.dtype}; it must be boolean (True where a query may "
+                f"attend a key) or floating point (added to the scores). Fix: mask != 0 or mask.float()."
+            )
     out = tuple(value_dim if n == head_dim else n for n in q.dims) + kv_only
     return _Dims(seq, kv_seq, head_dim, value_dim, batch, out)

@@ -9,18 +9,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchmesh import arguments
+from torchmesh.comm import autograd as comm
 from torchmesh.errors import ArgumentError, ArgumentTypeError, DimError
+from torchmesh.placement.dims import Dim, DimsLike, check_name, check_unique, parse_dims, parse_names
 from torchmesh.placement.layout import TensorLayout, check, local_shape, local_slices
-from torchmesh.placement.plan import plan_relayout
 from torchmesh.placement.rules import LayoutRules, RulesLike
-from torchmesh.tensor.dims import Dim, DimsLike, check_name, check_unique, parse_dims, parse_names
+from torchmesh.tensor import replicas
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 if TYPE_CHECKING:
-    from torchmesh.mesh import Mesh
+    from torchmesh.tensor.mesh import Mesh
 
 
-def layout_for(dims: tuple[Dim, ...], mesh: "Mesh", layout: RulesLike = None) -> TensorLayout:
+def layout_for(dims: tuple[Dim, ...], mesh: Mesh, layout: RulesLike = None) -> TensorLayout:
     """The rules' layout for these dims, or the one given by `layout` rules for this tensor."""
     if layout is None:
         return mesh.layout_of(dims)
@@ -28,7 +29,7 @@ def layout_for(dims: tuple[Dim, ...], mesh: "Mesh", layout: RulesLike = None) ->
     return check(TensorLayout(dims, tuple(rules.axes_of(d.name) for d in dims)), mesh.shape, str(rules))
 
 
-def _names(dims: "str | Sequence[str | Dim]") -> tuple[str, ...]:
+def _names(dims: str | Sequence[str | Dim]) -> tuple[str, ...]:
     if isinstance(dims, str):
         return parse_names(dims)
     return tuple(getattr(d, "name", d) for d in dims)
@@ -36,8 +37,8 @@ def _names(dims: "str | Sequence[str | Dim]") -> tuple[str, ...]:
 
 def distribute(
     tensor: torch.Tensor,
-    dims: "str | Sequence[str | Dim]",
-    mesh: "Mesh",
+    dims: str | Sequence[str | Dim],
+    mesh: Mesh,
     requires_grad: bool = False,
     layout: RulesLike = None,
 ) -> MeshTensor:
@@ -54,8 +55,10 @@ def distribute(
         try:
             tensor = torch.as_tensor(tensor)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise ArgumentTypeError(f"distribute(tensor, {dims!r}, mesh): the tensor is a {type(tensor).__name__} "
-                                    f"torch cannot read ({e}). Fix: pass a torch.Tensor.") from None
+            raise ArgumentTypeError(
+                f"distribute(tensor, {dims!r}, mesh): the tensor is a {type(tensor).__name__} "
+                f"torch cannot read ({e}). Fix: pass a torch.Tensor."
+            ) from None
     names = _names(dims)
     if len(names) != tensor.dim():
         raise DimError(
@@ -71,9 +74,9 @@ def distribute(
 
 
 def from_local(
-    shards: "torch.Tensor | Sequence[torch.Tensor]",
-    dims: "str | Sequence[str | Dim]",
-    mesh: "Mesh",
+    shards: torch.Tensor | Sequence[torch.Tensor],
+    dims: str | Sequence[str | Dim],
+    mesh: Mesh,
     layout: RulesLike = None,
     requires_grad: bool = False,
 ) -> MeshTensor:
@@ -103,8 +106,10 @@ def from_local(
     named = _named_sizes(dims)
     names = tuple(n for n, _ in named)
     if any(t.dim() != len(names) for t in data):
-        raise DimError(f"from_local: every shard must have the {len(names)} dims {names}; "
-                       f"got shapes {[tuple(t.shape) for t in data]}.")
+        raise DimError(
+            f"from_local: every shard must have the {len(names)} dims {names}; "
+            f"got shapes {[tuple(t.shape) for t in data]}."
+        )
     if torch.is_grad_enabled() and any(t.requires_grad for t in data):
         raise DimError(_from_local_grad(names))
     rules = mesh.rules if layout is None else LayoutRules.parse(layout)
@@ -129,19 +134,17 @@ def from_local(
     if requires_grad:
         data = tuple(t.requires_grad_(True) for t in data)
     x = MeshTensor(data, lay, mesh)
-    from torchmesh.tensor import replicas
-
     if replicas.checks_on(impl):
         replicas.check_replicas({f"from_local({' '.join(names)})": x})
     return x
 
 
-def _named_sizes(dims: "str | Sequence[str | Dim] | Mapping[str, int]") -> tuple[tuple[str, "int | None"], ...]:
+def _named_sizes(dims: str | Sequence[str | Dim] | Mapping[str, int]) -> tuple[tuple[str, int | None], ...]:
     """(name, global size or None) for "batch ff", "batch:3 ff", [Dim, "name"] or {name: size}."""
     if isinstance(dims, Mapping):
         return tuple((d.name, d.size) for d in parse_dims(dims))
     out = []
-    for tok in (dims.replace(",", " ").split() if isinstance(dims, str) else dims):
+    for tok in dims.replace(",", " ").split() if isinstance(dims, str) else dims:
         if isinstance(tok, Dim) or (isinstance(tok, str) and ":" in tok):
             (d,) = parse_dims([tok])
             out.append((d.name, d.size))
@@ -155,8 +158,6 @@ def _global_sizes(impl, data, named, rules: LayoutRules) -> list[int]:
     """Each dim's global size: given, or whole (unsplit), or the sum of its blocks over its
     axes (an all-reduce of one integer per split dim; on the abstract backend, which holds
     shapes only, blocks are taken to be even)."""
-    from torchmesh.comm import autograd as comm
-
     slicer, sizes = impl.slice_mesh, []
     for i, (name, given) in enumerate(named):
         local = [t.shape[i] for t in data]
@@ -165,8 +166,10 @@ def _global_sizes(impl, data, named, rules: LayoutRules) -> list[int]:
             sizes.append(given)
         elif not live:
             if len(set(local)) != 1:
-                raise DimError(f"from_local: dim {name!r} is not split, so every shard holds all of it, but "
-                               f"the shards have sizes {local} along it.")
+                raise DimError(
+                    f"from_local: dim {name!r} is not split, so every shard holds all of it, but "
+                    f"the shards have sizes {local} along it."
+                )
             sizes.append(local[0])
         elif impl.default_device.type == "meta" or data[0].device.type == "meta":
             sizes.append(local[0] * math.prod(slicer.axis_size(a) for a in live))
@@ -174,8 +177,10 @@ def _global_sizes(impl, data, named, rules: LayoutRules) -> list[int]:
             counts = tuple(torch.tensor([n], dtype=torch.int64, device=impl.default_device) for n in local)
             totals = sorted({int(t.item()) for t in comm.all_reduce(impl, counts, live)})
             if len(totals) != 1:
-                raise DimError(f"from_local: dim {name!r} (split over {','.join(live)}) adds up to different "
-                               f"sizes {totals} in different device groups; every group holds all of it.")
+                raise DimError(
+                    f"from_local: dim {name!r} (split over {','.join(live)}) adds up to different "
+                    f"sizes {totals} in different device groups; every group holds all of it."
+                )
             sizes.append(totals[0])
     return sizes
 
@@ -192,19 +197,7 @@ def _from_local_grad(names: tuple[str, ...]) -> str:
     )
 
 
-def to_global(x: MeshTensor) -> torch.Tensor:
-    """The global value: gather every split axis (a collective on dist), then one local tensor."""
-    replicated = TensorLayout(x._layout.dims, tuple(() for _ in x._layout.dims))
-    from torchmesh.tensor.contraction import run_steps
-
-    steps = plan_relayout(x._layout, replicated)
-    if steps:  # a collective: every rank must call it (a rank-0-only full() raises everywhere)
-        x._mesh.impl.agree_call("x.full()")
-    data = run_steps(x._mesh.impl, x._data, x._layout, steps)
-    return x._mesh.impl.global_value(data)
-
-
-def _filled(dims: DimsLike, mesh: "Mesh", fill, dtype, device, requires_grad, layout) -> MeshTensor:
+def _filled(dims: DimsLike, mesh: Mesh, fill, dtype, device, requires_grad, layout) -> MeshTensor:
     arguments.dtype(f"tensor {dims!r}", dtype)
     shape = parse_dims(dims)
     lay = layout_for(shape, mesh, layout)
@@ -216,8 +209,14 @@ def _filled(dims: DimsLike, mesh: "Mesh", fill, dtype, device, requires_grad, la
     return MeshTensor(data, lay, mesh)
 
 
-def zeros(dims: DimsLike, mesh: "Mesh", dtype: torch.dtype | None = None, device: Any = None,
-          requires_grad: bool = False, layout: RulesLike = None) -> MeshTensor:
+def zeros(
+    dims: DimsLike,
+    mesh: Mesh,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+    requires_grad: bool = False,
+    layout: RulesLike = None,
+) -> MeshTensor:
     """A tensor of zeros with dims like "batch:8 d:16" (or [Dim(...)], or {"batch": 8}).
 
     >>> import torchmesh as tm
@@ -228,8 +227,14 @@ def zeros(dims: DimsLike, mesh: "Mesh", dtype: torch.dtype | None = None, device
     return _filled(dims, mesh, torch.zeros, dtype, device, requires_grad, layout)
 
 
-def ones(dims: DimsLike, mesh: "Mesh", dtype: torch.dtype | None = None, device: Any = None,
-         requires_grad: bool = False, layout: RulesLike = None) -> MeshTensor:
+def ones(
+    dims: DimsLike,
+    mesh: Mesh,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+    requires_grad: bool = False,
+    layout: RulesLike = None,
+) -> MeshTensor:
     """A tensor of ones with dims like "batch:8 d:16".
 
     >>> import torch, torchmesh as tm
@@ -240,8 +245,15 @@ def ones(dims: DimsLike, mesh: "Mesh", dtype: torch.dtype | None = None, device:
     return _filled(dims, mesh, torch.ones, dtype, device, requires_grad, layout)
 
 
-def full(dims: DimsLike, value: float, mesh: "Mesh", dtype: torch.dtype | None = None, device: Any = None,
-         requires_grad: bool = False, layout: RulesLike = None) -> MeshTensor:
+def full(
+    dims: DimsLike,
+    value: float,
+    mesh: Mesh,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+    requires_grad: bool = False,
+    layout: RulesLike = None,
+) -> MeshTensor:
     """A tensor filled with `value`.
 
     >>> import torchmesh as tm
@@ -252,8 +264,9 @@ def full(dims: DimsLike, value: float, mesh: "Mesh", dtype: torch.dtype | None =
     return _filled(dims, mesh, lambda s, **kw: torch.full(s, value, **kw), dtype, device, requires_grad, layout)
 
 
-def arange(dim: "Dim | str", mesh: "Mesh", dtype: torch.dtype | None = None, device: Any = None,
-           layout: RulesLike = None) -> MeshTensor:
+def arange(
+    dim: Dim | str, mesh: Mesh, dtype: torch.dtype | None = None, device: Any = None, layout: RulesLike = None
+) -> MeshTensor:
     """The 1-d tensor 0, 1, ..., n-1 along `dim` ("pos:128" or Dim("pos", 128)); each device
     makes its own block.
 
@@ -263,12 +276,15 @@ def arange(dim: "Dim | str", mesh: "Mesh", dtype: torch.dtype | None = None, dev
     tensor([3, 4, 5])
     """
     if arguments.dtype(f"arange({dim!r})", dtype) is torch.bool:
-        raise ArgumentError(f"arange({dim!r}, dtype=torch.bool): counting needs a numeric dtype (torch has no bool "
-                            f"arange). Fix: dtype=torch.int64, then == or > to make bools.")
+        raise ArgumentError(
+            f"arange({dim!r}, dtype=torch.bool): counting needs a numeric dtype (torch has no bool "
+            f"arange). Fix: dtype=torch.int64, then == or > to make bools."
+        )
     dims = parse_dims([dim]) if isinstance(dim, Dim) else parse_dims(dim)
     if len(dims) != 1:
-        raise DimError(f"arange({dim!r}): arange makes a 1-d tensor, so it takes one dim, e.g. 'pos:128'; "
-                       f"got {len(dims)}.")
+        raise DimError(
+            f"arange({dim!r}): arange makes a 1-d tensor, so it takes one dim, e.g. 'pos:128'; got {len(dims)}."
+        )
     (d,) = dims
     lay = layout_for((d,), mesh, layout)
     slicer = mesh.impl.slice_mesh

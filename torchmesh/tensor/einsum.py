@@ -13,9 +13,10 @@ from functools import lru_cache
 import torch
 
 from torchmesh.errors import DimError, ParseError
+from torchmesh.placement.dims import Dim, DimsLike, check_name, parse_dims
 from torchmesh.placement.layout import local_shape
-from torchmesh.tensor.contraction import OpPlan, run_op
-from torchmesh.tensor.dims import Dim, DimsLike, check_name, parse_dims
+from torchmesh.placement.op_plan import OpPlan
+from torchmesh.tensor.contraction import run_op
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -37,8 +38,12 @@ def parse_equation(equation: str) -> tuple[tuple[tuple[str, ...], ...], tuple[st
     return operands, out
 
 
-def einsum(equation: "str | Sequence[MeshTensor]", *xs: MeshTensor, output_shape: DimsLike | None = None,
-           sizes: Mapping[str, int] | None = None) -> MeshTensor:
+def einsum(
+    equation: str | Sequence[MeshTensor],
+    *xs: MeshTensor,
+    output_shape: DimsLike | None = None,
+    sizes: Mapping[str, int] | None = None,
+) -> MeshTensor:
     """Einstein summation over named dims.
 
     >>> import torch, torchmesh as tm
@@ -79,8 +84,10 @@ def einsum(equation: "str | Sequence[MeshTensor]", *xs: MeshTensor, output_shape
         raise DimError(f"einsum {equation!r} names {len(operands)} operands but got {len(xs)} tensors.")
     for i, (names, x) in enumerate(zip(operands, xs)):
         if not isinstance(x, MeshTensor):
-            raise DimError(f"einsum {equation!r}: operand {i} is a {type(x).__name__}, not a MeshTensor; "
-                           f"wrap it with tm.distribute(tensor, '{' '.join(names)}', mesh).")
+            raise DimError(
+                f"einsum {equation!r}: operand {i} is a {type(x).__name__}, not a MeshTensor; "
+                f"wrap it with tm.distribute(tensor, '{' '.join(names)}', mesh)."
+            )
         if set(names) != set(x.dims) or len(names) != len(x.dims):
             raise DimError(
                 f"einsum {equation!r}: operand {i} is written ({' '.join(names)}) but the tensor has "
@@ -96,23 +103,30 @@ def einsum(equation: "str | Sequence[MeshTensor]", *xs: MeshTensor, output_shape
     return run_op(xs, out, _local_einsum, what=what)
 
 
-def _broadcast_dims(what: str, out: tuple[str, ...], have: Mapping[str, int],
-                    sizes: Mapping[str, int]) -> tuple[Dim, ...]:
+def _broadcast_dims(
+    what: str, out: tuple[str, ...], have: Mapping[str, int], sizes: Mapping[str, int]
+) -> tuple[Dim, ...]:
     """The output dims no input has, sized by `sizes`; a size that contradicts an input's,
     or names a dim of neither the inputs nor the output, is an error."""
     for name, size in sizes.items():
         if name in have and have[name] != size:
-            raise DimError(f"{what}: sizes gives {name!r} size {size}, but the inputs have it with size "
-                           f"{have[name]}; leave it out of sizes (inputs' dims keep their sizes).")
+            raise DimError(
+                f"{what}: sizes gives {name!r} size {size}, but the inputs have it with size "
+                f"{have[name]}; leave it out of sizes (inputs' dims keep their sizes)."
+            )
         if name not in have and name not in out:
-            raise DimError(f"{what}: sizes names {name!r}, which is neither an input dim nor an output dim "
-                           f"{out}; sizes is for output dims that no input has.")
+            raise DimError(
+                f"{what}: sizes names {name!r}, which is neither an input dim nor an output dim "
+                f"{out}; sizes is for output dims that no input has."
+            )
     new = [n for n in out if n not in have]
     unsized = [n for n in new if n not in sizes]
     if unsized:
-        raise DimError(f"{what}: output dims {unsized} are in no input, so their sizes are unknown. Give "
-                       f"them: sizes={{{', '.join(f'{n!r}: <size>' for n in unsized)}}} (or Dims with "
-                       f"sizes in output_shape).")
+        raise DimError(
+            f"{what}: output dims {unsized} are in no input, so their sizes are unknown. Give "
+            f"them: sizes={{{', '.join(f'{n!r}: <size>' for n in unsized)}}} (or Dims with "
+            f"sizes in output_shape)."
+        )
     return tuple(Dim(n, int(sizes[n])) for n in new)
 
 
@@ -130,7 +144,7 @@ def _sizes(xs: Sequence[MeshTensor]) -> dict[str, int]:
 
 
 def _local_einsum(plan: OpPlan):
-    inputs = tuple(l.names for l in plan.in_layouts)
+    inputs = tuple(lay.names for lay in plan.in_layouts)
     out = plan.computed.names
     if len(inputs) == 2:
         lowered = _as_matmul(*inputs, out)

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from torchmesh.errors import ArgumentTypeError
 from torchmesh import errors
-from torchmesh.errors import DimError
-from torchmesh.tensor.contraction import OpPlan, run_op
+from torchmesh.errors import ArgumentTypeError, DimError
+from torchmesh.placement.op_plan import OpPlan
+from torchmesh.tensor.contraction import run_op
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 
@@ -35,7 +35,9 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
     """
     name = getattr(func, "__name__", str(func))
     if kwargs.get("inplace") or kwargs.get("out") is not None:
-        raise ArgumentTypeError(errors.not_in_place(f"{name}(..., {'out=' if kwargs.get('out') is not None else 'inplace=True'})"))
+        raise ArgumentTypeError(
+            errors.not_in_place(f"{name}(..., {'out=' if kwargs.get('out') is not None else 'inplace=True'})")
+        )
     slots: list[tuple[bool, Any]] = []  # (is_kwarg, position or key) of each MeshTensor
     xs: list[MeshTensor] = []
     for i, a in enumerate(args):
@@ -53,7 +55,7 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
     out_names = tuple(dict.fromkeys(n for x in xs for n in x.dims))
 
     def local_fn(plan: OpPlan):
-        aligners = [_aligner(l.names, plan.computed.names) for l in plan.in_layouts]
+        aligners = [_aligner(lay.names, plan.computed.names) for lay in plan.in_layouts]
 
         def fn(*ts: torch.Tensor) -> torch.Tensor:
             a, kw = list(args), dict(kwargs)
@@ -111,12 +113,13 @@ def _aligner(src: tuple[str, ...], out: tuple[str, ...]) -> Callable[[torch.Tens
 
 # ---- the explicit tables -------------------------------------------------------------------
 # Which torch functions act elementwise: those whose aten ops torch tags `pointwise`, and their
-# aliases (tests/test_torch_habits.py checks both directions against torch's tags, and every
+# aliases (tests/tensor/test_torch_habits.py checks both directions against torch's tags, and every
 # entry against torch on uneven meshes). Each reaches `pointwise` through __torch_function__;
 # extra arguments (numbers, MeshTensors) and keywords (approximate="tanh") are passed through.
 
 #: torch.<name>; also installed as methods (x.erf(), x.clamp_min(0.0), x.add(y)).
-TORCH_ELEMENTWISE: tuple[str, ...] = tuple("""
+TORCH_ELEMENTWISE: tuple[str, ...] = tuple(
+    """
     abs absolute acos arccos acosh arccosh angle asin arcsin asinh arcsinh atan arctan atanh arctanh
     ceil clone conj_physical cos cosh deg2rad digamma erf erfc erfinv exp exp2 expm1 fix floor frac
     i0 lgamma log log10 log1p log2 logit mvlgamma nan_to_num neg negative polygamma positive rad2deg
@@ -130,14 +133,18 @@ TORCH_ELEMENTWISE: tuple[str, ...] = tuple("""
     eq ne not_equal lt less le less_equal gt greater ge greater_equal isclose
     logical_and logical_or logical_xor bitwise_and bitwise_or bitwise_xor bitwise_left_shift
     bitwise_right_shift lerp addcmul addcdiv masked_fill
-""".split())
+""".split()
+)
 #: torch.nn.functional.<name> (activations).
-FUNCTIONAL_ELEMENTWISE: tuple[str, ...] = tuple("""
+FUNCTIONAL_ELEMENTWISE: tuple[str, ...] = tuple(
+    """
     relu relu6 elu selu celu gelu silu mish hardtanh hardswish hardsigmoid leaky_relu logsigmoid
     softplus softsign tanhshrink softshrink hardshrink threshold sigmoid tanh
-""".split())
+""".split()
+)
 #: torch.special.<name>.
-SPECIAL_ELEMENTWISE: tuple[str, ...] = tuple("""
+SPECIAL_ELEMENTWISE: tuple[str, ...] = tuple(
+    """
     airy_ai bessel_j0 bessel_j1 bessel_y0 bessel_y1 chebyshev_polynomial_t chebyshev_polynomial_u
     chebyshev_polynomial_v chebyshev_polynomial_w digamma entr erf erfc erfcx erfinv exp2 expit expm1
     gammainc gammaincc gammaln hermite_polynomial_h hermite_polynomial_he i0 i0e i1 i1e
@@ -146,7 +153,8 @@ SPECIAL_ELEMENTWISE: tuple[str, ...] = tuple("""
     round scaled_modified_bessel_k0 scaled_modified_bessel_k1 shifted_chebyshev_polynomial_t
     shifted_chebyshev_polynomial_u shifted_chebyshev_polynomial_v shifted_chebyshev_polynomial_w
     sinc spherical_bessel_j0 xlog1py xlogy zeta
-""".split())
+""".split()
+)
 #: Namespace prefix (as users write it) -> (module, names).
 ELEMENTWISE_NAMESPACES = {
     "torch": (torch, TORCH_ELEMENTWISE),
@@ -156,25 +164,47 @@ ELEMENTWISE_NAMESPACES = {
 #: Every elementwise torch function object -> its name as written ("F.gelu").
 ELEMENTWISE: dict[Callable, str] = {
     getattr(module, name): f"{prefix}.{name}"
-    for prefix, (module, names) in ELEMENTWISE_NAMESPACES.items() for name in names
+    for prefix, (module, names) in ELEMENTWISE_NAMESPACES.items()
+    for name in names
 }
 #: Methods of one tensor from torch.nn.functional (x.gelu(), x.silu()); torch's are all methods.
 FUNCTIONAL_METHODS = {"gelu": F.gelu, "silu": F.silu}
 #: Python operators: dunder name -> function of (self, other) in the operator's argument order.
 OPERATORS = {
-    "__add__": operator.add, "__sub__": operator.sub, "__mul__": operator.mul,
-    "__truediv__": operator.truediv, "__floordiv__": operator.floordiv, "__mod__": operator.mod,
-    "__pow__": operator.pow, "__eq__": operator.eq, "__ne__": operator.ne, "__lt__": operator.lt,
-    "__le__": operator.le, "__gt__": operator.gt, "__ge__": operator.ge, "__and__": operator.and_,
-    "__or__": operator.or_, "__xor__": operator.xor,
+    "__add__": operator.add,
+    "__sub__": operator.sub,
+    "__mul__": operator.mul,
+    "__truediv__": operator.truediv,
+    "__floordiv__": operator.floordiv,
+    "__mod__": operator.mod,
+    "__pow__": operator.pow,
+    "__eq__": operator.eq,
+    "__ne__": operator.ne,
+    "__lt__": operator.lt,
+    "__le__": operator.le,
+    "__gt__": operator.gt,
+    "__ge__": operator.ge,
+    "__and__": operator.and_,
+    "__or__": operator.or_,
+    "__xor__": operator.xor,
 }
 REFLECTED = {
-    "__radd__": operator.add, "__rsub__": operator.sub, "__rmul__": operator.mul,
-    "__rtruediv__": operator.truediv, "__rfloordiv__": operator.floordiv, "__rpow__": operator.pow,
-    "__rand__": operator.and_, "__ror__": operator.or_, "__rxor__": operator.xor,
+    "__radd__": operator.add,
+    "__rsub__": operator.sub,
+    "__rmul__": operator.mul,
+    "__rtruediv__": operator.truediv,
+    "__rfloordiv__": operator.floordiv,
+    "__rpow__": operator.pow,
+    "__rand__": operator.and_,
+    "__ror__": operator.or_,
+    "__rxor__": operator.xor,
 }
-UNARY_OPERATORS = {"__neg__": operator.neg, "__pos__": operator.pos, "__abs__": operator.abs,
-                   "__invert__": operator.invert}
+UNARY_OPERATORS = {
+    "__neg__": operator.neg,
+    "__pos__": operator.pos,
+    "__abs__": operator.abs,
+    "__invert__": operator.invert,
+}
 
 
 def where(condition: MeshTensor, x: Any, y: Any) -> MeshTensor:
@@ -198,6 +228,7 @@ def cast(x: MeshTensor, dtype: torch.dtype) -> MeshTensor:
     torch.bfloat16
     """
     if not isinstance(dtype, torch.dtype):
-        raise ArgumentTypeError(f"cast(x, {dtype!r}): the dtype is a torch.dtype (torch.bfloat16, ...), not a "
-                                f"{type(dtype).__name__}.")
+        raise ArgumentTypeError(
+            f"cast(x, {dtype!r}): the dtype is a torch.dtype (torch.bfloat16, ...), not a {type(dtype).__name__}."
+        )
     return x._map(lambda t: t.to(dtype))

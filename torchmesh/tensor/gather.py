@@ -17,9 +17,10 @@ import torch
 
 from torchmesh import errors
 from torchmesh.errors import DimError, IndexRangeError
+from torchmesh.placement.dims import Dim, parse_dims
 from torchmesh.placement.layout import TensorLayout, block_bounds
-from torchmesh.tensor.contraction import OpPlan, run_op
-from torchmesh.tensor.dims import Dim, parse_dims
+from torchmesh.placement.op_plan import OpPlan
+from torchmesh.tensor.contraction import run_op
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
 
@@ -113,6 +114,7 @@ def check_ids(index: MeshTensor, size: int, op: str, dim: str, ignore: int | Non
 
     n_bad, n_kept = agree((counts(t) for t in index._data), "sum")
     if n_bad:
+
         def extremes(ids: torch.Tensor) -> torch.Tensor:
             kept = ids != ignore if ignore is not None else torch.ones_like(ids, dtype=torch.bool)
             ids = ids.to(torch.int64)
@@ -176,8 +178,7 @@ def embedding(ids: MeshTensor, table: MeshTensor, vocab_dim: str = "vocab") -> M
     return lookup(table, ids, vocab_dim)
 
 
-def one_hot(index: MeshTensor, dim: "Dim | str", dtype: torch.dtype = torch.float32,
-            strict: bool = True) -> MeshTensor:
+def one_hot(index: MeshTensor, dim: Dim | str, dtype: torch.dtype = torch.float32, strict: bool = True) -> MeshTensor:
     """A new dim `dim` ("vocab:1000" or Dim) that is 1 at `index` and 0 elsewhere; each device
     builds only its block of a split dim, with no communication. An id outside the dim raises
     `IndexRangeError` (as torch's one_hot); with `strict=False` its row is all zeros instead

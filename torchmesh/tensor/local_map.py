@@ -30,13 +30,15 @@ from torchmesh import errors
 from torchmesh.comm import autograd as comm
 from torchmesh.comm.backend import MeshImpl
 from torchmesh.errors import DimError, LayoutError, ParseError
+from torchmesh.placement.dims import Dim, check_name, check_unique
 from torchmesh.placement.layout import TensorLayout, check, local_shape
 from torchmesh.placement.mesh_shape import MeshShape, parts
 from torchmesh.placement.rules import LayoutRules
 from torchmesh.tensor import replicas
-from torchmesh.tensor.dims import Dim, check_name, check_unique
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
+from torchmesh.xla.backend import partition_spec
+from torchmesh.xla.manual import even_or_refuse, from_blocks, to_blocks
 
 #: One output's dims: (name, global size, or None where the blocks tell it).
 OutDims = tuple[tuple[str, "int | None"], ...]
@@ -53,7 +55,7 @@ class LocalMapPlan:
     out_once: tuple[tuple[str, ...], ...]
 
 
-def local_map(fn: Callable[..., Any], *args: Any, out_dims: "str | Sequence[str]") -> Any:
+def local_map(fn: Callable[..., Any], *args: Any, out_dims: str | Sequence[str]) -> Any:
     """Run `fn` on each device's blocks: it gets the local blocks of the MeshTensor arguments
     (plain tensors, dims in each input's order; other arguments as they are) and returns the
     local blocks of the outputs, whose dims `out_dims` names ("batch seq ch", or a tuple of
@@ -89,8 +91,9 @@ def local_map(fn: Callable[..., Any], *args: Any, out_dims: "str | Sequence[str]
     single = isinstance(out_dims, str)
     outs = _out_dims(out_dims, xs, mesh.rules, mesh.shape, what)
     xs = [to_layout(x, mesh.layout_of(x.shape)) for x in xs]
-    plan = plan_local_map(tuple(x._layout for x in xs), tuple(tuple(n for n, _ in o) for o in outs),
-                          mesh.rules, mesh.shape, what)
+    plan = plan_local_map(
+        tuple(x._layout for x in xs), tuple(tuple(n for n, _ in o) for o in outs), mesh.rules, mesh.shape, what
+    )
     for o, axes in zip(outs, plan.out_axes):  # two dims on one axis: an error before fn runs
         check(_known_layout(o, axes), mesh.shape, str(mesh.rules))
     impl = mesh.impl
@@ -171,9 +174,6 @@ class _NoGradBack(Function):
 
 # ---- xla: fn on each device's block inside a manual-sharding region ------------------------------
 def _run_manual(impl: MeshImpl, call, plan: LocalMapPlan, xs: list[MeshTensor], outs, what):
-    from torchmesh.xla.backend import partition_spec
-    from torchmesh.xla.manual import even_or_refuse, from_blocks, to_blocks
-
     mesh = impl.shape
     even_or_refuse([x._layout for x in xs], mesh, what)
     even_or_refuse([_known_layout(o, axes) for o, axes in zip(outs, plan.out_axes)], mesh, what)
@@ -211,8 +211,10 @@ def _known_layout(names_sizes: OutDims, axes) -> TensorLayout:
 # ---- arguments and results ---------------------------------------------------------------------
 def _check_inputs(args: Sequence[Any], xs: list[MeshTensor], what: str) -> None:
     if not xs:
-        raise DimError(f"{what}: no MeshTensor among the arguments, so there is no mesh to run on. "
-                       f"Fix: pass the MeshTensors whose blocks the function takes.")
+        raise DimError(
+            f"{what}: no MeshTensor among the arguments, so there is no mesh to run on. "
+            f"Fix: pass the MeshTensors whose blocks the function takes."
+        )
     for x in xs[1:]:
         if x._mesh is not xs[0]._mesh:
             raise DimError(f"{what}: inputs live on different meshes ({xs[0]._mesh} and {x._mesh}).")
@@ -225,14 +227,17 @@ def _check_inputs(args: Sequence[Any], xs: list[MeshTensor], what: str) -> None:
             )
 
 
-def _out_dims(out_dims: "str | Sequence[str]", xs: list[MeshTensor], rules: LayoutRules, mesh: MeshShape,
-              what: str) -> tuple[OutDims, ...]:
+def _out_dims(
+    out_dims: str | Sequence[str], xs: list[MeshTensor], rules: LayoutRules, mesh: MeshShape, what: str
+) -> tuple[OutDims, ...]:
     """Each output's (name, size or None): sizes from "name:size", else from the inputs' dim
     of that name; a new dim the rules split must be written with its size."""
     specs = [out_dims] if isinstance(out_dims, str) else list(out_dims)
     if not specs or not all(isinstance(s, str) for s in specs):
-        raise ParseError(f"{what}: out_dims is a string of dim names ('batch seq ch') or a tuple of "
-                         f"such strings, one per output; got {out_dims!r}.")
+        raise ParseError(
+            f"{what}: out_dims is a string of dim names ('batch seq ch') or a tuple of "
+            f"such strings, one per output; got {out_dims!r}."
+        )
     sizes: dict[str, int] = {}
     for x in xs:
         for d in x.shape:
@@ -266,11 +271,17 @@ def _out_dims(out_dims: "str | Sequence[str]", xs: list[MeshTensor], rules: Layo
 def _as_outputs(result: Any, n: int, single: bool, what: str) -> tuple[torch.Tensor, ...]:
     if single and isinstance(result, torch.Tensor):
         result = (result,)
-    if not isinstance(result, (tuple, list)) or len(result) != n or not all(isinstance(t, torch.Tensor) for t in result):
+    if (
+        not isinstance(result, (tuple, list))
+        or len(result) != n
+        or not all(isinstance(t, torch.Tensor) for t in result)
+    ):
         got = type(result).__name__ + (f" of {len(result)}" if isinstance(result, (tuple, list)) else "")
         want = "a torch.Tensor" if single else f"a tuple of {n} torch.Tensors"
-        raise DimError(f"{what}: the function returned {got}; out_dims names {n} output(s), so it must "
-                       f"return {want} (each device's block).")
+        raise DimError(
+            f"{what}: the function returned {got}; out_dims names {n} output(s), so it must "
+            f"return {want} (each device's block)."
+        )
     return tuple(result)
 
 
@@ -280,15 +291,19 @@ def _out_layout(names_sizes: OutDims, axes, shapes: list, what: str, j: int) -> 
     names = [n for n, _ in names_sizes]
     for shape in shapes:
         if len(shape) != len(names):
-            raise DimError(f"{what}: output {j} has dims ({', '.join(names)}) in out_dims, but the function "
-                           f"returned a block with {len(shape)} dims (shape {tuple(shape)}).")
+            raise DimError(
+                f"{what}: output {j} has dims ({', '.join(names)}) in out_dims, but the function "
+                f"returned a block with {len(shape)} dims (shape {tuple(shape)})."
+            )
     dims = []
     for i, (name, size) in enumerate(names_sizes):
         if size is None:
             seen = sorted({int(s[i]) for s in shapes})
             if len(seen) != 1:
-                raise DimError(f"{what}: output {j}'s new dim {name!r} has sizes {seen} on different devices; "
-                               f"a dim no rule splits is whole on every device.")
+                raise DimError(
+                    f"{what}: output {j}'s new dim {name!r} has sizes {seen} on different devices; "
+                    f"a dim no rule splits is whole on every device."
+                )
             size = seen[0]
         dims.append(Dim(name, size))
     return TensorLayout(tuple(dims), axes)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from torchmesh.errors import ArgumentTypeError
 from torchmesh import errors
+from torchmesh.errors import ArgumentTypeError
 from torchmesh.tensor import elementwise as ew
 from torchmesh.tensor import reduce as red
 from torchmesh.tensor import relayout as rel
@@ -78,74 +78,184 @@ def _contiguous(self: MeshTensor) -> MeshTensor:
 
 
 METHODS: dict[str, Callable] = {
-    "sum": red.reduce_sum, "mean": red.reduce_mean, "max": red.reduce_max, "min": red.reduce_min,
-    "amax": red.reduce_max, "amin": red.reduce_min,
-    "any": red.reduce_any, "all": red.reduce_all, "logsumexp": red.logsumexp,
-    "softmax": red.softmax, "log_softmax": red.log_softmax,
-    "rename": rel.rename, "relayout": rel.relayout, "to": _to, "contiguous": _contiguous,
-    "float": lambda self: _to(self, torch.float32), "double": lambda self: _to(self, torch.float64),
-    "half": lambda self: _to(self, torch.float16), "bfloat16": lambda self: _to(self, torch.bfloat16),
-    "bool": lambda self: _to(self, torch.bool), "long": lambda self: _to(self, torch.int64),
-    "int": lambda self: _to(self, torch.int32), "cpu": lambda self: _to(self, "cpu"),
-    "cuda": lambda self: _to(self, "cuda"), "type_as": lambda self, other: _to(self, other.dtype),
-    "argmax": selection.argmax, "argmin": selection.argmin, "top_k": selection.top_k,
-    "cumsum": scan.cumsum, "unstack": stacking.unstack,
+    "sum": red.reduce_sum,
+    "mean": red.reduce_mean,
+    "max": red.reduce_max,
+    "min": red.reduce_min,
+    "amax": red.reduce_max,
+    "amin": red.reduce_min,
+    "any": red.reduce_any,
+    "all": red.reduce_all,
+    "logsumexp": red.logsumexp,
+    "softmax": red.softmax,
+    "log_softmax": red.log_softmax,
+    "rename": rel.rename,
+    "relayout": rel.relayout,
+    "to": _to,
+    "contiguous": _contiguous,
+    "float": lambda self: _to(self, torch.float32),
+    "double": lambda self: _to(self, torch.float64),
+    "half": lambda self: _to(self, torch.float16),
+    "bfloat16": lambda self: _to(self, torch.bfloat16),
+    "bool": lambda self: _to(self, torch.bool),
+    "long": lambda self: _to(self, torch.int64),
+    "int": lambda self: _to(self, torch.int32),
+    "cpu": lambda self: _to(self, "cpu"),
+    "cuda": lambda self: _to(self, "cuda"),
+    "type_as": lambda self, other: _to(self, other.dtype),
+    "argmax": selection.argmax,
+    "argmin": selection.argmin,
+    "top_k": selection.top_k,
+    "cumsum": scan.cumsum,
+    "unstack": stacking.unstack,
 }
 for _name, _fn in METHODS.items():
     setattr(MeshTensor, _name, _fn)
 
 
 # ---- positional torch habits: what to write instead -------------------------------------------
-_REARRANGE = "tm.rearrange(x, 'batch (heads d_head) -> batch heads d_head', heads=4) splits, merges and reorders dims by name"
-_ORDER = ("ops match dims by name, so their order needs no changing (x * y lines up 'batch' with "
-          "'batch' whatever the order); tm.rearrange(x, 'a b -> b a') sets the storage order, and "
-          "x.rename(seq='kv_seq') renames a dim (e.g. to contract it against another tensor's)")
-_BROADCAST = ("ops broadcast a missing dim by name (x + b adds b over every dim of x it lacks); to "
-              "make a new dim, multiply by tm.ones('new:4', x.mesh)")
-_SLICE = ("tm.slice(x, 'seq', start, stop) takes a range of a named dim; tm.gather(x, ids, 'vocab') "
-          "picks entries by index; tm.where(mask, x, 0) masks")
-_EINSUM = "tm.einsum('batch d, d ff -> batch ff', x, w) contracts the dims named on both sides (tm.nn.Linear for a layer)"
+_REARRANGE = (
+    "tm.rearrange(x, 'batch (heads d_head) -> batch heads d_head', heads=4) splits, merges and reorders dims by name"
+)
+_ORDER = (
+    "ops match dims by name, so their order needs no changing (x * y lines up 'batch' with "
+    "'batch' whatever the order); tm.rearrange(x, 'a b -> b a') sets the storage order, and "
+    "x.rename(seq='kv_seq') renames a dim (e.g. to contract it against another tensor's)"
+)
+_BROADCAST = (
+    "ops broadcast a missing dim by name (x + b adds b over every dim of x it lacks); to "
+    "make a new dim, multiply by tm.ones('new:4', x.mesh)"
+)
+_SLICE = (
+    "tm.slice(x, 'seq', start, stop) takes a range of a named dim; tm.gather(x, ids, 'vocab') "
+    "picks entries by index; tm.where(mask, x, 0) masks"
+)
+_EINSUM = (
+    "tm.einsum('batch d, d ff -> batch ff', x, w) contracts the dims named on both sides (tm.nn.Linear for a layer)"
+)
 _SPLIT = "tm.split(x, 'ff', sizes) splits a named dim, tm.unstack(x, 'dim') makes one tensor per entry"
-_RANDOM = ("tm.dropout(x, p) / tm.nn.Dropout(p), tm.rand and tm.randn draw values that are the same on "
-           "every mesh and backend (seeded by tm.manual_seed)")
+_RANDOM = (
+    "tm.dropout(x, p) / tm.nn.Dropout(p), tm.rand and tm.randn draw values that are the same on "
+    "every mesh and backend (seeded by tm.manual_seed)"
+)
 
 #: Positional torch habits -> the named way. Installed as methods that raise a TypeError,
 #: and used for the matching torch functions (torch.reshape, torch.matmul...).
 POSITIONAL: dict[str, str] = {
     **dict.fromkeys(["view", "reshape", "flatten", "unflatten", "ravel", "view_as", "reshape_as"], _REARRANGE),
-    **dict.fromkeys(["transpose", "permute", "t", "movedim", "moveaxis", "swapaxes", "swapdims",
-                     "adjoint", "T", "mT", "H", "mH"], _ORDER),
-    **dict.fromkeys(["unsqueeze", "squeeze", "expand", "expand_as", "broadcast_to", "repeat", "tile",
-                     "atleast_1d", "atleast_2d", "atleast_3d"], _BROADCAST),
-    **dict.fromkeys(["narrow", "select", "index_select", "gather", "take", "take_along_dim",
-                     "masked_select", "nonzero", "argwhere", "__getitem__", "__setitem__"], _SLICE),
-    **dict.fromkeys(["matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "mv", "dot", "vdot", "inner",
-                     "outer", "ger", "tensordot", "einsum", "addmm", "addbmm", "baddbmm", "addmv",
-                     "addr", "chain_matmul", "linear", "bilinear"], _EINSUM),
-    **dict.fromkeys(["cat", "concat", "concatenate", "hstack", "vstack", "dstack", "column_stack",
-                     "row_stack"], "tm.concat([x, y], 'seq') concatenates along a named dim"),
+    **dict.fromkeys(
+        ["transpose", "permute", "t", "movedim", "moveaxis", "swapaxes", "swapdims", "adjoint", "T", "mT", "H", "mH"],
+        _ORDER,
+    ),
+    **dict.fromkeys(
+        [
+            "unsqueeze",
+            "squeeze",
+            "expand",
+            "expand_as",
+            "broadcast_to",
+            "repeat",
+            "tile",
+            "atleast_1d",
+            "atleast_2d",
+            "atleast_3d",
+        ],
+        _BROADCAST,
+    ),
+    **dict.fromkeys(
+        [
+            "narrow",
+            "select",
+            "index_select",
+            "gather",
+            "take",
+            "take_along_dim",
+            "masked_select",
+            "nonzero",
+            "argwhere",
+            "__getitem__",
+            "__setitem__",
+        ],
+        _SLICE,
+    ),
+    **dict.fromkeys(
+        [
+            "matmul",
+            "__matmul__",
+            "__rmatmul__",
+            "mm",
+            "bmm",
+            "mv",
+            "dot",
+            "vdot",
+            "inner",
+            "outer",
+            "ger",
+            "tensordot",
+            "einsum",
+            "addmm",
+            "addbmm",
+            "baddbmm",
+            "addmv",
+            "addr",
+            "chain_matmul",
+            "linear",
+            "bilinear",
+        ],
+        _EINSUM,
+    ),
+    **dict.fromkeys(
+        ["cat", "concat", "concatenate", "hstack", "vstack", "dstack", "column_stack", "row_stack"],
+        "tm.concat([x, y], 'seq') concatenates along a named dim",
+    ),
     "stack": "tm.stack([x, y], 'new_dim') stacks along a new named dim",
-    **dict.fromkeys(["split", "chunk", "tensor_split", "unsafe_split", "hsplit", "vsplit", "dsplit",
-                     "split_with_sizes", "unbind"], _SPLIT),
-    **dict.fromkeys(["topk", "sort", "argsort", "msort", "kthvalue"],
-                    "tm.top_k(x, 'vocab', k) returns the k largest values and their indices along a named dim"),
+    **dict.fromkeys(
+        ["split", "chunk", "tensor_split", "unsafe_split", "hsplit", "vsplit", "dsplit", "split_with_sizes", "unbind"],
+        _SPLIT,
+    ),
+    **dict.fromkeys(
+        ["topk", "sort", "argsort", "msort", "kthvalue"],
+        "tm.top_k(x, 'vocab', k) returns the k largest values and their indices along a named dim",
+    ),
     **dict.fromkeys(["argmax", "argmin"], "tm.argmax(x, 'vocab') / tm.argmin(x, 'vocab') along a named dim"),
-    **dict.fromkeys(["cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"],
-                    "tm.cumsum(x, 'seq') sums cumulatively along a named dim"),
+    **dict.fromkeys(
+        ["cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"],
+        "tm.cumsum(x, 'seq') sums cumulatively along a named dim",
+    ),
     **dict.fromkeys(["roll"], "tm.shift(x, 'seq', n, wrap=True) shifts along a named dim"),
     **dict.fromkeys(["pad", "constant_pad_nd"], "tm.pad(x, 'seq', before, after) pads a named dim"),
     "flip": "tm.rearrange or tm.gather(x, reversed_ids, 'seq')",
     "embedding": "tm.embedding(ids, table, 'vocab') looks up rows of a named vocab dim (tm.nn.Embedding for a layer)",
     "one_hot": "tm.one_hot(ids, tm.Dim('vocab', n))",
     "scaled_dot_product_attention": "tm.attention (or the layer tm.nn.MultiHeadAttention) attends over named dims",
-    **dict.fromkeys(["layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", "normalize"],
-                    "tm.nn.LayerNorm(mesh, 'd_model:n') / tm.nn.RMSNorm normalise over a named dim"),
+    **dict.fromkeys(
+        ["layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", "normalize"],
+        "tm.nn.LayerNorm(mesh, 'd_model:n') / tm.nn.RMSNorm normalise over a named dim",
+    ),
     **dict.fromkeys(["cross_entropy", "nll_loss"], "tm.nn.cross_entropy(logits, targets, 'vocab')"),
-    **dict.fromkeys(["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-                     "feature_dropout", "rrelu", "bernoulli", "multinomial", "poisson", "normal", "rand_like",
-                     "randn_like", "randint_like"], _RANDOM),
-    **dict.fromkeys(["std", "var", "std_mean", "var_mean"],
-                    "((x - x.mean('d')) ** 2).mean('d') is the variance over a named dim"),
+    **dict.fromkeys(
+        [
+            "dropout",
+            "dropout1d",
+            "dropout2d",
+            "dropout3d",
+            "alpha_dropout",
+            "feature_alpha_dropout",
+            "feature_dropout",
+            "rrelu",
+            "bernoulli",
+            "multinomial",
+            "poisson",
+            "normal",
+            "rand_like",
+            "randn_like",
+            "randint_like",
+        ],
+        _RANDOM,
+    ),
+    **dict.fromkeys(
+        ["std", "var", "std_mean", "var_mean"], "((x - x.mean('d')) ** 2).mean('d') is the variance over a named dim"
+    ),
     "softmin": "tm.softmax(-x, 'vocab')",
     **dict.fromkeys(["equal", "allclose"], "bool((x == y).all()) or torch.allclose(x.full(), y.full())"),
     **dict.fromkeys(["tolist", "numpy"], "x.full().tolist() / x.full().numpy() on the global value"),
@@ -153,8 +263,12 @@ POSITIONAL: dict[str, str] = {
 
 
 def _refuse_method(name: str, instead: str) -> Callable:
-    call = {"__getitem__": "x[...]", "__setitem__": "x[...] = value", "__matmul__": "x @ y",
-            "__rmatmul__": "y @ x"}.get(name, f"x.{name}(...)")
+    call = {
+        "__getitem__": "x[...]",
+        "__setitem__": "x[...] = value",
+        "__matmul__": "x @ y",
+        "__rmatmul__": "y @ x",
+    }.get(name, f"x.{name}(...)")
 
     def method(self: MeshTensor, *args: Any, **kwargs: Any) -> Any:
         raise ArgumentTypeError(errors.positional_method(call, self.dims, instead))
@@ -192,8 +306,10 @@ def _by_name(name: str, fn: Callable, positional: tuple[str, ...]) -> Callable:
             raise ArgumentTypeError(errors.not_in_place(f"{name}(..., out=)"))
         kwargs.pop("out", None)
         if len(args) > len(positional):
-            raise ArgumentTypeError(f"{name} takes at most {len(positional)} arguments after the tensor "
-                            f"({', '.join(positional)}); got {args!r}.")
+            raise ArgumentTypeError(
+                f"{name} takes at most {len(positional)} arguments after the tensor "
+                f"({', '.join(positional)}); got {args!r}."
+            )
         for key, value in zip(positional, args):
             if key in kwargs:
                 raise ArgumentTypeError(f"{name}: got {key} twice, by position and as {key}=.")
@@ -231,20 +347,31 @@ _REDUCTION_ARGS = ("dim", "keepdim")
 _SOFTMAX_ARGS = ("dim", "dtype")
 #: torch functions over dims, by name -> (torchmesh op, torch's positional arguments after the tensor).
 BY_NAME: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "torch.sum": (red.reduce_sum, _REDUCTION_ARGS), "torch.mean": (red.reduce_mean, _REDUCTION_ARGS),
-    "torch.amax": (red.reduce_max, _REDUCTION_ARGS), "torch.amin": (red.reduce_min, _REDUCTION_ARGS),
-    "torch.any": (red.reduce_any, _REDUCTION_ARGS), "torch.all": (red.reduce_all, _REDUCTION_ARGS),
-    "torch.logsumexp": (red.logsumexp, _REDUCTION_ARGS), "torch.special.logsumexp": (red.logsumexp, _REDUCTION_ARGS),
-    "torch.softmax": (red.softmax, _SOFTMAX_ARGS), "torch.log_softmax": (red.log_softmax, _SOFTMAX_ARGS),
-    "torch.special.softmax": (red.softmax, _SOFTMAX_ARGS), "torch.special.log_softmax": (red.log_softmax, _SOFTMAX_ARGS),
-    "F.softmax": (red.softmax, _SOFTMAX_ARGS), "F.log_softmax": (red.log_softmax, _SOFTMAX_ARGS),
+    "torch.sum": (red.reduce_sum, _REDUCTION_ARGS),
+    "torch.mean": (red.reduce_mean, _REDUCTION_ARGS),
+    "torch.amax": (red.reduce_max, _REDUCTION_ARGS),
+    "torch.amin": (red.reduce_min, _REDUCTION_ARGS),
+    "torch.any": (red.reduce_any, _REDUCTION_ARGS),
+    "torch.all": (red.reduce_all, _REDUCTION_ARGS),
+    "torch.logsumexp": (red.logsumexp, _REDUCTION_ARGS),
+    "torch.special.logsumexp": (red.logsumexp, _REDUCTION_ARGS),
+    "torch.softmax": (red.softmax, _SOFTMAX_ARGS),
+    "torch.log_softmax": (red.log_softmax, _SOFTMAX_ARGS),
+    "torch.special.softmax": (red.softmax, _SOFTMAX_ARGS),
+    "torch.special.log_softmax": (red.log_softmax, _SOFTMAX_ARGS),
+    "F.softmax": (red.softmax, _SOFTMAX_ARGS),
+    "F.log_softmax": (red.log_softmax, _SOFTMAX_ARGS),
 }
 _NAMESPACES = {"torch": torch, "torch.special": torch.special, "F": F}
 TORCH_FUNCTIONS: dict[Callable, Callable] = {
-    **{getattr(_NAMESPACES[name.rpartition(".")[0]], name.rpartition(".")[2]): _by_name(name, fn, args)
-       for name, (fn, args) in BY_NAME.items()},
-    torch.max: _extreme(red.reduce_max, torch.maximum), torch.min: _extreme(red.reduce_min, torch.minimum),
-    torch.detach: MeshTensor.detach, torch.where: ew.where,
+    **{
+        getattr(_NAMESPACES[name.rpartition(".")[0]], name.rpartition(".")[2]): _by_name(name, fn, args)
+        for name, (fn, args) in BY_NAME.items()
+    },
+    torch.max: _extreme(red.reduce_max, torch.maximum),
+    torch.min: _extreme(red.reduce_min, torch.minimum),
+    torch.detach: MeshTensor.detach,
+    torch.where: ew.where,
 }
 
 
@@ -252,7 +379,7 @@ def _refused_functions() -> dict[Callable, str]:
     """Every torch / torch.nn.functional function named in POSITIONAL -> the named way."""
     table: dict[Callable, str] = {}
     for name, instead in POSITIONAL.items():
-        for prefix, module in (("torch", torch), ("F", F)):
+        for module in (torch, F):
             fn = getattr(module, name, None)
             if callable(fn) and not isinstance(fn, type):
                 table.setdefault(fn, instead)
@@ -271,8 +398,9 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
     module = getattr(func, "__module__", "") or ""
     short = getattr(func, "__name__", repr(func))
     prefix = "F" if "nn" in module else "torch.special" if "special" in module else "torch"
-    raise ArgumentTypeError(errors.torch_function_refused(f"{prefix}.{short.removeprefix('special_')}",
-                                                  REFUSED.get(func)))
+    raise ArgumentTypeError(
+        errors.torch_function_refused(f"{prefix}.{short.removeprefix('special_')}", REFUSED.get(func))
+    )
 
 
 MeshTensor.__torch_function__ = classmethod(_torch_function)

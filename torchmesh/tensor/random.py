@@ -15,13 +15,14 @@ import torch
 
 from torchmesh import arguments
 from torchmesh.arguments import probability
+from torchmesh.placement.dims import DimsLike, parse_dims
 from torchmesh.placement.layout import TensorLayout, local_slices
 from torchmesh.placement.rules import RulesLike
-from torchmesh.tensor.dims import DimsLike, parse_dims
+from torchmesh.tensor.construct import layout_for
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 if TYPE_CHECKING:
-    from torchmesh.mesh import Mesh
+    from torchmesh.tensor.mesh import Mesh
 
 _BLOCK_ELEMENTS = 1 << 16
 _MASK = (1 << 64) - 1
@@ -85,9 +86,7 @@ def _generator(seed: int, block: int) -> torch.Generator:
     return g
 
 
-def _random(kind: str, dims: DimsLike, mesh: "Mesh", seed, dtype, device, requires_grad, layout) -> MeshTensor:
-    from torchmesh.tensor.construct import layout_for
-
+def _random(kind: str, dims: DimsLike, mesh: Mesh, seed, dtype, device, requires_grad, layout) -> MeshTensor:
     call = f"{'randn' if kind == 'normal' else 'rand'}({dims!r})"
     dtype = arguments.dtype(call, dtype, floating=True) or torch.get_default_dtype()
     seed = next_seed() if seed is None else arguments.integer(call, "seed", seed)
@@ -107,8 +106,15 @@ def _random(kind: str, dims: DimsLike, mesh: "Mesh", seed, dtype, device, requir
     return MeshTensor(data, lay, mesh)
 
 
-def randn(dims: DimsLike, mesh: "Mesh", seed: int | None = None, dtype: torch.dtype | None = None,
-          device: Any = None, requires_grad: bool = False, layout: RulesLike = None) -> MeshTensor:
+def randn(
+    dims: DimsLike,
+    mesh: Mesh,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+    requires_grad: bool = False,
+    layout: RulesLike = None,
+) -> MeshTensor:
     """Standard normal values, identical for a given seed whatever the mesh and layout.
 
     >>> import torchmesh as tm
@@ -120,8 +126,15 @@ def randn(dims: DimsLike, mesh: "Mesh", seed: int | None = None, dtype: torch.dt
     return _random("normal", dims, mesh, seed, dtype, device, requires_grad, layout)
 
 
-def rand(dims: DimsLike, mesh: "Mesh", seed: int | None = None, dtype: torch.dtype | None = None,
-         device: Any = None, requires_grad: bool = False, layout: RulesLike = None) -> MeshTensor:
+def rand(
+    dims: DimsLike,
+    mesh: Mesh,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+    requires_grad: bool = False,
+    layout: RulesLike = None,
+) -> MeshTensor:
     """Uniform values in [0, 1), identical for a given seed whatever the mesh and layout.
 
     >>> import torchmesh as tm

@@ -20,12 +20,11 @@ from functools import lru_cache
 from einops import EinopsError
 from einops.parsing import ParsedExpression
 
-from torchmesh.errors import ArgumentTypeError
-from torchmesh.errors import DimError, ParseError
+from torchmesh.errors import ArgumentTypeError, DimError, ParseError
+from torchmesh.placement.dims import Dim
 from torchmesh.placement.layout import TensorLayout, check, parts
 from torchmesh.placement.mesh_shape import MeshShape
 from torchmesh.placement.rules import LayoutRules
-from torchmesh.tensor.dims import Dim
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
 
@@ -56,8 +55,10 @@ def _parse_side(text: str, pattern: str) -> tuple[list[list[str]], list[str | No
     for inner, name, atom in _ENTRY.findall(text):
         if atom:
             if not atom.isidentifier():
-                raise ParseError(f"rearrange {pattern!r}: {atom!r} is not a dim name (anonymous sizes "
-                                 f"such as '1' are not supported).")
+                raise ParseError(
+                    f"rearrange {pattern!r}: {atom!r} is not a dim name (anonymous sizes "
+                    f"such as '1' are not supported)."
+                )
             groups.append([atom])
             names.append(None)
         else:
@@ -71,8 +72,12 @@ def _parse_side(text: str, pattern: str) -> tuple[list[list[str]], list[str | No
 
 @lru_cache(maxsize=1024)
 def plan_rearrange(
-    pattern: str, layout: TensorLayout, sizes: tuple[tuple[str, int], ...], rules: LayoutRules,
-    mesh: MeshShape, slicer: MeshShape,
+    pattern: str,
+    layout: TensorLayout,
+    sizes: tuple[tuple[str, int], ...],
+    rules: LayoutRules,
+    mesh: MeshShape,
+    slicer: MeshShape,
 ) -> RearrangePlan:
     left_text, arrow, right_text = pattern.partition("->")
     if not arrow:
@@ -80,8 +85,9 @@ def plan_rearrange(
     left, left_names = _parse_side(left_text, pattern)
     right, right_names = _parse_side(right_text, pattern)
     if len(left) != len(layout.dims):
-        raise DimError(f"rearrange {pattern!r}: the left side has {len(left)} entries but the tensor has "
-                       f"dims {layout.names}.")
+        raise DimError(
+            f"rearrange {pattern!r}: the left side has {len(left)} entries but the tensor has dims {layout.names}."
+        )
     # Match left entries to input dims: atomic names and named groups by name, the rest in order.
     named = {g[0] for g, n in zip(left, left_names) if n is None and len(g) == 1} | {n for n in left_names if n}
     unmatched = iter([n for n in layout.names if n not in named])
@@ -107,8 +113,9 @@ def plan_rearrange(
             raise DimError(f"rearrange {pattern!r}: give the sizes of all but one of {unknown} (e.g. {unknown[0]}=4).")
         if unknown:
             if known == 0 or total % known:
-                raise DimError(f"rearrange {pattern!r}: {dim!r} of size {total} cannot be split into {g} "
-                               f"with sizes {given}.")
+                raise DimError(
+                    f"rearrange {pattern!r}: {dim!r} of size {total} cannot be split into {g} with sizes {given}."
+                )
             elem[unknown[0]] = total // known
         prod = 1
         for p in g:
@@ -117,11 +124,15 @@ def plan_rearrange(
             raise DimError(f"rearrange {pattern!r}: {g} multiply to {prod}, but {dim!r} has size {total}.")
     for name, size in given.items():  # a size keyword that is ignored would hide a mistake
         if name not in elem:
-            raise DimError(f"rearrange {pattern!r}: the size keyword {name}={size} names no part of the "
-                           f"left side {sorted(elem)}. Fix: drop it, or name a part the pattern splits.")
+            raise DimError(
+                f"rearrange {pattern!r}: the size keyword {name}={size} names no part of the "
+                f"left side {sorted(elem)}. Fix: drop it, or name a part the pattern splits."
+            )
         if elem[name] != size:
-            raise DimError(f"rearrange {pattern!r}: the size keyword {name}={size} disagrees with the tensor, "
-                           f"where {name!r} has size {elem[name]}. Fix: {name}={elem[name]}, or leave it out.")
+            raise DimError(
+                f"rearrange {pattern!r}: the size keyword {name}={size} disagrees with the tensor, "
+                f"where {name!r} has size {elem[name]}. Fix: {name}={elem[name]}, or leave it out."
+            )
     flat_right = [p for g in right for p in g]
     if sorted(flat_right) != sorted(elem):
         raise DimError(f"rearrange {pattern!r}: the right side must use each of {sorted(elem)} exactly once.")
@@ -132,7 +143,7 @@ def plan_rearrange(
     # A dim passed through whole (alone in its groups on both sides) keeps its split, even or
     # not; a split merged dim lines up with its first part's blocks only when they divide.
     passed = {g[0] for g in left if len(g) == 1} & {g[0] for g in right if len(g) == 1}
-    comp: dict[str, tuple[str, ...]] = {p: () for p in elem}
+    comp: dict[str, tuple[str, ...]] = dict.fromkeys(elem, ())
     for name, g in zip(out_names, right):
         axes = rules.axes_of(name)
         if g[0] in firsts_left and (g[0] in passed or elem[g[0]] % parts(mesh, axes) == 0):
@@ -168,19 +179,23 @@ def rearrange(x: MeshTensor, pattern: str, **sizes: int) -> MeshTensor:
     {'batch': 3, 'heads': 4, 'dh': 2}
     """
     if not isinstance(pattern, str):
-        raise ArgumentTypeError(f"rearrange(x, pattern): the pattern is a str such as 'a (b c) -> a b c'; "
-                        f"got a {type(pattern).__name__}.")
+        raise ArgumentTypeError(
+            f"rearrange(x, pattern): the pattern is a str such as 'a (b c) -> a b c'; got a {type(pattern).__name__}."
+        )
     for name, size in sizes.items():
         try:
             sizes[name] = operator.index(size) if not isinstance(size, bool) else -1
         except TypeError:
             sizes[name] = -1
         if sizes[name] < 0:
-            raise DimError(f"rearrange {pattern!r}: the size keyword {name}={size!r} is not a size; "
-                           f"sizes are ints >= 0 (e.g. {name}=4).")
+            raise DimError(
+                f"rearrange {pattern!r}: the size keyword {name}={size!r} is not a size; "
+                f"sizes are ints >= 0 (e.g. {name}=4)."
+            )
     mesh = x.mesh
-    plan = plan_rearrange(pattern, x.tensor_layout, tuple(sorted(sizes.items())), mesh.rules, mesh.shape,
-                          mesh.impl.slice_mesh)
+    plan = plan_rearrange(
+        pattern, x.tensor_layout, tuple(sorted(sizes.items())), mesh.rules, mesh.shape, mesh.impl.slice_mesh
+    )
     src = to_layout(x, plan.source)
     out_dims = plan.computed.dims
 

@@ -11,23 +11,32 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-from torchmesh.errors import ArgumentTypeError
 from torchmesh import errors
-from torchmesh.errors import DimError
-from torchmesh.tensor.contraction import OpPlan, run_op
-from torchmesh.tensor.dims import Dim, parse_dims, parse_names
+from torchmesh.errors import ArgumentTypeError, DimError
+from torchmesh.placement.dims import Dim, parse_dims, parse_names
+from torchmesh.placement.op_plan import OpPlan
+from torchmesh.tensor.contraction import run_op
 from torchmesh.tensor.elementwise import cast, where
 from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.tensor.relayout import to_layout
 
-Dims = Union[str, Iterable[Any], None]
+Dims = str | Iterable[Any] | None
 
 
-def reduced_names(x: MeshTensor, dims: Dims, what: str, reduced_dim: Dims = None,
-                  output_shape: Dims = None, *, dim: Dims = None, keepdim: bool = False) -> tuple[str, ...]:
+def reduced_names(
+    x: MeshTensor,
+    dims: Dims,
+    what: str,
+    reduced_dim: Dims = None,
+    output_shape: Dims = None,
+    *,
+    dim: Dims = None,
+    keepdim: bool = False,
+) -> tuple[str, ...]:
     """The dims to reduce: names ('a b', ['a', 'b'], Dims), torch's spelling `dim=`, Mesh TF's
     `reduced_dim=` or the dims missing from `output_shape=`; all dims when none is given.
 
@@ -40,8 +49,10 @@ def reduced_names(x: MeshTensor, dims: Dims, what: str, reduced_dim: Dims = None
     if keepdim:
         raise ArgumentTypeError(errors.keepdim_refused(f"x.{what}", x.dims))
     if isinstance(dims, MeshTensor):
-        raise ArgumentTypeError(f"x.{what}(y) takes dim names, not a tensor; for the elementwise maximum or "
-                        f"minimum of two tensors use torch.maximum(x, y) / torch.minimum(x, y).")
+        raise ArgumentTypeError(
+            f"x.{what}(y) takes dim names, not a tensor; for the elementwise maximum or "
+            f"minimum of two tensors use torch.maximum(x, y) / torch.minimum(x, y)."
+        )
     if isinstance(dims, int) or (isinstance(dims, (tuple, list)) and any(isinstance(d, int) for d in dims)):
         raise ArgumentTypeError(errors.positional_dim(f"x.{what}", dims, x.dims))
     if reduced_dim is not None:
@@ -66,11 +77,15 @@ def check_output_shape(x: MeshTensor, out: tuple[Dim, ...], what: str) -> tuple[
     """Mesh TF's `output_shape=`: dims of x with x's sizes (DimError naming the first that is not)."""
     for d in out:
         if d.name not in x.sizes:
-            raise DimError(f"{what}(output_shape=...): {d.name!r} is not a dim of the tensor {x.dims}; the "
-                           f"output keeps some of the input's dims. Fix: name dims among {x.dims}.")
+            raise DimError(
+                f"{what}(output_shape=...): {d.name!r} is not a dim of the tensor {x.dims}; the "
+                f"output keeps some of the input's dims. Fix: name dims among {x.dims}."
+            )
         if d.size != x.sizes[d.name]:
-            raise DimError(f"{what}(output_shape=...): {d.name!r} has size {d.size} there but "
-                           f"{x.sizes[d.name]} in the tensor. Fix: Dim({d.name!r}, {x.sizes[d.name]}).")
+            raise DimError(
+                f"{what}(output_shape=...): {d.name!r} has size {d.size} there but "
+                f"{x.sizes[d.name]} in the tensor. Fix: Dim({d.name!r}, {x.sizes[d.name]})."
+            )
     return out
 
 
@@ -78,9 +93,11 @@ def _reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> Mesh
     out = tuple(n for n in x.dims if n not in names)
     empty = [n for n in names if x.sizes[n] == 0]
     if kind != "sum" and empty:  # as torch.amax: the extreme of no values is not defined
-        raise DimError(f"{what} over {empty[0]!r}, a dim of size 0 in the tensor {x.dims}: the {kind} of no "
-                       f"values is not defined (torch.a{kind} raises too). Fix: reduce a non-empty dim, or "
-                       f"check the size first.")
+        raise DimError(
+            f"{what} over {empty[0]!r}, a dim of size 0 in the tensor {x.dims}: the {kind} of no "
+            f"values is not defined (torch.a{kind} raises too). Fix: reduce a non-empty dim, or "
+            f"check the size first."
+        )
     local = {"sum": torch.sum, "max": torch.amax, "min": torch.amin}[kind]
     reduce_op = "sum" if kind == "sum" else kind
 
@@ -100,8 +117,11 @@ def _identity(t: torch.Tensor, pos: tuple[int, ...], kind: str) -> torch.Tensor:
     other, so the all-reduce over the other blocks gives the true extreme."""
     shape = [n for i, n in enumerate(t.shape) if i not in pos]
     info = torch.finfo(t.dtype) if t.dtype.is_floating_point else torch.iinfo(t.dtype)
-    worst = (-math.inf if kind == "max" else math.inf) if t.dtype.is_floating_point else (
-        info.min if kind == "max" else info.max)
+    worst = (
+        (-math.inf if kind == "max" else math.inf)
+        if t.dtype.is_floating_point
+        else (info.min if kind == "max" else info.max)
+    )
     return torch.full(shape, worst, dtype=t.dtype, device=t.device)
 
 
@@ -110,8 +130,16 @@ def _positions(have: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]
     return tuple(have.index(n) for n in names)
 
 
-def reduce_sum(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
-               dtype: torch.dtype | None = None, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_sum(
+    x: MeshTensor,
+    dims: Dims = None,
+    *,
+    dim: Dims = None,
+    keepdim: bool = False,
+    dtype: torch.dtype | None = None,
+    reduced_dim: Dims = None,
+    output_shape: Dims = None,
+) -> MeshTensor:
     """Sum over the named dims (all dims if None); all-reduce over the axes splitting them.
 
     Also `x.sum("d")`; torch's spelling `x.sum(dim="d", dtype=...)` and Mesh TF's `reduced_dim=`
@@ -132,8 +160,16 @@ def reduce_sum(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: b
     return _reduce(x if dtype is None else cast(x, dtype), names, "sum", "sum")
 
 
-def reduce_mean(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
-                dtype: torch.dtype | None = None, reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_mean(
+    x: MeshTensor,
+    dims: Dims = None,
+    *,
+    dim: Dims = None,
+    keepdim: bool = False,
+    dtype: torch.dtype | None = None,
+    reduced_dim: Dims = None,
+    output_shape: Dims = None,
+) -> MeshTensor:
     """Mean over the named dims (all dims if None); also `x.mean("d")`.
 
     >>> import torch, torchmesh as tm
@@ -157,8 +193,15 @@ def _extreme(x: MeshTensor, names: tuple[str, ...], kind: str) -> MeshTensor:
     return value + (picked - picked.detach())
 
 
-def reduce_max(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
-               reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_max(
+    x: MeshTensor,
+    dims: Dims = None,
+    *,
+    dim: Dims = None,
+    keepdim: bool = False,
+    reduced_dim: Dims = None,
+    output_shape: Dims = None,
+) -> MeshTensor:
     """Maximum over the named dims (all if None), like torch.amax; also `x.max("d")`.
 
     >>> import torch, torchmesh as tm
@@ -170,8 +213,15 @@ def reduce_max(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: b
     return _extreme(x, names, "max")
 
 
-def reduce_min(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
-               reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_min(
+    x: MeshTensor,
+    dims: Dims = None,
+    *,
+    dim: Dims = None,
+    keepdim: bool = False,
+    reduced_dim: Dims = None,
+    output_shape: Dims = None,
+) -> MeshTensor:
     """Minimum over the named dims (all if None), like torch.amin; also `x.min("d")`.
 
     >>> import torch, torchmesh as tm
@@ -183,8 +233,15 @@ def reduce_min(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: b
     return _extreme(x, names, "min")
 
 
-def reduce_any(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
-               reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_any(
+    x: MeshTensor,
+    dims: Dims = None,
+    *,
+    dim: Dims = None,
+    keepdim: bool = False,
+    reduced_dim: Dims = None,
+    output_shape: Dims = None,
+) -> MeshTensor:
     """True where any element along the named dims is nonzero; also `x.any("d")`.
 
     >>> import torch, torchmesh as tm
@@ -196,8 +253,15 @@ def reduce_any(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: b
     return _reduce((x != 0).to(torch.uint8), names, "max", "any") != 0
 
 
-def reduce_all(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False,
-               reduced_dim: Dims = None, output_shape: Dims = None) -> MeshTensor:
+def reduce_all(
+    x: MeshTensor,
+    dims: Dims = None,
+    *,
+    dim: Dims = None,
+    keepdim: bool = False,
+    reduced_dim: Dims = None,
+    output_shape: Dims = None,
+) -> MeshTensor:
     """True where every element along the named dims is nonzero; also `x.all("d")`.
 
     >>> import torch, torchmesh as tm
@@ -221,8 +285,6 @@ def _unsplit_along(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor | None:
     impl = x.mesh.impl
     if any(impl.axis_size(a) > 1 for n in names for a in layout.axes_of(n)):
         return None
-    from torchmesh.tensor.relayout import to_layout
-
     return to_layout(x, layout)
 
 
@@ -236,8 +298,12 @@ def logsumexp(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bo
     """
     names = reduced_names(x, dims, "logsumexp", dim=dim, keepdim=keepdim)
     if _unsplit_along(x, names) is not None:
-        return run_op([x], tuple(n for n in x.dims if n not in names),
-                      lambda plan: _local_kernel(torch.logsumexp, plan.in_layouts[0].names, names), what="logsumexp")
+        return run_op(
+            [x],
+            tuple(n for n in x.dims if n not in names),
+            lambda plan: _local_kernel(torch.logsumexp, plan.in_layouts[0].names, names),
+            what="logsumexp",
+        )
     m = _stable_max(x, names)
     return reduce_sum((x - m).exp(), names).log() + m
 

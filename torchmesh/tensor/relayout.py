@@ -7,12 +7,12 @@ a local slice where one is added, all-to-all where an axis moves between dims.
 from __future__ import annotations
 
 from torchmesh import errors
+from torchmesh.comm.executor import run_steps
 from torchmesh.errors import DimError
+from torchmesh.placement.dims import Dim, check_name
 from torchmesh.placement.layout import TensorLayout, check
 from torchmesh.placement.plan import plan_relayout
 from torchmesh.placement.rules import LayoutRules, RulesLike
-from torchmesh.tensor.contraction import run_steps
-from torchmesh.tensor.dims import Dim, check_name
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 

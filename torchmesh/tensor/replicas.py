@@ -54,23 +54,8 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_replicas(tensors: Any, grads: bool = False) -> None:
-    """Raise `tm.ReplicaMismatch`, naming the tensor, the axis and the devices, if the copies
-    of a replicated tensor differ between devices (bitwise). `tensors`: a module (its mesh
-    parameters, by their names), a MeshTensor, a dict of them, or a list. With `grads`, the
-    gradients are checked too. A collective: call it on every rank.
-
-    >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="ff:tp")
-    >>> w = tm.distribute(torch.ones(4, 6), "d ff", mesh)      # replicated over dp
-    >>> tm.check_replicas({"w": w})                            # the copies agree: nothing happens
-    >>> _ = w.shards[2].add_(1)                                # one dp copy drifts
-    >>> try:
-    ...     tm.check_replicas({"w": w})
-    ... except tm.ReplicaMismatch as e:
-    ...     print(e)
-    replicated copies differ: 'w' (dims (d:4, ff:6), split {'ff': 'tp'}) is replicated over dp, ...
-    but [dp=1,tp=0] differs from [dp=0,tp=0]. ...
-    """
+    """`tm.check_replicas` for MeshTensors (a MeshTensor, a dict of them, or a list); the
+    public function, which takes modules too, is `torchmesh.nn.parameter.check_replicas`."""
     named = _named(tensors, grads)
     by_mesh: dict[int, list[tuple[str, MeshTensor]]] = {}
     for name, x in named:
@@ -80,11 +65,7 @@ def check_replicas(tensors: Any, grads: bool = False) -> None:
 
 
 def _named(tensors: Any, grads: bool) -> list[tuple[str, MeshTensor]]:
-    if isinstance(tensors, torch.nn.Module):
-        from torchmesh.nn.parameter import mesh_parameters
-
-        pairs = list(mesh_parameters(tensors))
-    elif isinstance(tensors, MeshTensor):
+    if isinstance(tensors, MeshTensor):
         pairs = [("tensor", tensors)]
     elif isinstance(tensors, Mapping):
         pairs = list(tensors.items())
@@ -116,8 +97,10 @@ def _check_group(named: list[tuple[str, MeshTensor]]) -> None:
     if not named:
         return
     ones = (1,) * len(impl.slice_mesh.names)
-    data = tuple(torch.stack([fingerprint(x._data[i]) for _, x in named]).to(impl.default_device).reshape(
-        len(named), 2, *ones) for i in range(len(impl.local_coords)))
+    data = tuple(
+        torch.stack([fingerprint(x._data[i]) for _, x in named]).to(impl.default_device).reshape(len(named), 2, *ones)
+        for i in range(len(impl.local_coords))
+    )
     names = impl.slice_mesh.names
     for axis in live:  # afterwards every device holds the table [tensor, 2, *mesh sizes]
         data = comm.all_gather(impl, data, axis, 2 + names.index(axis), phase="check")

@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import torch
 
-from torchmesh.errors import ArgumentTypeError
 from torchmesh import errors
 from torchmesh.comm import autograd as comm
 from torchmesh.comm.backend import Data
-from torchmesh.errors import DimError
+from torchmesh.errors import ArgumentTypeError, DimError
+from torchmesh.placement.dims import Dim, check_name
 from torchmesh.placement.layout import TensorLayout, is_even
 from torchmesh.placement.mesh_shape import block_bounds, max_block, parts
-from torchmesh.tensor.dims import Dim, check_name
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
 from torchmesh.tensor.slicing import _whole_along
 
 
-def dim_name(x: MeshTensor, dim: "str | Dim", what: str) -> str:
+def dim_name(x: MeshTensor, dim: str | Dim, what: str) -> str:
     """The name of the one dim an op works along: a name or a Dim of `x` (positions are refused
     with the names to use; a missing name with the tensor's dims)."""
     name = dim.name if isinstance(dim, Dim) else dim
@@ -37,7 +36,9 @@ def dim_name(x: MeshTensor, dim: "str | Dim", what: str) -> str:
     return name
 
 
-def top_k(x: MeshTensor, dim: str, k: int, new_dim: str = "k", *, largest: bool = True) -> tuple[MeshTensor, MeshTensor]:
+def top_k(
+    x: MeshTensor, dim: str, k: int, new_dim: str = "k", *, largest: bool = True
+) -> tuple[MeshTensor, MeshTensor]:
     """The k largest values along `dim` and their global int64 indices (like `torch.topk`):
     `dim` is replaced by `new_dim` of size k, values sorted from the largest (from the
     smallest with `largest=False`). The values' gradient goes to the selected elements.
@@ -58,8 +59,10 @@ def top_k(x: MeshTensor, dim: str, k: int, new_dim: str = "k", *, largest: bool 
     dim = dim_name(x, dim, "top_k")
     check_name(new_dim)
     if new_dim != dim and new_dim in x.dims:
-        raise DimError(f"top_k along {dim!r}: new_dim {new_dim!r} is already a dim of the tensor {x.dims}; "
-                       f"pick another name for the k dim (new_dim='k').")
+        raise DimError(
+            f"top_k along {dim!r}: new_dim {new_dim!r} is already a dim of the tensor {x.dims}; "
+            f"pick another name for the k dim (new_dim='k')."
+        )
     values, indices, lay, i = _select(x, dim, k, largest, "top_k")
     dims = lay.dims[:i] + (Dim(new_dim, k),) + lay.dims[i + 1 :]
     out = TensorLayout(dims, lay.axes[:i] + ((),) + lay.axes[i + 1 :])  # the k best: on every device
@@ -110,11 +113,14 @@ def _select(x: MeshTensor, dim: str, k: int, largest: bool, what: str) -> tuple[
     dim = dim_name(x, dim, what)
     size = x.sizes[dim]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
-        raise DimError(f"{what} along {dim!r}: k={k!r}, but {dim!r} has size {size} in the tensor {x.sizes}; "
-                       f"k is an int from 1 to {size}.")
+        raise DimError(
+            f"{what} along {dim!r}: k={k!r}, but {dim!r} has size {size} in the tensor {x.sizes}; "
+            f"k is an int from 1 to {size}."
+        )
     if x.dtype == torch.bool or x.dtype.is_complex:
-        raise DimError(f"{what} along {dim!r}: values of dtype {x.dtype} have no order here; cast first "
-                       f"(x.to(torch.int32)).")
+        raise DimError(
+            f"{what} along {dim!r}: values of dtype {x.dtype} have no order here; cast first (x.to(torch.int32))."
+        )
     x = _even_for_the_partitioner(x)
     impl, slicer = x.mesh.impl, x.mesh.impl.slice_mesh
     i = x.dims.index(dim)

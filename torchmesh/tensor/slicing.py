@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from torchmesh import errors
-from torchmesh.arguments import integer, same_mesh
+from torchmesh.arguments import integer
 from torchmesh.comm import autograd as comm
 from torchmesh.errors import ArgumentError, DimError
+from torchmesh.placement.dims import Dim
 from torchmesh.placement.layout import TensorLayout
-from torchmesh.tensor.dims import Dim
-from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.tensor.mesh_tensor import MeshTensor, check_same_mesh
 from torchmesh.tensor.relayout import to_layout
 
 
@@ -73,14 +73,16 @@ def concat(xs: Sequence[MeshTensor], dim: str) -> MeshTensor:
     if not xs:
         raise DimError("concat needs at least one tensor.")
     first = xs[0]
-    same_mesh(f"concat(xs, {dim!r})", list(xs))
+    check_same_mesh(f"concat(xs, {dim!r})", list(xs))
     others = [d for d in first.shape if d.name != dim]
     for x in xs:
         if dim not in x.dims or sorted((d.name, d.size) for d in x.shape if d.name != dim) != sorted(
             (d.name, d.size) for d in others
         ):
-            raise DimError(f"concat along {dim!r}: every tensor needs dim {dim!r} and the same other dims; "
-                           f"got {[x.sizes for x in xs]}.")
+            raise DimError(
+                f"concat along {dim!r}: every tensor needs dim {dim!r} and the same other dims; "
+                f"got {[x.sizes for x in xs]}."
+            )
     wholes = [_whole_along(x, dim, "concat")[0] for x in xs]
     i = first.dims.index(dim)
     target = wholes[0].tensor_layout
@@ -110,12 +112,16 @@ def pad(x: MeshTensor, dim: str, before: int, after: int, value: float = 0.0) ->
     call = f"pad(x, {dim!r}, before, after)"
     before, after = integer(call, "before", before), integer(call, "after", after)
     if dim in x.dims and x.size(dim) + before + after < 0:
-        raise ArgumentError(f"{call}: before={before} and after={after} (negative ones crop, as in torch) "
-                            f"would leave {x.size(dim) + before + after} elements of {dim!r}, which has "
-                            f"{x.size(dim)}. Fix: crop at most {x.size(dim)} elements in all.")
+        raise ArgumentError(
+            f"{call}: before={before} and after={after} (negative ones crop, as in torch) "
+            f"would leave {x.size(dim) + before + after} elements of {dim!r}, which has "
+            f"{x.size(dim)}. Fix: crop at most {x.size(dim)} elements in all."
+        )
     if dim in x.dims and max(before, after) >= 2**62 // max(1, x.numel() // max(1, x.size(dim))):
-        raise ArgumentError(f"{call}: before={before}, after={after} make a tensor of more than 2**62 elements, "
-                            f"which no device can hold. Fix: pad by a size that fits in memory.")
+        raise ArgumentError(
+            f"{call}: before={before}, after={after} make a tensor of more than 2**62 elements, "
+            f"which no device can hold. Fix: pad by a size that fits in memory."
+        )
     whole, i = _whole_along(x, dim, "pad")
     spec = [0, 0] * (x.ndim - 1 - i) + [before, after]
     return _local_result(whole, i, x.size(dim) + before + after, lambda t: F.pad(t, spec, value=value))

@@ -12,10 +12,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from torchmesh.errors import ArgumentTypeError
-from torchmesh.errors import DimError
+from torchmesh.errors import ArgumentTypeError, DimError
+from torchmesh.placement.dims import Dim, check_name
 from torchmesh.placement.layout import TensorLayout
-from torchmesh.tensor.dims import Dim, check_name
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
 from torchmesh.tensor.selection import dim_name
@@ -46,14 +45,20 @@ def stack(xs: Sequence[MeshTensor], new_dim: str, *, axis: int = 0) -> MeshTenso
         if x.mesh is not mesh:
             raise DimError(f"stack along {new_dim!r}: tensor {n} lives on another mesh ({x.mesh} vs {mesh}).")
         if sorted(x.sizes.items()) != sorted(first.sizes.items()):
-            raise DimError(f"stack along {new_dim!r}: every tensor needs the same dims; tensor 0 has "
-                           f"{first.sizes}, tensor {n} has {x.sizes}.")
+            raise DimError(
+                f"stack along {new_dim!r}: every tensor needs the same dims; tensor 0 has "
+                f"{first.sizes}, tensor {n} has {x.sizes}."
+            )
     if new_dim in first.dims:
-        raise DimError(f"stack along {new_dim!r}: {new_dim!r} is already a dim of the tensors {first.dims}; "
-                       f"name the new dim something else.")
+        raise DimError(
+            f"stack along {new_dim!r}: {new_dim!r} is already a dim of the tensors {first.dims}; "
+            f"name the new dim something else."
+        )
     if not 0 <= axis <= first.ndim:
-        raise DimError(f"stack along {new_dim!r}: axis={axis} is not a position in 0..{first.ndim} "
-                       f"(the tensors have dims {first.dims}).")
+        raise DimError(
+            f"stack along {new_dim!r}: axis={axis} is not a position in 0..{first.ndim} "
+            f"(the tensors have dims {first.dims})."
+        )
     dims = first.shape[:axis] + (Dim(new_dim, len(xs)),) + first.shape[axis:]
     out = mesh.layout_of(dims)
     # every input in the output's layout without the new dim (usually: as it is), first's dim order
@@ -90,11 +95,13 @@ def unstack(x: MeshTensor, dim: str) -> list[MeshTensor]:
     rest = TensorLayout(lay.dims[:i] + lay.dims[i + 1 :], lay.axes[:i] + lay.axes[i + 1 :])
     target = x.mesh.layout_of(rest.dims)
     impl = x.mesh.impl
-    return [to_layout(MeshTensor(impl.slicewise(lambda t, n=n: t.select(i, n), whole._data), rest, x.mesh), target)
-            for n in range(x.sizes[dim])]
+    return [
+        to_layout(MeshTensor(impl.slicewise(lambda t, n=n: t.select(i, n), whole._data), rest, x.mesh), target)
+        for n in range(x.sizes[dim])
+    ]
 
 
-def split(x: MeshTensor, dim: str, sizes: "int | Sequence[int]") -> list[MeshTensor]:
+def split(x: MeshTensor, dim: str, sizes: int | Sequence[int]) -> list[MeshTensor]:
     """Pieces of `x` along `dim`, each keeping the name `dim` with its own size, like
     `torch.split`: `sizes` is a list of piece sizes summing to the dim's size, or one int,
     the size of every piece (the last may be smaller). (Mesh TF's `mtf.split` takes a number
@@ -122,16 +129,20 @@ def split(x: MeshTensor, dim: str, sizes: "int | Sequence[int]") -> list[MeshTen
     return out
 
 
-def _piece_sizes(sizes: "int | Sequence[int]", n: int, dim: str, have: dict) -> list[int]:
+def _piece_sizes(sizes: int | Sequence[int], n: int, dim: str, have: dict) -> list[int]:
     if isinstance(sizes, int) and not isinstance(sizes, bool):
         if sizes < 1:
             raise DimError(f"split along {dim!r}: a piece size must be >= 1, got {sizes}.")
         return [min(sizes, n - s) for s in range(0, n, sizes)] or [0]
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
-        raise ArgumentTypeError(f"split along {dim!r}: sizes={sizes!r} is a {type(sizes).__name__}; give a list of "
-                                f"piece sizes summing to {n}, or one int, the size of every piece.")
+        raise ArgumentTypeError(
+            f"split along {dim!r}: sizes={sizes!r} is a {type(sizes).__name__}; give a list of "
+            f"piece sizes summing to {n}, or one int, the size of every piece."
+        )
     sizes = list(sizes)
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sizes) or sum(sizes) != n:
-        raise DimError(f"split along {dim!r}: sizes {sizes} must be non-negative ints summing to the dim's "
-                       f"size {n} (the tensor is {have}); or give one int, the size of every piece.")
+        raise DimError(
+            f"split along {dim!r}: sizes {sizes} must be non-negative ints summing to the dim's "
+            f"size {n} (the tensor is {have}); or give one int, the size of every piece."
+        )
     return sizes

@@ -16,6 +16,14 @@ from torchmesh.xla.hlo_stats import compiled_comm_stats, compiled_hlo, parse_hlo
 from torchmesh.xla.shards import DeviceBlock, device_blocks, sharding_text, tile_slices
 
 __all__ = [
-    "DeviceBlock", "compiled_comm_stats", "placed_axes", "compiled_hlo", "device_blocks", "parse_hlo", "partition_spec",
-    "sharding_text", "start_runtime", "tile_slices",
+    "DeviceBlock",
+    "compiled_comm_stats",
+    "compiled_hlo",
+    "device_blocks",
+    "parse_hlo",
+    "partition_spec",
+    "placed_axes",
+    "sharding_text",
+    "start_runtime",
+    "tile_slices",
 ]

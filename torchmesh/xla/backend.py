@@ -18,6 +18,7 @@ from torchmesh.comm.backend import Data, MeshImpl
 from torchmesh.errors import BackendError, MeshError
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.mesh_shape import MeshShape, parts
+from torchmesh.xla.shards import device_blocks, tile_slices
 
 
 def _require_torch_xla():
@@ -182,15 +183,11 @@ class XlaImpl(MeshImpl):
     def block_slices(self, layout: TensorLayout, coords: tuple[int, ...]) -> tuple[slice, ...]:
         """Where XLA puts a device's block: the layout's blocks for the dims that divide evenly,
         the whole dim for the others (`placed_axes`)."""
-        from torchmesh.xla.shards import tile_slices
-
         return tile_slices(TensorLayout(layout.dims, placed_axes(layout, self.shape)), self.shape, coords)
 
     def device_shards(self, data: Data) -> tuple[MeshShape, list[tuple[tuple[int, ...], torch.Tensor]]]:
         """Each device's block as torch-xla holds it (runs the pending computation): the real
         mesh, and (mesh coordinates, CPU tensor) in device order."""
-        from torchmesh.xla.shards import device_blocks
-
         return self.shape, [(self.shape.coords(b.device), b.value) for b in device_blocks(data[0])]
 
 

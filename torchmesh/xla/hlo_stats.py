@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Iterable
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,7 +25,9 @@ import torch
 from torchmesh.comm.stats import CommRecord, CommStats, bytes_sent
 from torchmesh.errors import BackendError
 from torchmesh.placement.mesh_shape import MeshShape
-from torchmesh.tensor.mesh_tensor import MeshTensor
+
+if TYPE_CHECKING:
+    from torchmesh.tensor.mesh_tensor import MeshTensor
 
 #: HLO opcode -> comm_stats kind. Async forms (`-start`) count once; `-done` is not counted.
 KINDS = {
@@ -35,9 +38,19 @@ KINDS = {
     "collective-permute": "shift",
 }
 _DTYPES = {
-    "pred": torch.bool, "s8": torch.int8, "u8": torch.uint8, "s16": torch.int16, "u16": torch.uint16,
-    "s32": torch.int32, "u32": torch.uint32, "s64": torch.int64, "u64": torch.uint64,
-    "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
+    "pred": torch.bool,
+    "s8": torch.int8,
+    "u8": torch.uint8,
+    "s16": torch.int16,
+    "u16": torch.uint16,
+    "s32": torch.int32,
+    "u32": torch.uint32,
+    "s64": torch.int64,
+    "u64": torch.uint64,
+    "f16": torch.float16,
+    "bf16": torch.bfloat16,
+    "f32": torch.float32,
+    "f64": torch.float64,
 }  # other element types (fp8 ...): their bytes from their bit width, their dtype shown as f32
 _INSTRUCTION = re.compile(
     r"=\s*(?P<result>.*?)\s(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
@@ -138,7 +151,7 @@ def _post_optimization_hlo():
             os.environ["XLA_DUMP_POST_OPTIMIZATIONS"] = saved
 
 
-def compiled_hlo(*tensors: "MeshTensor | torch.Tensor") -> str:
+def compiled_hlo(*tensors: MeshTensor | torch.Tensor) -> str:
     """The partitioned HLO text of the program computing these MeshTensors (or XLA tensors).
 
     >>> import torch, torchmesh as tm
@@ -150,7 +163,7 @@ def compiled_hlo(*tensors: "MeshTensor | torch.Tensor") -> str:
     """
     import torch_xla
 
-    xs = [t.local if isinstance(t, MeshTensor) else t for t in tensors]
+    xs = [t if isinstance(t, torch.Tensor) else t.local for t in tensors]
     with _post_optimization_hlo():
         return torch_xla._XLAC._get_xla_tensors_hlo(xs)
 
@@ -171,15 +184,20 @@ def compiled_comm_stats(*tensors: MeshTensor) -> CommStats:
     >>> stats.counts, stats.bytes_by("axes")
     ({'all_reduce': 1}, {('tp',): 12})
     """
-    meshes = {t.mesh for t in tensors if isinstance(t, MeshTensor)}
-    if len(meshes) != 1 or next(iter(meshes)).backend != "xla" or not all(isinstance(t, MeshTensor) for t in tensors):
+    meshes = {t.mesh for t in tensors if _placed(t)}
+    if len(meshes) != 1 or next(iter(meshes)).backend != "xla" or not all(_placed(t) for t in tensors):
         raise BackendError(_not_one_xla_mesh(tensors, meshes))
     mesh = next(iter(meshes))
     return CommStats(parse_hlo(compiled_hlo(*tensors), mesh.shape))
 
 
+def _placed(t: object) -> bool:
+    """A MeshTensor (read by what it has: this layer sits below torchmesh/tensor/)."""
+    return hasattr(t, "mesh") and hasattr(t, "tensor_layout")
+
+
 def _not_one_xla_mesh(tensors: tuple, meshes: set) -> str:
-    others = [f"argument {i} is {type(t).__name__}" for i, t in enumerate(tensors) if not isinstance(t, MeshTensor)]
+    others = [f"argument {i} is {type(t).__name__}" for i, t in enumerate(tensors) if not _placed(t)]
     return (
         "compiled_comm_stats counts the collectives of an xla program: pass MeshTensors of one "
         f"Mesh(..., backend='xla'); got {len(tensors)} arguments, on meshes {sorted(map(repr, meshes))}"

@@ -62,7 +62,11 @@ def device_blocks(t: torch.Tensor) -> list[DeviceBlock]:
     where = torch_xla._XLAC._get_local_shard_replica_and_indices([t])[0]
     out = []
     for (data, device), (_, indices) in zip(shards, where):
-        index = tuple(slice(0, n) for n in t.shape) if indices is Ellipsis else tuple(slice(s.start, s.stop) for s in indices)
+        index = (
+            tuple(slice(0, n) for n in t.shape)
+            if indices is Ellipsis
+            else tuple(slice(s.start, s.stop) for s in indices)
+        )
         sizes = tuple(s.stop - s.start for s in index)
         value = data[tuple(slice(0, n) for n in sizes)] if tuple(data.shape) != sizes else data
         out.append(DeviceBlock(int(str(device).rsplit(":", 1)[-1]), index, value.cpu()))

@@ -1,0 +1,101 @@
+"""Run a test body on N real processes over gloo on 127.0.0.1 (torch.distributed), the way
+torchrun would: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set, a free port,
+a timeout, every rank's failure reported, and no process left behind.
+
+    results = run_distributed(body, nprocs=4, args=(...))   # body(*args) on every rank
+
+`body` must be a module-level function (it is pickled by name). Its return values, one per
+rank, come back in rank order.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn: Callable, rank: int, world: int, port: int, results: mp.Queue, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        results.put((rank, "ok", fn(*args)))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DistributedFailure(AssertionError):
+    """One or more ranks failed or timed out; the message holds every rank's traceback."""
+
+
+def run_distributed(
+    fn: Callable, nprocs: int, args: tuple = (), timeout: float = 180.0, wait_all: bool = False
+) -> list[Any]:
+    """`wait_all`: when a rank dies, still wait (up to `timeout`) for the others' reports (a
+    crashed-rank test asserts what the survivors raise)."""
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, nprocs, port, results, args), daemon=True) for r in range(nprocs)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    outcome: dict[int, tuple[str, Any]] = {}
+    try:
+        while len(outcome) < nprocs:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                rank, status, value = results.get(timeout=min(left, 1.0))
+                outcome[rank] = (status, value)
+            except queue_mod.Empty:
+                if all(p.exitcode is not None for p in procs) or (
+                    not wait_all and any(p.exitcode not in (None, 0) for p in procs) and results.empty()
+                ):
+                    time.sleep(0.5)  # let a dying rank's report arrive
+                    if results.empty():
+                        break
+    finally:
+        for p in procs:
+            p.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())))
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    errors = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(outcome.items()) if s == "error"]
+    missing = [r for r in range(nprocs) if r not in outcome]
+    if missing:
+        errors.append(
+            f"ranks {missing} did not finish within {timeout:.0f}s (exit codes {[procs[r].exitcode for r in missing]})"
+        )
+    if errors:
+        raise DistributedFailure("\n".join(errors))
+    return [outcome[r][1] for r in range(nprocs)]

@@ -1,0 +1,292 @@
+"""Abstract evaluation of one training step: what a device computes, sends and holds.
+
+`profile_step(builder, mesh, rules)` builds the model on a mesh with the `abstract` backend
+(one representative shard per tensor, on torch's meta device: no data, no processes), runs
+the loss forward and backward, and records:
+
+- every collective, through `tm.comm_stats()` (the same records, bytes per device, as a
+  real run on `sim` or `dist`), summed by (kind, axes, phase);
+- the FLOPs of the device's local kernels, forward and backward, through torch's
+  `FlopCounterMode` (matmuls and einsums; elementwise ops are not counted);
+- memory per device: parameter shards, their gradients, optimizer state (AdamW: two
+  moments per parameter; Adafactor: a row and a column accumulator per matrix, a full one
+  for vectors; SGD: none), and the activations autograd saves for backward (sizes of the
+  tensors `saved_tensors_hooks` sees during forward, each storage once, parameters not
+  counted twice; tensors a rematerialized block keeps, `note_saved`; tensors kept under
+  other saved-tensor hooks, such as FSDP's regather, `_counting_nested_hooks`, while those
+  hooks' replacements, the regathered parameters, are not). Activations peak at
+  the end of forward; the reported peak is the sum of the four, an upper bound (gradients
+  fill in as activations are freed).
+
+A model is given as a *builder*: `builder(mesh) -> (module, loss_fn)`, where `module` is a
+`torch.nn.Module` (typically a `tm.nn.Module`) holding the parameters and `loss_fn()` runs
+one forward pass and returns the 0-d MeshTensor loss. The builder must make its inputs and
+parameters with torchmesh constructors (`tm.randn`, `tm.zeros`, `tm.nn` layers), which
+draw nothing on the abstract backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from torchmesh.comm.stats import comm_stats
+from torchmesh.errors import PlanningError
+from torchmesh.nn.fsdp import shard_parameters
+from torchmesh.nn.parameter import mesh_parameters
+from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
+from torchmesh.placement.rules import RulesLike
+from torchmesh.tensor.mesh import Mesh
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+Builder = Callable[[Mesh], tuple[torch.nn.Module, Callable[[], MeshTensor]]]
+CommKey = tuple[str, tuple[str, ...], str]  # (kind, axes, phase)
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+_COUNTING: list[_SavedTensors] = []
+
+
+@dataclass(frozen=True, slots=True)
+class StepProfile:
+    """Per-device counts of one training step (bytes, FLOPs), from abstract evaluation.
+
+    Profiles are linear in the model's layers, so they add, subtract and scale
+    (`extrapolate` uses this to evaluate a deep model from one- and two-layer ones).
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
+    >>> p = planning.profile_step(planning.lm_builder(config, batch=4), "dp:2;tp:2", "batch:dp;heads:tp;ff:tp;vocab:tp")
+    >>> p.counts(), p.comm_bytes, p.param_bytes
+    ({'all_reduce': 29}, 17604, 9216)
+    """
+
+    mesh: MeshShape
+    rules: str
+    param_rules: str  # how parameters are stored on top of `rules` (FSDP), "" if as computed
+    comm: tuple[tuple[CommKey, int, int], ...]  # ((kind, axes, phase), count, bytes), sorted
+    flops: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+
+    @property
+    def comm_bytes(self) -> int:
+        return sum(b for _, _, b in self.comm)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Peak memory per device (upper bound): parameters, gradients, optimizer state, activations."""
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+    def bytes_by_axes(self) -> dict[tuple[str, ...], int]:
+        out: dict[tuple[str, ...], int] = {}
+        for (_, axes, _), _, b in self.comm:
+            out[axes] = out.get(axes, 0) + b
+        return out
+
+    def bytes_by_key(self) -> dict[CommKey, int]:
+        return {k: b for k, _, b in self.comm}
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (kind, _, _), n, _ in self.comm:
+            out[kind] = out.get(kind, 0) + n
+        return out
+
+    def combine(self, other: StepProfile, a: int, b: int) -> StepProfile:
+        """The profile a * self + b * other (integer weights; used to extrapolate layers)."""
+        comm: dict[CommKey, list[int]] = {}
+        for weight, prof in ((a, self), (b, other)):
+            for key, n, nbytes in prof.comm:
+                acc = comm.setdefault(key, [0, 0])
+                acc[0] += weight * n
+                acc[1] += weight * nbytes
+        return StepProfile(
+            self.mesh,
+            self.rules,
+            self.param_rules,
+            tuple(sorted((k, n, nb) for k, (n, nb) in comm.items() if n or nb)),
+            *(a * getattr(self, f) + b * getattr(other, f) for f in _LINEAR),
+        )
+
+
+_LINEAR = ("flops", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes")
+
+
+def extrapolate(one_layer: StepProfile, two_layers: StepProfile, layers: int) -> StepProfile:
+    """The profile of a model with `layers` identical layers, from its 1- and 2-layer profiles:
+    p(L) = p(1) + (L - 1) (p(2) - p(1)), exact when the layers are identical.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> def profile(layers):
+    ...     config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=layers, seq=8)
+    ...     return planning.profile_step(planning.lm_builder(config, batch=4), "dp:2;tp:2", "batch:dp;ff:tp")
+    >>> p1, p2, p3 = profile(1), profile(2), profile(3)
+    >>> deep = planning.extrapolate(p1, p2, layers=3)
+    >>> (deep.param_bytes, deep.comm_bytes) == (p3.param_bytes, p3.comm_bytes)
+    True
+    """
+    return one_layer.combine(two_layers, 2 - layers, layers - 1)
+
+
+def profile_step(
+    builder: Builder, mesh: MeshShapeLike, rules: RulesLike, optimizer: str = "adamw", param_rules: str = ""
+) -> StepProfile:
+    """Evaluate one training step of `builder`'s model abstractly on `mesh` under `rules`;
+    with `param_rules` ("d_model:dp"), its parameters are stored fully sharded by them too
+    (`tm.nn.shard_parameters`). `builder(mesh)` returns `(module, loss_fn)`; nothing is
+    computed and no device is needed, and the collectives are those a real run records.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
+    >>> step = planning.lm_builder(config, batch=4)
+    >>> rules = "batch:dp;heads:tp;ff:tp;vocab:tp"
+    >>> profile = planning.profile_step(step, "dp:2;tp:2", rules)
+    >>> with tm.comm_stats() as stats:   # the same step, run on sim
+    ...     model, loss_fn = step(tm.Mesh("dp:2;tp:2", layout=rules))
+    ...     loss_fn().backward()
+    >>> stats.total_bytes == profile.comm_bytes
+    True
+    """
+    if optimizer not in OPTIMIZERS:
+        raise PlanningError(
+            f"unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS} (the state memory is counted for these)."
+        )
+    m = Mesh(mesh, layout=rules, backend="abstract")
+    module, loss_fn = builder(m)
+    if param_rules:
+        shard_parameters(module, param_rules)
+    params = list(module.parameters())
+    saved = _SavedTensors(params)
+    _COUNTING.append(saved)
+    try:
+        with comm_stats() as stats, FlopCounterMode(display=False) as flops, _counting_nested_hooks():
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                loss = loss_fn()
+            saved.counting = False  # what a recomputation saves in backward is not forward memory
+            loss.backward()
+    finally:
+        _COUNTING.remove(saved)
+    trainable = [p for p in params if p.requires_grad]
+    comm: dict[CommKey, list[int]] = {}
+    for r in stats.records:
+        acc = comm.setdefault((r.kind, r.axes, r.phase), [0, 0])
+        acc[0] += 1
+        acc[1] += r.bytes
+    return StepProfile(
+        mesh=m.shape,
+        rules=str(m.rules),
+        param_rules=param_rules,
+        comm=tuple(sorted((k, n, b) for k, (n, b) in comm.items())),
+        flops=int(flops.get_total_flops()),
+        param_bytes=_nbytes(params),
+        grad_bytes=_nbytes(trainable),
+        optimizer_bytes=optimizer_state_bytes(trainable, optimizer),
+        activation_bytes=saved.total,
+    )
+
+
+def optimizer_state_bytes(shards: Iterable[torch.Tensor], optimizer: str) -> int:
+    """Bytes of optimizer state for these local parameter shards."""
+    if optimizer == "sgd":
+        return 0
+    if optimizer == "adamw":
+        return 2 * _nbytes(shards)
+    total = 0
+    for p in shards:  # adafactor: factored second moments, no first moment
+        if p.dim() >= 2:
+            n = p.numel()
+            total += (n // p.shape[-1] + n // p.shape[-2]) * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _nbytes(ts: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def can_shard_parameters() -> bool:
+    """Whether `tm.nn.shard_parameters` (FSDP) is available to the `weight` role."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchmesh.nn.fsdp") is not None
+
+
+def note_saved(t: torch.Tensor) -> None:
+    """Count `t` as kept for backward by code the saved-tensor hooks do not see (e.g. the input
+    a checkpointed block keeps, `torch.utils.checkpoint`); a no-op outside `profile_step`."""
+    for saved in _COUNTING:
+        saved.pack(t)
+
+
+@contextmanager
+def _counting_nested_hooks() -> Iterator[None]:
+    """Inside the block, saved-tensor hooks pushed by torchmesh or the model (FSDP's regather
+    is one) also report to the profile every tensor they keep as it is: innermost hooks
+    replace outer ones, so the profile's own hooks would not see those. (torch's checkpoint
+    uses its own hooks class and is not affected: its blocks' tensors are dropped.)"""
+    original = torch.autograd.graph.saved_tensors_hooks
+
+    class Counted(original):
+        def __init__(self, pack_hook, unpack_hook):
+            def pack(t: torch.Tensor):
+                packed = pack_hook(t)
+                if packed is t:
+                    note_saved(t)
+                return packed
+
+            super().__init__(pack, unpack_hook)
+
+    torch.autograd.graph.saved_tensors_hooks = Counted
+    try:
+        yield
+    finally:
+        torch.autograd.graph.saved_tensors_hooks = original
+
+
+class _SavedTensors:
+    """saved_tensors_hooks pair summing the sizes of the distinct tensors saved for backward
+    (while `counting`, that is during forward)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self._seen: set[int] = {id(p) for p in params}
+        self._keep: list[torch.Tensor] = []  # keeps ids unique while counting
+        self.total = 0
+        self.counting = True
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.counting:
+            return t
+        root = t
+        while root._base is not None:
+            root = root._base
+        if id(root) not in self._seen:
+            self._seen.add(id(root))
+            self._keep.append(root)
+            self.total += root.numel() * root.element_size()
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def model_dims(builder: Builder) -> set[str]:
+    """The dim names of a model's parameters, plus 'batch' (built once, abstractly, on one device).
+
+    >>> import torchmesh as tm
+    >>> from torchmesh import planning
+    >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
+    >>> sorted(planning.model_dims(planning.lm_builder(config, batch=4)))
+    ['batch', 'd_head', 'd_model', 'ff', 'heads', 'seq', 'vocab']
+    """
+    module, _ = builder(Mesh("one:1", backend="abstract"))
+    return {"batch"} | {d for _, p in mesh_parameters(module) for d in p.dims}

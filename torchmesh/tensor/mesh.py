@@ -1,0 +1,124 @@
+"""`Mesh`: named axes, the layout rules, and the backend that runs the collectives."""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any
+
+from torchmesh.comm.abstract import AbstractImpl
+from torchmesh.comm.backend import MeshImpl
+from torchmesh.comm.dist import DistImpl
+from torchmesh.comm.sim import SimImpl
+from torchmesh.errors import ArgumentTypeError, BackendError, MeshError
+from torchmesh.placement.dims import Dim
+from torchmesh.placement.layout import TensorLayout, check_rules_axes, resolve
+from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
+from torchmesh.placement.rules import LayoutRules, RulesLike
+from torchmesh.xla.backend import XlaImpl
+
+#: The backends by name (torch-xla itself is imported only when an xla mesh starts).
+BACKENDS: dict[str, type[MeshImpl]] = {"sim": SimImpl, "dist": DistImpl, "xla": XlaImpl, "abstract": AbstractImpl}
+
+
+class Mesh:
+    """A device mesh with named axes, global layout rules and a backend.
+
+    >>> mesh = Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="sim")
+    >>> mesh.size, mesh.axis_names
+    (4, ('dp', 'tp'))
+
+    `backend` is "sim" (every device in this process), "dist" (one process per device,
+    under torchrun) or "xla" (torch-xla SPMD). On dist, `timeout=` (seconds, default 300 or
+    TORCHMESH_TIMEOUT) bounds every wait for the other ranks and `check=True` (or
+    TORCHMESH_CHECK=1) checks every collective; see docs/reliability.md. The rules may be
+    changed for a block of code with `with mesh.rules_scope("..."):`.
+    """
+
+    def __init__(self, shape: MeshShapeLike, layout: RulesLike = "", backend: str = "sim", **options: Any):
+        self.shape: MeshShape = MeshShape.parse(shape)
+        self.rules: LayoutRules = LayoutRules.parse(layout)
+        check_rules_axes(self.rules, self.shape)
+        self.backend = backend
+        self.impl: MeshImpl = _make_impl(backend, self.shape, options, self.rules)
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return self.shape.names
+
+    @property
+    def size(self) -> int:
+        return self.shape.size
+
+    def axis_size(self, axis: str) -> int:
+        return self.shape.axis_size(axis)
+
+    def layout_of(self, dims: tuple[Dim, ...]) -> TensorLayout:
+        """The layout the rules give a tensor with these dims (raises LayoutError if invalid)."""
+        return resolve(dims, self.rules, self.shape)
+
+    def rules_scope(self, layout: RulesLike, replace: bool = False):
+        """Context manager: inside the block these rules are added to the mesh's (overriding
+        rules for the same dims), or, with `replace=True`, are the mesh's only rules."""
+
+        @contextmanager
+        def scope():
+            saved = self.rules
+            new = LayoutRules.parse(layout) if replace else saved.updated(layout)
+            check_rules_axes(new, self.shape)
+            self.rules = new
+            try:
+                yield self
+            finally:
+                self.rules = saved
+
+        return scope()
+
+    def sync(self) -> None:
+        """End of a training step: on xla, run the pending program (`torch_xla.sync()`), so
+        the next step starts from materialised parameters instead of growing one graph;
+        nothing on sim and dist, which run eagerly."""
+        self.impl.sync()
+
+    def __repr__(self) -> str:
+        return f"Mesh({str(self.shape)!r}, layout={str(self.rules)!r}, backend={self.backend!r})"
+
+
+#: The most devices a sim mesh holds: it keeps a tensor per device and computes every collective
+#: in one process, so a larger one would run for hours; plan with backend="abstract" instead.
+SIM_MAX_DEVICES = 4096
+
+
+def _make_impl(backend: str, shape: MeshShape, options: dict, rules: LayoutRules) -> MeshImpl:
+    """The backend; on dist, every rank first checks that all build this mesh with these rules."""
+    if backend == "sim" and shape.size > SIM_MAX_DEVICES:
+        raise MeshError(
+            f"mesh {str(shape)!r} has {shape.size} devices; a sim mesh holds at most {SIM_MAX_DEVICES} "
+            f"(it keeps every device's shard in this process). Fix: backend='abstract' to evaluate shapes, "
+            f"communication and memory without devices (as `python -m torchmesh plan` does), or a smaller mesh."
+        )
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}: choose one of {tuple(BACKENDS)}.")
+    _check_options(backend, options)
+    if backend == "dist":
+        return DistImpl(shape, rules=str(rules), **options)
+    return BACKENDS[backend](shape, **options)
+
+
+def _check_options(backend: str, options: dict) -> None:
+    """Keyword options the backend does not take: an ArgumentTypeError naming them (not the
+    backend class's own TypeError)."""
+    params = inspect.signature(BACKENDS[backend]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    taken = [
+        n
+        for n, p in params.items()
+        if p.kind is not inspect.Parameter.VAR_POSITIONAL and n not in ("shape", "rules", "slice_mesh")
+    ]
+    unknown = [k for k in options if k not in taken or k in ("shape", "rules", "slice_mesh")]
+    if unknown:
+        raise ArgumentTypeError(
+            f"tm.Mesh(..., backend={backend!r}) takes no option {unknown[0]!r}; its options are "
+            f"{tuple(taken) or '(none)'}."
+        )
