@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,7 +25,7 @@ BACKENDS: dict[str, type[MeshImpl]] = {"sim": SimImpl, "dist": DistImpl, "xla": 
 class Mesh:
     """A device mesh with named axes, global layout rules and a backend.
 
-    >>> mesh = Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="sim")
+    >>> mesh = Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="sim")
     >>> mesh.size, mesh.axis_names
     (4, ('dp', 'tp'))
 
@@ -35,9 +36,30 @@ class Mesh:
     changed for a block of code with `with mesh.rules_scope("..."):`.
     """
 
-    def __init__(self, shape: MeshShapeLike, layout: RulesLike = "", backend: str = "sim", **options: Any):
+    def __init__(
+        self,
+        shape: MeshShapeLike,
+        rules: RulesLike = "",
+        backend: str = "sim",
+        *,
+        layout: RulesLike | None = None,
+        **options: Any,
+    ):
+        if layout is not None:
+            if rules != "":
+                raise ArgumentTypeError(
+                    "tm.Mesh(...) got both rules= and layout=; layout= is the old name of rules=. "
+                    "Fix: pass rules= only."
+                )
+            warnings.warn(
+                "tm.Mesh(..., layout=...) is deprecated and will be removed in the next release: "
+                "the mesh's 'dim:axis' mapping is its rules. Fix: use rules= (tm.Mesh(shape, rules=...)).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            rules = layout
         self.shape: MeshShape = MeshShape.parse(shape)
-        self.rules: LayoutRules = LayoutRules.parse(layout)
+        self.rules: LayoutRules = LayoutRules.parse(rules)
         check_rules_axes(self.rules, self.shape)
         self.backend = backend
         self.impl: MeshImpl = _make_impl(backend, self.shape, options, self.rules)
@@ -81,7 +103,7 @@ class Mesh:
         self.impl.sync()
 
     def __repr__(self) -> str:
-        return f"Mesh({str(self.shape)!r}, layout={str(self.rules)!r}, backend={self.backend!r})"
+        return f"Mesh({str(self.shape)!r}, rules={str(self.rules)!r}, backend={self.backend!r})"
 
 
 #: The most devices a sim mesh holds: it keeps a tensor per device and computes every collective
