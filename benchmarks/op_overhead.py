@@ -32,7 +32,7 @@ def median_us(fn, iters: int = 2000) -> float:
 
 def main() -> None:
     torch.set_num_threads(1)
-    mesh = tm.Mesh("dp:1;tp:1", layout="batch:dp;ff:tp")
+    mesh = tm.Mesh("dp:1;tp:1", rules="batch:dp;ff:tp")
     a, b = torch.randn(8, 16), torch.randn(16, 32)
     x, w = tm.distribute(a, "batch d", mesh), tm.distribute(b, "d ff", mesh)
     h, hh = tm.einsum("batch d, d ff -> batch ff", x, w), a @ b

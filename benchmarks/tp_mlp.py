@@ -314,7 +314,7 @@ def rank_body(steps: int, op_iters: int) -> dict:
     import torchmesh as tm
 
     torch.set_num_threads(1)
-    mesh = tm.Mesh("tp:2", layout="ff:tp;heads:tp", backend="dist")
+    mesh = tm.Mesh("tp:2", rules="ff:tp;heads:tp", backend="dist")
     device_mesh = mesh.impl.device_mesh
     out = {}
     for name, build in (("mlp", mlp_versions), ("block", block_versions)):

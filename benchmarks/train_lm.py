@@ -239,7 +239,7 @@ def run_mesh(spec: str, args: argparse.Namespace) -> dict:
         layers=args.layers,
         seq=args.seq,
     )
-    mesh = tm.Mesh(spec, layout=rules, backend="dist")
+    mesh = tm.Mesh(spec, rules=rules, backend="dist")
     model = tm.nn.TransformerLM(mesh, c, seed=0)
     weights = {n: p.full() for n, p in tm.nn.mesh_parameters(model)}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

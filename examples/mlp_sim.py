@@ -58,10 +58,10 @@ def main() -> None:
     if args.steps < 1:
         parser.error(f"argument --steps: {args.steps} is below 1")
     try:
-        mesh = tm.Mesh(args.mesh, layout=RULES, backend="sim")
+        mesh = tm.Mesh(args.mesh, rules=RULES, backend="sim")
     except tm.TorchMeshError as e:
         parser.error(f"argument --mesh: {e}")
-    single = tm.Mesh("dp:1;tp:1", layout=RULES, backend="sim")
+    single = tm.Mesh("dp:1;tp:1", rules=RULES, backend="sim")
     print(f"mesh {mesh.shape}, rules {RULES!r}\n")
     w = init_params(mesh, 8, 8)["w_in"]
     print("w_in, laid out on the mesh (each block with the coordinates of the devices holding it):")

@@ -251,7 +251,7 @@ def setup(args: argparse.Namespace, build=None):
         if args.heads and args.d_model % args.heads:
             raise tm.ArgumentError(f"--d-model {args.d_model} is not a multiple of --heads {args.heads}.")
         with stdout_to_stderr():
-            mesh = tm.Mesh(args.mesh, layout=rules_for(args.mesh, args.layout), backend=args.backend)
+            mesh = tm.Mesh(args.mesh, rules=rules_for(args.mesh, args.layout), backend=args.backend)
         tokens, chars = load_corpus(CORPUS)
         model = (build or build_model)(mesh, args, len(chars))
         if args.param_layout:  # fully sharded parameters: gathered before use, gradients reduce-scattered

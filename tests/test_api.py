@@ -50,7 +50,7 @@ def test_spec_snippet_on_sim(capsys):
 
     import torchmesh as tm
 
-    mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="sim")  # or "dist" under torchrun, or "xla"
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="sim")  # or "dist" under torchrun, or "xla"
     x = tm.distribute(torch.randn(8, 16), "batch d", mesh)  # a global value in, laid out by the rules
     w = tm.distribute(torch.randn(16, 32), "d ff", mesh, requires_grad=True)
 
@@ -124,7 +124,7 @@ def test_spec_snippet_on_sim(capsys):
 
 
 def test_from_local_round_trip():
-    mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
     value = torch.arange(24.0).reshape(4, 6)
     x = tm.distribute(value, "batch ff", mesh)
     y = tm.from_local(x.shards, "batch ff", mesh)
@@ -151,11 +151,11 @@ DIMS = "a:8 b:12000"
 @pytest.mark.parametrize("kind", ["randn", "rand"])
 def test_random_values_are_layout_invariant(kind):
     make = getattr(tm, kind)
-    values = [make(DIMS, tm.Mesh(spec, layout=rules), seed=1234).full() for spec, rules in MESHES]
+    values = [make(DIMS, tm.Mesh(spec, rules=rules), seed=1234).full() for spec, rules in MESHES]
     for v in values[1:]:
         assert torch.equal(v, values[0])
     assert values[0].shape == (8, 12000)
-    other = make(DIMS, tm.Mesh("dp:2;tp:2", layout="a:dp;b:tp"), seed=1235).full()
+    other = make(DIMS, tm.Mesh("dp:2;tp:2", rules="a:dp;b:tp"), seed=1235).full()
     assert not torch.equal(other, values[0])  # the seed matters
     v = values[0]
     if kind == "rand":
@@ -166,7 +166,7 @@ def test_random_values_are_layout_invariant(kind):
 
 
 def test_random_custom_layout_and_dtype():
-    mesh = tm.Mesh("dp:2;tp:2", layout="a:dp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="a:dp")
     ref = tm.randn("a:4 b:8", tm.Mesh("dp:1"), seed=5).full()
     held = tm.randn("a:4 b:8", mesh, seed=5, layout="b:dp,tp")
     assert held.layout == {"b": ("dp", "tp")} and torch.equal(held.full(), ref)
@@ -176,7 +176,7 @@ def test_random_custom_layout_and_dtype():
 
 def test_random_with_an_empty_first_dim():
     # regression: a first dim of size 0 drew no block and crashed with IndexError
-    mesh = tm.Mesh("dp:2", layout="a:dp")
+    mesh = tm.Mesh("dp:2", rules="a:dp")
     assert tm.randn("a:0 b:3", mesh, seed=0).full().shape == (0, 3)
     assert tm.rand("b:0", tm.Mesh("dp:1"), seed=0).full().shape == (0,)
     assert tm.randn("a:4 b:0", mesh, seed=0).full().shape == (4, 0)
@@ -185,7 +185,7 @@ def test_random_with_an_empty_first_dim():
 def test_dropout_mask_is_layout_invariant():
     outs = []
     for spec, rules in MESHES:
-        mesh = tm.Mesh(spec, layout=rules)
+        mesh = tm.Mesh(spec, rules=rules)
         x = tm.ones("a:8 b:500", mesh)
         outs.append(tm.dropout(x, 0.25, seed=7).full())
     for o in outs[1:]:
@@ -193,7 +193,7 @@ def test_dropout_mask_is_layout_invariant():
     kept = outs[0] != 0
     assert torch.equal(outs[0][kept], torch.full((int(kept.sum()),), 1 / 0.75))
     assert abs(kept.float().mean() - 0.75) < 0.02
-    mesh = tm.Mesh("dp:2;tp:2", layout="a:dp;b:tp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="a:dp;b:tp")
     x = tm.randn("a:8 b:500", mesh, seed=1)
     assert tm.dropout(x, 0.25, training=False) is x and tm.dropout(x, 0.0, seed=1) is x
     assert torch.equal(tm.dropout(x, 1.0).full(), torch.zeros(8, 500))
@@ -202,7 +202,7 @@ def test_dropout_mask_is_layout_invariant():
 
 def test_manual_seed_makes_sequences_reproducible():
     def sequence(spec, rules):
-        mesh = tm.Mesh(spec, layout=rules)
+        mesh = tm.Mesh(spec, rules=rules)
         tm.manual_seed(42)
         a = tm.randn("a:4 b:8", mesh).full()
         b = tm.rand("a:4 b:8", mesh).full()
@@ -219,5 +219,5 @@ def test_manual_seed_makes_sequences_reproducible():
     assert not torch.equal(tm.randn("a:4 b:8", tm.Mesh("dp:1")).full(), a)  # another seed, other values
     assert torch.equal(
         tm.randn("a:4 b:8", tm.Mesh("dp:1"), seed=123).full(),
-        tm.randn("a:4 b:8", tm.Mesh("tp:2", layout="b:tp"), seed=123).full(),
+        tm.randn("a:4 b:8", tm.Mesh("tp:2", rules="b:tp"), seed=123).full(),
     )

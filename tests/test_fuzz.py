@@ -165,7 +165,7 @@ _mesh_cache: dict[tuple[str, str], tm.Mesh] = {}
 def mesh_of(spec: str, rules: str) -> tm.Mesh:
     key = (spec, rules)
     if key not in _mesh_cache:
-        _mesh_cache[key] = tm.Mesh(spec, layout=rules, backend="sim")
+        _mesh_cache[key] = tm.Mesh(spec, rules=rules, backend="sim")
     return _mesh_cache[key]
 
 
@@ -213,7 +213,7 @@ def _positions(names: tuple[str, ...], which: Iterable[str]) -> tuple[int, ...]:
 @FUZZ
 def test_mesh_and_rules_strings(spec, rules, backend):
     def run():
-        mesh = tm.Mesh(spec, layout=rules, backend=backend)
+        mesh = tm.Mesh(spec, rules=rules, backend=backend)
         assert mesh.size == math.prod(mesh.shape.sizes)
         return mesh
 
@@ -510,7 +510,7 @@ def _int(v, *also):
 def test_concat_and_stack(data, same_mesh, op):
     x, t, names = data.draw(tensors(data.draw(meshes())))
     mesh = x.mesh
-    other_mesh = mesh if same_mesh else tm.Mesh(str(mesh.shape), layout=mesh.rules)
+    other_mesh = mesh if same_mesh else tm.Mesh(str(mesh.shape), rules=mesh.rules)
     sizes = {n: x.sizes[n] for n in names}
     dim = data.draw(st.sampled_from(names + ("z",)))
     if op == "concat" and dim in sizes:

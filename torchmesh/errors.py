@@ -16,7 +16,7 @@ class TorchMeshError(Exception):
 
     >>> import torchmesh as tm
     >>> try:
-    ...     tm.Mesh("dp:2", layout="batch:tp")
+    ...     tm.Mesh("dp:2", rules="batch:tp")
     ... except tm.TorchMeshError as e:
     ...     print(type(e).__name__)
     LayoutError
@@ -40,7 +40,7 @@ class LayoutError(TorchMeshError, ValueError):
 
     >>> import torchmesh as tm
     >>> try:
-    ...     tm.zeros("batch:4 ff:4", tm.Mesh("dp:2", layout="batch:dp;ff:dp"))
+    ...     tm.zeros("batch:4 ff:4", tm.Mesh("dp:2", rules="batch:dp;ff:dp"))
     ... except tm.LayoutError as e:
     ...     print(e)
     tensor with dims (batch:4, ff:4) cannot be laid out: dims 'batch' and 'ff' are both split over mesh axis 'dp' by the rules 'batch:dp;ff:dp'. A mesh axis can split at most one dim of a tensor. Fix: ...
@@ -315,7 +315,7 @@ class IndexRangeError(TorchMeshError, ValueError, IndexError):
     `IndexError`, as torch raises for them.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="vocab:tp")
     >>> try:
     ...     tm.one_hot(tm.distribute(torch.tensor([1, 4]), "batch", mesh), "vocab:4")
     ... except tm.IndexRangeError as e:

@@ -56,7 +56,7 @@ def import_tf_tensor(mesh: Mesh, tensor: torch.Tensor, shape: DimsLike) -> MeshT
     """`mtf.import_tf_tensor`: a global torch tensor laid out on the mesh.
 
     >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
-    >>> mesh = tm.Mesh("b1:2", layout="batch:b1")
+    >>> mesh = tm.Mesh("b1:2", rules="batch:b1")
     >>> x = mtf.import_tf_tensor(mesh, torch.zeros(8, 16), mtf.Shape("batch:8 d:16"))
     >>> x.sizes, x.layout
     ({'batch': 8, 'd': 16}, {'batch': 'b1'})
@@ -74,7 +74,7 @@ def rename_dimension(x: MeshTensor, old_name: str, new_name: str) -> MeshTensor:
     """`mtf.rename_dimension`: `x.rename(old_name=new_name)`.
 
     >>> import torchmesh as tm, torchmesh.mtf as mtf
-    >>> x = tm.zeros("batch:4 d:8", tm.Mesh("b1:2", layout="batch:b1"))
+    >>> x = tm.zeros("batch:4 d:8", tm.Mesh("b1:2", rules="batch:b1"))
     >>> mtf.rename_dimension(x, "d", "d_model").dims
     ('batch', 'd_model')
     """
@@ -85,7 +85,7 @@ def shift(x: MeshTensor, offset: int, dim: Dim | str, wrap: bool) -> MeshTensor:
     """`mtf.shift(x, offset, dim, wrap)`: `tm.shift(x, dim, offset, wrap=wrap)`.
 
     >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
-    >>> x = tm.distribute(torch.arange(1.0, 5.0), "seq", tm.Mesh("b1:2", layout="seq:b1"))
+    >>> x = tm.distribute(torch.arange(1.0, 5.0), "seq", tm.Mesh("b1:2", rules="seq:b1"))
     >>> mtf.shift(x, 1, "seq", wrap=True).full()
     tensor([4., 1., 2., 3.])
     """
@@ -118,7 +118,7 @@ def gather(weights: MeshTensor, indices: MeshTensor, dim: Dim | str) -> MeshTens
     """`mtf.gather(weights, indices, dim)`: look up `indices` along `dim` of `weights`.
 
     >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
-    >>> mesh = tm.Mesh("b1:2", layout="vocab:b1")
+    >>> mesh = tm.Mesh("b1:2", rules="vocab:b1")
     >>> table = tm.distribute(torch.arange(4.0), "vocab", mesh)
     >>> ids = tm.distribute(torch.tensor([3, 1]), "batch", mesh)
     >>> mtf.gather(table, ids, mtf.Dimension("vocab", 4)).full()
@@ -131,7 +131,7 @@ def one_hot(indices: MeshTensor, output_dim: Dim, dtype: torch.dtype = torch.flo
     """`mtf.one_hot(indices, output_dim)`.
 
     >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
-    >>> ids = tm.distribute(torch.tensor([1]), "batch", tm.Mesh("b1:2", layout="vocab:b1"))
+    >>> ids = tm.distribute(torch.tensor([1]), "batch", tm.Mesh("b1:2", rules="vocab:b1"))
     >>> mtf.one_hot(ids, mtf.Dimension("vocab", 4)).full()
     tensor([[0., 1., 0., 0.]])
     """
@@ -142,7 +142,7 @@ def reduce_logsumexp(x: MeshTensor, reduced_dim: Dim | str) -> MeshTensor:
     """`mtf.reduce_logsumexp(x, reduced_dim)`: `tm.logsumexp(x, name)`.
 
     >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
-    >>> x = tm.zeros("batch:1 vocab:4", tm.Mesh("b1:2", layout="vocab:b1"))
+    >>> x = tm.zeros("batch:1 vocab:4", tm.Mesh("b1:2", rules="vocab:b1"))
     >>> mtf.reduce_logsumexp(x, mtf.Dimension("vocab", 4)).full()
     tensor([1.3863])
     """

@@ -87,7 +87,7 @@ def phase(
     """Build a fresh model (other seed, other lr), load, train `before`, snapshot, save,
     export, train `after`. Rank 0's results come back, as `torch.save` bytes (tensors sent
     through a multiprocessing queue would share memory with a process that has exited)."""
-    mesh = tm.Mesh(spec, layout=rules, backend=backend)
+    mesh = tm.Mesh(spec, rules=rules, backend=backend)
     model = Net(mesh, seed=7 if load_from else 0)
     opt = torch.optim.AdamW(model.parameters(), lr=0.5 if load_from else 0.05)
     out: dict = {}
@@ -174,7 +174,7 @@ def test_reshard_chain_gloo_and_sim(tmp_path):
 
 
 def trained(spec: str = "dp:2;tp:2", rules: str = "batch:dp;ff:tp", steps: int = 2):
-    mesh = tm.Mesh(spec, layout=rules)
+    mesh = tm.Mesh(spec, rules=rules)
     model = Net(mesh, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     train(model, opt, mesh, range(steps))
@@ -182,7 +182,7 @@ def trained(spec: str = "dp:2;tp:2", rules: str = "batch:dp;ff:tp", steps: int =
 
 
 def fresh(spec: str = "tp:2", rules: str = "ff:tp"):
-    mesh = tm.Mesh(spec, layout=rules)
+    mesh = tm.Mesh(spec, rules=rules)
     model = Net(mesh, seed=3)
     return mesh, model, torch.optim.AdamW(model.parameters(), lr=0.5)
 
@@ -268,7 +268,7 @@ def snapshot_params(model):
 def test_checkpoint_for_another_model_is_refused(tmp_path):
     _, model, opt = trained()
     path = tm.save(tmp_path / "ckpt", model=model, optimizer=opt, step=2)
-    mesh = tm.Mesh("tp:2", layout="ff:tp")
+    mesh = tm.Mesh("tp:2", rules="ff:tp")
     other = tm.nn.Module()
     other.w_in = tm.zeros("d:8 ff:32", mesh)
     other.extra = tm.zeros("d:8", mesh)
@@ -311,7 +311,7 @@ def interrupted_save(root: str, point: str) -> None:
 
     import torchmesh.checkpoint.dcp as ours
 
-    mesh = tm.Mesh("tp:2", layout="ff:tp", backend="dist")
+    mesh = tm.Mesh("tp:2", rules="ff:tp", backend="dist")
     model = Net(mesh, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     train(model, opt, mesh, range(1))
@@ -348,7 +348,7 @@ def test_rank_killed_during_save_keeps_previous_checkpoint(tmp_path, point):
 
 
 def adafactor_run(spec: str, rules: str, steps: range, load_from=None, save_to=None):
-    mesh = tm.Mesh(spec, layout=rules)
+    mesh = tm.Mesh(spec, rules=rules)
     model = Net(mesh, seed=5 if load_from else 0)
     opt = tm.optim.Adafactor([model.w_in, model.w_out])  # the mesh parameters (bias is a plain tensor)
     if load_from:

@@ -56,7 +56,7 @@ def torch_payload(sentinel: Path) -> bytes:
 
 
 def build(spec: str = "dp:2;tp:2", rules: str = "batch:dp;ff:tp", seed: int = 0):
-    mesh = tm.Mesh(spec, layout=rules)
+    mesh = tm.Mesh(spec, rules=rules)
     model = tm.nn.Module()
     model.w_in = tm.randn("d:8 ff:16", mesh, seed=seed, requires_grad=True)
     model.w_out = tm.randn("ff:16 out:4", mesh, seed=seed + 1, requires_grad=True)

@@ -37,7 +37,7 @@ def values(model: Uneven, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]
 
 
 def run(spec: str, rules: str, backend: str, load_from: str | None, save_to: str | None) -> bytes | None:
-    mesh = tm.Mesh(spec, layout=rules, backend=backend)
+    mesh = tm.Mesh(spec, rules=rules, backend=backend)
     model = Uneven(mesh, seed=5 if load_from else 0)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     if load_from:

@@ -17,8 +17,8 @@ def interop_body() -> str:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="dist")
-    ref = tm.Mesh("dp:1;tp:1", layout="batch:dp;ff:tp", backend="sim")
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="dist")
+    ref = tm.Mesh("dp:1;tp:1", rules="batch:dp;ff:tp", backend="sim")
     rank = dist.get_rank()
 
     # mesh -> DTensor -> mesh, for each kind of layout
@@ -98,6 +98,6 @@ def test_dtensor_round_trips_on_gloo():
 
 
 def test_dtensor_needs_the_dist_backend():
-    x = tm.randn("batch:4", tm.Mesh("dp:2", layout="batch:dp"), seed=0)
+    x = tm.randn("batch:4", tm.Mesh("dp:2", rules="batch:dp"), seed=0)
     with pytest.raises(tm.BackendError, match="needs the dist backend.*x.full"):
         tm.to_dtensor(x)

@@ -111,7 +111,7 @@ def test_cross_entropy_ignore_index_matches_torch(mesh_spec, rules, ignored):
 
 def test_cross_entropy_of_the_issue_padding_example():
     """The issue's case: a -100 padding target counted as a class gave 2.069 where torch gives 1.904."""
-    mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    mesh = tm.Mesh("tp:2", rules="vocab:tp")
     logits = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1))
     targets = torch.tensor([[1, 2, 3, -100], [0, 5, -100, -100]])
     got = tm.nn.cross_entropy(tm.distribute(logits, "batch seq vocab", mesh), tm.distribute(targets, "batch seq", mesh))
@@ -130,7 +130,7 @@ def test_cross_entropy_of_the_issue_padding_example():
 
 
 def _lookups_on_gloo(rules: str) -> list[str]:
-    mesh = tm.Mesh("tp:2" if "tp" in rules else "dp:2", layout=rules, backend="dist")
+    mesh = tm.Mesh("tp:2" if "tp" in rules else "dp:2", rules=rules, backend="dist")
     ids = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(0))
     ids[3, 2] = 9  # in rank 1's block of a split batch only
     seen = []
@@ -194,9 +194,9 @@ def _state(model, opt) -> dict[str, torch.Tensor]:
     ],
 )
 def test_checkpoint_loads_by_dim_name_transposing(tmp_path, src, dst):
-    model, opt = _trained(tm.Mesh(src[0], layout=src[1]), "d:4 ff:6")
+    model, opt = _trained(tm.Mesh(src[0], rules=src[1]), "d:4 ff:6")
     tm.save(tmp_path / "ckpt", model=model, optimizer=opt, step=2)
-    other, other_opt = _trained(tm.Mesh(dst[0], layout=dst[1]), "ff:6 d:4")  # declared the other way round
+    other, other_opt = _trained(tm.Mesh(dst[0], rules=dst[1]), "ff:6 d:4")  # declared the other way round
     tm.load(tmp_path / "ckpt", model=other, optimizer=other_opt)
     want, got = _state(model, opt), _state(other, other_opt)
     assert want.keys() == got.keys()
@@ -204,13 +204,13 @@ def test_checkpoint_loads_by_dim_name_transposing(tmp_path, src, dst):
         assert torch.equal(want[key], got[key]), key
     # and back: saved as 'ff d', loaded as 'd ff'
     tm.save(tmp_path / "back", model=other, optimizer=other_opt, step=2)
-    again, again_opt = _trained(tm.Mesh(src[0], layout=src[1]), "d:4 ff:6")
+    again, again_opt = _trained(tm.Mesh(src[0], rules=src[1]), "d:4 ff:6")
     tm.load(tmp_path / "back", model=again, optimizer=again_opt)
     assert all(torch.equal(v, _state(again, again_opt)[k]) for k, v in want.items())
 
 
 def test_checkpoint_with_other_dim_names_is_refused(tmp_path):
-    mesh = tm.Mesh("tp:2", layout="ff:tp")
+    mesh = tm.Mesh("tp:2", rules="ff:tp")
     model, _ = _trained(mesh, "d:4 ff:6")
     tm.save(tmp_path / "ckpt", model=model)
     square = tm.nn.Module()
@@ -230,7 +230,7 @@ def test_checkpoint_with_other_dim_names_is_refused(tmp_path):
     ],
 )
 def test_checkpoint_of_another_optimizer_is_refused(tmp_path, other):
-    mesh = tm.Mesh("tp:2", layout="ff:tp")
+    mesh = tm.Mesh("tp:2", rules="ff:tp")
     model, opt = _trained(mesh, "d:4 ff:6")
     tm.save(tmp_path / "ckpt", model=model, optimizer=opt, step=2)
     fresh, _ = _trained(mesh, "d:4 ff:6")
@@ -245,7 +245,7 @@ def test_checkpoint_of_another_optimizer_is_refused(tmp_path, other):
 
 
 def test_checkpoint_with_other_hyperparameter_keys_is_refused(tmp_path):
-    mesh = tm.Mesh("tp:2", layout="ff:tp")
+    mesh = tm.Mesh("tp:2", rules="ff:tp")
     model, opt = _trained(mesh, "d:4 ff:6", torch.optim.SGD)
     tm.save(tmp_path / "ckpt", model=model, optimizer=opt)
     fresh, fresh_opt = _trained(mesh, "d:4 ff:6", torch.optim.SGD)
@@ -262,7 +262,7 @@ def test_checkpoint_with_other_hyperparameter_keys_is_refused(tmp_path):
 
 def _save_many(path: str, who: int, start, rounds: int) -> None:
     torch.set_num_threads(1)
-    mesh = tm.Mesh("dp:2;tp:2", layout="d:dp;ff:tp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="d:dp;ff:tp")
     model = tm.nn.Module()
     model.w = tm.full("d:16 ff:32", float(who), mesh)
     model.b = tm.full("ff:32", float(who), mesh)
@@ -284,7 +284,7 @@ def test_concurrent_saves_to_one_name_never_mix(tmp_path):
         for p in procs:
             p.join(240)
             assert p.exitcode == 0
-        mesh = tm.Mesh("tp:2", layout="ff:tp")
+        mesh = tm.Mesh("tp:2", rules="ff:tp")
         model = tm.nn.Module()
         model.w, model.b, model.c = tm.zeros("d:16 ff:32", mesh), tm.zeros("ff:32", mesh), tm.zeros("e:64", mesh)
         loaded = tm.load(path, model=model)
@@ -309,7 +309,7 @@ def rss_mb():
 torch.set_num_threads(1)
 torch.manual_seed(0)
 N = int(sys.argv[1])
-mesh = tm.Mesh("dp:1", layout="batch:dp")
+mesh = tm.Mesh("dp:1", rules="batch:dp")
 model = tm.nn.TransformerLM(mesh, tm.nn.LMConfig(vocab=8, d_model=4, heads=1, d_head=4, ff=8, layers=1,
                                                  seq=N, dropout=0.1), seed=0)
 

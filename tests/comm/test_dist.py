@@ -21,8 +21,8 @@ def run_all_programs(mesh_spec: str) -> list[str]:
     import torchmesh as tm
 
     rules = rules_for(mesh_spec)
-    mesh = tm.Mesh(mesh_spec, layout=rules, backend="dist")
-    sim = tm.Mesh(mesh_spec, layout=rules, backend="sim")
+    mesh = tm.Mesh(mesh_spec, rules=rules, backend="dist")
+    sim = tm.Mesh(mesh_spec, rules=rules, backend="sim")
     done = []
     for name, (_, reference) in PROGRAMS.items():
         got, records = run_program(name, mesh)
@@ -62,12 +62,12 @@ def test_torchrun_smoke(tmp_path):
     script.write_text(
         textwrap.dedent("""
         import torch, torchmesh as tm
-        mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="dist")
+        mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="dist")
         x = tm.randn("batch:8 d:16", mesh, seed=0)
         w = tm.randn("d:16 ff:32", mesh, seed=1, requires_grad=True)
         loss = torch.relu(tm.einsum("batch d, d ff -> batch ff", x, w)).sum()
         loss.backward()
-        ref = tm.Mesh("dp:1;tp:1", layout="batch:dp;ff:tp", backend="sim")
+        ref = tm.Mesh("dp:1;tp:1", rules="batch:dp;ff:tp", backend="sim")
         xr, wr = tm.randn("batch:8 d:16", ref, seed=0).full(), tm.randn("d:16 ff:32", ref, seed=1).full()
         wr.requires_grad_()
         lr = torch.relu(xr @ wr).sum(); lr.backward()

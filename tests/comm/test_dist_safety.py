@@ -17,7 +17,7 @@ def diverging_ops() -> None:
 
     import torchmesh as tm
 
-    mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="dist", check=True, timeout=20)
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="dist", check=True, timeout=20)
     x = tm.randn("batch:4 ff:8", mesh, seed=0)
     if int(os.environ["RANK"]) == 3:
         x.sum("batch")  # a different op on one rank
@@ -43,7 +43,7 @@ def missing_rank() -> None:
 
     import torchmesh as tm
 
-    mesh = tm.Mesh("tp:2", layout="ff:tp", backend="dist", check=True, timeout=5)
+    mesh = tm.Mesh("tp:2", rules="ff:tp", backend="dist", check=True, timeout=5)
     x = tm.randn("ff:8", mesh, seed=0)
     if int(os.environ["RANK"]) == 0:
         x.sum("ff")  # rank 1 never reaches this collective
@@ -63,7 +63,7 @@ def show_once() -> str:
 
     import torchmesh as tm
 
-    mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="dist")
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="dist")
     x = tm.distribute(torch.arange(8.0).reshape(2, 4), "batch ff", mesh)
     out = io.StringIO()
     with redirect_stdout(out):
@@ -111,9 +111,9 @@ def survivable_scenarios(root: str) -> dict:
         mode = "check" if check else "default"
         size = 8 * n * (2 if check else 3)  # sizes differ between the modes: new plans in each
         out[f"rules differ/{mode}"] = _outcome(
-            lambda: tm.Mesh(f"tp:{n}", layout="ff:tp" if rank else "d:tp", backend="dist", check=check, timeout=TIMEOUT)
+            lambda: tm.Mesh(f"tp:{n}", rules="ff:tp" if rank else "d:tp", backend="dist", check=check, timeout=TIMEOUT)
         )
-        mesh = tm.Mesh(f"tp:{n}", layout="ff:tp", backend="dist", check=check, timeout=TIMEOUT)
+        mesh = tm.Mesh(f"tp:{n}", rules="ff:tp", backend="dist", check=check, timeout=TIMEOUT)
         x = tm.randn(f"ff:{size}", mesh, seed=0)
         y = tm.randn(f"ff:{size}", mesh, seed=1)
 
@@ -188,7 +188,7 @@ def stalled_or_crashed(what: str, check: bool) -> str:
     import torchmesh as tm
 
     rank, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    mesh = tm.Mesh(f"tp:{n}", layout="ff:tp", backend="dist", check=check, timeout=TIMEOUT)
+    mesh = tm.Mesh(f"tp:{n}", rules="ff:tp", backend="dist", check=check, timeout=TIMEOUT)
     x = tm.randn(f"ff:{8 * n}", mesh, seed=0)
     x.sum("ff")  # agreed: the next one is a real collective in both modes
     if rank == n - 1:

@@ -99,7 +99,7 @@ def reference() -> list[float]:
 
 @pytest.mark.parametrize("mesh_spec", ["dp:2;tp:2", "dp:4"])
 def test_fsdp_training_matches_single_device_and_memory_falls(reference, mesh_spec):
-    mesh = tm.Mesh(mesh_spec, layout=rules_for(mesh_spec))
+    mesh = tm.Mesh(mesh_spec, rules=rules_for(mesh_spec))
     steps = STEPS if mesh_spec == "dp:2;tp:2" else 3
     sharded = train(mesh, fsdp=True, steps=steps)
     assert_same_losses(sharded[0], reference[:steps], f"sim {mesh_spec} fsdp")
@@ -113,7 +113,7 @@ def test_fsdp_collectives_per_step(regather):
     each (no all-reduce over dp for them), and with `regather` an all-gather again for each
     parameter the forward would have kept; all-gather + reduce-scatter bytes are those of
     a dp all-reduce."""
-    mesh = tm.Mesh("dp:2;tp:2", layout=RULES)
+    mesh = tm.Mesh("dp:2;tp:2", rules=RULES)
     model = tm.nn.shard_parameters(tm.nn.TransformerLM(mesh, CONFIG, seed=0), "d_model:dp", regather=regather)
     sharded = {n: p for n, p in tm.nn.mesh_parameters(model) if "dp" in p.tensor_layout.used_axes}
     with tm.comm_stats() as stats:
@@ -149,7 +149,7 @@ def test_regather_frees_gathered_parameters_after_forward():
     """Without regather the forward keeps each layer's gathered (full) weights for backward;
     with it, what the forward leaves alive is no more than for unsharded parameters (which
     are saved without a copy), and gradients are the same."""
-    mesh = tm.Mesh("dp:2", layout="batch:dp")
+    mesh = tm.Mesh("dp:2", rules="batch:dp")
     config = tm.nn.LMConfig(vocab=32, d_model=64, heads=4, d_head=16, ff=256, layers=2, seq=8)
     live, grads = {}, {}
     for mode in ("dense", "keep", "regather"):
@@ -168,7 +168,7 @@ def test_regather_frees_gathered_parameters_after_forward():
 
 
 def test_gathered_weight_gradient_is_one_reduce_scatter():
-    mesh = tm.Mesh("dp:4", layout="batch:dp")
+    mesh = tm.Mesh("dp:4", rules="batch:dp")
     x = tm.randn("batch:8 d:16", mesh, seed=0)
     w = tm.randn("d:16 ff:8", mesh, seed=1, requires_grad=True).relayout("d:dp").detach().requires_grad_()
     with tm.comm_stats() as stats:
@@ -185,7 +185,7 @@ def test_gathered_weight_gradient_is_one_reduce_scatter():
 
 
 def test_axis_already_used_is_skipped_and_errors_name_the_parameter():
-    mesh = tm.Mesh("dp:2", layout="experts:dp")
+    mesh = tm.Mesh("dp:2", rules="experts:dp")
     m = tm.nn.Module()
     m.experts_w = tm.randn("experts:2 d_model:4", mesh, seed=0, requires_grad=True)
     m.odd = tm.randn("d_model:4 x:3", mesh, seed=0, requires_grad=True)
@@ -200,7 +200,7 @@ def test_axis_already_used_is_skipped_and_errors_name_the_parameter():
 
 
 def fsdp_on_ranks(mesh_spec: str) -> list[float]:
-    mesh = tm.Mesh(mesh_spec, layout=rules_for(mesh_spec), backend="dist")
+    mesh = tm.Mesh(mesh_spec, rules=rules_for(mesh_spec), backend="dist")
     sharded = train(mesh, fsdp=True)
     assert_memory_falls(train(mesh, fsdp=False, steps=1), sharded, mesh.axis_size("dp"))
     return sharded[0]

@@ -96,7 +96,7 @@ MESHES = [  # (mesh, rules): experts on the batch axis (all-to-all), on their ow
 def test_moe_matches_torch_on_sim(mesh_spec, rules, top_k, capacity_factor):
     cfg = config(top_k, capacity_factor=capacity_factor)
     want = run_reference(cfg)
-    compare(run_moe(tm.Mesh(mesh_spec, layout=rules), cfg), want, f"sim {mesh_spec} {rules}")
+    compare(run_moe(tm.Mesh(mesh_spec, rules=rules), cfg), want, f"sim {mesh_spec} {rules}")
 
 
 def test_reference_drops_tokens_over_capacity():
@@ -106,7 +106,7 @@ def test_reference_drops_tokens_over_capacity():
 
 
 def test_dispatch_and_combine_are_all_to_all():
-    mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;experts:dp;ff:tp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;experts:dp;ff:tp")
     moe = MoE(mesh, config(), seed=0)
     x = tm.randn("batch:4 seq:6 d_model:8", mesh, seed=1, requires_grad=True)
     with tm.comm_stats() as stats:
@@ -123,7 +123,7 @@ def test_dispatch_and_combine_are_all_to_all():
 
 
 def test_experts_on_their_own_axis_need_no_all_to_all():
-    mesh = tm.Mesh("dp:2;ep:2", layout="batch:dp;experts:ep")
+    mesh = tm.Mesh("dp:2;ep:2", rules="batch:dp;experts:ep")
     moe = MoE(mesh, config(), seed=0)
     with tm.comm_stats() as stats:
         moe(tm.randn("batch:4 seq:6 d_model:8", mesh, seed=1))
@@ -132,7 +132,7 @@ def test_experts_on_their_own_axis_need_no_all_to_all():
 
 
 def test_bad_input_dims():
-    mesh = tm.Mesh("dp:2", layout="batch:dp;experts:dp")
+    mesh = tm.Mesh("dp:2", rules="batch:dp;experts:dp")
     moe = MoE(mesh, config(), seed=0)
     with pytest.raises(ValueError, match=r"MoE takes a tensor with dims \(batch, seq, d_model\)"):
         moe(tm.randn("batch:4 d_model:8", mesh, seed=1))
@@ -213,16 +213,16 @@ def lm_reference() -> list[float]:
 
 def test_moe_lm_sim_matches_single_device(lm_reference):
     assert lm_reference[-1] < lm_reference[0] - 0.3
-    assert_same_losses(train_moe_lm(tm.Mesh("dp:2;tp:2", layout=LM_RULES)), lm_reference, "sim dp:2;tp:2")
+    assert_same_losses(train_moe_lm(tm.Mesh("dp:2;tp:2", rules=LM_RULES)), lm_reference, "sim dp:2;tp:2")
 
 
 def moe_on_ranks() -> list[float]:
     """On every gloo rank: the layer against the reference, then 20 LM steps."""
-    mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;experts:dp;ff:tp", backend="dist")
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;experts:dp;ff:tp", backend="dist")
     for top_k in (1, 2):
         cfg = config(top_k, capacity_factor=0.75)
         compare(run_moe(mesh, cfg), run_reference(cfg), "gloo dp:2;tp:2")
-    return train_moe_lm(tm.Mesh("dp:2;tp:2", layout=LM_RULES, backend="dist"))
+    return train_moe_lm(tm.Mesh("dp:2;tp:2", rules=LM_RULES, backend="dist"))
 
 
 def test_moe_and_moe_lm_on_gloo(lm_reference):

@@ -17,7 +17,7 @@ MESHES = ["dp:2;tp:2", "tp:4"]
 
 def make_mesh(spec: str) -> tm.Mesh:
     axes = {part.split(":")[0] for part in spec.split(";")}
-    return tm.Mesh(spec, layout=";".join(r for r in RULES.split(";") if r.split(":")[1] in axes))
+    return tm.Mesh(spec, rules=";".join(r for r in RULES.split(";") if r.split(":")[1] in axes))
 
 
 def check_module(module: torch.nn.Module, x: tm.MeshTensor, reference, atol: float = 1e-5, rtol: float = 1e-5) -> None:
@@ -78,7 +78,7 @@ def _norm(w: dict, x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def test_norm_over_a_split_dim_all_reduces():
-    mesh = tm.Mesh("tp:2", layout="d_model:tp")
+    mesh = tm.Mesh("tp:2", rules="d_model:tp")
     layer = tm.nn.LayerNorm(mesh, "d_model:16")
     with tm.comm_stats() as stats:
         check_module(layer, activations(mesh), lambda w, x: _norm(w, x, "layernorm"))
@@ -106,7 +106,7 @@ def test_attention_causal_grouped(spec, kv_heads):
 def test_attention_with_seq_split_is_exact(kv_heads):
     """seq split over dp: the fused per-device kernel cannot be used; the einsum path (scores
     over a gathered kv_seq, causal mask by position) gives the same values."""
-    mesh = tm.Mesh("dp:2;tp:2", layout="seq:dp;heads:tp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="seq:dp;heads:tp")
     attn = tm.nn.MultiHeadAttention(mesh, d_model=16, heads=4, d_head=4, kv_heads=kv_heads, seed=8)
     with tm.comm_stats() as stats:
         check_module(
@@ -118,7 +118,7 @@ def test_attention_with_seq_split_is_exact(kv_heads):
 def test_attention_with_heads_split_communicates_once_forward():
     """Heads split over tp: attention is local per head (grouped heads too: the rearrange of
     heads into kv_heads x group stays local); only the output projection all-reduces."""
-    mesh = tm.Mesh("tp:2", layout="heads:tp;kv_heads:tp")
+    mesh = tm.Mesh("tp:2", rules="heads:tp;kv_heads:tp")
     attn = tm.nn.MultiHeadAttention(mesh, d_model=16, heads=8, d_head=4, kv_heads=2, seed=8)
     x = tm.randn("batch:2 seq:6 d_model:16", mesh, seed=1)
     with tm.comm_stats() as stats:
@@ -215,7 +215,7 @@ def test_grouped_attention_with_kv_heads_split_unevenly():
     gradient as on one device."""
 
     def run(spec, rules):
-        mesh = tm.Mesh(spec, layout=rules)
+        mesh = tm.Mesh(spec, rules=rules)
         attn = tm.nn.MultiHeadAttention(mesh, 8, heads=8, d_head=2, kv_heads=2, seed=0)
         x = tm.randn("batch:3 seq:5 d_model:8", mesh, seed=1, requires_grad=True)
         y = attn(x)

@@ -36,7 +36,7 @@ LAYERS = {
 
 
 def sim_mesh(spec: str) -> tm.Mesh:
-    return tm.Mesh(spec, layout=rules_on(spec, RULES), backend="sim")
+    return tm.Mesh(spec, rules=rules_on(spec, RULES), backend="sim")
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -103,7 +103,7 @@ def _seeded_on_dist(seed: int) -> dict:
     weights; then seed torch differently per rank and report what building a layer says."""
     import torch.distributed as dist
 
-    mesh = tm.Mesh("tp:2", layout=rules_on("tp:2", RULES), backend="dist")
+    mesh = tm.Mesh("tp:2", rules=rules_on("tp:2", RULES), backend="dist")
     torch.manual_seed(seed)
     built = {layer: weights(LAYERS[layer](mesh)) for layer in ("Linear", "TransformerLM", "MoE")}
     # plain lists: tensors would travel through shared memory that dies with this process

@@ -86,12 +86,12 @@ def test_losses_fall(reference):
 
 
 def test_sim_dp2_tp2_matches_single_device(reference):
-    mesh = tm.Mesh("dp:2;tp:2", layout=RULES, backend="sim")
+    mesh = tm.Mesh("dp:2;tp:2", rules=RULES, backend="sim")
     assert_same_losses(train_mesh(mesh), reference, "sim dp:2;tp:2")
 
 
 def test_param_bytes_per_device_sim():
-    mesh = tm.Mesh("tp:4", layout=rules_for("tp:4"), backend="sim")
+    mesh = tm.Mesh("tp:4", rules=rules_for("tp:4"), backend="sim")
     model = tm.nn.TransformerLM(mesh, CONFIG, seed=0)
     assert_param_bytes(model, mesh)
     split = sum(p.numel() for n, p in tm.nn.mesh_parameters(model) if n.endswith(TP_SPLIT))
@@ -99,7 +99,7 @@ def test_param_bytes_per_device_sim():
 
 
 def test_bf16_autocast_sim_close_to_fp32(reference):
-    mesh = tm.Mesh("dp:2;tp:2", layout=RULES, backend="sim")
+    mesh = tm.Mesh("dp:2;tp:2", rules=RULES, backend="sim")
     bf16 = train_mesh(mesh, steps=5, autocast=True)
     for a, b in zip(bf16, reference[:5]):
         assert abs(a - b) <= 2e-2 * abs(b)
@@ -110,7 +110,7 @@ def check_modules_on_ranks(spec: str) -> None:
     from reference_lm import attention, feed_forward
     from test_nn import activations, check_module
 
-    mesh = tm.Mesh(spec, layout=rules_for(spec), backend="dist")
+    mesh = tm.Mesh(spec, rules=rules_for(spec), backend="dist")
     attn = tm.nn.MultiHeadAttention(mesh, d_model=16, heads=8, d_head=4, kv_heads=4, seed=8)
     check_module(attn, activations(mesh), lambda w, x: attention({f"a.{k}": v for k, v in w.items()}, "a", x, 8, 4))
     ffn = tm.nn.FeedForward(mesh, "d_model:16", "ff:32", seed=6)
@@ -128,13 +128,13 @@ def train_on_ranks(mesh_specs: tuple[str, ...], autocast: bool) -> dict[str, lis
     check_modules_on_ranks(mesh_specs[0])
     out = {}
     for spec in mesh_specs:
-        mesh = tm.Mesh(spec, layout=rules_for(spec), backend="dist")
+        mesh = tm.Mesh(spec, rules=rules_for(spec), backend="dist")
         model = tm.nn.TransformerLM(mesh, CONFIG, seed=0)
         assert_param_bytes(model, mesh)
         out[spec] = train_mesh(mesh)
     if autocast:
         out["bf16"] = train_mesh(
-            tm.Mesh(mesh_specs[0], layout=rules_for(mesh_specs[0]), backend="dist"), steps=5, autocast=True
+            tm.Mesh(mesh_specs[0], rules=rules_for(mesh_specs[0]), backend="dist"), steps=5, autocast=True
         )
     return out
 

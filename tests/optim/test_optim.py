@@ -163,11 +163,11 @@ def clip_matches(mesh: tm.Mesh, param_rules: str | None, norm_type: float) -> No
 @pytest.mark.parametrize("settings", SETTINGS, ids=["relative_step", "lr_beta1_decay"])
 @pytest.mark.parametrize("mesh_spec,rules,param_rules", MESHES)
 def test_adafactor_matches_unsharded(mesh_spec, rules, param_rules, settings):
-    adafactor_matches(tm.Mesh(mesh_spec, layout=rules), param_rules, settings)
+    adafactor_matches(tm.Mesh(mesh_spec, rules=rules), param_rules, settings)
 
 
 def test_adafactor_state_stays_sharded():
-    mesh = tm.Mesh("dp:2;tp:2", layout="ff:tp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="ff:tp")
     m = make_params(mesh, "d_model:dp")
     opt = tm.optim.Adafactor(m, beta1=0.9)
     set_grads(m, 0)
@@ -182,12 +182,12 @@ def test_adafactor_state_stays_sharded():
 @pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0])
 @pytest.mark.parametrize("mesh_spec,rules,param_rules", MESHES)
 def test_clip_grad_norm_matches_torch(mesh_spec, rules, param_rules, norm_type):
-    clip_matches(tm.Mesh(mesh_spec, layout=rules), param_rules, norm_type)
+    clip_matches(tm.Mesh(mesh_spec, rules=rules), param_rules, norm_type)
 
 
 def test_clip_counts_replicated_shards_once():
     """On tp:4 a replicated parameter's gradient sits on 4 devices: its norm counts it once."""
-    mesh = tm.Mesh("tp:4", layout="ff:tp")
+    mesh = tm.Mesh("tp:4", rules="ff:tp")
     m = tm.nn.Module()
     m.s = tm.ones("d_model:8", mesh, requires_grad=True)
     (m.s * 1.0).sum().backward()
@@ -242,14 +242,14 @@ def lm_reference() -> list[float]:
 
 def test_lm_adafactor_sim_matches_single_device(lm_reference):
     assert lm_reference[-1] < lm_reference[0] - 0.3
-    assert_same_losses(train_lm(tm.Mesh("dp:2;tp:2", layout=RULES), "d_model:dp"), lm_reference, "sim fsdp x tp")
+    assert_same_losses(train_lm(tm.Mesh("dp:2;tp:2", rules=RULES), "d_model:dp"), lm_reference, "sim fsdp x tp")
 
 
 def optim_on_ranks() -> list[float]:
-    mesh = tm.Mesh("dp:2;tp:2", layout="ff:tp;experts:dp", backend="dist")
+    mesh = tm.Mesh("dp:2;tp:2", rules="ff:tp;experts:dp", backend="dist")
     adafactor_matches(mesh, "d_model:dp", SETTINGS[1])
     clip_matches(mesh, "d_model:dp", 2.0)
-    return train_lm(tm.Mesh("dp:2;tp:2", layout=RULES, backend="dist"))
+    return train_lm(tm.Mesh("dp:2;tp:2", rules=RULES, backend="dist"))
 
 
 def test_optim_on_gloo(lm_reference):

@@ -17,7 +17,7 @@ RULES = "batch:dp;ff:tp;heads:tp"
 
 @pytest.fixture
 def mesh():
-    return tm.Mesh("dp:2;tp:2", layout=RULES)
+    return tm.Mesh("dp:2;tp:2", rules=RULES)
 
 
 def raises_before_comm(error, match, fn):
@@ -71,7 +71,7 @@ def test_axis_used_twice_by_relayout_and_multi_axis_rules(mesh):
         lambda: x.relayout("batch:tp;d:dp,tp"),
     )
     assert "tensor with dims (batch:4, d:4)" in text and "'batch:tp;d:dp,tp'" in text
-    m2 = tm.Mesh("dp:2;tp:2", layout="batch:dp,tp;ff:tp")
+    m2 = tm.Mesh("dp:2;tp:2", rules="batch:dp,tp;ff:tp")
     raises_before_comm(
         tm.LayoutError,
         r"dims 'batch' and 'ff' are both split over mesh axis 'tp' by the rules "
@@ -102,7 +102,7 @@ def test_uneven_split_is_made_in_balanced_blocks(mesh, make):
 
 def test_uneven_over_several_axes_and_smaller_than_the_blocks():
     """6 over dp x tp (4 blocks): nested balanced blocks 2,1,2,1; 3 over 4 blocks: one is empty."""
-    m = tm.Mesh("dp:2;tp:2", layout="batch:dp,tp")
+    m = tm.Mesh("dp:2;tp:2", rules="batch:dp,tp")
     x = tm.arange("batch:6", m)
     assert [x.shard(m.shape.coords(d)).tolist() for d in range(4)] == [[0, 1], [2], [3, 4], [5]]
     y = tm.arange("batch:3", m)
@@ -125,13 +125,13 @@ def test_unknown_axis_at_mesh_creation():
         tm.LayoutError,
         r"layout rules 'batch:dp;ff:tp' split dim 'ff' over mesh axis 'tp', but the mesh has only the axes "
         r"\(dp\)\. Fix: name one of the mesh's axes, or add 'tp' to the mesh\.",
-        lambda: tm.Mesh("dp:2", layout="batch:dp;ff:tp"),
+        lambda: tm.Mesh("dp:2", rules="batch:dp;ff:tp"),
     )
     raises_before_comm(
         tm.LayoutError,
         r"split dim 'batch' over mesh axis 'fsdp', but the mesh has only the "
         r"axes \(dp, tp\)",
-        lambda: tm.Mesh("dp:2;tp:2", layout="batch:dp,fsdp"),
+        lambda: tm.Mesh("dp:2;tp:2", rules="batch:dp,fsdp"),
     )
 
 
@@ -254,7 +254,7 @@ def test_errors_are_catchable_as_value_error(mesh):
     for fn in (
         lambda: tm.zeros("ff:4 heads:4", mesh),
         lambda: tm.Dim("batch", -1),
-        lambda: tm.Mesh("dp:2", layout="a:tp"),
+        lambda: tm.Mesh("dp:2", rules="a:tp"),
         lambda: tm.MeshShape.parse("dp:x"),
     ):
         with pytest.raises(ValueError):

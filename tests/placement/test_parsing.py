@@ -130,7 +130,7 @@ def test_parse_equation_any_text(text):
         assert parse_equation(written) == parsed
 
 
-_REARRANGE_MESH = tm.Mesh("dp:2", layout="a:dp;c:dp")
+_REARRANGE_MESH = tm.Mesh("dp:2", rules="a:dp;c:dp")
 _REARRANGE_X = tm.distribute(torch.arange(24).reshape(4, 6), "a b", _REARRANGE_MESH)
 REARRANGE_TEXT = st.one_of(
     st.text(alphabet="abcd ()->:_,.1"),

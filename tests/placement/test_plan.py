@@ -163,7 +163,7 @@ def test_plan_runs_on_sim(case):
 
 def test_relayout_swap_on_sim_values():
     # regression: a:dp;b:tp -> a:tp;b:dp used to run two all-to-alls and scramble the blocks
-    mesh = tm.Mesh("dp:2;tp:2", layout="a:dp;b:tp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="a:dp;b:tp")
     value = torch.arange(16.0).reshape(4, 4)
     x = tm.distribute(value, "a b", mesh)
     with tm.comm_stats() as stats:
@@ -175,7 +175,7 @@ def test_relayout_swap_on_sim_values():
 
 
 def test_relayout_comm_bytes():
-    mesh = tm.Mesh("dp:2;tp:2", layout="a:dp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="a:dp")
     x = tm.distribute(torch.zeros(8, 8), "a b", mesh)  # each device holds 4x8 floats = 128 bytes
     with tm.comm_stats() as stats:
         x.relayout("b:dp")

@@ -71,7 +71,7 @@ def predicted(profile) -> dict:
 def test_predicted_bytes_equal_sim(config, rules, param_rules, remat):
     builder = recipes.sharded_lm_builder(config, BATCH, remat, param_rules)
     profile = profile_step(builder, MESH, rules)
-    real = measured(builder, tm.Mesh(MESH, layout=rules, backend="sim"))
+    real = measured(builder, tm.Mesh(MESH, rules=rules, backend="sim"))
     assert real, "the case must communicate"
     assert predicted(profile) == real
     assert profile.comm_bytes == sum(b for _, b in real.values())
@@ -83,7 +83,7 @@ def _dist_records(cases: list) -> list:
 
     return [
         measured(
-            recipes.sharded_lm_builder(config, BATCH, remat, param_rules), tm.Mesh(MESH, layout=rules, backend="dist")
+            recipes.sharded_lm_builder(config, BATCH, remat, param_rules), tm.Mesh(MESH, rules=rules, backend="dist")
         )
         for config, rules, param_rules, remat in cases
     ]
@@ -109,7 +109,7 @@ def test_predicted_bytes_equal_gloo():
 def test_predicted_memory_equals_shards(rules, param_rules):
     builder = recipes.lm_builder(DENSE, BATCH)
     profile = profile_step(builder, MESH, rules, param_rules=param_rules)
-    mesh = tm.Mesh(MESH, layout=rules, backend="sim")
+    mesh = tm.Mesh(MESH, rules=rules, backend="sim")
     model, loss_fn = builder(mesh)
     if param_rules:
         tm.nn.shard_parameters(model, param_rules)
@@ -167,7 +167,7 @@ def test_abstract_draws_nothing_and_is_fast():
     assert time.process_time() - start < 10  # CPU seconds (about 0.5 on this machine)
     assert 95e9 < recipes.lm_parameters(config) < 105e9
     assert profile.param_bytes == pytest.approx(4 * recipes.lm_parameters(config) / 16, rel=0.01)
-    mesh = tm.Mesh("dp:2", layout="batch:dp", backend="abstract")
+    mesh = tm.Mesh("dp:2", rules="batch:dp", backend="abstract")
     x = tm.randn("batch:4 d:3", mesh, seed=0)
     assert x.local.device.type == "meta" and x.local.shape == (2, 3)
 
@@ -210,7 +210,7 @@ def test_search_picks_the_cheapest_measured_layout(batch, d, ff, best):
     # Every candidate runs on sim; priced from its measured collectives, the choice is the cheapest.
     times = {}
     for c in result.candidates:
-        real = measured(builder, tm.Mesh(MESH, layout=c.rules, backend="sim"))
+        real = measured(builder, tm.Mesh(MESH, rules=c.rules, backend="sim"))
         assert predicted(c.cost.profile) == real, c.name
         comm_s = sum(b for (_, axes, _), (_, b) in real.items()) / SLOW.intra_bandwidth
         times[c.name] = c.cost.compute_s + comm_s
@@ -255,7 +255,7 @@ def test_abstract_records_every_program_like_sim(mesh_spec):
     for name, (program, _) in PROGRAMS.items():
         records = {}
         for backend in ("abstract", "sim"):
-            mesh = tm.Mesh(mesh_spec, layout=rules_for(mesh_spec), backend=backend)
+            mesh = tm.Mesh(mesh_spec, rules=rules_for(mesh_spec), backend=backend)
             with tm.comm_stats() as stats:
                 program(mesh)
             records[backend] = [(r.kind, r.axes, r.bytes, r.shape, r.phase) for r in stats.records]

@@ -28,7 +28,7 @@ MESHES_4 = ["dp:2;tp:2", "tp:4", "dp:1;tp:4"]
 
 def one_device(mesh: tm.Mesh) -> tm.Mesh:
     """A mesh with the same axis names, every axis of size 1: the single-device reference."""
-    return tm.Mesh(";".join(f"{n}:1" for n in mesh.axis_names), layout=mesh.rules, backend="sim")
+    return tm.Mesh(";".join(f"{n}:1" for n in mesh.axis_names), rules=mesh.rules, backend="sim")
 
 
 def inputs(mesh: tm.Mesh, spec: dict[str, str], grad: bool = True) -> dict[str, tm.MeshTensor]:

@@ -41,7 +41,7 @@ def rules_on(mesh_spec: str, rules: str) -> str:
 
 
 def make_mesh(mesh_spec: str, rules: str = "") -> tm.Mesh:
-    return tm.Mesh(mesh_spec, layout=rules_on(mesh_spec, rules), backend=BACKEND)
+    return tm.Mesh(mesh_spec, rules=rules_on(mesh_spec, rules), backend=BACKEND)
 
 
 def single_device() -> tm.Mesh:

@@ -60,7 +60,7 @@ def train_single_device(
 ) -> list[float]:
     """Plain torch on one device, from the global weights a one-device mesh gets for seed 0:
     the losses of `steps` steps on `batch(step)`, optionally with global-norm clipping."""
-    weights = global_weights(tm.nn.TransformerLM(tm.Mesh("dp:1;tp:1", layout=rules), config, seed=0))
+    weights = global_weights(tm.nn.TransformerLM(tm.Mesh("dp:1;tp:1", rules=rules), config, seed=0))
     optimizer = make_optimizer(list(weights.values()))
     losses = []
     for step in range(steps):

@@ -218,7 +218,7 @@ def test_fused_relays_out_inputs_not_in_the_rules_layout():
 def test_multi_head_attention_seq_split_takes_the_fused_route():
     """seq split: k and v are gathered along kv_seq (the rename), then every device attends
     its queries with the fused kernel: no all-reduce before the output projection's."""
-    mesh = tm.Mesh("dp:2;tp:2", layout="seq:dp;heads:tp;kv_heads:tp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="seq:dp;heads:tp;kv_heads:tp")
     attn = tm.nn.MultiHeadAttention(mesh, d_model=16, heads=4, d_head=4, kv_heads=2, seed=8)
     with tm.comm_stats() as stats:
         attn(tm.randn("batch:2 seq:6 d_model:16", mesh, seed=1))
@@ -229,7 +229,7 @@ def test_multi_head_attention_seq_split_takes_the_fused_route():
 def test_multi_head_attention_mask_cache_is_bounded():
     from torchmesh.tensor.attention import _causal_mask
 
-    mesh = tm.Mesh("tp:2", layout="kv_seq:tp")  # the einsum route builds causal masks
+    mesh = tm.Mesh("tp:2", rules="kv_seq:tp")  # the einsum route builds causal masks
     attn = tm.nn.MultiHeadAttention(mesh, d_model=8, heads=2, d_head=4, seed=0)
     for seq in range(1, 12):
         attn(tm.randn(f"batch:1 seq:{seq} d_model:8", mesh, seed=seq))

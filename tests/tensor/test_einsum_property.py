@@ -71,7 +71,7 @@ def torch_equation(operands: list[list[str]], out: list[str]) -> str:
 @given(problems())
 def test_random_einsum_matches_torch(problem):
     sizes, rules, operands, out, held = problem
-    mesh = tm.Mesh(MESH, layout=rules_text(rules), backend="sim")
+    mesh = tm.Mesh(MESH, rules=rules_text(rules), backend="sim")
     equation = ", ".join(" ".join(op) for op in operands) + " -> " + " ".join(out)
     # an operand must be valid in the layout it is held in; the output in the rules' layout
     # (the computation itself never puts two dims on one axis)

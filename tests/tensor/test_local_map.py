@@ -25,7 +25,7 @@ SIZES = {"even": (4, 6, 8), "uneven": (3, 5, 5), "tiny": (1, 3, 4)}
 
 
 def mesh_on(spec: str, rules: str, backend: str = reference.BACKEND) -> tm.Mesh:
-    return tm.Mesh(spec, layout=rules_on(spec, rules), backend=backend)
+    return tm.Mesh(spec, rules=rules_on(spec, rules), backend=backend)
 
 
 def sizes_of(sizes: str | tuple[int, int, int]) -> tuple[int, int, int]:

@@ -16,14 +16,14 @@ def measure(fn):
 
 
 def test_einsum_contracted_split_all_reduces_partial_sums():
-    mesh = tm.Mesh("tp:2", layout="d:tp")
+    mesh = tm.Mesh("tp:2", rules="d:tp")
     x, w = tm.randn("batch:8 d:16", mesh, seed=0), tm.randn("d:16 ff:16", mesh, seed=1)
     s = measure(lambda: tm.einsum("batch d, d ff -> batch ff", x, w))
     assert s.counts == {"all_reduce": 1} and s.total_bytes == 2 * 1 * 8 * 16 * 4 // 2  # 2(k-1)/k * S
 
 
 def test_einsum_reduce_scatter_when_output_next_split_over_the_axis():
-    mesh = tm.Mesh("tp:2", layout="ff:tp;heads:tp")
+    mesh = tm.Mesh("tp:2", rules="ff:tp;heads:tp")
     x, y = tm.randn("ff:8 batch:4", mesh, seed=0), tm.randn("heads:8", mesh, seed=1)
     s = measure(lambda: tm.einsum("ff batch, heads -> heads batch", x, y))
     # y is gathered along heads (heads loses tp to the contracted ff): (k-1) * 4 elements * 4 bytes
@@ -32,7 +32,7 @@ def test_einsum_reduce_scatter_when_output_next_split_over_the_axis():
 
 
 def test_megatron_mlp_forward_is_one_all_reduce():
-    mesh = tm.Mesh("tp:4", layout="ff:tp")
+    mesh = tm.Mesh("tp:4", rules="ff:tp")
     x = tm.randn("batch:8 d:16", mesh, seed=0)
     w1, w2 = tm.randn("d:16 ff:32", mesh, seed=1), tm.randn("ff:32 d:16", mesh, seed=2)
     s = measure(
@@ -56,27 +56,27 @@ def test_megatron_mlp_forward_is_one_all_reduce():
     ],
 )
 def test_local_ops_move_nothing(op):
-    mesh = tm.Mesh("dp:2;tp:2", layout="ff:tp;heads:tp;vocab:dp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="ff:tp;heads:tp;vocab:dp")
     h, b = tm.randn("batch:8 ff:16", mesh, seed=0), tm.randn("ff:16", mesh, seed=1)
     assert measure(lambda: op(h, b)).records == []
 
 
 def test_reduction_over_split_dim():
-    mesh = tm.Mesh("tp:4", layout="ff:tp")
+    mesh = tm.Mesh("tp:4", rules="ff:tp")
     x = tm.randn("batch:8 ff:16", mesh, seed=0)
     s = measure(lambda: x.sum("ff"))
     assert s.counts == {"all_reduce": 1} and s.total_bytes == 2 * 3 * 8 * 4 // 4
 
 
 def test_softmax_over_split_vocab_is_two_small_all_reduces():
-    mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    mesh = tm.Mesh("tp:2", rules="vocab:tp")
     x = tm.randn("batch:4 vocab:16", mesh, seed=0)
     s = measure(lambda: tm.softmax(x, "vocab"))
     assert s.counts == {"all_reduce": 2} and s.total_bytes == 2 * (2 * 1 * 4 * 4 // 2)
 
 
 def test_rename_split_to_replicated_all_gathers_and_back_is_free():
-    mesh = tm.Mesh("tp:2", layout="ff:tp")
+    mesh = tm.Mesh("tp:2", rules="ff:tp")
     x = tm.randn("batch:8 ff:16", mesh, seed=0)
     s = measure(lambda: x.rename(ff="hidden"))
     assert s.counts == {"all_gather": 1} and s.total_bytes == 1 * 8 * 8 * 4  # (k-1) * S
@@ -85,14 +85,14 @@ def test_rename_split_to_replicated_all_gathers_and_back_is_free():
 
 
 def test_relayout_moving_an_axis_is_one_all_to_all():
-    mesh = tm.Mesh("tp:2", layout="ff:tp")
+    mesh = tm.Mesh("tp:2", rules="ff:tp")
     x = tm.randn("batch:8 ff:16", mesh, seed=0)
     s = measure(lambda: x.relayout("batch:tp"))
     assert s.counts == {"all_to_all": 1} and s.total_bytes == 8 * 8 * 4 // 2
 
 
 def test_embedding_lookup_over_split_vocab():
-    mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    mesh = tm.Mesh("tp:2", rules="vocab:tp")
     table = tm.randn("vocab:16 d:8", mesh, seed=0)
     ids = tm.distribute(torch.tensor([1, 9, 3, 15]), "batch", mesh)
     s = measure(lambda: tm.gather(table, ids, "vocab"))
@@ -100,14 +100,14 @@ def test_embedding_lookup_over_split_vocab():
 
 
 def test_shift_sends_only_the_boundary():
-    mesh = tm.Mesh("tp:2", layout="seq:tp")
+    mesh = tm.Mesh("tp:2", rules="seq:tp")
     x = tm.randn("seq:8 f:4", mesh, seed=0)
     s = measure(lambda: tm.shift(x, "seq", 1))
     assert s.counts == {"shift": 1} and s.total_bytes == 1 * 4 * 4  # one row of 4 floats
 
 
 def test_gradient_of_broadcast_input_is_summed_in_backward():
-    mesh = tm.Mesh("dp:2", layout="batch:dp")
+    mesh = tm.Mesh("dp:2", rules="batch:dp")
     x = tm.randn("batch:8 d:4", mesh, seed=0)
     w = tm.randn("d:4", mesh, seed=1, requires_grad=True)
     s = measure(lambda: (x * w).sum().backward())
@@ -118,13 +118,13 @@ def test_gradient_of_broadcast_input_is_summed_in_backward():
 
 
 def test_size_one_axes_never_communicate():
-    mesh = tm.Mesh("dp:1;tp:1", layout="batch:dp;ff:tp")
+    mesh = tm.Mesh("dp:1;tp:1", rules="batch:dp;ff:tp")
     x = tm.randn("batch:8 ff:16", mesh, seed=0, requires_grad=True)
     assert measure(lambda: (tm.softmax(x, "ff").sum("batch") * 2).sum().backward()).records == []
 
 
 def test_torch_reductions_refuse_arguments_they_would_ignore():
-    x = tm.randn("a:4 b:4", tm.Mesh("tp:2", layout="b:tp"), seed=0)
+    x = tm.randn("a:4 b:4", tm.Mesh("tp:2", rules="b:tp"), seed=0)
     assert torch.sum(x, "b").dims == ("a",)
     with pytest.raises(TypeError, match="keepdim"):
         torch.sum(x, "b", keepdim=True)

@@ -545,7 +545,7 @@ def test_einsum_broadcast_communication(rules, mesh_spec):
 
 # ---- errors -------------------------------------------------------------------------------------
 def test_errors_name_the_dims_and_the_fix():
-    mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    mesh = tm.Mesh("tp:2", rules="vocab:tp")
     x = tm.distribute(torch.randn(2, 5), "batch vocab", mesh)
     with pytest.raises(tm.DimError, match=r"k=6, but 'vocab' has size 5 .*k is an int from 1 to 5"):
         tm.top_k(x, "vocab", 6)

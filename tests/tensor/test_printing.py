@@ -8,7 +8,7 @@ import torchmesh as tm
 
 
 def mesh22(rules: str) -> tm.Mesh:
-    return tm.Mesh("dp:2;tp:2", layout=rules)
+    return tm.Mesh("dp:2;tp:2", rules=rules)
 
 
 def test_repr_split_over_both_axes(capsys):
@@ -57,7 +57,7 @@ def test_repr_replicated_scalar_grad_and_dtype():
 
 
 def test_repr_multi_axis_and_truncation():
-    x = tm.distribute(torch.arange(8.0), "batch", tm.Mesh("dp:2;tp:2", layout="batch:dp,tp"))
+    x = tm.distribute(torch.arange(8.0), "batch", tm.Mesh("dp:2;tp:2", rules="batch:dp,tp"))
     assert repr(x) == (
         "MeshTensor(batch:8 | batch:dp,tp | mesh dp:2;tp:2 sim | float32)\n"
         "  [dp=0,tp=0] batch[0:2]: [0., 1.]\n"
@@ -65,7 +65,7 @@ def test_repr_multi_axis_and_truncation():
         "  [dp=1,tp=0] batch[4:6]: [4., 5.]\n"
         "  [dp=1,tp=1] batch[6:8]: [6., 7.]"
     )
-    big = tm.distribute(torch.arange(10), "ff", tm.Mesh("tp:10", layout="ff:tp"))
+    big = tm.distribute(torch.arange(10), "ff", tm.Mesh("tp:10", rules="ff:tp"))
     lines = repr(big).splitlines()
     assert len(lines) == 1 + 8 + 1 and lines[-1] == "  ..." and lines[8] == "  [tp=7] ff[7:8]: [7]"
 
@@ -107,14 +107,14 @@ def test_show_layout_one_split_dim():
 def test_show_layout_replicated_multi_axis_and_three_dims():
     r = tm.zeros("a:2", mesh22(""))
     assert tm.show_layout(r).splitlines()[1:] == ["  whole tensor: devices [0, 1, 2, 3]"]
-    b = tm.zeros("batch:8", tm.Mesh("dp:2;tp:2", layout="batch:tp,dp"))
+    b = tm.zeros("batch:8", tm.Mesh("dp:2;tp:2", rules="batch:tp,dp"))
     assert tm.show_layout(b).splitlines()[1:] == [
         "  batch[0:2]: devices [0]",
         "  batch[2:4]: devices [2]",
         "  batch[4:6]: devices [1]",
         "  batch[6:8]: devices [3]",
     ]
-    c = tm.zeros("a:2 b:2 c:2", tm.Mesh("x:2;y:2;z:2", layout="a:z;b:y;c:x"))
+    c = tm.zeros("a:2 b:2 c:2", tm.Mesh("x:2;y:2;z:2", rules="a:z;b:y;c:x"))
     assert tm.show_layout(c).splitlines()[1:3] == [
         "  a[0:1] b[0:1] c[0:1]: devices [0]",
         "  a[0:1] b[0:1] c[1:2]: devices [4]",

@@ -386,7 +386,7 @@ def test_torch_max_of_two_tensors_and_any_all_by_dim(mesh_spec):
 
 # ---- errors that show the named way ---------------------------------------------------------------------
 def sim_x() -> tm.MeshTensor:
-    return tm.randn("batch:3 ff:5", tm.Mesh("dp:2;tp:2", layout=RULES), seed=0)
+    return tm.randn("batch:3 ff:5", tm.Mesh("dp:2;tp:2", rules=RULES), seed=0)
 
 
 def test_positional_dim_error_text():
@@ -545,7 +545,7 @@ def test_shard_parameters_refuses_a_plain_torch_module():
         "tm.nn.TransformerLM, ...) or assign MeshTensors to a tm.nn.Module; see docs/moe-and-fsdp.md."
     )
     # a plain container of tm.nn layers is fine: its children hold mesh parameters
-    mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp")
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
     model = torch.nn.Sequential(tm.nn.Linear(mesh, "d_model:8", "ff:16", seed=0))
     assert tm.nn.shard_parameters(model, "d_model:dp") is model
 

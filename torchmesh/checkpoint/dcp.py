@@ -121,7 +121,7 @@ def save(
     Loadable on any mesh, layout and number of processes.
 
     >>> import tempfile, torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> model = tm.nn.Module(); model.w = tm.randn("d:4 ff:6", mesh, seed=0, requires_grad=True)
     >>> root = tempfile.mkdtemp()
     >>> tm.save(f"{root}/step_3", model=model, step=3).name
@@ -194,8 +194,8 @@ def load(
     uninterrupted one would have. Returns `Loaded(path, step, extra)`.
 
     >>> import tempfile, torch, torchmesh as tm
-    >>> model = tm.nn.Module(); model.w = tm.zeros("d:4 ff:6", tm.Mesh("dp:2", layout="d:dp"))
-    >>> saved = tm.nn.Module(); saved.w = tm.randn("d:4 ff:6", tm.Mesh("tp:2", layout="ff:tp"), seed=0)
+    >>> model = tm.nn.Module(); model.w = tm.zeros("d:4 ff:6", tm.Mesh("dp:2", rules="d:dp"))
+    >>> saved = tm.nn.Module(); saved.w = tm.randn("d:4 ff:6", tm.Mesh("tp:2", rules="ff:tp"), seed=0)
     >>> root = tempfile.mkdtemp(); _ = tm.save(f"{root}/ckpt", model=saved, step=7)
     >>> tm.load(f"{root}/ckpt", model=model).step, torch.equal(model.w.full(), saved.w.full())
     (7, True)

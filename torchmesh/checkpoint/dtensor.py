@@ -65,7 +65,7 @@ def to_dtensor(x: MeshTensor) -> DTensor:
     Needs the dist backend (one process per device). Differentiable: gradients flow back to `x`.
 
     >>> # under torchrun, 4 processes:
-    >>> # mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="dist")
+    >>> # mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="dist")
     >>> # d = tm.to_dtensor(tm.randn("batch:8 ff:4", mesh, seed=0))
     >>> # d.placements == (Shard(dim=0), Shard(dim=1)); d.full_tensor() equals x.full()
     """

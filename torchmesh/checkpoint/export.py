@@ -27,7 +27,7 @@ def global_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """{name: global tensor} for the model (a collective on dist: call it on every rank).
 
     >>> import torch, torchmesh as tm
-    >>> model = tm.nn.Module(); model.w = tm.randn("d:4 ff:6", tm.Mesh("tp:2", layout="ff:tp"), seed=0)
+    >>> model = tm.nn.Module(); model.w = tm.randn("d:4 ff:6", tm.Mesh("tp:2", rules="ff:tp"), seed=0)
     >>> {k: tuple(v.shape) for k, v in tm.checkpoint.global_state_dict(model).items()}
     {'w': (4, 6)}
     """
@@ -48,7 +48,7 @@ def export_state_dict(path: str | os.PathLike[str], model: torch.nn.Module) -> P
     every rank on dist). The file is written to a temporary name, then renamed.
 
     >>> import tempfile, torch, torchmesh as tm
-    >>> model = tm.nn.Module(); model.w = tm.randn("d:4 ff:6", tm.Mesh("tp:2", layout="ff:tp"), seed=0)
+    >>> model = tm.nn.Module(); model.w = tm.randn("d:4 ff:6", tm.Mesh("tp:2", rules="ff:tp"), seed=0)
     >>> path = tm.export_state_dict(tempfile.mkdtemp() + "/model.pt", model)
     >>> torch.equal(torch.load(path)["w"], model.w.full())
     True
@@ -90,7 +90,7 @@ def import_state_dict(source: str | os.PathLike[str] | Mapping[str, torch.Tensor
     Every model tensor must be present with its global shape (`CheckpointError` otherwise).
 
     >>> import torch, torchmesh as tm
-    >>> model = tm.nn.Module(); model.w = tm.zeros("d:4 ff:6", tm.Mesh("tp:2", layout="ff:tp"))
+    >>> model = tm.nn.Module(); model.w = tm.zeros("d:4 ff:6", tm.Mesh("tp:2", rules="ff:tp"))
     >>> tm.import_state_dict({"w": torch.ones(4, 6)}, model)
     >>> model.w.full().sum().item(), model.w.layout
     (24.0, {'ff': 'tp'})

@@ -49,7 +49,7 @@ def upgrade_checkpoint(path: str | os.PathLike[str], *, trusted: bool = False) -
 
     >>> import tempfile, torchmesh as tm
     >>> from torchmesh.checkpoint import upgrade_checkpoint
-    >>> model = tm.nn.Module(); model.w = tm.zeros("d:4", tm.Mesh("dp:2", layout="d:dp"))
+    >>> model = tm.nn.Module(); model.w = tm.zeros("d:4", tm.Mesh("dp:2", rules="d:dp"))
     >>> path = tm.save(tempfile.mkdtemp() + "/ckpt", model=model, step=1)
     >>> upgrade_checkpoint(path) == path   # already current: nothing to do, nothing unpickled
     True

@@ -8,7 +8,7 @@ correctly shaped meta tensors, so every op plans and runs exactly as on a real m
 device (the bytes depend only on shapes and group sizes). A 100B-parameter model on a
 512-device mesh runs a training step this way in seconds.
 
-    mesh = tm.Mesh("dp:64;tp:8", layout="batch:dp;ff:tp", backend="abstract")
+    mesh = tm.Mesh("dp:64;tp:8", rules="batch:dp;ff:tp", backend="abstract")
 
 Random tensors (`tm.randn`, `tm.dropout`) draw nothing on this backend: their shards are
 meta tensors too. Values cannot be read (`x.item()`, `x.full()` give meta tensors).

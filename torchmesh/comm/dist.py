@@ -293,8 +293,8 @@ class DistImpl(MeshImpl):
         """Every rank must build the same mesh with the same layout rules (one small collective)."""
         site, _ = call_site()
         _SEQ[0] += 1
-        mine = ("op", (), (), "", "creating the mesh", f"tm.Mesh({str(shape)!r}, layout={rules!r})", site, 0)
-        everyone = _gather(mine, self.timeout, f"tm.Mesh({str(shape)!r}, layout={rules!r})")
+        mine = ("op", (), (), "", "creating the mesh", f"tm.Mesh({str(shape)!r}, rules={rules!r})", site, 0)
+        everyone = _gather(mine, self.timeout, f"tm.Mesh({str(shape)!r}, rules={rules!r})")
         if any(f[5] != everyone[0][5] for f in everyone):
             by: dict = {}
             for rank, f in enumerate(everyone):

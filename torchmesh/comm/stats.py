@@ -36,7 +36,7 @@ class CommRecord:
     """One collective: its kind, the mesh axes it ran over, and the bytes each device sent.
 
     >>> import torchmesh as tm
-    >>> x = tm.ones("batch:4", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> x = tm.ones("batch:4", tm.Mesh("dp:2", rules="batch:dp"))
     >>> with tm.comm_stats() as stats:
     ...     total = x.sum("batch")
     >>> stats.records
@@ -56,7 +56,7 @@ class CommStats:
     """Collectives recorded inside a `with comm_stats()` block.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;d:tp")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;d:tp")
     >>> x = tm.distribute(torch.ones(4, 8), "batch d", mesh, requires_grad=True)
     >>> with tm.comm_stats() as stats:
     ...     x.sum().backward()

@@ -31,7 +31,7 @@ class MultiHeadAttention(Module):
     """Self-attention of a `batch seq d_model` tensor, returning the same dims.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="heads:tp;kv_heads:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="heads:tp;kv_heads:tp")
     >>> attn = tm.nn.MultiHeadAttention(mesh, d_model=16, heads=4, d_head=8, kv_heads=2, seed=0)
     >>> attn(tm.randn("batch:2 seq:5 d_model:16", mesh, seed=1)).dims
     ('batch', 'seq', 'd_model')

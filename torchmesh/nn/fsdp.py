@@ -45,7 +45,7 @@ def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = 
     models whose blocks run under torch.utils.checkpoint, which frees them anyway.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
     >>> m = tm.nn.Module()
     >>> m.w = tm.randn("d_model:8 ff:16", mesh, seed=0, requires_grad=True)
     >>> m = tm.nn.shard_parameters(m, "d_model:dp")

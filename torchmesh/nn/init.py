@@ -43,7 +43,7 @@ def layer_seed(seed: int | None, mesh: Mesh, what: str) -> int:
     that seeded torch alike (checked where the mesh spans several processes).
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> torch.manual_seed(0); a = tm.nn.init.layer_seed(None, mesh, "Linear")
     >>> torch.manual_seed(0); b = tm.nn.init.layer_seed(None, mesh, "Linear")
     >>> a == b, tm.nn.init.layer_seed(7, mesh, "Linear")

@@ -44,7 +44,7 @@ class Linear(Module):
     dim needs no communication. Without `seed`, one is drawn from torch's default generator.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> lin = tm.nn.Linear(mesh, "d_model:8", "ff:16", seed=0)
     >>> lin(tm.randn("batch:4 d_model:8", mesh, seed=1)).sizes
     {'batch': 4, 'ff': 16}
@@ -92,7 +92,7 @@ class Embedding(Module):
     embedding, with the table never gathered.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="vocab:tp")
     >>> emb = tm.nn.Embedding(mesh, "vocab:10", "d_model:4", seed=0)
     >>> ids = tm.distribute(torch.tensor([[1, 9, 3]]), "batch seq", mesh)
     >>> emb.weight.layout, emb(ids).sizes
@@ -119,7 +119,7 @@ class LayerNorm(Module):
     depend on the layout.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="d_model:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="d_model:tp")
     >>> norm = tm.nn.LayerNorm(mesh, "d_model:4")
     >>> x = tm.distribute(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), "batch d_model", mesh)
     >>> torch.allclose(norm(x).full(), torch.nn.functional.layer_norm(x.full(), (4,)))
@@ -181,7 +181,7 @@ class RMSNorm(Module):
     """x / sqrt(mean(x²) + eps) over `dim`, times a learned scale (no centring, no shift).
 
     >>> import torch, torchmesh as tm
-    >>> norm = tm.nn.RMSNorm(tm.Mesh("tp:2", layout="d_model:tp"), "d_model:2")
+    >>> norm = tm.nn.RMSNorm(tm.Mesh("tp:2", rules="d_model:tp"), "d_model:2")
     >>> x = tm.distribute(torch.tensor([[3.0, 4.0]]), "batch d_model", norm.weight.mesh)
     >>> norm(x).full().detach()   # divided by sqrt((9 + 16) / 2)
     tensor([[0.8485, 1.1314]])
@@ -209,7 +209,7 @@ class Dropout(Module):
 
     >>> import torchmesh as tm
     >>> drop = tm.nn.Dropout(p=0.5)
-    >>> x = tm.ones("batch:2 d:4", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> x = tm.ones("batch:2 d:4", tm.Mesh("dp:2", rules="batch:dp"))
     >>> sorted(set(drop(x).full().flatten().tolist())) <= [0.0, 2.0]
     True
     >>> bool((drop.eval()(x).full() == 1).all())
@@ -236,7 +236,7 @@ class FeedForward(Module):
     matmul needs no communication, the second one all-reduce.
 
     >>> import torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> mlp = tm.nn.FeedForward(mesh, "d_model:8", "ff:32", seed=0)
     >>> x = tm.randn("batch:4 d_model:8", mesh, seed=1)
     >>> with tm.comm_stats() as stats:

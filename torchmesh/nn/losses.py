@@ -29,7 +29,7 @@ def cross_entropy(
     every target is ignored, as in torch).
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="vocab:tp")
     >>> logits = tm.distribute(torch.zeros(3, 4), "batch vocab", mesh)
     >>> targets = tm.distribute(torch.tensor([0, 1, 3]), "batch", mesh)
     >>> round(tm.nn.cross_entropy(logits, targets).item(), 4)  # log(4)

@@ -68,7 +68,7 @@ class MoE(Module):
     >>> import torch, torchmesh as tm
     >>> from types import SimpleNamespace
     >>> cfg = SimpleNamespace(d_model=8, ff=16, num_experts=4, top_k=2, capacity_factor=1.0, dropout=0.0)
-    >>> mesh = tm.Mesh("dp:2", layout="batch:dp;experts:dp")
+    >>> mesh = tm.Mesh("dp:2", rules="batch:dp;experts:dp")
     >>> moe = MoE(mesh, cfg, seed=0)
     >>> y = moe(tm.randn("batch:4 seq:6 d_model:8", mesh, seed=1))
     >>> y.dims, moe.aux_loss.dims

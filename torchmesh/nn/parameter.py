@@ -40,7 +40,7 @@ class Module(torch.nn.Module):
     """A torch.nn.Module whose attributes may be MeshTensors (registered as parameters).
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> m = tm.nn.Module()
     >>> m.w = tm.randn("d:4 ff:6", mesh, seed=0, requires_grad=True)
     >>> m.w.layout, [tuple(p.shape) for p in m.parameters()]
@@ -97,7 +97,7 @@ def mesh_parameters(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple
     """(qualified name, MeshTensor) for every mesh parameter of `module` and its children.
 
     >>> import torchmesh as tm
-    >>> mlp = tm.nn.FeedForward(tm.Mesh("tp:2", layout="ff:tp"), "d_model:4", "ff:8")
+    >>> mlp = tm.nn.FeedForward(tm.Mesh("tp:2", rules="ff:tp"), "d_model:4", "ff:8")
     >>> [(name, p.dims) for name, p in tm.nn.mesh_parameters(mlp)]
     [('w_in.weight', ('d_model', 'ff')), ('w_in.bias', ('ff',)), ('w_out.weight', ('ff', 'd_model')), ('w_out.bias', ('d_model',))]
     """
@@ -116,7 +116,7 @@ def check_replicas(tensors: Any, grads: bool = False) -> None:
     gradients are checked too. A collective: call it on every rank.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="ff:tp")
     >>> w = tm.distribute(torch.ones(4, 6), "d ff", mesh)      # replicated over dp
     >>> tm.check_replicas({"w": w})                            # the copies agree: nothing happens
     >>> _ = w.shards[2].add_(1)                                # one dp copy drifts

@@ -69,7 +69,7 @@ class TransformerBlock(Module):
     """x + attention(norm(x)), then x + feed_forward(norm(x)) (pre-norm residual block).
 
     >>> import torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="heads:tp;ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="heads:tp;ff:tp")
     >>> config = tm.nn.LMConfig(vocab=16, d_model=8, heads=2, d_head=4, ff=16, layers=1, seq=6)
     >>> block = tm.nn.TransformerBlock(mesh, config, seed=0)
     >>> block(tm.randn("batch:2 seq:6 d_model:8", mesh, seed=1)).sizes
@@ -113,7 +113,7 @@ class TransformerLM(Module):
     `seed`, one is drawn from torch's default generator (`torch.manual_seed` reproduces it).
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp;heads:tp;vocab:tp")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp;heads:tp;vocab:tp")
     >>> config = tm.nn.LMConfig(vocab=16, d_model=8, heads=2, d_head=4, ff=16, layers=1, seq=6)
     >>> model = tm.nn.TransformerLM(mesh, config, seed=0)
     >>> ids = tm.distribute(torch.randint(0, 16, (4, 6)), "batch seq", mesh)

@@ -42,7 +42,7 @@ class Adafactor(torch.optim.Optimizer):
     shard's block of the statistics.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> m = tm.nn.Module()
     >>> m.w = tm.randn("d:4 ff:6", mesh, seed=0, requires_grad=True)
     >>> opt = tm.optim.Adafactor(m)

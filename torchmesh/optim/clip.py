@@ -27,7 +27,7 @@ def grad_norm(params: torch.nn.Module | Iterable[MeshTensor], norm_type: float =
 
     >>> import torch, torchmesh as tm
     >>> m = tm.nn.Module()
-    >>> m.w = tm.ones("d:4 ff:4", tm.Mesh("tp:2", layout="ff:tp"), requires_grad=True)
+    >>> m.w = tm.ones("d:4 ff:4", tm.Mesh("tp:2", rules="ff:tp"), requires_grad=True)
     >>> (m.w * 2).sum().backward()   # every gradient element is 2
     >>> tm.optim.grad_norm(m)        # sqrt(16 * 2**2)
     tensor(8.)
@@ -69,7 +69,7 @@ def clip_grad_norm_(
 
     >>> import torch, torchmesh as tm
     >>> m = tm.nn.Module()
-    >>> m.w = tm.ones("d:4 ff:4", tm.Mesh("tp:2", layout="ff:tp"), requires_grad=True)
+    >>> m.w = tm.ones("d:4 ff:4", tm.Mesh("tp:2", rules="ff:tp"), requires_grad=True)
     >>> (m.w * 2).sum().backward()
     >>> tm.optim.clip_grad_norm_(m, max_norm=1.0)
     tensor(8.)

@@ -30,7 +30,7 @@ class TensorLayout:
     `name:size@axes`.
 
     >>> import torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
     >>> layout = tm.zeros("batch:8 ff:6 d:4", mesh).tensor_layout
     >>> print(layout)
     [batch:8@dp ff:6@tp d:4]

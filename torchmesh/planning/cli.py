@@ -9,7 +9,7 @@ recipe is in `torchmesh/planning/recipes.py`); `--model module:function` plans y
 model, `function(mesh) -> (module, loss_fn)` (see `torchmesh/planning/profile.py`). Every
 candidate layout is evaluated abstractly (shapes only, no devices) and priced with the
 hardware preset; the table marks the chosen layout `*` and those that do not fit `x`, and
-the last line is the chosen rules string, ready to paste into `tm.Mesh(..., layout=...)`.
+the last line is the chosen rules string, ready to paste into `tm.Mesh(..., rules=...)`.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def profile_step(
     >>> rules = "batch:dp;heads:tp;ff:tp;vocab:tp"
     >>> profile = planning.profile_step(step, "dp:2;tp:2", rules)
     >>> with tm.comm_stats() as stats:   # the same step, run on sim
-    ...     model, loss_fn = step(tm.Mesh("dp:2;tp:2", layout=rules))
+    ...     model, loss_fn = step(tm.Mesh("dp:2;tp:2", rules=rules))
     ...     loss_fn().backward()
     >>> stats.total_bytes == profile.comm_bytes
     True
@@ -159,7 +159,7 @@ def profile_step(
         raise PlanningError(
             f"unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS} (the state memory is counted for these)."
         )
-    m = Mesh(mesh, layout=rules, backend="abstract")
+    m = Mesh(mesh, rules=rules, backend="abstract")
     module, loss_fn = builder(m)
     if param_rules:
         shard_parameters(module, param_rules)

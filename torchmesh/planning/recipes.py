@@ -90,7 +90,7 @@ def lm_builder(config, batch: int, remat: bool = False) -> Builder:
     >>> import torchmesh as tm
     >>> from torchmesh import planning
     >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=2, d_head=8, ff=32, layers=1, seq=8)
-    >>> model, loss_fn = planning.lm_builder(config, batch=4)(tm.Mesh("dp:2", layout="batch:dp"))
+    >>> model, loss_fn = planning.lm_builder(config, batch=4)(tm.Mesh("dp:2", rules="batch:dp"))
     >>> loss = loss_fn()
     >>> loss.dims, type(model).__name__
     ((), 'TransformerLM')

@@ -103,7 +103,7 @@ def attention(
     attends its block with torch's fused kernel); otherwise that of the einsums and softmax.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;heads:tp")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;heads:tp")
     >>> q = tm.randn("batch:2 heads:4 seq:5 d_head:8", mesh, seed=0)
     >>> k = tm.randn("batch:2 heads:4 kv_seq:5 d_head:8", mesh, seed=1)
     >>> v = tm.randn("batch:2 heads:4 kv_seq:5 d_head:8", mesh, seed=2)

@@ -46,7 +46,7 @@ def distribute(
     (or by `layout` rules for this tensor). Each device keeps a copy of its block.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2", layout="batch:dp")
+    >>> mesh = tm.Mesh("dp:2", rules="batch:dp")
     >>> x = tm.distribute(torch.arange(4.0), "batch", mesh)
     >>> x.shard(dp=1)
     tensor([2., 3.])
@@ -93,7 +93,7 @@ def from_local(
     (`tm.check_replicas`).
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> x = tm.from_local([torch.zeros(3, 2), torch.ones(3, 1)], "batch ff", mesh)
     >>> x.sizes, x.full()[0]
     ({'batch': 3, 'ff': 3}, tensor([0., 0., 1.]))
@@ -220,7 +220,7 @@ def zeros(
     """A tensor of zeros with dims like "batch:8 d:16" (or [Dim(...)], or {"batch": 8}).
 
     >>> import torchmesh as tm
-    >>> x = tm.zeros("batch:8 d:16", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> x = tm.zeros("batch:8 d:16", tm.Mesh("dp:2", rules="batch:dp"))
     >>> x.sizes, x.layout, tuple(x.shard(dp=0).shape)
     ({'batch': 8, 'd': 16}, {'batch': 'dp'}, (4, 16))
     """
@@ -238,7 +238,7 @@ def ones(
     """A tensor of ones with dims like "batch:8 d:16".
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.ones({"batch": 4, "d": 2}, tm.Mesh("dp:2", layout="batch:dp"), dtype=torch.bfloat16)
+    >>> x = tm.ones({"batch": 4, "d": 2}, tm.Mesh("dp:2", rules="batch:dp"), dtype=torch.bfloat16)
     >>> x.dtype, x.sum().item()
     (torch.bfloat16, 8.0)
     """
@@ -271,7 +271,7 @@ def arange(
     makes its own block.
 
     >>> import torchmesh as tm
-    >>> pos = tm.arange("pos:6", tm.Mesh("sp:2", layout="pos:sp"))
+    >>> pos = tm.arange("pos:6", tm.Mesh("sp:2", rules="pos:sp"))
     >>> pos.shard(sp=1)
     tensor([3, 4, 5])
     """
@@ -310,7 +310,7 @@ def zeros_like(x: MeshTensor, dtype: torch.dtype | None = None, requires_grad: b
     communication.
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.distribute(torch.ones(5, 2), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> x = tm.distribute(torch.ones(5, 2), "batch d", tm.Mesh("dp:2", rules="batch:dp"))
     >>> z = tm.zeros_like(x, dtype=torch.int64)
     >>> z.sizes, z.layout, z.dtype, tuple(z.shard(dp=1).shape)
     ({'batch': 5, 'd': 2}, {'batch': 'dp'}, torch.int64, (2, 2))
@@ -332,7 +332,7 @@ def full_like(x: MeshTensor, value: float, dtype: torch.dtype | None = None, req
     """`value` everywhere, with the dims, layout and mesh of `x`; no communication.
 
     >>> import torchmesh as tm
-    >>> tm.full_like(tm.zeros("d:3", tm.Mesh("tp:2", layout="d:tp")), 0.5).full()
+    >>> tm.full_like(tm.zeros("d:3", tm.Mesh("tp:2", rules="d:tp")), 0.5).full()
     tensor([0.5000, 0.5000, 0.5000])
     """
     return _like(x, lambda t, dtype: torch.full_like(t, value, dtype=dtype), dtype, requires_grad)

@@ -47,7 +47,7 @@ def einsum(
     """Einstein summation over named dims.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> x = tm.distribute(torch.ones(4, 8), "batch d", mesh)
     >>> w = tm.distribute(torch.ones(8, 6), "d ff", mesh)
     >>> tm.einsum("batch d, d ff -> batch ff", x, w).sizes

@@ -27,7 +27,7 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
     """Apply an elementwise torch function to MeshTensors (and scalars), aligning dims by name.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> a = tm.distribute(torch.ones(4), "ff", mesh)
     >>> b = tm.distribute(torch.ones(3), "batch", mesh)
     >>> tm.pointwise(torch.add, a, b).dims
@@ -211,7 +211,7 @@ def where(condition: MeshTensor, x: Any, y: Any) -> MeshTensor:
     """`torch.where` by name: dims are the union of the three inputs' dims.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="d:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="d:tp")
     >>> x = tm.distribute(torch.tensor([-1.0, 2.0, -3.0, 4.0]), "d", mesh)
     >>> tm.where(x > 0, x, 0.0).full()
     tensor([0., 2., 0., 4.])
@@ -223,7 +223,7 @@ def cast(x: MeshTensor, dtype: torch.dtype) -> MeshTensor:
     """The same tensor in another dtype (Mesh TF's `mtf.cast`); local, no communication.
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.ones("d:4", tm.Mesh("tp:2", layout="d:tp"))
+    >>> x = tm.ones("d:4", tm.Mesh("tp:2", rules="d:tp"))
     >>> tm.cast(x, torch.bfloat16).dtype
     torch.bfloat16
     """

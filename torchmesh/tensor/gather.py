@@ -32,7 +32,7 @@ def gather(x: MeshTensor, index: MeshTensor, dim: str) -> MeshTensor:
     the others are broadcast (an embedding lookup: `gather(table, ids, "vocab")`).
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="vocab:tp")
     >>> table = tm.distribute(torch.arange(12.0).reshape(6, 2), "vocab d", mesh)
     >>> ids = tm.distribute(torch.tensor([5, 0]), "tok", mesh)
     >>> tm.gather(table, ids, "vocab").full()
@@ -166,7 +166,7 @@ def embedding(ids: MeshTensor, table: MeshTensor, vocab_dim: str = "vocab") -> M
     rows (the others give 0) and the partial results are all-reduced.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="vocab:tp")
     >>> table = tm.distribute(torch.arange(8.0).reshape(4, 2), "vocab d", mesh)
     >>> ids = tm.distribute(torch.tensor([[3, 0]]), "batch seq", mesh)
     >>> tm.embedding(ids, table).full()
@@ -185,7 +185,7 @@ def one_hot(index: MeshTensor, dim: Dim | str, dtype: torch.dtype = torch.float3
     (TensorFlow's and Mesh TF's one_hot: a MoE's tokens past an expert's capacity, say).
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="vocab:tp")
     >>> ids = tm.distribute(torch.tensor([2, 0]), "batch", mesh)
     >>> tm.one_hot(ids, "vocab:4").full()
     tensor([[0., 0., 1., 0.],

@@ -67,7 +67,7 @@ def local_map(fn: Callable[..., Any], *args: Any, out_dims: str | Sequence[str])
     A depthwise convolution along a replicated `seq`, batch split over dp and channels over tp:
 
     >>> import torch, torch.nn.functional as F, torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ch:tp")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ch:tp")
     >>> def conv(x, w):                       # x: [batch, seq, ch] block, w: [ch, k] block
     ...     y = F.conv1d(x.transpose(1, 2), w.unsqueeze(1), padding=1, groups=x.shape[2])
     ...     return y.transpose(1, 2)

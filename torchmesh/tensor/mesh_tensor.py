@@ -30,7 +30,7 @@ class MeshTensor:
     """A tensor with named dims laid out on a device mesh by the mesh's layout rules.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> x = tm.distribute(torch.arange(8.0).reshape(2, 4), "batch ff", mesh)
     >>> x.dims, x.sizes, x.layout
     (('batch', 'ff'), {'batch': 2, 'ff': 4}, {'ff': 'tp'})

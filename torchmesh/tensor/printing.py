@@ -64,7 +64,7 @@ def show_layout(x: MeshTensor) -> str:
     second); otherwise one line per block. Devices are listed by index (row-major).
 
     >>> import torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
     >>> print(tm.show_layout(tm.zeros("batch:4 ff:6", mesh)))
     MeshTensor(batch:4 ff:6 | batch:dp;ff:tp | mesh dp:2;tp:2 sim | float32)  devices by index on mesh dp:2;tp:2
                | ff[0:3] | ff[3:6]
@@ -118,7 +118,7 @@ def show(x: MeshTensor, file=None) -> None:
     never communicates and shows the shards this process holds.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="d:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="d:tp")
     >>> tm.show(tm.distribute(torch.arange(4.0), "d", mesh))
     MeshTensor(d:4 | d:tp | mesh tp:2 sim | float32)
     tensor([0., 1., 2., 3.])

@@ -33,7 +33,7 @@ def manual_seed(seed: int) -> None:
     """Seed the random ops that are given no explicit seed (randn, rand, dropout).
 
     >>> import torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2", layout="batch:dp")
+    >>> mesh = tm.Mesh("dp:2", rules="batch:dp")
     >>> tm.manual_seed(0); a = tm.randn("batch:4", mesh)
     >>> tm.manual_seed(0); b = tm.randn("batch:4", mesh)
     >>> bool((a.full() == b.full()).all())
@@ -118,8 +118,8 @@ def randn(
     """Standard normal values, identical for a given seed whatever the mesh and layout.
 
     >>> import torchmesh as tm
-    >>> a = tm.randn("batch:4 d:6", tm.Mesh("dp:2", layout="batch:dp"), seed=0)
-    >>> b = tm.randn("batch:4 d:6", tm.Mesh("tp:2", layout="d:tp"), seed=0)
+    >>> a = tm.randn("batch:4 d:6", tm.Mesh("dp:2", rules="batch:dp"), seed=0)
+    >>> b = tm.randn("batch:4 d:6", tm.Mesh("tp:2", rules="d:tp"), seed=0)
     >>> bool((a.full() == b.full()).all())
     True
     """
@@ -138,7 +138,7 @@ def rand(
     """Uniform values in [0, 1), identical for a given seed whatever the mesh and layout.
 
     >>> import torchmesh as tm
-    >>> u = tm.rand("batch:4 d:8", tm.Mesh("dp:2", layout="batch:dp"), seed=3)
+    >>> u = tm.rand("batch:4 d:8", tm.Mesh("dp:2", rules="batch:dp"), seed=3)
     >>> 0.0 <= u.min().item() and u.max().item() < 1.0
     True
     """
@@ -150,11 +150,11 @@ def dropout(x: MeshTensor, p: float, training: bool = True, seed: int | None = N
     only on the seed and x's dims (in order), never on the mesh or layout.
 
     >>> import torchmesh as tm
-    >>> x = tm.ones("batch:4 d:8", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> x = tm.ones("batch:4 d:8", tm.Mesh("dp:2", rules="batch:dp"))
     >>> y = tm.dropout(x, p=0.5, seed=0)
     >>> sorted(set(y.full().flatten().tolist()))
     [0.0, 2.0]
-    >>> z = tm.dropout(tm.ones("batch:4 d:8", tm.Mesh("tp:2", layout="d:tp")), p=0.5, seed=0)
+    >>> z = tm.dropout(tm.ones("batch:4 d:8", tm.Mesh("tp:2", rules="d:tp")), p=0.5, seed=0)
     >>> bool((y.full() == z.full()).all())
     True
     """

@@ -173,7 +173,7 @@ def rearrange(x: MeshTensor, pattern: str, **sizes: int) -> MeshTensor:
     """Split, merge and reorder dims by name with an einops pattern.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="heads:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="heads:tp")
     >>> h = tm.distribute(torch.randn(3, 8), "batch ff", mesh)
     >>> tm.rearrange(h, "batch (heads dh) -> batch heads dh", heads=4).sizes
     {'batch': 3, 'heads': 4, 'dh': 2}

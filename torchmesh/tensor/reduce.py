@@ -147,7 +147,7 @@ def reduce_sum(
     that shows the named call: dims broadcast by name, so `x - x.sum("d")` needs no kept dim.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2", layout="batch:dp")
+    >>> mesh = tm.Mesh("dp:2", rules="batch:dp")
     >>> x = tm.distribute(torch.arange(6.0).reshape(2, 3), "batch d", mesh)
     >>> tm.reduce_sum(x, "batch").full(), x.sum().item()
     (tensor([3., 5., 7.]), 15.0)
@@ -173,7 +173,7 @@ def reduce_mean(
     """Mean over the named dims (all dims if None); also `x.mean("d")`.
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.distribute(torch.arange(6.0).reshape(2, 3), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> x = tm.distribute(torch.arange(6.0).reshape(2, 3), "batch d", tm.Mesh("dp:2", rules="batch:dp"))
     >>> tm.reduce_mean(x, "d").full()
     tensor([1., 4.])
     """
@@ -205,7 +205,7 @@ def reduce_max(
     """Maximum over the named dims (all if None), like torch.amax; also `x.max("d")`.
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.distribute(torch.tensor([[1.0, 5.0], [7.0, 2.0]]), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> x = tm.distribute(torch.tensor([[1.0, 5.0], [7.0, 2.0]]), "batch d", tm.Mesh("dp:2", rules="batch:dp"))
     >>> tm.reduce_max(x, "batch").full()
     tensor([7., 5.])
     """
@@ -225,7 +225,7 @@ def reduce_min(
     """Minimum over the named dims (all if None), like torch.amin; also `x.min("d")`.
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.distribute(torch.tensor([[1.0, 5.0], [7.0, 2.0]]), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> x = tm.distribute(torch.tensor([[1.0, 5.0], [7.0, 2.0]]), "batch d", tm.Mesh("dp:2", rules="batch:dp"))
     >>> tm.reduce_min(x, "batch").full()
     tensor([1., 2.])
     """
@@ -245,7 +245,7 @@ def reduce_any(
     """True where any element along the named dims is nonzero; also `x.any("d")`.
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.distribute(torch.tensor([[0, 1], [0, 0]]), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> x = tm.distribute(torch.tensor([[0, 1], [0, 0]]), "batch d", tm.Mesh("dp:2", rules="batch:dp"))
     >>> tm.reduce_any(x, "d").full()
     tensor([ True, False])
     """
@@ -265,7 +265,7 @@ def reduce_all(
     """True where every element along the named dims is nonzero; also `x.all("d")`.
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.distribute(torch.tensor([[1, 1], [0, 1]]), "batch d", tm.Mesh("dp:2", layout="batch:dp"))
+    >>> x = tm.distribute(torch.tensor([[1, 1], [0, 1]]), "batch d", tm.Mesh("dp:2", rules="batch:dp"))
     >>> tm.reduce_all(x, "batch").full()
     tensor([False,  True])
     """
@@ -292,7 +292,7 @@ def logsumexp(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bo
     """log(sum(exp(x))) over the named dims, shifted by the (global) maximum for stability.
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.distribute(torch.zeros(2, 4), "batch vocab", tm.Mesh("tp:2", layout="vocab:tp"))
+    >>> x = tm.distribute(torch.zeros(2, 4), "batch vocab", tm.Mesh("tp:2", rules="vocab:tp"))
     >>> tm.logsumexp(x, "vocab").full()  # log(4)
     tensor([1.3863, 1.3863])
     """
@@ -313,7 +313,7 @@ def softmax(x: MeshTensor, dim: str, *, dtype: torch.dtype | None = None) -> Mes
     (of the maximum and of the sum): vocab-parallel softmax.
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.distribute(torch.zeros(1, 4), "batch vocab", tm.Mesh("tp:2", layout="vocab:tp"))
+    >>> x = tm.distribute(torch.zeros(1, 4), "batch vocab", tm.Mesh("tp:2", rules="vocab:tp"))
     >>> with tm.comm_stats() as stats:
     ...     p = tm.softmax(x, "vocab")
     >>> p.full(), stats.counts
@@ -332,7 +332,7 @@ def log_softmax(x: MeshTensor, dim: str, *, dtype: torch.dtype | None = None) ->
     """log(softmax(x, dim)), computed as x - logsumexp(x, dim).
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.distribute(torch.zeros(1, 2), "batch vocab", tm.Mesh("tp:2", layout="vocab:tp"))
+    >>> x = tm.distribute(torch.zeros(1, 2), "batch vocab", tm.Mesh("tp:2", rules="vocab:tp"))
     >>> tm.log_softmax(x, "vocab").full()
     tensor([[-0.6931, -0.6931]])
     """

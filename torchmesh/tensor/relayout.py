@@ -34,7 +34,7 @@ def relayout(x: MeshTensor, rules: RulesLike = None) -> MeshTensor:
     layout is for holding a tensor differently (e.g. parameters sharded for storage).
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> x = tm.distribute(torch.randn(4, 8), "batch ff", mesh)
     >>> with tm.comm_stats() as stats:
     ...     y = tm.relayout(x, "batch:tp")   # tp moves from ff to batch
@@ -54,7 +54,7 @@ def rename(x: MeshTensor, mapping: dict[str, str] | None = None, **renames: str)
     names: split to replicated is an all-gather, replicated to split a local slice.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="ff:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
     >>> h = tm.distribute(torch.randn(4, 8), "batch ff", mesh)
     >>> with tm.comm_stats() as stats:
     ...     g = tm.rename(h, ff="hidden")   # hidden has no rule: gathered

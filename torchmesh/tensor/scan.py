@@ -26,7 +26,7 @@ def cumsum(x: MeshTensor, dim: str, exclusive: bool = False, reverse: bool = Fal
     row and block) over each of the dim's axes; backward reduce-scatters their gradient.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("sp:2", layout="seq:sp")
+    >>> mesh = tm.Mesh("sp:2", rules="seq:sp")
     >>> x = tm.distribute(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), "seq", mesh)
     >>> tm.cumsum(x, "seq").full()
     tensor([ 1.,  3.,  6., 10., 15.])

@@ -50,7 +50,7 @@ def top_k(
     half a block), one all-gather of the dim per axis.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="vocab:tp")
     >>> x = tm.distribute(torch.tensor([[1.0, 9.0, 3.0, 7.0, 5.0]]), "batch vocab", mesh)
     >>> values, indices = tm.top_k(x, "vocab", 2)
     >>> values.dims, values.full(), indices.full()
@@ -76,7 +76,7 @@ def argmax(x: MeshTensor, dim: str) -> MeshTensor:
     Over a split dim it communicates as `top_k` with k=1: one candidate per block.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="vocab:tp")
     >>> x = tm.distribute(torch.tensor([[1.0, 9.0, 3.0, 9.0], [4.0, 0.0, 2.0, 8.0]]), "batch vocab", mesh)
     >>> tm.argmax(x, "vocab").full()
     tensor([1, 3])
@@ -89,7 +89,7 @@ def argmin(x: MeshTensor, dim: str) -> MeshTensor:
     where several are equal (a NaN's, if any), like `torch.argmin`; also `x.argmin("vocab")`.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="vocab:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="vocab:tp")
     >>> x = tm.distribute(torch.tensor([[1.0, 9.0, 3.0, 1.0], [4.0, 0.0, 2.0, 8.0]]), "batch vocab", mesh)
     >>> tm.argmin(x, "vocab").full()
     tensor([0, 1])

@@ -64,7 +64,7 @@ def concat(xs: Sequence[MeshTensor], dim: str) -> MeshTensor:
     """Concatenate along `dim`; every other dim must match by name and size.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("dp:2", layout="batch:dp")
+    >>> mesh = tm.Mesh("dp:2", rules="batch:dp")
     >>> a, b = tm.zeros("batch:2 d:1", mesh), tm.ones("batch:2 d:2", mesh)
     >>> tm.concat([a, b], "d").full()
     tensor([[0., 1., 1.],
@@ -135,7 +135,7 @@ def shift(x: MeshTensor, dim: str, offset: int, wrap: bool = False) -> MeshTenso
     blocks is gathered, shifted and split again instead.
 
     >>> import torch, torchmesh as tm
-    >>> x = tm.distribute(torch.arange(1.0, 7.0), "seq", tm.Mesh("sp:2", layout="seq:sp"))
+    >>> x = tm.distribute(torch.arange(1.0, 7.0), "seq", tm.Mesh("sp:2", rules="seq:sp"))
     >>> tm.shift(x, "seq", 1).full(), tm.shift(x, "seq", -2, wrap=True).full()
     (tensor([0., 1., 2., 3., 4., 5.]), tensor([3., 4., 5., 6., 1., 2.]))
     """

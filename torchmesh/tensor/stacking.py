@@ -28,7 +28,7 @@ def stack(xs: Sequence[MeshTensor], new_dim: str, *, axis: int = 0) -> MeshTenso
     (no communication; backward all-gathers the gradient over the new dim's axes).
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="layer:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="layer:tp")
     >>> xs = [tm.distribute(torch.full((2,), float(n)), "d", mesh) for n in range(3)]
     >>> y = tm.stack(xs, "layer")
     >>> y.dims, y.layout, y.full()
@@ -85,7 +85,7 @@ def unstack(x: MeshTensor, dim: str) -> list[MeshTensor]:
     over its axes first (each piece is then whole on every device, laid out by the rules).
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="layer:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="layer:tp")
     >>> x = tm.distribute(torch.arange(6.0).reshape(3, 2), "layer d", mesh)
     >>> [p.full() for p in tm.unstack(x, "layer")]
     [tensor([0., 1.]), tensor([2., 3.]), tensor([4., 5.])]
@@ -111,7 +111,7 @@ def split(x: MeshTensor, dim: str, sizes: int | Sequence[int]) -> list[MeshTenso
     then each piece is cut locally and sliced to the rules' layout.
 
     >>> import torch, torchmesh as tm
-    >>> mesh = tm.Mesh("tp:2", layout="d:tp")
+    >>> mesh = tm.Mesh("tp:2", rules="d:tp")
     >>> x = tm.distribute(torch.arange(5.0), "d", mesh)
     >>> [p.full() for p in tm.split(x, "d", [2, 3])]
     [tensor([0., 1.]), tensor([2., 3., 4.])]

@@ -100,7 +100,7 @@ def parse_hlo(text: str, mesh: MeshShape) -> list[CommRecord]:
 
     >>> import torch, torchmesh as tm
     >>> from torchmesh.xla import compiled_hlo, parse_hlo
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="xla")
     >>> x = tm.distribute(torch.ones(2, 4), "batch ff", mesh)
     >>> w = tm.distribute(torch.ones(4, 3), "ff d", mesh)
     >>> parse_hlo(compiled_hlo(tm.einsum("batch ff, ff d -> batch d", x, w)), mesh.shape)
@@ -156,7 +156,7 @@ def compiled_hlo(*tensors: MeshTensor | torch.Tensor) -> str:
 
     >>> import torch, torchmesh as tm
     >>> from torchmesh.xla import compiled_hlo
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="xla")
     >>> h = tm.distribute(torch.ones(2, 4), "batch ff", mesh).sum("ff")   # ff split: partial sums
     >>> "all-reduce" in compiled_hlo(h)
     True
@@ -177,7 +177,7 @@ def compiled_comm_stats(*tensors: MeshTensor) -> CommStats:
 
     >>> import torch, torchmesh as tm
     >>> from torchmesh.xla import compiled_comm_stats
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="xla")
     >>> x = tm.distribute(torch.ones(2, 4), "batch ff", mesh)
     >>> w = tm.distribute(torch.ones(4, 3), "ff d", mesh)
     >>> stats = compiled_comm_stats(tm.einsum("batch ff, ff d -> batch d", x, w))

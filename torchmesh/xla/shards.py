@@ -18,7 +18,7 @@ class DeviceBlock:
 
     >>> import torch, torchmesh as tm
     >>> from torchmesh.xla import device_blocks
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="xla")
     >>> x = tm.distribute(torch.arange(8.0).reshape(2, 4), "batch ff", mesh)
     >>> device_blocks(x.local)[1]
     DeviceBlock(device=1, index=(slice(0, 1, None), slice(2, 4, None)), value=tensor([[2., 3.]]))
@@ -35,7 +35,7 @@ def sharding_text(t: torch.Tensor) -> str:
 
     >>> import torch, torchmesh as tm
     >>> from torchmesh.xla import sharding_text
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="xla")
     >>> sharding_text(tm.distribute(torch.zeros(2, 4), "batch ff", mesh).local)
     '{devices=[2,2]0,1,2,3}'
     """
@@ -49,7 +49,7 @@ def device_blocks(t: torch.Tensor) -> list[DeviceBlock]:
 
     >>> import torch, torchmesh as tm
     >>> from torchmesh.xla import device_blocks
-    >>> mesh = tm.Mesh("dp:2;tp:2", layout="batch:dp;ff:tp", backend="xla")
+    >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp", backend="xla")
     >>> x = tm.distribute(torch.arange(8.0).reshape(2, 4), "batch ff", mesh)
     >>> [(b.device, b.value.tolist()) for b in device_blocks(x.local)]
     [(0, [[0.0, 1.0]]), (1, [[2.0, 3.0]]), (2, [[4.0, 5.0]]), (3, [[6.0, 7.0]])]

@@ -75,7 +75,7 @@ def records(stats: tm.CommStats) -> list[tuple]:
 
 def measured(backend: str) -> dict[str, list[tuple]]:
     """Every program's collectives on a sim or dist mesh (under comm_stats)."""
-    mesh = tm.Mesh(MESH, layout=RULES, backend=backend)
+    mesh = tm.Mesh(MESH, rules=RULES, backend=backend)
     out = {}
     for name, program in PROGRAMS.items():
         with tm.comm_stats() as stats:

@@ -25,7 +25,7 @@ CASES = [  # (case, rules): heads split (uneven: 3 over tp), queries split, keys
 
 
 def xla_mesh(spec: str, rules: str = "") -> tm.Mesh:
-    return tm.Mesh(spec, layout=rules_on(spec, rules), backend="xla")
+    return tm.Mesh(spec, rules=rules_on(spec, rules), backend="xla")
 
 
 @pytest.mark.parametrize("mesh_spec", MESHES)

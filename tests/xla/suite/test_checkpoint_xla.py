@@ -31,7 +31,7 @@ def global_state(model, opt) -> dict[str, torch.Tensor]:
 
 def test_checkpoint_from_xla_to_sim_and_back(tmp_path):
     spec = "dp:2;tp:2" if os.environ.get("CPU_NUM_DEVICES", "4") == "4" else "dp:2;tp:4"
-    mesh = tm.Mesh(spec, layout="batch:dp;ff:tp", backend="xla")
+    mesh = tm.Mesh(spec, rules="batch:dp;ff:tp", backend="xla")
     model, opt = model_and_optimizer(mesh, seed=0)
     (model.w * model.w).sum().backward()
     opt.step()
@@ -39,7 +39,7 @@ def test_checkpoint_from_xla_to_sim_and_back(tmp_path):
     saved = global_state(model, opt)
     path = tm.save(tmp_path / "ckpt", model=model, optimizer=opt, step=1)
 
-    sim_model, sim_opt = model_and_optimizer(tm.Mesh("tp:2", layout="d:tp"), seed=1)
+    sim_model, sim_opt = model_and_optimizer(tm.Mesh("tp:2", rules="d:tp"), seed=1)
     assert tm.load(path, model=sim_model, optimizer=sim_opt).step == 1
     on_sim = global_state(sim_model, sim_opt)
     again_model, again_opt = model_and_optimizer(mesh, seed=2)

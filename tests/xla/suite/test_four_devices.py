@@ -19,7 +19,7 @@ from torchmesh.xla.shards import device_blocks, sharding_text
 
 
 def xla_mesh(spec: str) -> tm.Mesh:
-    return tm.Mesh(spec, layout=lm.rules_for(spec), backend="xla")
+    return tm.Mesh(spec, rules=lm.rules_for(spec), backend="xla")
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +63,7 @@ def test_fsdp_training():
     3 AdamW steps of the LM give single-device torch's losses, parameters stay stored split.
     (The regather in backward, on by default, has nothing to do here: no collective ran.)"""
     spec = "dp:2;tp:2"
-    mesh = tm.Mesh(spec, layout=fsdp.rules_for(spec), backend="xla")
+    mesh = tm.Mesh(spec, rules=fsdp.rules_for(spec), backend="xla")
     model = tm.nn.shard_parameters(tm.nn.TransformerLM(mesh, fsdp.CONFIG, seed=0), "d_model:dp")
     optimizer = torch.optim.AdamW(model.parameters(), lr=fsdp.LR)
     losses = []
@@ -95,7 +95,7 @@ def test_compiled_collectives_against_sim_and_dist():
       partitioner uses collective-permutes and a smaller all-gather. Only the values must
       match (the op suite checks them); here the partitioner's plan must not send more.
     """
-    mesh = tm.Mesh(programs.MESH, layout=programs.RULES, backend="xla")
+    mesh = tm.Mesh(programs.MESH, rules=programs.RULES, backend="xla")
     xla = {name: programs.records(compiled_comm_stats(*program(mesh))) for name, program in programs.PROGRAMS.items()}
     sim = programs.measured("sim")
     dist = run_distributed(programs.measured, 4, args=("dist",))

@@ -19,7 +19,7 @@ MESHES = {4: ["dp:2;tp:2", "tp:4"], 8: ["dp:2;tp:4"]}[DEVICES]
 
 
 def xla_mesh(spec: str) -> tm.Mesh:
-    return tm.Mesh(spec, layout=lm.rules_for(spec), backend="xla")
+    return tm.Mesh(spec, rules=lm.rules_for(spec), backend="xla")
 
 
 @pytest.fixture(autouse=True)
@@ -62,5 +62,5 @@ MOE_CASES = {  # (mesh, rules, top_k, capacity_factor), from tests/nn/test_moe.p
 def test_moe(mesh_spec, rules, top_k, capacity_factor):
     """tm.nn.MoE (routing, capacity, dispatch and combine) forward and backward vs torch."""
     cfg = test_moe_sim.config(top_k, capacity_factor=capacity_factor)
-    mesh = tm.Mesh(mesh_spec, layout=rules, backend="xla")
+    mesh = tm.Mesh(mesh_spec, rules=rules, backend="xla")
     test_moe_sim.compare(test_moe_sim.run_moe(mesh, cfg), test_moe_sim.run_reference(cfg), f"xla {mesh_spec} {rules}")

@@ -25,7 +25,7 @@ EVERY = {4: 1, 8: 3}[DEVICES]
 
 
 def xla_mesh(spec: str, rules: str = "") -> tm.Mesh:
-    return tm.Mesh(spec, layout=rules_on(spec, rules), backend="xla")
+    return tm.Mesh(spec, rules=rules_on(spec, rules), backend="xla")
 
 
 def cycled(cases, rules):

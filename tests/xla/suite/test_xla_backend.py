@@ -26,7 +26,7 @@ def test_mesh_must_have_as_many_devices_as_the_runtime():
 
 
 def test_global_value_local_tensor_and_sharding():
-    mesh = tm.Mesh(MESH, layout="batch:dp;ff:tp", backend="xla")
+    mesh = tm.Mesh(MESH, rules="batch:dp;ff:tp", backend="xla")
     t = torch.arange(8 * 16.0).reshape(8, 16)
     x = tm.distribute(t, "batch ff", mesh)
     assert x.local.device.type == "xla" and tuple(x.local.shape) == (8, 16)  # the global XLA tensor
@@ -40,7 +40,7 @@ def test_global_value_local_tensor_and_sharding():
 
 def test_relayout_leaves_the_original_sharding_alone():
     """On xla a relayout moves no data in Python: it annotates a copy, never the input."""
-    mesh = tm.Mesh(MESH, layout="batch:dp;ff:tp", backend="xla")
+    mesh = tm.Mesh(MESH, rules="batch:dp;ff:tp", backend="xla")
     x = tm.distribute(torch.randn(8, 16), "batch ff", mesh)
     before = sharding_text(x.local)
     y = x.relayout("batch:tp")
@@ -49,7 +49,7 @@ def test_relayout_leaves_the_original_sharding_alone():
 
 
 def test_repr_shows_each_devices_block():
-    mesh = tm.Mesh(MESH, layout="batch:dp;ff:tp", backend="xla")
+    mesh = tm.Mesh(MESH, rules="batch:dp;ff:tp", backend="xla")
     x = tm.distribute(torch.arange(4 * 8.0).reshape(4, 8), "batch ff", mesh)
     text = repr(x)
     tp = mesh.axis_size("tp")
@@ -65,7 +65,7 @@ def test_repr_shows_each_devices_block():
 def test_comm_stats_record_nothing_in_python_on_xla():
     """No collective runs eagerly here (the partitioner inserts them): compiled_comm_stats
     reads them from the compiled program instead."""
-    mesh = tm.Mesh(MESH, layout="ff:tp", backend="xla")
+    mesh = tm.Mesh(MESH, rules="ff:tp", backend="xla")
     x = tm.randn("batch:8 ff:16", mesh, seed=0)
     with tm.comm_stats() as stats:
         y = x.sum("ff")
