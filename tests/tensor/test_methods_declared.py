@@ -37,11 +37,7 @@ def test_every_installed_method_is_declared_and_nothing_else():
 
 
 def test_declared_methods_exist_at_run_time_and_compute():
-    mesh = (
-        tm.Mesh("tp:2", rules="ff:tp")
-        if "rules" in inspect.signature(tm.Mesh).parameters
-        else tm.Mesh("tp:2", rules="ff:tp")
-    )
+    mesh = tm.Mesh("tp:2", rules="ff:tp")
     x = tm.distribute(torch.arange(1.0, 9.0).reshape(2, 4), "batch ff", mesh)
     for name in declared():
         assert callable(getattr(tm.MeshTensor, name)), name
