@@ -306,6 +306,22 @@ class ArgumentTypeError(TorchMeshError, TypeError):
     """
 
 
+class ConfigError(TorchMeshError, ValueError):
+    """A configuration value that a model, layer or optimizer cannot be built with: a config
+    field (`tm.nn.LMConfig(norm=...)`), a layer's hyperparameter (`tm.nn.Dropout(p)`, an
+    activation name, `MoE` top_k) or an optimizer's (`Adafactor(lr=...)`). It is raised when the
+    object is built, before any step runs. A bad value given to an op when it is called
+    (`tm.dropout(x, p=...)`) is an `ArgumentError` instead; dims that do not fit are a `DimError`.
+
+    >>> import torchmesh as tm
+    >>> try:
+    ...     tm.nn.Dropout(p=1.5)
+    ... except tm.ConfigError as e:
+    ...     print(e)
+    Dropout: p=1.5 is outside [0, 1); p is the probability of zeroing an element. Fix: Dropout(p=0.1).
+    """
+
+
 # ---- values (issue 18.3): ids outside the dim they index ---------------------------------------
 
 

@@ -136,7 +136,7 @@ def test_bad_input_dims():
     moe = MoE(mesh, config(), seed=0)
     with pytest.raises(ValueError, match=r"MoE takes a tensor with dims \(batch, seq, d_model\)"):
         moe(tm.randn("batch:4 d_model:8", mesh, seed=1))
-    with pytest.raises(ValueError, match="top_k=5 must be between 1 and num_experts=4"):
+    with pytest.raises(tm.ConfigError, match="top_k=5 must be between 1 and num_experts=4"):
         MoE(mesh, config(top_k=5), seed=0)
 
 

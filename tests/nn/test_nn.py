@@ -198,9 +198,9 @@ def test_errors():
     mesh = make_mesh("tp:4")
     with pytest.raises(ValueError, match=r"Linear: input: dims \(d_model\) are not dims"):
         tm.nn.Linear(mesh, "d_model:8", "ff:8")(tm.ones("batch:2 d:8", mesh))
-    with pytest.raises(ValueError, match="heads=6 must be a multiple of kv_heads=4"):
+    with pytest.raises(tm.ConfigError, match="heads=6 must be a multiple of kv_heads=4"):
         tm.nn.MultiHeadAttention(mesh, 8, heads=6, d_head=2, kv_heads=4)
-    with pytest.raises(ValueError, match="norm='batchnorm'"):
+    with pytest.raises(tm.ConfigError, match="norm='batchnorm'"):
         tm.nn.LMConfig(vocab=8, d_model=8, heads=2, d_head=4, ff=8, layers=1, seq=4, norm="batchnorm")
     config = tm.nn.LMConfig(vocab=8, d_model=8, heads=4, d_head=2, ff=8, layers=1, seq=4)
     model = tm.nn.TransformerLM(mesh, config)

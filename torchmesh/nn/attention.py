@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torchmesh.errors import DimError
+from torchmesh.errors import ConfigError
 from torchmesh.nn import init
 from torchmesh.nn.parameter import Module
 from torchmesh.tensor.attention import attention
@@ -50,7 +50,7 @@ class MultiHeadAttention(Module):
     ) -> None:
         super().__init__()
         if kv_heads is not None and (kv_heads <= 0 or heads % kv_heads):
-            raise DimError(
+            raise ConfigError(
                 f"MultiHeadAttention: heads={heads} must be a multiple of kv_heads={kv_heads} "
                 f"(each key/value head serves heads/kv_heads query heads)."
             )

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from torchmesh import errors
-from torchmesh.errors import DimError
+from torchmesh.errors import ConfigError, DimError
 from torchmesh.nn import init
 from torchmesh.nn.parameter import Module
 from torchmesh.placement.dims import Dim, DimsLike, parse_dims
@@ -219,7 +219,9 @@ class Dropout(Module):
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise DimError(f"Dropout: p must be in [0, 1); got {p}.")
+            raise ConfigError(
+                f"Dropout: p={p} is outside [0, 1); p is the probability of zeroing an element. Fix: Dropout(p=0.1)."
+            )
         self.p = p
 
     def forward(self, x: MeshTensor) -> MeshTensor:
@@ -250,7 +252,7 @@ class FeedForward(Module):
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise DimError(f"FeedForward: unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+            raise ConfigError(f"FeedForward: unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
         seed = init.layer_seed(seed, mesh, "FeedForward")
         self.activation = activation
         self.w_in = Linear(mesh, d_model, ff, seed=init.derive_seed(seed, "w_in"))

@@ -31,7 +31,7 @@ import math
 from functools import lru_cache
 from typing import Any
 
-from torchmesh.errors import DimError
+from torchmesh.errors import ConfigError, DimError
 from torchmesh.nn import init
 from torchmesh.nn.layers import ACTIVATIONS
 from torchmesh.nn.parameter import Module
@@ -83,10 +83,10 @@ class MoE(Module):
         self.capacity_factor = config.capacity_factor
         self.p_dropout = getattr(config, "dropout", 0.0)
         if not 1 <= self.top_k <= e:
-            raise DimError(f"MoE: top_k={self.top_k} must be between 1 and num_experts={e}.")
+            raise ConfigError(f"MoE: top_k={self.top_k} must be between 1 and num_experts={e}.")
         self.activation = getattr(config, "activation", "gelu")
         if self.activation not in ACTIVATIONS:
-            raise DimError(f"MoE: unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+            raise ConfigError(f"MoE: unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}.")
         seed = init.layer_seed(seed, mesh, "MoE")
         self.router = _init(f"d_model:{d} {TOKEN_EXPERTS}:{e}", mesh, d**-0.5, seed, "router")
         self.wi = _init(f"experts:{e} d_model:{d} ff:{ff}", mesh, d**-0.5, seed, "wi")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchmesh.errors import DimError
+from torchmesh.errors import ConfigError, DimError
 from torchmesh.nn import init
 from torchmesh.nn.attention import MultiHeadAttention
 from torchmesh.nn.layers import Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
@@ -55,11 +55,11 @@ class LMConfig:
     def __post_init__(self) -> None:
         for name in ("vocab", "d_model", "heads", "d_head", "ff", "layers", "seq"):
             if getattr(self, name) <= 0:
-                raise DimError(f"LMConfig: {name} must be positive; got {getattr(self, name)}.")
+                raise ConfigError(f"LMConfig: {name} must be positive; got {getattr(self, name)}.")
         if self.norm not in NORMS:
-            raise DimError(f"LMConfig: norm={self.norm!r}; choose one of {sorted(NORMS)}.")
+            raise ConfigError(f"LMConfig: norm={self.norm!r}; choose one of {sorted(NORMS)}.")
         if not 0.0 <= self.dropout < 1.0:
-            raise DimError(f"LMConfig: dropout must be in [0, 1); got {self.dropout}.")
+            raise ConfigError(f"LMConfig: dropout must be in [0, 1); got {self.dropout}.")
 
 
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from torchmesh.errors import DimError
+from torchmesh.errors import ConfigError
 from torchmesh.optim.params import mesh_tensors
 from torchmesh.placement.rules import LayoutRules
 from torchmesh.tensor.elementwise import pointwise
@@ -65,7 +65,7 @@ class Adafactor(torch.optim.Optimizer):
         warmup_init: bool = False,
     ) -> None:
         if lr is not None and lr <= 0:
-            raise DimError(f"Adafactor: lr must be positive or None (relative step); got {lr}.")
+            raise ConfigError(f"Adafactor: lr must be positive or None (relative step); got {lr}.")
         self._mesh_params = mesh_tensors(params, "Adafactor")
         defaults = dict(
             lr=lr,

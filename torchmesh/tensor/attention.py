@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from torchmesh import errors
-from torchmesh.errors import DimError
+from torchmesh.errors import ArgumentError, DimError
 from torchmesh.placement.dims import Dim
 from torchmesh.placement.mesh_shape import block_bounds
 from torchmesh.placement.op_plan import OpPlan
@@ -138,7 +138,10 @@ def attention(
         )
     dims = _roles(q, k, v, mask, seq, kv_seq, head_dim, value_dim)
     if not 0.0 <= dropout < 1.0:
-        raise DimError(f"attention: dropout={dropout} must be in [0, 1).")
+        raise ArgumentError(
+            f"attention(dropout={dropout!r}): dropout is the probability of dropping an attention weight, "
+            f"a number in [0, 1). Fix: attention(..., dropout=0.1)."
+        )
     scale = q.sizes[head_dim] ** -0.5 if scale is None else float(scale)
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = cast(mask, q.dtype)
