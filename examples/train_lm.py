@@ -5,8 +5,9 @@
     torchrun --standalone --nproc-per-node 4 examples/train_lm.py --backend dist --mesh "dp:2;tp:2"
 
 Every run prints exactly one line per step, `step <n> loss <value>`, on stdout (so two runs
-can be compared with diff: the mesh does not change the numbers), a progress bar and a
-summary on stderr, and a loss-curve PNG at the end. The model (`tm.nn.TransformerLM`) names dims and never mentions the
+can be compared with diff: the mesh does not change the numbers), a summary on stderr (and
+a progress bar there when it is a terminal, so `2>&1 | tee log` keeps whole step lines), and
+a loss-curve PNG at the end. The model (`tm.nn.TransformerLM`) names dims and never mentions the
 mesh; the layout rules say what is split where:
 
     batch:dp        data parallel: each dp group trains on its own rows of the batch
@@ -22,7 +23,6 @@ padding of the vocabulary is needed). `--vocab-size` makes it larger. Weights de
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -86,21 +86,6 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     raise SystemExit(f"unknown --optimizer {args.optimizer!r}")
 
 
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Send what C++ code prints on stdout (gloo's "[Gloo] Rank 0 is connected..." when process
-    groups are made) to stderr, so that stdout holds only the step lines."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 # ---- training ---------------------------------------------------------------------------------
 def train_step(
     model: tm.nn.TransformerLM, optimizer: torch.optim.Optimizer, ids: tm.MeshTensor, bf16: bool, clip_grad: float = 0.0
@@ -133,12 +118,15 @@ def train(
 
     losses = []
     show = mesh.impl.prints  # rank 0 only on dist
-    for step in tqdm(range(start, args.steps), file=sys.stderr, disable=not show, desc="train"):
+    # The bar only on a terminal: in a log (`2>&1 | tee log`) its redraws would cut the step lines.
+    bar = not show or not sys.stderr.isatty()
+    for step in tqdm(range(start, args.steps), file=sys.stderr, disable=bar, desc="train"):
         fail_if_asked(step, args)
         ids = tm.distribute(get_batch(tokens, step, args.batch, args.seq, args.seed), "batch seq", mesh)
         losses.append(train_step(model, optimizer, ids, args.bf16, args.clip_grad))
         if show:
-            print(f"step {step} loss {losses[-1]:.6f}", flush=True)
+            tqdm.write(f"step {step} loss {losses[-1]:.6f}", file=sys.stdout)  # above the bar, a whole line
+            sys.stdout.flush()
         if args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0:
             tm.save(Path(args.checkpoint_dir) / f"step_{step + 1:08d}", model=model, optimizer=optimizer, step=step + 1)
     return losses
@@ -170,6 +158,17 @@ def fail_if_asked(step: int, args: argparse.Namespace) -> None:
             flush=True,
         )
         os._exit(1)
+
+
+def model_size(model: torch.nn.Module) -> str:
+    """The model's size, e.g. "1,234 parameters (4.8 KiB)": each parameter counted once at its
+    global size (tm.nn.num_parameters), not what this process holds (on sim, every device's copy)."""
+    n, size = tm.nn.num_parameters(model), float(tm.nn.parameter_bytes(model))
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{n:,} parameters ({size:.1f} {unit})"
 
 
 def plot(losses: list[float], path: str, title: str) -> None:
@@ -250,8 +249,7 @@ def setup(args: argparse.Namespace, build=None):
     try:  # a bad --mesh, --layout or model size: one line and exit status 2, as argparse does
         if args.heads and args.d_model % args.heads:
             raise tm.ArgumentError(f"--d-model {args.d_model} is not a multiple of --heads {args.heads}.")
-        with stdout_to_stderr():
-            mesh = tm.Mesh(args.mesh, rules=rules_for(args.mesh, args.layout), backend=args.backend)
+        mesh = tm.Mesh(args.mesh, rules=rules_for(args.mesh, args.layout), backend=args.backend)
         tokens, chars = load_corpus(CORPUS)
         model = (build or build_model)(mesh, args, len(chars))
         if args.param_layout:  # fully sharded parameters: gathered before use, gradients reduce-scattered
@@ -272,9 +270,8 @@ def main() -> None:
 
     mesh, tokens, model, optimizer = setup(args)
     if mesh.impl.prints:
-        n = sum(p.numel() for _, p in tm.nn.mesh_parameters(model))
         print(
-            f"# mesh {args.mesh} ({args.backend}), rules {str(mesh.rules)!r}, {n:,} parameters, "
+            f"# mesh {args.mesh} ({args.backend}), rules {str(mesh.rules)!r}, {model_size(model)}, "
             f"{len(tokens):,} characters",
             file=sys.stderr,
             flush=True,

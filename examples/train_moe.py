@@ -23,7 +23,7 @@ import argparse
 import sys
 import time
 
-from train_lm import Parser, add_training_args, at_least, plot, setup, train
+from train_lm import Parser, add_training_args, at_least, model_size, plot, setup, train
 
 import torchmesh as tm
 
@@ -61,9 +61,8 @@ def main() -> None:
     mesh, tokens, model, optimizer = setup(args, build_model)
     show = mesh.impl.prints
     if show:
-        n = sum(p.numel() for _, p in tm.nn.mesh_parameters(model))
         print(
-            f"# mesh {args.mesh} ({args.backend}), rules {str(mesh.rules)!r}, {n:,} parameters, "
+            f"# mesh {args.mesh} ({args.backend}), rules {str(mesh.rules)!r}, {model_size(model)}, "
             f"{args.experts} experts (top {args.top_k})",
             file=sys.stderr,
             flush=True,

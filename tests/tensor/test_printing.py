@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 import torchmesh as tm
@@ -118,4 +120,73 @@ def test_show_layout_replicated_multi_axis_and_three_dims():
     assert tm.show_layout(c).splitlines()[1:3] == [
         "  a[0:1] b[0:1] c[0:1]: devices [0]",
         "  a[0:1] b[0:1] c[1:2]: devices [4]",
+    ]
+
+
+# ---- big tensors: summarised like torch, with the way to see everything ---------------------
+SEE_ALL = 'see all with tm.show(x, full=True) or torch.set_printoptions(profile="full")'
+
+
+def activation() -> tuple[torch.Tensor, tm.MeshTensor]:
+    """A 4x4x8x8 activation (1,024 values: over torch's default threshold of 1,000) on 2x2."""
+    value = torch.arange(1024).reshape(4, 4, 8, 8)
+    return value, tm.distribute(value, "batch heads seq d", mesh22("batch:dp;heads:tp"))
+
+
+def values(text: str) -> list[int]:
+    """The integers printed in a repr's block bodies (its lines indented by four), sorted."""
+    return sorted(int(n) for line in text.splitlines() if line.startswith("    ") for n in re.findall(r"\d+", line))
+
+
+def test_big_tensor_summarised_per_block_and_names_the_way_to_see_all():
+    value, x = activation()
+    lines = repr(x).splitlines()
+    assert len(lines) < 60
+    assert lines[0] == "MeshTensor(batch:4 heads:4 seq:8 d:8 | batch:dp;heads:tp | mesh dp:2;tp:2 sim | int64)"
+    assert lines[1] == "  [dp=0,tp=0] batch[0:2] heads[0:2] seq[0:8] d[0:8]:"
+    # the block's body is what torch prints for that block past its threshold (edge items)
+    with torch._tensor_str.printoptions(threshold=len(value[:2, :2].flatten()) - 1):
+        torch_text = str(value[:2, :2]).removeprefix("tensor(").removesuffix(")")
+    assert [l.strip() for l in lines[2:-2]] == [l.strip() for l in torch_text.splitlines()]
+    assert lines[2] == "    [[[[  0,   1,   2,  ...,   5,   6,   7],"
+    assert lines[-2:] == ["  ... 3 more blocks", f"  (summarised: 1,024 values > threshold 1000; {SEE_ALL})"]
+
+
+def test_big_tensor_summary_shows_blocks_that_fit():
+    x = tm.distribute(torch.arange(4000.0), "batch", tm.Mesh("dp:2;tp:2", rules="batch:dp,tp"))
+    assert repr(x).splitlines()[1:] == [
+        "  [dp=0,tp=0] batch[0:1000]: [  0.,   1.,   2.,  ..., 997., 998., 999.]",
+        "  [dp=0,tp=1] batch[1000:2000]: [1000., 1001., 1002.,  ..., 1997., 1998., 1999.]",
+        "  [dp=1,tp=0] batch[2000:3000]: [2000., 2001., 2002.,  ..., 2997., 2998., 2999.]",
+        "  [dp=1,tp=1] batch[3000:4000]: [3000., 3001., 3002.,  ..., 3997., 3998., 3999.]",
+        f"  (summarised: 4,000 values > threshold 1000; {SEE_ALL})",
+    ]
+    many = tm.distribute(torch.arange(1100), "ff", tm.Mesh("tp:10", rules="ff:tp"))
+    lines = repr(many).splitlines()
+    assert len(lines) == 1 + 4 + 2 and lines[4].startswith("  [tp=3] ff[330:440]: [330, 331, 332,  ...,")
+    assert lines[5] == "  ... 6 more blocks"
+
+
+def test_full_print_options_show_every_value(capsys):
+    value, x = activation()
+    with torch._tensor_str.printoptions(profile="full"):
+        text = repr(x)
+    assert "..." not in text and "summarised" not in text
+    assert values(text) == list(range(1024))  # every value, once per block
+    tm.show(x, full=True)
+    shown = capsys.readouterr().out
+    body = shown.split("\n", 1)[1].split("MeshTensor(")[0]  # the global value torch prints
+    assert "..." not in body and sorted(int(n) for n in re.findall(r"\d+", body)) == list(range(1024))
+    tm.show(x)  # without full: the global value summarised as torch prints it
+    assert str(value) in capsys.readouterr().out and "..." in str(value)
+
+
+def test_threshold_is_torchs_and_abstract_blocks_have_no_values():
+    value, x = activation()
+    with torch._tensor_str.printoptions(threshold=2000):  # under the threshold: every value, as before
+        text = repr(x)
+    assert "summarised" not in text and values(text) == list(range(1024))
+    meta = tm.zeros("batch:4 heads:4 seq:8 d:8", tm.Mesh("dp:2;tp:2", rules="batch:dp;heads:tp", backend="abstract"))
+    assert repr(meta).splitlines()[1:] == [
+        "  [dp=0,tp=0] batch[0:2] heads[0:2] seq[0:8] d[0:8]: (no values: shapes only)"
     ]

@@ -16,9 +16,12 @@ the user's call site and its place in the program.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 import sys
+import tempfile
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,15 +55,52 @@ def init_default_group(timeout: float | None = None) -> None:
             "torchrun --standalone --nproc-per-node 4 script.py (or call "
             "torch.distributed.init_process_group yourself). To run it in one process, use backend='sim'."
         )
-    kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
     kwargs.update(_restart_store())
     atexit.register(_shutdown)  # we made the group, we close it (gloo aborts at exit otherwise)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local), **kwargs)
-    else:
-        dist.init_process_group("gloo", **kwargs)
+    with gloo_chatter_hidden():
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local), **kwargs)
+        else:
+            dist.init_process_group("gloo", **kwargs)
+
+
+@contextlib.contextmanager
+def gloo_chatter_hidden():
+    """Make process groups without gloo's "[Gloo] Rank 0 is connected to 1 peer ranks. Expected
+    number of connected peer ranks is : 1" line (one per group and rank).
+
+    gloo (torch 2.9) prints it from C++ with std::cout while the group is made, so no log level
+    (TORCH_CPP_LOG_LEVEL included) controls it; it is written to file descriptor 1 before any
+    Python code can look at it. So while a group is made, descriptor 1 points at a temporary
+    file; afterwards the gloo lines are dropped, or written to stderr when TORCHMESH_VERBOSE=1,
+    and anything else written meanwhile is passed on to stdout.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout to protect
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().splitlines(keepends=True)
+            gloo = b"".join(line for line in lines if line.startswith(b"[Gloo] "))
+            other = b"".join(line for line in lines if not line.startswith(b"[Gloo] "))
+            if other:
+                os.write(1, other)
+            if gloo and os.environ.get("TORCHMESH_VERBOSE", "0") not in ("", "0"):
+                sys.stderr.flush()
+                os.write(2, gloo)
 
 
 def _restart_store() -> dict:
@@ -178,7 +218,8 @@ def _device_mesh(device_type: str, shape: MeshShape):
 
     key = ("mesh", id(dist.group.WORLD), device_type, shape)
     if key not in _GROUPS:
-        _GROUPS[key] = init_device_mesh(device_type, shape.sizes, mesh_dim_names=shape.names)
+        with gloo_chatter_hidden():
+            _GROUPS[key] = init_device_mesh(device_type, shape.sizes, mesh_dim_names=shape.names)
     return _GROUPS[key]
 
 
@@ -196,9 +237,10 @@ def _check_group(timeout: float):
     key = ("check", id(dist.group.WORLD))
     _TIMEOUT[0] = timeout
     if key not in _GROUPS:
-        _GROUPS[key] = dist.new_group(
-            backend="gloo", timeout=datetime.timedelta(seconds=max(timeout, _SETUP_TIMEOUT))
-        )  # its creation waits for every rank's store entry
+        with gloo_chatter_hidden():
+            _GROUPS[key] = dist.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=max(timeout, _SETUP_TIMEOUT))
+            )  # its creation waits for every rank's store entry
     _set_timeout(_GROUPS[key], timeout)
     return _GROUPS[key]
 

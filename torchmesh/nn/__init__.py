@@ -1,6 +1,7 @@
 """`tm.nn`: torch.nn modules over named dims, whose parameters are MeshTensors."""
 
 from torchmesh.nn.attention import MultiHeadAttention
+from torchmesh.nn.count import num_parameters, parameter_bytes
 from torchmesh.nn.fsdp import shard_parameters
 from torchmesh.nn.layers import Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
 from torchmesh.nn.losses import cross_entropy
@@ -23,3 +24,4 @@ __all__ += [
     "cross_entropy",
 ]
 __all__ += ["MoE", "shard_parameters"]
+__all__ += ["num_parameters", "parameter_bytes"]

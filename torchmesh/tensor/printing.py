@@ -3,11 +3,20 @@
 `repr` never communicates: it shows the shards this process holds (all of them on sim,
 one on dist), each with its mesh coordinates; devices holding the same block are shown
 once, with `*` for the axes the block is replicated over.
+
+A tensor with more values than torch's print threshold (`torch.set_printoptions`, 1000 by
+default) is summarised the way torch summarises one: each block with its first and last
+`edgeitems` per dim, the first few blocks only (about SUMMARY_LINES lines, at most
+SUMMARY_BLOCKS blocks), then a line saying how to see everything:
+`torch.set_printoptions(profile="full")` (every block, every value) or
+`tm.show(x, full=True)` (the global value).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,29 +38,67 @@ def _coords_text(x: MeshTensor, coords: tuple[int, ...]) -> str:
     return ",".join(f"{a}={c if a in used else '*'}" for a, c in zip(x.mesh.axis_names, coords))
 
 
+#: A summarised print shows blocks while they fit in this many lines (the first one always)...
+SUMMARY_LINES = 40
+#: ...and at most this many blocks.
+SUMMARY_BLOCKS = 4
+#: What the last line of a summarised print names.
+SEE_ALL = 'tm.show(x, full=True) or torch.set_printoptions(profile="full")'
+
+
 def format_tensor(x: MeshTensor, max_shards: int = 8) -> str:
+    """`repr(x)`: the header, then each distinct block this process holds (at most
+    `max_shards`; all under `torch.set_printoptions(profile="full")`), summarised like torch
+    when `x` has more values than torch's print threshold."""
+    opts = torch._tensor_str.PRINT_OPTS
+    values = x.mesh.impl.holds_values  # (not on abstract: shapes only)
+    summarise = values and x.numel() > opts.threshold
     lines = [_header(x) + ("" if not x.requires_grad else " | requires_grad") + ")"]
-    slicer, held = x.mesh.impl.device_shards(x._data)
-    seen: dict[tuple, None] = {}
-    shown = 0
-    for coords, t in held:
-        key = tuple(block_index(slicer, ax, coords) for ax in x.tensor_layout.axes)
-        if key in seen:
-            continue
-        seen[key] = None
-        if shown == max_shards:
-            lines.append("  ...")
-            break
-        shown += 1
+    blocks = _distinct_blocks(x)
+    if summarise:
+        limit = SUMMARY_BLOCKS
+    else:
+        limit = len(blocks) if opts.threshold == math.inf else max_shards
+    shown = height = 0
+    for coords, t in blocks[:limit]:
         ranges = x.mesh.impl.block_slices(x.tensor_layout, coords)
         where = " ".join(f"{d.name}[{s.start}:{s.stop}]" for d, s in zip(x.shape, ranges))
-        body = _compact(t)
-        lines.append(f"  [{_coords_text(x, coords)}] {where}".rstrip() + ":" + body)
+        body = _compact(t, summarise) if values else " (no values: shapes only)"
+        text = f"  [{_coords_text(x, coords)}] {where}".rstrip() + ":" + body
+        height += 1 + text.count("\n")
+        if summarise and shown and height > SUMMARY_LINES:
+            break
+        lines.append(text)
+        shown += 1
+    more = len(blocks) - shown
+    if more and not summarise:
+        lines.append("  ...")
+    elif more:
+        lines.append(f"  ... {more} more block{'s' if more > 1 else ''}")
+    if summarise:
+        lines.append(f"  (summarised: {x.numel():,} values > threshold {opts.threshold}; see all with {SEE_ALL})")
     return "\n".join(lines)
 
 
-def _compact(t: torch.Tensor) -> str:
-    text = torch._tensor_str._tensor_str(t.detach().cpu(), 0) if t.numel() else "[]"
+def _distinct_blocks(x: MeshTensor) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+    """(coordinates, block) for each distinct block this process holds, the first device
+    holding it standing for its replicas."""
+    slicer, held = x.mesh.impl.device_shards(x._data)
+    seen: dict[tuple, tuple[tuple[int, ...], torch.Tensor]] = {}
+    for coords, t in held:
+        key = tuple(block_index(slicer, ax, coords) for ax in x.tensor_layout.axes)
+        seen.setdefault(key, (coords, t))
+    return list(seen.values())
+
+
+def _compact(t: torch.Tensor, summarise: bool = False) -> str:
+    """A block's values as torch prints them (without `tensor(...)`); `summarise`: cut to
+    the first and last `edgeitems` per dim, as torch does past its threshold."""
+    if not t.numel():
+        return " []"
+    quiet = torch._tensor_str.printoptions(threshold=0) if summarise else contextlib.nullcontext()
+    with quiet:
+        text = torch._tensor_str._tensor_str(t.detach().cpu(), 0)
     if "\n" in text:
         return "\n" + "\n".join("    " + line for line in text.splitlines())
     return " " + text
@@ -106,16 +153,18 @@ def show_layout(x: MeshTensor) -> str:
         return "\n".join(line.rstrip() for line in out)
     out = [title]
     for key in itertools.product(*(range(parts(mesh, lay.axes[i])) for i in split)):
-        where = " ".join(rng(i, b) for i, b in zip(split, key)) or "whole tensor"
-        out.append(f"  {where}: devices {holders[key]}")
+        label = " ".join(rng(i, b) for i, b in zip(split, key)) or "whole tensor"
+        out.append(f"  {label}: devices {holders[key]}")
     return "\n".join(out)
 
 
-def show(x: MeshTensor, file=None) -> None:
+def show(x: MeshTensor, file=None, full: bool = False) -> None:
     """Print `x`'s global value and the picture of its blocks, once (on rank 0 under dist).
 
     A collective on dist (it gathers the value): call it on every rank. `repr(x)` instead
-    never communicates and shows the shards this process holds.
+    never communicates and shows the shards this process holds. The value prints as torch
+    prints a tensor (summarised past `torch.set_printoptions`' threshold); `full=True`
+    prints every value.
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("tp:2", rules="d:tp")
@@ -128,4 +177,7 @@ def show(x: MeshTensor, file=None) -> None:
     """
     value = x.full().detach()
     if x.mesh.impl.prints:
-        print(f"{_header(x)})\n{value}\n{show_layout(x)}", file=file)
+        every = torch._tensor_str.printoptions(threshold=math.inf) if full else contextlib.nullcontext()
+        with every:
+            text = f"{_header(x)})\n{value}\n{show_layout(x)}"
+        print(text, file=file)
