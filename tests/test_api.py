@@ -1,5 +1,5 @@
-"""The public surface: `torchmesh.__all__`, lazy optional imports, the SPEC section 3 snippet on
-sim against plain torch, and layout-invariant randomness."""
+"""The public surface: `torchmesh.__all__`, lazy optional imports, the surface snippet
+(docs/design.md, "Surface") on sim against plain torch, and layout-invariant randomness."""
 
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ def test_import_does_not_import_torch_xla():
     assert out.stdout.strip() == "False"
 
 
-# ---- SPEC section 3, verbatim but for `...` ------------------------------------------------------
+# ---- the surface in one snippet (docs/design.md, "Surface") ---------------------------------------
 
 
 def test_spec_snippet_on_sim(capsys):
     import torch as torch_  # the snippet's own `import torch` makes `torch` local to this function
 
     torch_.manual_seed(0)
-    # --- begin SPEC section 3 snippet ---
+    # --- begin surface snippet ---
     import torch
 
     import torchmesh as tm
@@ -79,7 +79,7 @@ def test_spec_snippet_on_sim(capsys):
         s = h.sum("ff")
         g = h.relayout("batch:dp")
     print(stats.total_bytes, stats.counts)
-    # --- end SPEC section 3 snippet ---
+    # --- end surface snippet ---
 
     assert x.dims == ("batch", "d")
     assert x.sizes == {"batch": 8, "d": 16}

@@ -1,7 +1,7 @@
 """One exception root for torchmesh, and the functions that write its longer messages.
 
-Every error a user can cause derives from `TorchMeshError`; the ones the SPEC calls
-`ValueError` (bad meshes, rules, layouts, dims) are also `ValueError`s, so plain
+Every error a user can cause derives from `TorchMeshError`; the ones about values (bad meshes,
+rules, layouts, dims, configs; docs/design.md, "Errors") are also `ValueError`s, so plain
 `except ValueError` works. Messages say what went wrong, with which names and numbers,
 and what to do instead; long ones are built here so the happy path stays short.
 """

@@ -1,4 +1,4 @@
-"""Exact communication of each op, from the SPEC section 2 table and the ring formulas of
+"""Exact communication of each op, from the table of docs/design.md, "Communication" and the ring formulas of
 torchmesh/comm/stats.py: kind, axes, bytes per device, phase. Every expected number is
 computed here by hand from the shapes (fp32: 4 bytes; bool reductions: uint8, 1 byte), and
 every op that the table says is local must record nothing at all.

@@ -1,4 +1,4 @@
-"""SPEC section 1: invalid layouts (and mismatched dims) are ValueErrors raised when the tensor
+"""docs/design.md, "Model": invalid layouts (and mismatched dims) are ValueErrors raised when the tensor
 is made, before any communication, with messages naming the dims, the rules and a fix.
 
 Each failing call runs inside `tm.comm_stats()` on inputs whose layouts would need a

@@ -155,7 +155,7 @@ def measure(fn: Callable[[], object]) -> tm.CommStats:
     return stats
 
 
-# ---- ring formulas (SPEC section 2 / torchmesh/comm/stats.py), S in bytes per device ----
+# ---- ring formulas (docs/design.md, "Communication" / torchmesh/comm/stats.py), S in bytes per device ----
 def all_reduce_bytes(k: int, s: int) -> int:
     return 2 * (k - 1) * s // k
 

@@ -54,7 +54,7 @@ def problems(draw):
 
 
 def invalid(dims: list[str], rules: dict) -> bool:
-    """True when two dims of this tensor are split over one axis (SPEC section 1)."""
+    """True when two dims of this tensor are split over one axis (docs/design.md, "Model")."""
     axes = [a for d in dims for a in rules[d]]
     return len(axes) != len(set(axes))
 

@@ -1,4 +1,4 @@
-"""Each op moves exactly the bytes the SPEC table implies (ring formulas of
+"""Each op moves exactly the bytes the table of docs/design.md, "Communication" implies (ring formulas of
 torchmesh/comm/stats.py), and zero where it says none. fp32 throughout: 4 bytes."""
 
 from __future__ import annotations

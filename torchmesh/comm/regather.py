@@ -5,7 +5,7 @@ just before use. The local torch op then saves the gathered (full) parameter for
 backward, so the full parameters of every layer would stay alive until backward, undoing
 the memory saving. Inside `regather_in_backward()` (which `shard_parameters` turns on for
 the model's forward), an op whose input is all-gathered over an axis it is then broadcast
-over (the planner's `in_gather_rs`: exactly the fully sharded parameter case) saves, instead
+over (the op plan's `in_gather_rs`: exactly the fully sharded parameter case) saves, instead
 of the gathered tensor, a note of where it came from; the backward gathers it again from
 the stored shards (one more all-gather, recorded with phase "backward"). FSDP calls this
 `reshard_after_forward`; the trade is that all-gather against the parameter memory.

@@ -1,7 +1,7 @@
 """The layout of one tensor: for each of its dims, the mesh axes it is split over.
 
 `TensorLayout` is the per-tensor value every op plans with; `resolve` derives it from the
-global rules and checks the SPEC's validity conditions, raising before any communication.
+global rules and checks its validity (docs/design.md, "Model"), raising before any communication.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def resolve(dims: tuple[Dim, ...], rules: LayoutRules, mesh: MeshShape) -> Tenso
 
 
 def check(layout: TensorLayout, mesh: MeshShape, rules_text: str) -> TensorLayout:
-    """Check the SPEC section 1 conditions; returns the layout unchanged when valid. Sizes
+    """Check the conditions of docs/design.md, "Model"; returns the layout unchanged when valid. Sizes
     need not divide: an uneven dim is split into blocks differing by at most one."""
     owner: dict[str, str] = {}
     for d, axes in zip(layout.dims, layout.axes):

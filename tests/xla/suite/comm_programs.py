@@ -54,7 +54,7 @@ def move_between_axes(mesh):
 
 
 #: Programs whose every input and output sharding is pinned by the annotations and whose
-#: SPEC-table communication is a single natural collective per step: must match exactly.
+#: The communication of docs/design.md, "Communication" is one natural collective per step: must match exactly.
 FORWARD = {
     "mlp_forward": mlp_forward,
     "reduce_split_dim": reduce_split_dim,

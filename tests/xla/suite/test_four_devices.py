@@ -84,8 +84,9 @@ def test_compiled_collectives_against_sim_and_dist():
     processes (collectives recorded as they run), as (kind, axes, bytes per device).
 
     - FORWARD programs: every input and output sharding is pinned by the annotations and the
-      SPEC table leaves one natural collective for each (an all-reduce of partial sums, an
-      all-gather of a split dim): identical records on all three backends.
+      communication table (docs/design.md, "Communication") leaves one natural collective for
+      each (an all-reduce of partial sums, an all-gather of a split dim): identical records on
+      all three backends.
     - STEPS (forward and backward compiled as one program): the bytes over each axis of each
       kind must be equal: gradients are annotated like their inputs, so the partitioner faces
       the choices torchmesh made; it may still merge collectives (XLA's all-reduce combiner,

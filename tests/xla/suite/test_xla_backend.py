@@ -21,7 +21,7 @@ def test_mesh_must_have_as_many_devices_as_the_runtime():
         tm.MeshError, match=rf"mesh dp:2 has 2 devices but the XLA runtime has {DEVICES}.*CPU_NUM_DEVICES=2"
     ):
         tm.Mesh("dp:2", backend="xla")
-    with pytest.raises(ValueError):  # MeshError is a ValueError, as the SPEC says
+    with pytest.raises(ValueError):  # MeshError is a ValueError (docs/design.md, "Errors")
         tm.Mesh(f"dp:{DEVICES * 2}", backend="xla")
 
 
