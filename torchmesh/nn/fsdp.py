@@ -5,10 +5,10 @@ The mesh's rules say how every tensor is laid out *for computation*; `shard_para
 parameter's `d_model` is split over `dp` as well, on top of the axes the mesh's rules already
 give it (tensor parallelism on `tp` stays as it is). Activations keep `d_model` whole.
 
-Nothing else changes. When an op reads a stored parameter, the planner relays it out to the
+Nothing else changes. When an op reads a stored parameter, the op's plan relays it out to the
 computation layout (an all-gather over `dp` just before use); because that parameter is then
 broadcast against the batch split over `dp`, its gradient is a partial sum on every device,
-and the planner sums and re-splits it in one reduce-scatter. The gradient and any optimizer
+and the op's plan sums and re-splits it in one reduce-scatter. The gradient and any optimizer
 state built on the shards (torch.optim) are therefore laid out like the stored parameter, so
 parameter + gradient + optimizer memory per device falls by the size of `dp`.
 
