@@ -179,7 +179,7 @@ def _state(model, opt) -> dict[str, torch.Tensor]:
         dims = ("d", "ff") if name == "w" else ("ff",)
         out[name] = x.full().permute([x.dims.index(n) for n in dims])
         for stat in ("exp_avg", "exp_avg_sq"):
-            shards = tuple(opt.state[p][stat] for p in tm.nn.parameter._shards(model, name))
+            shards = tuple(opt.state[p][stat] for p in tm.nn.parameter.parameter_shards(model, name))
             value = tm.MeshTensor(shards, x._layout, x.mesh).full()
             out[f"{name}.{stat}"] = value.permute([x.dims.index(n) for n in dims])
     return out

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import torchmesh as tm
 from torchmesh.comm.stats import CommRecord
-from torchmesh.placement.dims import Dim, dims_str, parse_dims, parse_names
+from torchmesh.placement.dims import Dim, dim_names, dims_str, parse_dims, parse_names
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.plan import AllToAll, Gather, Slice
 from torchmesh.tensor.einsum import parse_equation
@@ -340,3 +340,32 @@ def test_rules_updated():
     rules = tm.LayoutRules.parse("batch:dp;ff:tp").updated("ff:fsdp,tp;heads:tp")
     assert str(rules) == "batch:dp;ff:fsdp,tp;heads:tp"
     assert rules.axes == frozenset({"dp", "fsdp", "tp"})
+
+
+def test_rules_restricted_to_a_mesh():
+    rules = tm.LayoutRules.parse("batch:dp,fsdp;ff:tp;heads:tp,dp")
+    assert str(rules.restricted_to(tm.MeshShape.parse("dp:2;fsdp:2"))) == "batch:dp,fsdp;heads:dp"
+    assert str(rules.restricted_to(tm.MeshShape.parse("tp:4"))) == "ff:tp;heads:tp"
+    assert rules.restricted_to(tm.MeshShape.parse("pp:2")) == tm.LayoutRules()
+
+
+def test_live_axes_and_is_split():
+    mesh = tm.MeshShape.parse("dp:2;tp:1;fsdp:4")
+    assert mesh.live_axes() == ("dp", "fsdp")
+    assert mesh.live_axes(["fsdp", "tp", "dp"]) == ("fsdp", "dp")
+    layout = TensorLayout(parse_dims("batch:8 ff:6 d:4"), (("dp", "fsdp"), ("tp",), ()))
+    assert [layout.is_split(n, mesh) for n in ("batch", "ff", "d")] == [True, False, False]
+    assert not layout.is_split("batch", tm.MeshShape.parse("dp:1;tp:1;fsdp:1"))  # xla's slicing mesh
+
+
+@pytest.mark.parametrize(
+    "dims,names",
+    [
+        ("batch d", ("batch", "d")),
+        ("batch, d", ("batch", "d")),
+        (Dim("d", 4), ("d",)),
+        ([Dim("a", 2), "b"], ("a", "b")),
+    ],
+)
+def test_dim_names(dims, names):
+    assert dim_names(dims) == names

@@ -35,8 +35,6 @@ def run_op_suite(mesh_spec: str, sample: str = "") -> tuple[int, str]:
                 "no:cacheprovider",
                 "-p",
                 "no:randomly",
-                "-m",
-                "not sim_only",
                 str(TESTS / "test_ops.py"),
                 str(TESTS / "test_ops_vocabulary.py"),
             ]

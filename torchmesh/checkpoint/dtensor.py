@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from torchmesh.errors import BackendError, DimError, LayoutError, MeshError
-from torchmesh.placement.dims import Dim
+from torchmesh.placement.dims import Dim, dim_names
 from torchmesh.placement.layout import TensorLayout, check
 from torchmesh.placement.mesh_shape import MeshShape, block_bounds, parts
-from torchmesh.tensor.construct import _names
 from torchmesh.tensor.mesh import Mesh
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
@@ -106,7 +105,7 @@ def from_dtensor(d: DTensor, dims: str | Sequence[str | Dim], mesh: Mesh, materi
     from torch.distributed.tensor import Replicate, Shard
 
     device_mesh = _device_mesh(mesh, "from_dtensor")
-    names = _names(dims)
+    names = dim_names(dims)
     if len(names) != d.ndim:
         raise DimError(
             f"from_dtensor: {len(names)} dim names {names} for a DTensor with {d.ndim} dims "
@@ -138,8 +137,8 @@ def from_dtensor(d: DTensor, dims: str | Sequence[str | Dim], mesh: Mesh, materi
 
 
 def _device_mesh(mesh: Mesh, what: str):
-    device_mesh = getattr(mesh.impl, "device_mesh", None)
-    if mesh.backend != "dist" or device_mesh is None:
+    device_mesh = mesh.impl.device_mesh
+    if device_mesh is None:
         raise BackendError(
             f"{what} needs the dist backend (one process per device, torch's DeviceMesh); this mesh "
             f"is {mesh!r}. On sim, use x.full() for the global value, or tm.distribute(t, dims, mesh)."

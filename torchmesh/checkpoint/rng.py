@@ -12,12 +12,12 @@ from typing import Any
 import torch
 
 from torchmesh.errors import CheckpointError
-from torchmesh.tensor import random as _random
+from torchmesh.tensor.random import set_stream_state, stream_state
 
 
 def rng_state() -> dict[str, Any]:
     """The current random state, as a small dict of plain values and one uint8 tensor."""
-    return {"torch": torch.get_rng_state(), "torchmesh": dict(_random._state)}
+    return {"torch": torch.get_rng_state(), "torchmesh": stream_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -26,7 +26,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if not is_rng_state(state):
         raise CheckpointError(f"not a random state that rng_state() returns: {str(state)[:120]}")
     torch.set_rng_state(state["torch"])
-    _random._state.update(state["torchmesh"])
+    set_stream_state(state["torchmesh"])
 
 
 def is_rng_state(state: Any) -> bool:
@@ -35,7 +35,7 @@ def is_rng_state(state: Any) -> bool:
     theirs = state.get("torch") if isinstance(state, dict) else None
     return (
         isinstance(ours, dict)
-        and set(ours) == set(_random._state)
+        and set(ours) == set(stream_state())
         and all(isinstance(v, int) and not isinstance(v, bool) for v in ours.values())
         and isinstance(theirs, torch.Tensor)
         and theirs.dtype == torch.uint8

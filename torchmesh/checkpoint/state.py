@@ -26,7 +26,7 @@ import torch
 
 from torchmesh.checkpoint.dtensor import from_dtensor, to_dtensor
 from torchmesh.errors import CheckpointError
-from torchmesh.nn.parameter import _shards, mesh_parameters
+from torchmesh.nn.parameter import mesh_parameters, own_mesh_parameters, parameter_shards
 from torchmesh.placement.layout import TensorLayout, block_index, local_shape, local_slices, parts
 from torchmesh.tensor.mesh import Mesh
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -60,11 +60,11 @@ def model_params(model: torch.nn.Module) -> list[ParamRef]:
     """Every tensor of `model.state_dict()`, mesh parameters grouped into one entry each."""
     refs = []
     for mod_name, module in model.named_modules():
-        for name, spec in (module.__dict__.get("_mesh_params") or {}).items():
+        for name, spec in own_mesh_parameters(module).items():
             # the registered nn.Parameters themselves (a MeshTensor over them may hold
             # re-annotated views on xla), which the optimizer knows and loading fills
             qualified = f"{mod_name}.{name}" if mod_name else name
-            refs.append(ParamRef(qualified, _shards(module, name), spec.layout, spec.mesh))
+            refs.append(ParamRef(qualified, parameter_shards(module, name), spec.layout, spec.mesh))
     owned = {id(t) for r in refs for t in r.shards}
     for name, t in model.state_dict(keep_vars=True).items():
         if id(t) not in owned:
@@ -175,7 +175,7 @@ def global_value(slot: Slot) -> torch.Tensor:
     with torch.no_grad():
         if slot.layout is None:
             return slot.tensors[0].detach()
-        if slot.mesh.backend == "dist":
+        if slot.mesh.impl.checkpoint_form == "per_rank":
             return to_dtensor(MeshTensor(tuple(t.detach() for t in slot.tensors), slot.layout, slot.mesh))
         return assemble(slot.tensors, slot.layout, slot.mesh)
 
@@ -202,7 +202,7 @@ def empty_global(
 ) -> torch.Tensor:
     """A tensor for DCP to load a global value into: this process's block of it on dist (as a
     DTensor), the whole value otherwise."""
-    if layout is not None and mesh.backend == "dist":
+    if layout is not None and mesh.impl.checkpoint_form == "per_rank":
         local = torch.empty(like.shape, dtype=dtype, device=like.device)
         return to_dtensor(MeshTensor((local,), layout, mesh))
     shape = like.shape if layout is None else tuple(d.size for d in layout.dims)

@@ -26,7 +26,7 @@ import torch
 from torchmesh import errors
 from torchmesh.comm.regather import regather_in_backward
 from torchmesh.errors import ArgumentTypeError, LayoutError
-from torchmesh.nn.parameter import Module, mesh_parameters
+from torchmesh.nn.parameter import Module, mesh_parameters, own_mesh_parameters
 from torchmesh.placement.layout import TensorLayout, check
 from torchmesh.placement.rules import LayoutRules, RulesLike
 from torchmesh.tensor.relayout import to_layout
@@ -57,7 +57,7 @@ def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = 
     parsed = LayoutRules.parse(rules)
     owners = []
     for mod_name, module in model.named_modules():
-        specs = module.__dict__.get("_mesh_params")
+        specs = own_mesh_parameters(module)
         if not specs or not isinstance(module, Module):
             continue
         for name in list(specs):
@@ -90,7 +90,8 @@ def _regather_during_forward(model: torch.nn.Module) -> None:
     def leave(module, args, output):
         active.pop().__exit__(None, None, None)
 
-    model._torchmesh_regather = (
+    # torch's stubs type Module.__setattr__'s value as Tensor | Module; any value is allowed
+    model._torchmesh_regather = (  # type: ignore[assignment]
         model.register_forward_pre_hook(enter),
         model.register_forward_hook(leave, always_call=True),
     )

@@ -15,7 +15,6 @@ value; a mesh spanning several processes checks that they agree (one small all-r
 
 from __future__ import annotations
 
-import math
 import zlib
 from typing import TYPE_CHECKING
 
@@ -26,7 +25,7 @@ from torchmesh.errors import CollectiveMismatch
 from torchmesh.placement.dims import DimsLike
 from torchmesh.tensor.construct import ones, zeros
 from torchmesh.tensor.mesh_tensor import MeshTensor
-from torchmesh.tensor.random import _mix, randn
+from torchmesh.tensor.random import mix_seed, randn
 
 if TYPE_CHECKING:
     from torchmesh.tensor.mesh import Mesh
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
 def derive_seed(seed: int, name: str) -> int:
     """The seed of the part `name` of something seeded with `seed` (a stable hash, the same
     in every process and Python run: no `hash()`, which is salted per process)."""
-    return _mix(int(seed), zlib.crc32(name.encode()))
+    return mix_seed(int(seed), zlib.crc32(name.encode()))
 
 
 def layer_seed(seed: int | None, mesh: Mesh, what: str) -> int:
@@ -59,16 +58,15 @@ def layer_seed(seed: int | None, mesh: Mesh, what: str) -> int:
 def _check_ranks_agree(seed: int, mesh: Mesh, what: str) -> None:
     """Raise on every rank if the processes of `mesh` drew different seeds (an all-reduce of
     (seed, -seed) by max gives the largest and the smallest). Nothing to check where this
-    process holds every device (sim, xla) or where values are not computed (abstract)."""
+    process holds every device (sim, xla) or where values are not computed (abstract): only
+    where there are several processes."""
     impl = mesh.impl
-    axes = tuple(a for a in mesh.axis_names if impl.axis_size(a) > 1)
-    if len(impl.local_coords) == math.prod(impl.axis_size(a) for a in axes):
+    axes = impl.slice_mesh.live_axes()
+    if not impl.multi_process or not axes:
         return
     pair = torch.tensor([seed, -seed], dtype=torch.int64)
     data = impl.make(lambda coords: pair.to(impl.default_device))
     agreed = impl.all_reduce(data, axes, "max")[0]
-    if agreed.device.type == "meta":
-        return
     high, neg_low = agreed.tolist()
     if high != -neg_low:
         raise CollectiveMismatch(errors.seeds_disagree(what, -neg_low, high))

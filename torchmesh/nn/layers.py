@@ -148,10 +148,7 @@ class LayerNorm(Module):
 def _local_along(x: MeshTensor, name: str) -> bool:
     """Whether the rules leave `name` unsplit (over axes of size > 1): then a norm over it is
     a local kernel on each device; otherwise its mean and variance are all-reduced."""
-    mesh = x.mesh
-    return name in x.dims and not any(
-        mesh.impl.axis_size(a) > 1 for a in mesh.rules.axes_of(name) if a in mesh.axis_names
-    )
+    return name in x.dims and not x.mesh.layout_of(x.shape).is_split(name, x.mesh.impl.slice_mesh)
 
 
 def _norm_kernel(fn, plan: OpPlan, name: str, eps: float):

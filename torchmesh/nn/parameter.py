@@ -75,22 +75,30 @@ class Module(torch.nn.Module):
         for store in (self._parameters, self._modules, self._buffers):
             store.pop(name, None)
         trainable = value.requires_grad
-        shards = [torch.nn.Parameter(t.detach(), requires_grad=trainable) for t in value._data]
+        shards = [torch.nn.Parameter(t.detach(), requires_grad=trainable) for t in value.shards]
         if len(shards) == 1:
             self._parameters[name] = shards[0]
         else:
             self._modules[name] = torch.nn.ParameterList(shards)
-        self._mesh_params[name] = MeshParamSpec(value._layout, value._mesh)
+        self._mesh_params[name] = MeshParamSpec(value.tensor_layout, value.mesh)
 
 
-def _shards(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, ...]:
+def own_mesh_parameters(module: torch.nn.Module) -> dict[str, MeshParamSpec]:
+    """{name: MeshParamSpec} for the mesh parameters registered on `module` itself (not on its
+    children), in the order they were assigned."""
+    return module.__dict__.get("_mesh_params") or {}
+
+
+def parameter_shards(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, ...]:
+    """The `nn.Parameter`s registered for `module`'s mesh parameter `name`, one per local device
+    (the tensors `parameters()`, `state_dict()` and a torch optimizer hold)."""
     if name in module._parameters:
         return (module._parameters[name],)
     return tuple(module._modules[name])  # a ParameterList (sim)
 
 
 def _as_mesh_tensor(module: torch.nn.Module, name: str, spec: MeshParamSpec) -> MeshTensor:
-    return MeshTensor(_shards(module, name), spec.layout, spec.mesh)
+    return MeshTensor(parameter_shards(module, name), spec.layout, spec.mesh)
 
 
 def mesh_parameters(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, MeshTensor]]:
@@ -102,10 +110,7 @@ def mesh_parameters(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple
     [('w_in.weight', ('d_model', 'ff')), ('w_in.bias', ('ff',)), ('w_out.weight', ('ff', 'd_model')), ('w_out.bias', ('d_model',))]
     """
     for mod_name, mod in module.named_modules(prefix=prefix):
-        specs = mod.__dict__.get("_mesh_params")
-        if not specs:
-            continue
-        for name, spec in specs.items():
+        for name, spec in own_mesh_parameters(mod).items():
             yield (f"{mod_name}.{name}" if mod_name else name), _as_mesh_tensor(mod, name, spec)
 
 

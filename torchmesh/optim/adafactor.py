@@ -77,7 +77,7 @@ class Adafactor(torch.optim.Optimizer):
             scale_parameter=scale_parameter,
             warmup_init=warmup_init,
         )
-        super().__init__([t for p in self._mesh_params for t in p._data], defaults)
+        super().__init__([t for p in self._mesh_params for t in p.shards], defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -87,7 +87,7 @@ class Adafactor(torch.optim.Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         for p in self._mesh_params:
-            if all(t.grad is None for t in p._data):
+            if all(t.grad is None for t in p.shards):
                 continue
             with _own_layout(p):
                 self._update(p, group)
@@ -101,7 +101,7 @@ class Adafactor(torch.optim.Optimizer):
 
     def _update(self, p: MeshTensor, group: dict) -> None:
         g = p.grad
-        states = [self.state[t] for t in p._data]
+        states = [self.state[t] for t in p.shards]
         step = states[0].get("step", 0) + 1
         for s in states:
             s["step"] = step
@@ -123,7 +123,7 @@ class Adafactor(torch.optim.Optimizer):
             update = _ema(states, AVG, update, group["beta1"])
         if group["weight_decay"]:
             update = update + p * (group["weight_decay"] * lr)
-        for t, u in zip(p._data, to_layout(update, p.tensor_layout)._data):
+        for t, u in zip(p.shards, to_layout(update, p.tensor_layout).shards):
             t.sub_(u.to(t.dtype))
 
 
@@ -148,7 +148,7 @@ def _ema(states: list[dict], key: str, value: MeshTensor, beta: float) -> MeshTe
     if key in states[0]:
         avg = MeshTensor(tuple(s[key] for s in states), layout, value.mesh) * beta + avg
     avg = to_layout(avg, layout)
-    for s, t in zip(states, avg._data):
+    for s, t in zip(states, avg.shards):
         s[key] = t
     return avg
 

@@ -39,7 +39,7 @@ def grad_norm(params: torch.nn.Module | Iterable[MeshTensor], norm_type: float =
     inf = math.isinf(norm_type)
     groups: dict[tuple[str, ...], tuple[torch.Tensor, ...]] = {}
     for g in grads:
-        local = tuple(_local(t, norm_type) for t in g._data)
+        local = tuple(_local(t, norm_type) for t in g.shards)
         axes = tuple(a for a in g.mesh.axis_names if a in g.tensor_layout.used_axes)
         have = groups.get(axes)
         groups[axes] = (
@@ -49,6 +49,7 @@ def grad_norm(params: torch.nn.Module | Iterable[MeshTensor], norm_type: float =
     for axes, local in groups.items():
         reduced = comm.all_reduce(impl, local, axes, "max" if inf else "sum")[0]
         total = reduced if total is None else (torch.maximum(total, reduced) if inf else total + reduced)
+    assert total is not None  # grads is not empty, so neither is groups
     return total if inf else total ** (1.0 / norm_type)
 
 
@@ -80,7 +81,7 @@ def clip_grad_norm_(
     total = grad_norm(params, norm_type)
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in params:
-        for t in p._data:
+        for t in p.shards:
             if t.grad is not None:
                 t.grad.mul_(scale.to(t.grad.device, t.grad.dtype))
     return total

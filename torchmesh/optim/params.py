@@ -15,7 +15,7 @@ def mesh_tensors(params: torch.nn.Module | Iterable[MeshTensor], what: str) -> l
     """The mesh parameters of a module (`tm.nn.mesh_parameters`), or a list of MeshTensors."""
     if isinstance(params, torch.nn.Module):
         found = [p for _, p in mesh_parameters(params)]
-        plain = {id(s) for p in found for s in p._data}
+        plain = {id(s) for p in found for s in p.shards}
         stray = [n for n, p in params.named_parameters() if id(p) not in plain]
         if stray:
             raise DimError(

@@ -65,6 +65,15 @@ def parse_names(text: str) -> tuple[str, ...]:
     return names
 
 
+def dim_names(dims: str | Dim | Iterable[str | Dim]) -> tuple[str, ...]:
+    """The names of dims given as "batch d", as one `Dim`, or as a sequence of names and `Dim`s."""
+    if isinstance(dims, str):
+        return parse_names(dims)
+    if isinstance(dims, Dim):
+        return (dims.name,)
+    return tuple(d.name if isinstance(d, Dim) else d for d in dims)
+
+
 def check_unique(names: Sequence[str], what: str) -> None:
     seen: set[str] = set()
     for n in names:

@@ -58,6 +58,11 @@ class TensorLayout:
     def axes_of(self, name: str) -> tuple[str, ...]:
         return self.axes[self.names.index(name)]
 
+    def is_split(self, name: str, mesh: MeshShape) -> bool:
+        """Whether dim `name` is cut into blocks on `mesh`: split over an axis of size above 1
+        there (pass the backend's `slice_mesh` to ask whether local tensors hold part of it)."""
+        return bool(mesh.live_axes(self.axes_of(name)))
+
     @property
     def used_axes(self) -> frozenset[str]:
         return frozenset(a for ax in self.axes for a in ax)
@@ -65,9 +70,6 @@ class TensorLayout:
     def split_dims(self) -> dict[str, str | tuple[str, ...]]:
         """{dim: axis} for split dims (a tuple of axes where a dim is split over several)."""
         return {d.name: (ax[0] if len(ax) == 1 else ax) for d, ax in zip(self.dims, self.axes) if ax}
-
-    def with_dims(self, dims: tuple[Dim, ...]) -> TensorLayout:
-        return TensorLayout(dims, self.axes)
 
     def __str__(self) -> str:
         parts = [f"{d.name}:{d.size}" + (f"@{','.join(a)}" if a else "") for d, a in zip(self.dims, self.axes)]
@@ -105,8 +107,7 @@ def check(layout: TensorLayout, mesh: MeshShape, rules_text: str) -> TensorLayou
     owner: dict[str, str] = {}
     for d, axes in zip(layout.dims, layout.axes):
         for a in axes:
-            if a not in mesh.names:
-                raise LayoutError(errors.unknown_axis(a, d.name, rules_text, mesh.names))
+            _check_axis(a, d.name, rules_text, mesh)
             if a in owner:
                 raise LayoutError(errors.axis_used_twice(layout.sizes, a, owner[a], d.name, rules_text))
             owner[a] = d.name
@@ -117,5 +118,9 @@ def check_rules_axes(rules: LayoutRules, mesh: MeshShape) -> None:
     """Every axis the rules name must be an axis of the mesh."""
     for dim, axes in rules.rules:
         for a in axes:
-            if a not in mesh.names:
-                raise LayoutError(errors.unknown_axis(a, dim, str(rules), mesh.names))
+            _check_axis(a, dim, str(rules), mesh)
+
+
+def _check_axis(axis: str, dim: str, rules_text: str, mesh: MeshShape) -> None:
+    if axis not in mesh.names:
+        raise LayoutError(errors.unknown_axis(axis, dim, rules_text, mesh.names))

@@ -7,6 +7,7 @@ single process. Devices are laid out row-major: the last axis varies fastest.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -68,6 +69,12 @@ class MeshShape:
             if n == axis:
                 return s
         raise ParseError(f"mesh {self} has no axis {axis!r}; its axes are {self.names}.")
+
+    def live_axes(self, axes: Iterable[str] | None = None) -> tuple[str, ...]:
+        """The axes among `axes` (default: all of this mesh's), in their order, whose size here is
+        above 1: the ones a split over them cuts. A size-1 axis (and, on xla's slicing mesh,
+        every axis) leaves a dim whole, so no collective runs over it."""
+        return tuple(a for a in (self.names if axes is None else axes) if self.axis_size(a) > 1)
 
     def coords(self, device: int) -> tuple[int, ...]:
         """Mesh coordinates of a device index (row-major)."""

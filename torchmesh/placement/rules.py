@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from torchmesh.errors import ParseError
 from torchmesh.placement.dims import check_name
+from torchmesh.placement.mesh_shape import MeshShape
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,11 @@ class LayoutRules:
     @property
     def axes(self) -> frozenset[str]:
         return frozenset(a for _, axes in self.rules for a in axes)
+
+    def restricted_to(self, mesh: MeshShape) -> LayoutRules:
+        """These rules less the axes `mesh` lacks (a dim left with no axis loses its rule)."""
+        kept = ((d, tuple(a for a in axes if a in mesh.names)) for d, axes in self.rules)
+        return LayoutRules(tuple((d, axes) for d, axes in kept if axes))
 
     def updated(self, other: RulesLike) -> LayoutRules:
         """These rules with `other`'s rules added or replacing ours for the same dims."""

@@ -26,7 +26,7 @@ from torchmesh.errors import PlanningError, TorchMeshError
 from torchmesh.placement.mesh_shape import MeshShape
 from torchmesh.planning import recipes
 from torchmesh.planning.hardware import PRESETS, Hardware, preset
-from torchmesh.planning.profile import can_shard_parameters, model_dims, profile_step
+from torchmesh.planning.profile import model_dims, profile_step
 from torchmesh.planning.search import DEFAULT_ROLES, SearchResult, roles_for, search
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12, "P": 10**15}
@@ -101,7 +101,7 @@ def parse_roles(text: str) -> dict[str, tuple[str, ...]]:
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr and exit status 2 (no usage block)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         self.exit(2, f"error: {message} (see python -m torchmesh plan --help)\n")
 
 
@@ -209,11 +209,7 @@ def _lm(args: argparse.Namespace, mesh: MeshShape):
         f"batch {batch} x seq {seq}, {args.optimizer}, fp32, "
         f"{'blocks rematerialized' if args.remat else 'no remat'}"
     )
-    roles = {
-        r: d
-        for r, d in DEFAULT_ROLES.items()
-        if (r != "expert" or config.num_experts) and (r != "weight" or can_shard_parameters())
-    }
+    roles = {r: d for r, d in DEFAULT_ROLES.items() if r != "expert" or config.num_experts}
 
     def profile(rules: str, param_rules: str):
         return recipes.profile_lm(config, batch, mesh, rules, args.optimizer, param_rules, args.remat)
@@ -271,10 +267,13 @@ def _verdict(result: SearchResult, remat: bool = False) -> list[str]:
     best = result.best
     if best is None:
         smallest = min(
-            (c for c in result.candidates if c.cost is not None), key=lambda c: c.cost.memory_bytes, default=None
+            ((c.cost, c) for c in result.candidates if c.cost is not None),
+            key=lambda cost_c: cost_c[0].memory_bytes,
+            default=None,
         )
-        hint = f" (the smallest needs {smallest.cost.memory_bytes / 1e9:.2f} GB: {smallest.name})" if smallest else ""
+        hint = f" (the smallest needs {smallest[0].memory_bytes / 1e9:.2f} GB: {smallest[1].name})" if smallest else ""
         return [f"no layout fits{hint}. Try a smaller batch or sequence, more devices, or a larger memory."]
+    assert best.cost is not None  # the best fits, so it has a cost
     lines = [
         f"chosen: {best.name}, estimated {best.cost.step_s:.3g} s per step, {best.cost.memory_bytes / 1e9:.2f} GB per device"
     ]

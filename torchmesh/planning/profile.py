@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -88,9 +89,6 @@ class StepProfile:
         for (_, axes, _), _, b in self.comm:
             out[axes] = out.get(axes, 0) + b
         return out
-
-    def bytes_by_key(self) -> dict[CommKey, int]:
-        return {k: b for k, _, b in self.comm}
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -213,13 +211,6 @@ def _nbytes(ts: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def can_shard_parameters() -> bool:
-    """Whether `tm.nn.shard_parameters` (FSDP) is available to the `weight` role."""
-    import importlib.util
-
-    return importlib.util.find_spec("torchmesh.nn.fsdp") is not None
-
-
 def note_saved(t: torch.Tensor) -> None:
     """Count `t` as kept for backward by code the saved-tensor hooks do not see (e.g. the input
     a checkpointed block keeps, `torch.utils.checkpoint`); a no-op outside `profile_step`."""
@@ -233,9 +224,10 @@ def _counting_nested_hooks() -> Iterator[None]:
     is one) also report to the profile every tensor they keep as it is: innermost hooks
     replace outer ones, so the profile's own hooks would not see those. (torch's checkpoint
     uses its own hooks class and is not affected: its blocks' tensors are dropped.)"""
-    original = torch.autograd.graph.saved_tensors_hooks
+    graph: Any = torch.autograd.graph  # the module whose hooks class is swapped for the block
+    original = graph.saved_tensors_hooks
 
-    class Counted(original):
+    class Counted(torch.autograd.graph.saved_tensors_hooks):  # the class in place now: `original`
         def __init__(self, pack_hook, unpack_hook):
             def pack(t: torch.Tensor):
                 packed = pack_hook(t)
@@ -245,18 +237,18 @@ def _counting_nested_hooks() -> Iterator[None]:
 
             super().__init__(pack, unpack_hook)
 
-    torch.autograd.graph.saved_tensors_hooks = Counted
+    graph.saved_tensors_hooks = Counted
     try:
         yield
     finally:
-        torch.autograd.graph.saved_tensors_hooks = original
+        graph.saved_tensors_hooks = original
 
 
 class _SavedTensors:
     """saved_tensors_hooks pair summing the sizes of the distinct tensors saved for backward
     (while `counting`, that is during forward)."""
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self._seen: set[int] = {id(p) for p in params}
         self._keep: list[torch.Tensor] = []  # keeps ids unique while counting
         self.total = 0

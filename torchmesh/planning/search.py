@@ -33,7 +33,7 @@ from torchmesh.errors import TorchMeshError
 from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
 from torchmesh.planning.cost import StepCost, estimate
 from torchmesh.planning.hardware import Hardware
-from torchmesh.planning.profile import StepProfile, can_shard_parameters
+from torchmesh.planning.profile import StepProfile
 
 #: The dims of each role in torchmesh's models (tm.nn.TransformerLM, tm.nn MoE).
 DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
@@ -125,6 +125,7 @@ class SearchResult:
         term, seconds = cost.dominant()
         if best is None or best is c:
             return f"fastest that fits; {term} dominates ({_pct(seconds, cost.step_s)} of the step)"
+        assert best.cost is not None  # the best fits, so it has a cost
         ratio = cost.step_s / best.cost.step_s if best.cost.step_s else float("inf")
         return f"slower ({ratio:.2f}x the best): {term} dominates ({_pct(seconds, cost.step_s)} of the step)"
 
@@ -157,7 +158,7 @@ class SearchResult:
 
 def roles_for(dims: Iterable[str], roles: Mapping[str, tuple[str, ...]] = DEFAULT_ROLES) -> dict[str, tuple[str, ...]]:
     """`roles` narrowed to a model's dims (`profile.model_dims(builder)`): roles none of whose
-    dims the model has are dropped, and `weight` when FSDP is not available.
+    dims the model has are dropped.
 
     >>> from torchmesh import planning
     >>> planning.roles_for({"batch", "seq", "d_model", "ff"})
@@ -165,7 +166,7 @@ def roles_for(dims: Iterable[str], roles: Mapping[str, tuple[str, ...]] = DEFAUL
     """
     have = set(dims)
     out = {r: tuple(d for d in ds if d in have) for r, ds in roles.items()}
-    return {r: ds for r, ds in out.items() if ds and (r != "weight" or can_shard_parameters())}
+    return {r: ds for r, ds in out.items() if ds}
 
 
 def candidates(mesh: MeshShapeLike, roles: Mapping[str, tuple[str, ...]]) -> list[Candidate]:

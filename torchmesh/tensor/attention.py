@@ -155,7 +155,7 @@ def attention(
 def _whole(mesh: Mesh, names: tuple[str, ...]) -> bool:
     """Whether the rules split none of `names` over an axis of size > 1 (on xla every axis
     of the slicing mesh has size 1: each device program sees whole tensors)."""
-    return not any(mesh.impl.axis_size(a) > 1 for n in names for a in mesh.rules.axes_of(n))
+    return not mesh.impl.slice_mesh.live_axes(a for n in names for a in mesh.rules.axes_of(n))
 
 
 def _fused(
@@ -256,6 +256,7 @@ def _kernel(
     ) -> torch.Tensor:
         q, k, v = align_q(q), align_k(k), align_v(v)
         if mask is not None:
+            assert align_m is not None  # a mask operand comes with its names (names[3])
             mask = align_m(mask)
             if mask.dtype != torch.bool:
                 mask = mask.to(q.dtype)

@@ -11,8 +11,8 @@ import torch
 from torchmesh import arguments
 from torchmesh.comm import autograd as comm
 from torchmesh.errors import ArgumentError, ArgumentTypeError, DimError
-from torchmesh.placement.dims import Dim, DimsLike, check_name, check_unique, parse_dims, parse_names
-from torchmesh.placement.layout import TensorLayout, check, local_shape, local_slices
+from torchmesh.placement.dims import Dim, DimsLike, check_name, check_unique, dim_names, parse_dims
+from torchmesh.placement.layout import TensorLayout, local_shape, local_slices, parts, resolve
 from torchmesh.placement.rules import LayoutRules, RulesLike
 from torchmesh.tensor import replicas
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -25,14 +25,7 @@ def layout_for(dims: tuple[Dim, ...], mesh: Mesh, layout: RulesLike = None) -> T
     """The rules' layout for these dims, or the one given by `layout` rules for this tensor."""
     if layout is None:
         return mesh.layout_of(dims)
-    rules = LayoutRules.parse(layout)
-    return check(TensorLayout(dims, tuple(rules.axes_of(d.name) for d in dims)), mesh.shape, str(rules))
-
-
-def _names(dims: str | Sequence[str | Dim]) -> tuple[str, ...]:
-    if isinstance(dims, str):
-        return parse_names(dims)
-    return tuple(getattr(d, "name", d) for d in dims)
+    return resolve(dims, LayoutRules.parse(layout), mesh.shape)
 
 
 def distribute(
@@ -59,7 +52,7 @@ def distribute(
                 f"distribute(tensor, {dims!r}, mesh): the tensor is a {type(tensor).__name__} "
                 f"torch cannot read ({e}). Fix: pass a torch.Tensor."
             ) from None
-    names = _names(dims)
+    names = dim_names(dims)
     if len(names) != tensor.dim():
         raise DimError(
             f"distribute(tensor, {dims!r}): {len(names)} dim names {names} for a tensor with {tensor.dim()} dims "
@@ -116,7 +109,7 @@ def from_local(
     slicer = impl.slice_mesh
 
     def blocks(name: str) -> int:  # unknown axes are reported by layout_for below
-        return math.prod(slicer.axis_size(a) for a in rules.axes_of(name) if a in slicer.names)
+        return parts(slicer, rules.restricted_to(slicer).axes_of(name))
 
     # Invalid rules raise here, before any communication (sizes as if the blocks were even).
     layout_for(tuple(Dim(n, s * blocks(n)) for n, s in zip(names, data[0].shape)), mesh, layout)
@@ -161,7 +154,7 @@ def _global_sizes(impl, data, named, rules: LayoutRules) -> list[int]:
     slicer, sizes = impl.slice_mesh, []
     for i, (name, given) in enumerate(named):
         local = [t.shape[i] for t in data]
-        live = tuple(a for a in rules.axes_of(name) if a in slicer.names and slicer.axis_size(a) > 1)
+        live = slicer.live_axes(rules.axes_of(name))  # layout_for checked these axes
         if given is not None:
             sizes.append(given)
         elif not live:
@@ -171,11 +164,12 @@ def _global_sizes(impl, data, named, rules: LayoutRules) -> list[int]:
                     f"the shards have sizes {local} along it."
                 )
             sizes.append(local[0])
-        elif impl.default_device.type == "meta" or data[0].device.type == "meta":
+        elif not impl.holds_values or data[0].is_meta:  # shapes only (or shards without values)
             sizes.append(local[0] * math.prod(slicer.axis_size(a) for a in live))
         else:
             counts = tuple(torch.tensor([n], dtype=torch.int64, device=impl.default_device) for n in local)
-            totals = sorted({int(t.item()) for t in comm.all_reduce(impl, counts, live)})
+            with impl.op_scope(f"from_local: the size of {name!r}"):
+                totals = sorted({int(t.item()) for t in comm.all_reduce(impl, counts, live)})
             if len(totals) != 1:
                 raise DimError(
                     f"from_local: dim {name!r} (split over {','.join(live)}) adds up to different "

@@ -99,7 +99,7 @@ def check_ids(index: MeshTensor, size: int, op: str, dim: str, ignore: int | Non
         return index.numel()
     if not impl.reads_values and not impl.checking:
         return None
-    axes = tuple(a for a in sorted(index.tensor_layout.used_axes) if impl.axis_size(a) > 1)
+    axes = impl.slice_mesh.live_axes(sorted(index.tensor_layout.used_axes))
 
     def agree(per_device, op_name: str) -> list[int]:
         data = tuple(per_device)

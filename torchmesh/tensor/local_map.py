@@ -97,8 +97,6 @@ def local_map(fn: Callable[..., Any], *args: Any, out_dims: str | Sequence[str])
     for o, axes in zip(outs, plan.out_axes):  # two dims on one axis: an error before fn runs
         check(_known_layout(o, axes), mesh.shape, str(mesh.rules))
     impl = mesh.impl
-    if impl.checking:
-        impl.current_op = what
 
     def call(blocks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         full = list(args)
@@ -109,7 +107,8 @@ def local_map(fn: Callable[..., Any], *args: Any, out_dims: str | Sequence[str])
     # Where the local tensors are the devices' blocks (sim, dist) fn runs on them; where they
     # are global (xla) fn runs inside a manual-sharding region.
     run = _run_on_blocks if impl.slice_mesh == impl.shape else _run_manual
-    results = run(impl, call, plan, xs, outs, what)
+    with impl.op_scope(what):
+        results = run(impl, call, plan, xs, outs, what)
     ys = tuple(MeshTensor(data, layout, mesh) for data, layout in results)
     if replicas.checks_on(impl):
         replicas.check_replicas({f"{what} output {j}": y for j, y in enumerate(ys)})
@@ -125,7 +124,7 @@ def plan_local_map(
     what: str = "local_map",
 ) -> LocalMapPlan:
     """Which gradients are summed where, from the inputs' layouts and the outputs' dims."""
-    live = {a for a in mesh.names if mesh.axis_size(a) > 1}
+    live = set(mesh.live_axes())
     out_axes = tuple(tuple(rules.axes_of(n) for n in names) for names in outputs)
     out_used = [{a for axes in o for a in axes} & live for o in out_axes]
     splitting = set().union(*out_used)
@@ -243,7 +242,7 @@ def _out_dims(
         for d in x.shape:
             if sizes.setdefault(d.name, d.size) != d.size:
                 raise DimError(errors.size_mismatch(what, d.name, [sizes[d.name], d.size]))
-    live = {a for a in mesh.names if mesh.axis_size(a) > 1}
+    live = set(mesh.live_axes())
     outs = []
     for spec in specs:
         out = []

@@ -42,7 +42,7 @@ def manual_seed(seed: int) -> None:
     _state["seed"], _state["counter"] = int(seed), 0
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """splitmix64 over the values: a well-spread 63-bit seed."""
     z = 0x9E3779B97F4A7C15
     for v in values:
@@ -56,7 +56,18 @@ def _mix(*values: int) -> int:
 def next_seed() -> int:
     """A fresh seed from the global stream (the same on every rank that runs the same ops)."""
     _state["counter"] += 1
-    return _mix(_state["seed"], _state["counter"])
+    return mix_seed(_state["seed"], _state["counter"])
+
+
+def stream_state() -> dict[str, int]:
+    """The global stream's position (its seed and counter), as a new dict: what a checkpoint
+    saves so a resumed run draws the same values."""
+    return dict(_state)
+
+
+def set_stream_state(state: dict[str, int]) -> None:
+    """Move the global stream to a position `stream_state` returned."""
+    _state.update(state)
 
 
 def draw(kind: str, seed: int, layout: TensorLayout, slices: tuple[slice, ...], dtype, device) -> torch.Tensor:
@@ -82,7 +93,7 @@ def draw(kind: str, seed: int, layout: TensorLayout, slices: tuple[slice, ...], 
 
 def _generator(seed: int, block: int) -> torch.Generator:
     g = torch.Generator()
-    g.manual_seed(_mix(seed, block))
+    g.manual_seed(mix_seed(seed, block))
     return g
 
 
@@ -96,7 +107,7 @@ def _random(kind: str, dims: DimsLike, mesh: Mesh, seed, dtype, device, requires
 
     def block(coords):
         slices = local_slices(lay, slicer, coords)
-        if torch.device(target).type == "meta":  # abstract evaluation: shapes only, nothing drawn
+        if not mesh.impl.holds_values:  # abstract evaluation: shapes only, nothing drawn
             return torch.empty([s.stop - s.start for s in slices], dtype=dtype, device=target)
         return draw(kind, seed, lay, slices, dtype, "cpu").to(target)
 

@@ -9,7 +9,7 @@ softmax and logsumexp are built from these, so vocab-parallel softmax falls out.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 
 from torchmesh import errors
 from torchmesh.errors import ArgumentTypeError, DimError
-from torchmesh.placement.dims import Dim, parse_dims, parse_names
+from torchmesh.placement.dims import Dim, dim_names, parse_dims
 from torchmesh.placement.op_plan import OpPlan
 from torchmesh.tensor.contraction import run_op
 from torchmesh.tensor.elementwise import cast, where
@@ -62,12 +62,7 @@ def reduced_names(
         dims = [n for n in x.dims if n not in keep]
     if dims is None:
         return x.dims
-    if isinstance(dims, str):
-        names = parse_names(dims)
-    elif isinstance(dims, Dim):
-        names = (dims.name,)
-    else:
-        names = tuple(getattr(d, "name", d) for d in dims)
+    names = dim_names(dims)
     if any(n not in x.dims for n in names):
         raise DimError(errors.missing_dims(what, names, x.dims))
     return names
@@ -98,7 +93,8 @@ def _reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> Mesh
             f"values is not defined (torch.a{kind} raises too). Fix: reduce a non-empty dim, or "
             f"check the size first."
         )
-    local = {"sum": torch.sum, "max": torch.amax, "min": torch.amin}[kind]
+    reductions: dict[str, Callable[..., torch.Tensor]] = {"sum": torch.sum, "max": torch.amax, "min": torch.amin}
+    local = reductions[kind]
     reduce_op = "sum" if kind == "sum" else kind
 
     def local_fn(plan: OpPlan):
@@ -282,8 +278,7 @@ def _unsplit_along(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor | None:
     """x in the rules' layout if none of `names` is split there over an axis of size > 1
     (then a local torch kernel computes the op exactly), else None."""
     layout = x.mesh.layout_of(x.shape)
-    impl = x.mesh.impl
-    if any(impl.axis_size(a) > 1 for n in names for a in layout.axes_of(n)):
+    if any(layout.is_split(n, x.mesh.impl.slice_mesh) for n in names):
         return None
     return to_layout(x, layout)
 

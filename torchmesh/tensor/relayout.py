@@ -10,7 +10,7 @@ from torchmesh import errors
 from torchmesh.comm.executor import run_steps
 from torchmesh.errors import DimError
 from torchmesh.placement.dims import Dim, check_name
-from torchmesh.placement.layout import TensorLayout, check
+from torchmesh.placement.layout import TensorLayout, resolve
 from torchmesh.placement.plan import plan_relayout
 from torchmesh.placement.rules import LayoutRules, RulesLike
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -22,7 +22,9 @@ def to_layout(x: MeshTensor, layout: TensorLayout) -> MeshTensor:
         return x
     if layout.dims != x._layout.dims:
         raise DimError(f"to_layout: target dims {layout.names} differ from the tensor's {x.dims}.")
-    data = run_steps(x._mesh.impl, x._data, x._layout, plan_relayout(x._layout, layout))
+    src, impl = x._layout, x._mesh.impl
+    with impl.op_scope(lambda: f"relayout {src} -> {layout}"):
+        data = run_steps(impl, x._data, src, plan_relayout(src, layout))
     return MeshTensor(data, layout, x._mesh)
 
 
@@ -45,8 +47,7 @@ def relayout(x: MeshTensor, rules: RulesLike = None) -> MeshTensor:
     """
     mesh = x._mesh
     parsed = mesh.rules if rules is None else LayoutRules.parse(rules)
-    target = TensorLayout(x._layout.dims, tuple(parsed.axes_of(n) for n in x.dims))
-    return to_layout(x, check(target, mesh.shape, str(parsed)))
+    return to_layout(x, resolve(x._layout.dims, parsed, mesh.shape))
 
 
 def rename(x: MeshTensor, mapping: dict[str, str] | None = None, **renames: str) -> MeshTensor:

@@ -86,14 +86,16 @@ def _named(tensors: Any, grads: bool) -> list[tuple[str, MeshTensor]]:
 
 def _replicated_axes(x: MeshTensor) -> tuple[str, ...]:
     impl, used = x._mesh.impl, x._layout.used_axes
-    return tuple(a for a in impl.slice_mesh.names if a not in used and impl.axis_size(a) > 1)
+    return tuple(a for a in impl.slice_mesh.live_axes() if a not in used)
 
 
 def _check_group(named: list[tuple[str, MeshTensor]]) -> None:
     """One gather of every fingerprint over the mesh, then each tensor's copies compared."""
     impl = named[0][1]._mesh.impl
-    live = tuple(a for a in impl.slice_mesh.names if impl.axis_size(a) > 1)
-    named = [(n, x) for n, x in named if _replicated_axes(x) and x._data[0].device.type != "meta"]
+    live = impl.slice_mesh.live_axes()
+    if not impl.holds_values:  # shapes only: nothing to compare
+        return
+    named = [(n, x) for n, x in named if _replicated_axes(x) and not x._data[0].is_meta]
     if not named:
         return
     ones = (1,) * len(impl.slice_mesh.names)
@@ -102,8 +104,9 @@ def _check_group(named: list[tuple[str, MeshTensor]]) -> None:
         for i in range(len(impl.local_coords))
     )
     names = impl.slice_mesh.names
-    for axis in live:  # afterwards every device holds the table [tensor, 2, *mesh sizes]
-        data = comm.all_gather(impl, data, axis, 2 + names.index(axis), phase="check")
+    with impl.op_scope("tm.check_replicas"):
+        for axis in live:  # afterwards every device holds the table [tensor, 2, *mesh sizes]
+            data = comm.all_gather(impl, data, axis, 2 + names.index(axis), phase="check")
     table = data[0].cpu()
     for t, (name, x) in enumerate(named):
         found = _disagreeing(table[t], x, names)

@@ -36,7 +36,7 @@ def cumsum(x: MeshTensor, dim: str, exclusive: bool = False, reverse: bool = Fal
     dim = dim_name(x, dim, "cumsum")
     lay, impl = x.tensor_layout, x.mesh.impl
     i = lay.names.index(dim)
-    axes = tuple(a for a in lay.axes[i] if impl.axis_size(a) > 1)
+    axes = impl.slice_mesh.live_axes(lay.axes[i])
     data = impl.slicewise(lambda t: _scan(t, i, exclusive, reverse), x._data)
     if axes:
         totals = impl.slicewise(lambda t: t.sum(i, keepdim=True, dtype=_scan_dtype(t)), x._data)

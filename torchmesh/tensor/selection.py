@@ -124,7 +124,7 @@ def _select(x: MeshTensor, dim: str, k: int, largest: bool, what: str) -> tuple[
     x = _even_for_the_partitioner(x)
     impl, slicer = x.mesh.impl, x.mesh.impl.slice_mesh
     i = x.dims.index(dim)
-    axes = tuple(a for a in x.tensor_layout.axes[i] if impl.axis_size(a) > 1)
+    axes = slicer.live_axes(x.tensor_layout.axes[i])
     block = max_block(size, slicer, axes)
     c = min(k, block)
     index_dtype = torch.int32 if size < 2**31 else torch.int64  # sent as int32 where it fits
