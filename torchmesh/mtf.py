@@ -67,7 +67,11 @@ def import_tf_tensor(mesh: Mesh, tensor: torch.Tensor, shape: DimsLike) -> MeshT
 def _names(shape: DimsLike) -> list[str]:
     if isinstance(shape, str):
         return [t.split(":")[0] for t in shape.replace(",", " ").split()]
-    return [getattr(d, "name", d) for d in shape]
+    return [_name(d) for d in shape]
+
+
+def _name(dim: Dim | str) -> str:
+    return dim if isinstance(dim, str) else dim.name
 
 
 def rename_dimension(x: MeshTensor, old_name: str, new_name: str) -> MeshTensor:
@@ -89,7 +93,7 @@ def shift(x: MeshTensor, offset: int, dim: Dim | str, wrap: bool) -> MeshTensor:
     >>> mtf.shift(x, 1, "seq", wrap=True).full()
     tensor([4., 1., 2., 3.])
     """
-    return _slicing.shift(x, getattr(dim, "name", dim), offset, wrap)
+    return _slicing.shift(x, _name(dim), offset, wrap)
 
 
 def slice(x: MeshTensor, begin: int, size: int, slice_dim_name: str) -> MeshTensor:  # noqa: A001
@@ -124,7 +128,7 @@ def gather(weights: MeshTensor, indices: MeshTensor, dim: Dim | str) -> MeshTens
     >>> mtf.gather(table, ids, mtf.Dimension("vocab", 4)).full()
     tensor([3., 1.])
     """
-    return _gather(weights, indices, getattr(dim, "name", dim))
+    return _gather(weights, indices, _name(dim))
 
 
 def one_hot(indices: MeshTensor, output_dim: Dim, dtype: torch.dtype = torch.float32) -> MeshTensor:

@@ -73,6 +73,15 @@ class MultiHeadAttention(Module):
         q = einsum("batch seq d_model, d_model heads d_head -> batch seq heads d_head", x, self.wq)
         k = einsum(f"batch seq d_model, d_model {kv} d_head -> batch seq {kv} d_head", x, self.wk).rename(seq="kv_seq")
         v = einsum(f"batch seq d_model, d_model {kv} d_head -> batch seq {kv} d_head", x, self.wv).rename(seq="kv_seq")
-        grouped = {} if self.kv_heads is None else {"heads": "heads", "kv_heads": "kv_heads"}
-        out = attention(q, k, v, causal=self.causal, dropout=self.p, training=self.training, **grouped)
+        grouped = self.kv_heads is not None
+        out = attention(
+            q,
+            k,
+            v,
+            heads="heads" if grouped else None,
+            kv_heads="kv_heads" if grouped else None,
+            causal=self.causal,
+            dropout=self.p,
+            training=self.training,
+        )
         return einsum("batch seq heads d_head, heads d_head d_model -> batch seq d_model", out, self.wo)

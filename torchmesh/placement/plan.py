@@ -94,6 +94,7 @@ def _fuse(gathers: list[Gather], slices: list[Slice]) -> tuple[Step, ...]:
         j = next((k for k, g in enumerate(steps) if isinstance(g, Gather) and g.axis == s.axis), None)
         if first and j is not None and not any(_gathers(g) == s.dim for g in steps[j + 1 :]):
             g = steps[j]
+            assert isinstance(g, Gather)  # j was chosen as a Gather's index
             steps[j] = AllToAll(s.axis, g.dim, s.dim)
         else:
             remaining.append(s)

@@ -74,7 +74,9 @@ class Rematerialized(torch.nn.Module):
 
     @property
     def ffn(self) -> torch.nn.Module:  # TransformerLM.aux_loss reads the blocks' MoE
-        return self.block.ffn
+        ffn = self.block.ffn
+        assert isinstance(ffn, torch.nn.Module)  # a TransformerBlock's feed-forward (MLP or MoE)
+        return ffn
 
     def forward(self, x: MeshTensor) -> MeshTensor:
         for t in x.shards:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
+
 from torchmesh.comm import autograd as comm
 from torchmesh.comm import regather
 from torchmesh.comm.backend import Data
@@ -30,7 +32,7 @@ def prepare_inputs(plan: OpPlan, xs: Sequence[MeshTensor]) -> list[Data]:
 def run_op(
     xs: Sequence[MeshTensor],
     out_names: tuple[str, ...],
-    local_fn: Callable[..., object],
+    local_fn: Callable[[OpPlan], Callable[..., torch.Tensor]],
     reduce_op: str = "sum",
     what: str = "op",
     at: bool = False,
@@ -54,7 +56,11 @@ def run_op(
 
 
 def _run_planned(
-    plan: OpPlan, xs: Sequence[MeshTensor], local_fn: Callable[..., object], reduce_op: str, at: bool
+    plan: OpPlan,
+    xs: Sequence[MeshTensor],
+    local_fn: Callable[[OpPlan], Callable[..., torch.Tensor]],
+    reduce_op: str,
+    at: bool,
 ) -> MeshTensor:
     mesh = xs[0]._mesh
     datas = prepare_inputs(plan, xs)

@@ -70,15 +70,15 @@ def einsum(
     new_sizes = dict(sizes or {})
     if not isinstance(equation, str):
         xs = tuple(equation) + xs
-        names = [x.dims for x in xs]
+        operand_dims = [x.dims for x in xs]
         if output_shape is None:
-            flat = [n for ns in names for n in ns]
-            out = tuple(n for n in dict.fromkeys(flat) if flat.count(n) == 1)
+            flat = [n for ns in operand_dims for n in ns]
+            implied = tuple(n for n in dict.fromkeys(flat) if flat.count(n) == 1)
         else:
             out_dims = parse_dims(output_shape, {**_sizes(xs), **new_sizes})
             new_sizes.update((d.name, d.size) for d in out_dims)
-            out = tuple(d.name for d in out_dims)
-        equation = ", ".join(" ".join(ns) for ns in names) + " -> " + " ".join(out)
+            implied = tuple(d.name for d in out_dims)
+        equation = ", ".join(" ".join(ns) for ns in operand_dims) + " -> " + " ".join(implied)
     operands, out = parse_equation(equation)
     if len(operands) != len(xs):
         raise DimError(f"einsum {equation!r} names {len(operands)} operands but got {len(xs)} tensors.")

@@ -168,7 +168,7 @@ ELEMENTWISE: dict[Callable, str] = {
     for name in names
 }
 #: Methods of one tensor from torch.nn.functional (x.gelu(), x.silu()); torch's are all methods.
-FUNCTIONAL_METHODS = {"gelu": F.gelu, "silu": F.silu}
+FUNCTIONAL_METHODS: dict[str, Callable[..., torch.Tensor]] = {"gelu": F.gelu, "silu": F.silu}
 #: Python operators: dunder name -> function of (self, other) in the operator's argument order.
 OPERATORS = {
     "__add__": operator.add,
@@ -199,7 +199,7 @@ REFLECTED = {
     "__ror__": operator.or_,
     "__rxor__": operator.xor,
 }
-UNARY_OPERATORS = {
+UNARY_OPERATORS: dict[str, Callable[[Any], Any]] = {
     "__neg__": operator.neg,
     "__pos__": operator.pos,
     "__abs__": operator.abs,

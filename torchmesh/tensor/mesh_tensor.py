@@ -160,8 +160,8 @@ class MeshTensor:
         grads = [t.grad for t in self._data]
         if all(g is None for g in grads):
             return None
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(self._data, grads)]
-        return MeshTensor(tuple(grads), self._layout, self._mesh)
+        filled = tuple(torch.zeros_like(t) if g is None else g for t, g in zip(self._data, grads))
+        return MeshTensor(filled, self._layout, self._mesh)
 
     @grad.setter
     def grad(self, value: MeshTensor | None) -> None:

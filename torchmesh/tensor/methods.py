@@ -57,13 +57,12 @@ for _name, _op in ew.OPERATORS.items():
     setattr(MeshTensor, _name, _operator(_op))
 for _name, _op in ew.REFLECTED.items():
     setattr(MeshTensor, _name, _reflected(_op))
-for _name, _op in ew.UNARY_OPERATORS.items():
-    setattr(MeshTensor, _name, _elementwise(_op, _name))
+for _name, _unary in ew.UNARY_OPERATORS.items():
+    setattr(MeshTensor, _name, _elementwise(_unary, _name))
 for _name in ew.TORCH_ELEMENTWISE:
     setattr(MeshTensor, _name, _elementwise(getattr(torch, _name), _name))
 for _name, _fn in ew.FUNCTIONAL_METHODS.items():
     setattr(MeshTensor, _name, _elementwise(_fn, _name))
-MeshTensor.where = _where
 
 
 # ---- reductions, renames, casts ---------------------------------------------------------------
@@ -108,6 +107,7 @@ METHODS: dict[str, Callable] = {
     "top_k": selection.top_k,
     "cumsum": scan.cumsum,
     "unstack": stacking.unstack,
+    "where": _where,
 }
 for _name, _fn in METHODS.items():
     setattr(MeshTensor, _name, _fn)

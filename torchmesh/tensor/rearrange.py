@@ -51,7 +51,8 @@ def _parse_side(text: str, pattern: str) -> tuple[list[list[str]], list[str | No
         raise ParseError(f"rearrange {pattern!r}: {e}") from None
     if parsed.has_ellipsis:
         raise ParseError(f"rearrange {pattern!r}: '...' is not supported; name every dim.")
-    groups, names = [], []
+    groups: list[list[str]] = []
+    names: list[str | None] = []
     for inner, name, atom in _ENTRY.findall(text):
         if atom:
             if not atom.isidentifier():
@@ -200,7 +201,7 @@ def rearrange(x: MeshTensor, pattern: str, **sizes: int) -> MeshTensor:
     out_dims = plan.computed.dims
 
     def local(t):  # sizes from the block itself: a first part may be split unevenly
-        shape = []
+        shape: list[int] = []
         for i, full_sizes in enumerate(plan.split_sizes):
             rest = _prod(full_sizes[1:])
             shape.extend((t.shape[i] // rest if rest else 0, *full_sizes[1:]))

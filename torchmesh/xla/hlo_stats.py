@@ -66,7 +66,9 @@ def _element_size(hlo_type: str) -> int:
     """Bytes of one element of an HLO type: pred 1, f32 4, bf16 2, f8e4m3fn 1."""
     if hlo_type == "pred":
         return 1
-    return max(1, int(re.match(r"[a-z]+(\d+)", hlo_type).group(1)) // 8)
+    bits = re.match(r"[a-z]+(\d+)", hlo_type)
+    assert bits is not None, hlo_type  # _SHAPE matched it: letters then digits
+    return max(1, int(bits.group(1)) // 8)
 
 
 def _ints(text: str) -> list[int]:

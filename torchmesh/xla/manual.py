@@ -59,7 +59,7 @@ def _full_to_shard(impl, t: torch.Tensor, spec: PartitionSpec) -> torch.Tensor:
 def _shard_to_full(impl, t: torch.Tensor, spec: PartitionSpec, shape: tuple[int, ...]) -> torch.Tensor:
     import torch_xla.distributed.spmd as xs
 
-    return xs.disable_manual_sharding(t, spec, shape, mesh=impl.xla_mesh).global_tensor
+    return xs.disable_manual_sharding(t, spec, torch.Size(shape), mesh=impl.xla_mesh).global_tensor
 
 
 class _ToBlocks(torch.autograd.Function):
