@@ -4,11 +4,9 @@ Write the program once over tensors with named dims; one line of layout rules sa
 dims are split over which mesh axes; torchmesh inserts every collective.
 """
 
-from torchmesh import (
-    nn,
-    optim,
-    planning,
-)
+from torchmesh import nn as nn  # the subpackages tm.nn, tm.optim, tm.planning
+from torchmesh import optim as optim
+from torchmesh import planning as planning
 from torchmesh import tensor as _tensor  # noqa: F401  (installs MeshTensor's methods)
 from torchmesh.checkpoint import (
     export_state_dict,
@@ -135,13 +133,10 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "manual_seed",
-    "nn",
     "one_hot",
     "ones",
     "ones_like",
-    "optim",
     "pad",
-    "planning",
     "pointwise",
     "rand",
     "randn",
