@@ -66,7 +66,7 @@ _ALLOWED.update(
         ("torch.serialization", "_get_layout"): lambda name: _LAYOUTS[name],
     }
 )
-_LAYOUTS = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
+_LAYOUTS: dict[str, torch.layout] = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -179,9 +179,10 @@ class SafeReader(FileSystemReader):
             directory = pathlib.Path(self.path)
             metadata = read_metadata(directory / ".metadata")
             check_metadata(metadata, self._listed, directory)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
+            storage = getattr(metadata, "storage_meta", None)
+            if storage is None:
+                storage = metadata.storage_meta = StorageMeta()
+            storage.load_id = self.load_id
             self._metadata = metadata
         return self._metadata
 

@@ -135,6 +135,7 @@ def state_layout(
     the state is then laid out like the parameter over those dims."""
     if ref.layout is None or not shape:
         return None
+    assert ref.mesh is not None  # a laid-out parameter has a mesh
     param_shape = tuple(ref.shards[0].shape) if local else tuple(d.size for d in ref.layout.dims)
     declare = getattr(optimizer, "mesh_state_dims", None)
     names = declare(stat, ref.layout.names) if declare is not None else None
@@ -175,6 +176,7 @@ def global_value(slot: Slot) -> torch.Tensor:
     with torch.no_grad():
         if slot.layout is None:
             return slot.tensors[0].detach()
+        assert slot.mesh is not None  # a laid-out slot has a mesh
         if slot.mesh.impl.checkpoint_form == "per_rank":
             return to_dtensor(MeshTensor(tuple(t.detach() for t in slot.tensors), slot.layout, slot.mesh))
         return assemble(slot.tensors, slot.layout, slot.mesh)
@@ -202,9 +204,11 @@ def empty_global(
 ) -> torch.Tensor:
     """A tensor for DCP to load a global value into: this process's block of it on dist (as a
     DTensor), the whole value otherwise."""
-    if layout is not None and mesh.impl.checkpoint_form == "per_rank":
-        local = torch.empty(like.shape, dtype=dtype, device=like.device)
-        return to_dtensor(MeshTensor((local,), layout, mesh))
+    if layout is not None:
+        assert mesh is not None  # a laid-out value has a mesh
+        if mesh.impl.checkpoint_form == "per_rank":
+            local = torch.empty(like.shape, dtype=dtype, device=like.device)
+            return to_dtensor(MeshTensor((local,), layout, mesh))
     shape = like.shape if layout is None else tuple(d.size for d in layout.dims)
     return torch.empty(shape, dtype=dtype, device=like.device)
 
@@ -214,7 +218,9 @@ def local_blocks(loaded: torch.Tensor, layout: TensorLayout | None, mesh: Mesh |
     from torch.distributed.tensor import DTensor
 
     if isinstance(loaded, DTensor):  # DTensor's blocks, cut back to ours where they differ (uneven)
+        assert layout is not None and mesh is not None  # empty_global made it for a laid-out value
         return (from_dtensor(loaded, layout.names, mesh).local,)
     if layout is None:
         return (loaded,)
+    assert mesh is not None  # a laid-out value has a mesh
     return tuple(loaded[local_slices(layout, mesh.impl.slice_mesh, c)] for c in mesh.impl.local_coords)

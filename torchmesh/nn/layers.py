@@ -10,8 +10,9 @@ built without `seed=` draws one from torch's default generator (`torch.manual_se
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -225,7 +226,8 @@ class Dropout(Module):
         return dropout(x, self.p, training=self.training)
 
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": torch.relu, "silu": F.silu}
+#: torch's functions, applied to MeshTensors through __torch_function__ (hence no narrower type).
+ACTIVATIONS: dict[str, Callable[..., Any]] = {"gelu": F.gelu, "relu": torch.relu, "silu": F.silu}
 
 
 class FeedForward(Module):

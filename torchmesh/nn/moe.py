@@ -160,6 +160,7 @@ class MoE(Module):
             picks.append((slot, (probs * mask).sum(TOKEN_EXPERTS)))
             candidates = where(mask > 0, -1.0, candidates)
         dispatch = _total(slot for slot, _ in picks)
+        assert aux is not None  # set at k == 0 (top_k >= 1)
         if self.top_k == 1:  # Switch: the raw probability (its gradient trains the router)
             return picks[0][0] * picks[0][1], dispatch, aux
         norm = 1.0 / (_total(gate for _, gate in picks) + 1e-9)  # top-k gates sum to 1 (GShard)

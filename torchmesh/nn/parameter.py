@@ -93,8 +93,12 @@ def parameter_shards(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, 
     """The `nn.Parameter`s registered for `module`'s mesh parameter `name`, one per local device
     (the tensors `parameters()`, `state_dict()` and a torch optimizer hold)."""
     if name in module._parameters:
-        return (module._parameters[name],)
-    return tuple(module._modules[name])  # a ParameterList (sim)
+        shard = module._parameters[name]
+        assert shard is not None  # registered by assigning a MeshTensor
+        return (shard,)
+    shards = module._modules[name]
+    assert isinstance(shards, torch.nn.ParameterList)  # (sim)
+    return tuple(shards)
 
 
 def _as_mesh_tensor(module: torch.nn.Module, name: str, spec: MeshParamSpec) -> MeshTensor:

@@ -101,6 +101,7 @@ class Adafactor(torch.optim.Optimizer):
 
     def _update(self, p: MeshTensor, group: dict) -> None:
         g = p.grad
+        assert g is not None  # step() skips a parameter without a gradient
         states = [self.state[t] for t in p.shards]
         step = states[0].get("step", 0) + 1
         for s in states:

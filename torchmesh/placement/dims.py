@@ -82,7 +82,7 @@ def check_unique(names: Sequence[str], what: str) -> None:
         seen.add(n)
 
 
-def parse_dims(spec: DimsLike, sizes: Mapping[str, int] | None = None) -> tuple[Dim, ...]:
+def parse_dims(spec: DimsLike | Iterable[Dim | str], sizes: Mapping[str, int] | None = None) -> tuple[Dim, ...]:
     """Turn any dims-like value into a tuple of `Dim`s.
 
     Accepts "batch:8 d:16", a sequence of `Dim`s (or names, sized from `sizes`), or a

@@ -136,7 +136,7 @@ def _named_sizes(dims: str | Sequence[str | Dim] | Mapping[str, int]) -> tuple[t
     """(name, global size or None) for "batch ff", "batch:3 ff", [Dim, "name"] or {name: size}."""
     if isinstance(dims, Mapping):
         return tuple((d.name, d.size) for d in parse_dims(dims))
-    out = []
+    out: list[tuple[str, int | None]] = []
     for tok in dims.replace(",", " ").split() if isinstance(dims, str) else dims:
         if isinstance(tok, Dim) or (isinstance(tok, str) and ":" in tok):
             (d,) = parse_dims([tok])

@@ -121,7 +121,9 @@ def _disagreeing(table: torch.Tensor, x: MeshTensor, names: tuple[str, ...]) -> 
     out = []
     for coords in itertools.product(*(range(s) for s in table.shape[1:])):
         first = tuple(0 if i in rep else c for i, c in enumerate(coords))
-        if not torch.equal(table[(slice(None), *coords)], table[(slice(None), *first)]):
+        this_copy: tuple[slice | int, ...] = (slice(None), *coords)
+        first_copy: tuple[slice | int, ...] = (slice(None), *first)
+        if not torch.equal(table[this_copy], table[first_copy]):
             out.append((coords, first))
     return out
 
