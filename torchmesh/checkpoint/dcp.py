@@ -30,7 +30,7 @@ import shutil
 import socket
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -595,6 +595,7 @@ def _optimizer_targets(model, optimizer, stored: dict, state: dict, dims: dict) 
 
 def _local_like(layout, ref: ParamRef) -> torch.Tensor:
     """An empty tensor with the local block shape of `layout`, on the parameter's device."""
+    assert ref.mesh is not None  # `layout` is the state's, laid out like the parameter on its mesh
     shape = local_shape(layout, ref.mesh.impl.slice_mesh, ref.mesh.impl.local_coords[0])  # this rank's block
     return torch.empty(shape, dtype=ref.shards[0].dtype, device=ref.shards[0].device)
 
@@ -645,7 +646,7 @@ def _global_shape(layout, like: torch.Tensor) -> tuple[int, ...]:
     return tuple(like.shape) if layout is None else tuple(d.size for d in layout.dims)
 
 
-def _mismatch_message(missing: list[str], wrong: list[str], unexpected: list[str], renamed: list[str] = ()) -> str:
+def _mismatch_message(missing: list[str], wrong: list[str], unexpected: list[str], renamed: Sequence[str] = ()) -> str:
     lines = ["the checkpoint does not fit the model:"]
     lines += [f"  different dim names: {r}" for r in renamed]
     if missing:

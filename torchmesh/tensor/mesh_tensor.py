@@ -219,6 +219,7 @@ class MeshTensor:
     # ---- installed by torchmesh/tensor/methods.py from its tables; declared for type checkers --
     # (tests/tensor/test_methods_declared.py keeps this list and the tables in step)
     if TYPE_CHECKING:
+        __torch_function__: Any  # a classmethod: torch functions called with a MeshTensor come to it
 
         def __add__(self, other: Any) -> MeshTensor: ...
         def __sub__(self, other: Any) -> MeshTensor: ...
