@@ -90,11 +90,8 @@ def _regather_during_forward(model: torch.nn.Module) -> None:
     def leave(module, args, output):
         active.pop().__exit__(None, None, None)
 
-    # torch's stubs type Module.__setattr__'s value as Tensor | Module; any value is allowed
-    model._torchmesh_regather = (  # type: ignore[assignment]
-        model.register_forward_pre_hook(enter),
-        model.register_forward_hook(leave, always_call=True),
-    )
+    handles = (model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True))
+    object.__setattr__(model, "_torchmesh_regather", handles)  # a plain attribute: no tensor, no module
 
 
 def _stored_layout(layout: TensorLayout, rules: LayoutRules, mesh, name: str) -> TensorLayout:
