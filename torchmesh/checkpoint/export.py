@@ -116,7 +116,11 @@ def import_state_dict(source: str | os.PathLike[str] | Mapping[str, torch.Tensor
     with torch.no_grad():
         for ref in refs:
             value = values[ref.name]
-            blocks = (value,) if ref.layout is None else ref.mesh.impl.from_global(value, ref.layout)
+            if ref.layout is None:
+                blocks: tuple[torch.Tensor, ...] = (value,)
+            else:
+                assert ref.mesh is not None  # a laid-out parameter has a mesh
+                blocks = ref.mesh.impl.from_global(value, ref.layout)
             for target, block in zip(ref.shards, blocks):
                 target.copy_(block)
 

@@ -22,6 +22,11 @@ import torch
 
 from torchmesh.comm.backend import Data, MeshImpl
 from torchmesh.comm.executor import run_steps
+from torchmesh.placement.layout import TensorLayout
+from torchmesh.placement.plan import Step
+
+#: A stored layout and the relayout steps that gathered it (replayed in backward).
+Relayout = tuple[TensorLayout, tuple[Step, ...]]
 
 _ENABLED: ContextVar[bool] = ContextVar("torchmesh_regather", default=False)
 #: Devices whose tensors have storages the hooks can recognise saved views by.
@@ -43,7 +48,7 @@ def enabled() -> bool:
 
 
 def run_regathering(
-    impl: MeshImpl, compute: Callable[[], Data], sources: Sequence[tuple[Data, Data, Sequence]]
+    impl: MeshImpl, compute: Callable[[], Data], sources: Sequence[tuple[Data, Data, Relayout]]
 ) -> Data:
     """Run `compute()`, replacing every tensor it saves for backward that is a view of a
     gathered input by a note; `sources` holds, per such input, (stored shards, gathered
@@ -98,7 +103,7 @@ class _Note:
     """Marks a saved tensor replaced by a regather (never instantiated)."""
 
 
-def _replay(impl: MeshImpl, data: Data, relayout: tuple) -> Data:
+def _replay(impl: MeshImpl, data: Data, relayout: Relayout) -> Data:
     """The relayout (stored layout, steps) once more, outside autograd, recorded as
     backward traffic."""
     src, steps = relayout

@@ -5,6 +5,7 @@ they are."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property, reduce
 
 import torch
@@ -12,7 +13,11 @@ import torch
 from torchmesh.comm.backend import Data, MeshImpl, Sizes
 from torchmesh.placement.mesh_shape import axis_groups
 
-_REDUCE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
+_REDUCE: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "sum": torch.add,
+    "max": torch.maximum,
+    "min": torch.minimum,
+}
 
 
 class SimImpl(MeshImpl):
