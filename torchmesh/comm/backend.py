@@ -23,7 +23,7 @@ from torchmesh.placement.mesh_shape import MeshShape
 
 Data = tuple[torch.Tensor, ...]
 #: Per local tensor, the size a dim has once gathered (None: blocks are even).
-Sizes = "tuple[int, ...] | None"
+Sizes = tuple[int, ...] | None
 
 
 class MeshImpl:

@@ -21,6 +21,7 @@ import datetime
 import os
 import sys
 import tempfile
+from types import FrameType
 from typing import Any
 
 import torch
@@ -144,7 +145,8 @@ def call_site() -> tuple[str, str]:
     """(the user's call site "file.py:line", the torchmesh entry point it called): the first
     frame outside torchmesh, torch and contextlib, and the outermost torchmesh frame below it.
     The file's base name only, so that ranks running one script from different paths agree."""
-    frame, entry = sys._getframe(1), ""
+    frame: FrameType | None = sys._getframe(1)
+    entry = ""
     while frame is not None:
         name = frame.f_code.co_filename
         if name.startswith(_TORCHMESH_DIR):
