@@ -222,3 +222,61 @@ def test_stalled_or_crashed_rank_raises_within_the_timeout(what, check, nprocs):
     for rank, line in enumerate(results):
         assert line.startswith("CollectiveTimeout"), f"rank {rank}: {line}"
         assert float(line.split(" after ")[1].split("s:")[0]) < 2 * TIMEOUT + 5, line
+
+
+# ---- the op named in an error is the op that was running (issue 17.3) ------------------------
+def _message(fn) -> str:
+    """The whole message of what `fn()` raised ("none" if it returned)."""
+    try:
+        fn()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "none"
+
+
+def ops_that_name_themselves() -> dict:
+    """After an einsum and a local_map (whose name used to stay current), ranks disagree in a
+    relayout (both modes), a shift and a backward (check mode): each error names that op."""
+    import os
+
+    import torchmesh as tm
+
+    rank = int(os.environ["RANK"])
+    out: dict = {}
+    for check in (True, False):
+        mode = "check" if check else "default"
+        size = 8 if check else 12  # new plans and first uses in each mode
+        mesh = tm.Mesh("tp:2", rules="ff:tp", backend="dist", check=check, timeout=TIMEOUT)
+        x = tm.randn(f"batch:4 ff:{size}", mesh, seed=0)
+        tm.einsum("batch ff, ff -> batch", x, tm.randn(f"ff:{size}", mesh, seed=1))
+        tm.local_map(lambda t: t * 2, x, out_dims="batch ff")
+        out[f"relayout/{mode}"] = _message(lambda: tm.relayout(x, "" if rank == 0 else "batch:tp"))
+    mesh = tm.Mesh("sp:2", rules="seq:sp", backend="dist", check=True, timeout=TIMEOUT)
+    s = tm.randn("seq:8 d:2", mesh, seed=2)
+    out["shift/check"] = _message(lambda: tm.shift(s, "seq", 1 + rank))
+    # the same forward on both ranks but for the op (no collective there: w is broadcast over
+    # sp); only the backward's all-reduce of w's gradient tells them apart
+    w = tm.randn("d:2", mesh, seed=3, requires_grad=True)
+    y = s * w if rank == 0 else s + w
+    out["backward/check"] = _message(lambda: y.backward(tm.ones("seq:8 d:2", mesh)))
+    return out
+
+
+def test_errors_name_the_running_op():
+    results = run_distributed(ops_that_name_themselves, 2, timeout=120)
+    for rank, out in enumerate(results):
+        for mode in ("check", "default"):
+            text = out[f"relayout/{mode}"]
+            assert text.startswith("CollectiveMismatch"), f"rank {rank} {mode}: {text}"
+            assert "ranks [0]: all_gather over ('tp',)" in text and "ranks [1]: all_to_all over ('tp',)" in text
+            size = 8 if mode == "check" else 12
+            assert f"in relayout [batch:4 ff:{size}@tp] -> [batch:4 ff:{size}]," in text, text
+            assert f"in relayout [batch:4 ff:{size}@tp] -> [batch:4@tp ff:{size}]," in text, text
+            assert "einsum" not in text and "local_map" not in text, text
+        text = out["shift/check"]
+        assert text.startswith("CollectiveMismatch") and "in shift(x, 'seq', 1) of [seq:8@sp d:2]" in text, text
+        assert "in shift(x, 'seq', 2) of [seq:8@sp d:2]" in text, text
+        text = out["backward/check"]
+        assert text.startswith("CollectiveMismatch"), f"rank {rank}: {text}"
+        assert "all_reduce over ('sp',) (backward)" in text and "in backward of mul [seq:8@sp d:2] , [d:2]" in text
+        assert "in backward of add [seq:8@sp d:2] , [d:2]" in text, text

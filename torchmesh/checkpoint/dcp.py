@@ -86,7 +86,7 @@ class _Processes:
 
     def __init__(self, mesh: Mesh | None) -> None:
         if mesh is not None:
-            self.dist = mesh.backend == "dist"
+            self.dist = mesh.impl.multi_process
         else:  # a model without mesh parameters: every rank of a running job, if any
             self.dist = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.dist else 0

@@ -36,7 +36,9 @@ def global_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         for ref in model_params(model):
             if ref.layout is None:
                 out[ref.name] = ref.shards[0].detach().clone()
-            elif ref.mesh.backend == "dist":
+                continue
+            assert ref.mesh is not None  # a laid-out parameter has a mesh
+            if ref.mesh.impl.checkpoint_form == "per_rank":  # this rank's blocks: gather them
                 out[ref.name] = MeshTensor(tuple(t.detach() for t in ref.shards), ref.layout, ref.mesh).full()
             else:
                 out[ref.name] = assemble(ref.shards, ref.layout, ref.mesh)
@@ -128,5 +130,5 @@ def import_state_dict(source: str | os.PathLike[str] | Mapping[str, torch.Tensor
 def _distributed(model: torch.nn.Module) -> bool:
     mesh = model_mesh(model)
     if mesh is not None:
-        return mesh.backend == "dist"
+        return mesh.impl.multi_process
     return dist.is_available() and dist.is_initialized()

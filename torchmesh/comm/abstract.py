@@ -33,8 +33,8 @@ class AbstractImpl(MeshImpl):
     holds_values = False
     default_device = META
 
-    def __init__(self, shape: MeshShape) -> None:
-        super().__init__(shape)
+    def __init__(self, shape: MeshShape, rules: str = "") -> None:
+        super().__init__(shape, rules=rules)
         self._coords = (tuple(0 for _ in shape.names),)
 
     @property

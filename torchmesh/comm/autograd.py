@@ -23,7 +23,7 @@ import torch
 from torch.autograd import Function
 
 from torchmesh.comm import stats
-from torchmesh.comm.backend import Data, MeshImpl, Sizes
+from torchmesh.comm.backend import Data, MeshImpl, OpScope, Sizes
 
 
 def _live(impl: MeshImpl, axes: tuple[str, ...]) -> tuple[str, ...]:
@@ -87,6 +87,12 @@ def _shift(impl, ts, axes, offset, wrap, phase="forward"):
 
 
 # ---- autograd pairs --------------------------------------------------------------------------
+# Each pair whose backward communicates records, in forward, the op that was running
+# (`impl.op_name()`, a string: nothing that keeps tensors alive) and names its backward after it.
+def _backward_of(ctx) -> OpScope:
+    return ctx.impl.op_scope(f"backward of {ctx.op}" if ctx.op else "backward")
+
+
 class _AllReduce(Function):
     @staticmethod
     def forward(ctx, impl, axes, *ts):
@@ -100,12 +106,13 @@ class _AllReduce(Function):
 class _SumGrad(Function):
     @staticmethod
     def forward(ctx, impl, axes, *ts):
-        ctx.impl, ctx.axes = impl, axes
+        ctx.impl, ctx.axes, ctx.op = impl, axes, impl.op_name()
         return tuple(t.view_as(t) for t in ts)
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, *_all_reduce(ctx.impl, grads, ctx.axes, "sum", "backward"))
+        with _backward_of(ctx):
+            return (None, None, *_all_reduce(ctx.impl, grads, ctx.axes, "sum", "backward"))
 
 
 class _AllGather(Function):
@@ -116,12 +123,14 @@ class _AllGather(Function):
     @staticmethod
     def forward(ctx, impl, axis, dim, reduce_grad, sizes, *ts):
         ctx.impl, ctx.axis, ctx.dim, ctx.reduce_grad = impl, axis, dim, reduce_grad
+        ctx.op = impl.op_name() if reduce_grad else ""
         return _all_gather(impl, ts, axis, dim, sizes=sizes)
 
     @staticmethod
     def backward(ctx, *grads):
         if ctx.reduce_grad:
-            grads = _reduce_scatter(ctx.impl, tuple(g.contiguous() for g in grads), ctx.axis, ctx.dim, "backward")
+            with _backward_of(ctx):
+                grads = _reduce_scatter(ctx.impl, tuple(g.contiguous() for g in grads), ctx.axis, ctx.dim, "backward")
         else:
             grads = tuple(g.contiguous() for g in ctx.impl.split(grads, ctx.axis, ctx.dim))
         return (None, None, None, None, None, *grads)
@@ -131,46 +140,53 @@ class _Split(Function):
     @staticmethod
     def forward(ctx, impl, axis, dim, *ts):
         ctx.impl, ctx.axis, ctx.dim, ctx.sizes = impl, axis, dim, _sizes_along(ts, dim)
+        ctx.op = impl.op_name()
         return tuple(t.contiguous() for t in impl.split(ts, axis, dim))
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, None, *_all_gather(ctx.impl, grads, ctx.axis, ctx.dim, "backward", ctx.sizes))
+        with _backward_of(ctx):
+            return (None, None, None, *_all_gather(ctx.impl, grads, ctx.axis, ctx.dim, "backward", ctx.sizes))
 
 
 class _ReduceScatter(Function):
     @staticmethod
     def forward(ctx, impl, axis, dim, *ts):
         ctx.impl, ctx.axis, ctx.dim, ctx.sizes = impl, axis, dim, _sizes_along(ts, dim)
+        ctx.op = impl.op_name()
         return _reduce_scatter(impl, ts, axis, dim)
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, None, *_all_gather(ctx.impl, grads, ctx.axis, ctx.dim, "backward", ctx.sizes))
+        with _backward_of(ctx):
+            return (None, None, None, *_all_gather(ctx.impl, grads, ctx.axis, ctx.dim, "backward", ctx.sizes))
 
 
 class _AllToAll(Function):
     @staticmethod
     def forward(ctx, impl, axis, gather_dim, split_dim, sizes, *ts):
         ctx.impl, ctx.axis, ctx.dims = impl, axis, (gather_dim, split_dim)
-        ctx.sizes = _sizes_along(ts, split_dim)
+        ctx.sizes, ctx.op = _sizes_along(ts, split_dim), impl.op_name()
         return _all_to_all(impl, ts, axis, gather_dim, split_dim, sizes=sizes)
 
     @staticmethod
     def backward(ctx, *grads):
         g, s = ctx.dims
-        return (None, None, None, None, None, *_all_to_all(ctx.impl, grads, ctx.axis, s, g, "backward", ctx.sizes))
+        with _backward_of(ctx):
+            back = _all_to_all(ctx.impl, grads, ctx.axis, s, g, "backward", ctx.sizes)
+        return (None, None, None, None, None, *back)
 
 
 class _Shift(Function):
     @staticmethod
     def forward(ctx, impl, axes, offset, wrap, *ts):
-        ctx.impl, ctx.axes, ctx.offset, ctx.wrap = impl, axes, offset, wrap
+        ctx.impl, ctx.axes, ctx.offset, ctx.wrap, ctx.op = impl, axes, offset, wrap, impl.op_name()
         return _shift(impl, ts, axes, offset, wrap)
 
     @staticmethod
     def backward(ctx, *grads):
-        back = _shift(ctx.impl, grads, ctx.axes, -ctx.offset, ctx.wrap, "backward")
+        with _backward_of(ctx):
+            back = _shift(ctx.impl, grads, ctx.axes, -ctx.offset, ctx.wrap, "backward")
         return (None, None, None, None, *back)
 
 

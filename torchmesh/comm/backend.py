@@ -13,13 +13,15 @@ XLA partitioner does the cutting), so every collective short-circuits to the ide
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from torchmesh.placement.layout import TensorLayout, local_slices
 from torchmesh.placement.mesh_shape import MeshShape
+from torchmesh.placement.op_plan import OpPlan
 
 Data = tuple[torch.Tensor, ...]
 #: Per local tensor, the size a dim has once gathered (None: blocks are even).
@@ -27,24 +29,46 @@ Sizes = tuple[int, ...] | None
 
 
 class MeshImpl:
-    """Base class of the backends. Subclasses set `name` and implement the raw collectives."""
+    """Base class of the backends. Subclasses set `name` and the facts below, and implement the
+    raw collectives. Code outside `comm/` and `xla/` reads these facts, never the backend's name
+    or a device type (tests/house/test_backend_facts.py)."""
 
     name: str = "?"
     default_device = torch.device("cpu")
-    #: True when every collective is first verified across ranks (`verify`); ops then also
-    #: set `current_op` so that errors can name them.
-    checking: bool = False
-    current_op: str = ""
-    #: Whether this process prints collective output such as `tm.show` (rank 0 only on dist).
-    prints: bool = True
+
+    # ---- facts: what callers may rely on ---------------------------------------------------
+    #: Data holds one local tensor per device of the mesh, every one in this process (sim).
+    holds_every_shard: bool = False
+    #: One process per device: collectives cross processes and every rank makes the same calls (dist).
+    multi_process: bool = False
     #: Whether reading a value on the host is cheap: true where tensors hold their values now
     #: (sim, dist); false on xla (a read runs the pending program) and abstract (no values).
     #: Value checks (ids in range) run only where it is, or in check mode.
     reads_values: bool = True
-    #: Whether tensors have values at all (false on abstract: shapes only, for planning).
+    #: Whether tensors have values (false on abstract: meta tensors, shapes only; nothing is drawn).
     holds_values: bool = True
+    #: Whether saved tensors have storages that FSDP's regather hooks recognise (false on xla).
+    can_regather: bool = True
+    #: How checkpoints hold values: "global" (whole tensors) or "per_rank" (each rank's blocks, as DTensors).
+    checkpoint_form: Literal["global", "per_rank"] = "global"
+    #: torch's DeviceMesh over the mesh's processes, where there is one (dist): DTensor interop.
+    device_mesh: Any = None
+    #: The most devices a mesh of this backend may have (None: no limit of its own).
+    max_devices: int | None = None
 
-    def __init__(self, shape: MeshShape, slice_mesh: MeshShape | None = None) -> None:
+    # ---- check mode and the running op -------------------------------------------------------
+    #: True when every collective is first verified across ranks (`verify`); ops then also
+    #: set `current_op` so that errors can name them.
+    checking: bool = False
+    #: The running op's name while checking ("" outside ops); on dist, a marker while an agreed op runs.
+    current_op: str = ""
+    #: The running op, named lazily (a string or a function giving it): what errors name.
+    _naming: str | Callable[[], str] = ""
+    #: Whether this process prints collective output such as `tm.show` (rank 0 only on dist).
+    prints: bool = True
+
+    def __init__(self, shape: MeshShape, slice_mesh: MeshShape | None = None, rules: str = "") -> None:
+        """`rules`: the mesh's layout rules as text (the dist backend agrees on them across ranks)."""
         self.shape = shape
         self.slice_mesh = slice_mesh or shape
         names, sizes = self.slice_mesh.names, self.slice_mesh.sizes
@@ -141,19 +165,76 @@ class MeshImpl:
     ) -> None:
         """Called before each collective when `checking`: raise unless every rank agrees."""
 
-    def begin_op(self, plan: object, dtypes: tuple, describe: Callable[[], str]) -> str:
+    def begin_op(self, plan: OpPlan, dtypes: tuple, describe: Callable[[], str]) -> tuple:
         """An op with this cached plan (and input dtypes) starts; `describe()` names it. When
         checking, it becomes `current_op` (named by errors) until `end_op`; the dist backend also
         agrees on each new plan with the other ranks here. Returns what `end_op` restores."""
-        saved = self.current_op
+        saved = (self.current_op, self._naming)
         if self.checking:
-            self.current_op = describe()
+            self.current_op = self._naming = describe()
+        else:
+            self._naming = describe
         return saved
+
+    def end_op(self, saved: tuple) -> None:
+        """The op begun by `begin_op` ended (or raised): the op named before it is current again."""
+        self.current_op, self._naming = saved
+
+    def op_scope(self, describe: str | Callable[[], str]) -> OpScope:
+        """Context manager: the collectives run in the block belong to the op `describe` names
+        (a relayout, a shift, `x.full()`, the backward of an op), so a mismatch or a timeout
+        names it; inside another op's scope the name is "<this> in <that>".
+
+        >>> from torchmesh.comm.sim import SimImpl
+        >>> impl = SimImpl(MeshShape.parse("dp:2"))
+        >>> impl.checking = True  # (only the dist backend checks: Mesh(..., check=True))
+        >>> with impl.op_scope("slice(x, 'seq', 0, 2)"), impl.op_scope(lambda: "relayout"):
+        ...     impl.op_name()
+        "relayout in slice(x, 'seq', 0, 2)"
+        >>> impl.op_name()
+        ''
+        """
+        return OpScope(self, describe)
+
+    def op_name(self) -> str:
+        """The running op as errors name it ("" when none). Only where ranks can disagree (check
+        mode, or several processes) is a lazily named op described; elsewhere nothing reads it."""
+        if self.checking or not self.multi_process:
+            return self.current_op
+        return _text(self._naming)
 
     def agree_call(self, what: str) -> None:
         """Every rank must be making this call (`what`, e.g. "x.full()") now: the dist backend
         raises on every rank otherwise (a rank-0-only call), instead of hanging."""
 
-    def end_op(self, saved: str) -> None:
-        """The op begun by `begin_op` ended (or raised): the op named before it is current again."""
-        self.current_op = saved
+
+def _text(name: str | Callable[[], str]) -> str:
+    return name() if callable(name) else name
+
+
+class OpScope:
+    """`MeshImpl.op_scope`: names the running op for the block (restores the previous one after)."""
+
+    __slots__ = ("describe", "impl", "saved")
+
+    def __init__(self, impl: MeshImpl, describe: str | Callable[[], str]) -> None:
+        self.impl, self.describe = impl, describe
+
+    def __enter__(self) -> OpScope:
+        impl, describe = self.impl, self.describe
+        self.saved = (impl.current_op, impl._naming)
+        outer = impl._naming
+        if outer:
+            describe = functools.partial(_nested, describe, outer)
+        if impl.checking:
+            impl.current_op = impl._naming = _text(describe)
+        else:
+            impl._naming = describe
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.impl.current_op, self.impl._naming = self.saved
+
+
+def _nested(inner: str | Callable[[], str], outer: str | Callable[[], str]) -> str:
+    return f"{_text(inner)} in {_text(outer)}"

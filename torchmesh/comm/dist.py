@@ -35,6 +35,7 @@ from torchmesh.errors import (
     MeshError,
 )
 from torchmesh.placement.mesh_shape import MeshShape, axis_groups, block_sizes
+from torchmesh.placement.op_plan import OpPlan
 
 #: Seconds a collective waits for the other ranks before raising (`tm.Mesh(..., timeout=)`
 #: or the TORCHMESH_TIMEOUT environment variable override it). gloo's own default is 30 min.
@@ -299,11 +300,13 @@ class DistImpl(MeshImpl):
     """This process is one device of the mesh; Data holds its one local shard."""
 
     name = "dist"
+    multi_process = True
+    checkpoint_form = "per_rank"
 
     def __init__(
         self, shape: MeshShape, timeout: float | None = None, check: bool | None = None, rules: str = ""
     ) -> None:
-        super().__init__(shape)
+        super().__init__(shape, rules=rules)
         self.timeout = default_timeout() if timeout is None else float(timeout)
         if self.timeout <= 0:
             raise BackendError(
@@ -350,20 +353,23 @@ class DistImpl(MeshImpl):
             )
 
     # ---- agreement: check mode (every collective) and first use (default mode) ---------------
-    def begin_op(self, plan: object, dtypes: tuple, describe) -> str:
+    def begin_op(self, plan: OpPlan, dtypes: tuple, describe) -> tuple:
         """An op with this (cached) plan starts: name it (check mode), or agree on it with the
         other ranks the first time this process uses it with these dtypes (default mode), so
         that its collectives need no agreement of their own. Returns what `end_op` restores."""
-        saved = self.current_op
+        saved = (self.current_op, self._naming)
         if self.checking:
-            self.current_op = describe()
+            self.current_op = self._naming = describe()
             return saved
         if not plan.communicates:
             return saved
         key = (id(plan), dtypes)
-        if _first_use(key, plan):  # the plan is kept, so its id is not reused while it is a key
+        seen = _SEEN.get(key)
+        if seen is None:
+            name = describe()
+            _first_use(key, (plan, name))  # the plan is kept, so its id is not reused while it is a key
             try:
-                what = f"{describe()} of {', '.join(str(d).removeprefix('torch.') for d in dtypes)}"
+                what = f"{name} of {', '.join(str(d).removeprefix('torch.') for d in dtypes)}"
                 site, _ = call_site()
                 _SEQ[0] += 1
                 everyone = _gather(("op", (), (), "", "first use", what, site, 0), self.timeout, what)
@@ -372,11 +378,10 @@ class DistImpl(MeshImpl):
             except BaseException:
                 _SEEN.pop(key, None)
                 raise
-        self.current_op = _AGREED
+        else:
+            name = seen[1]
+        self.current_op, self._naming = _AGREED, name  # its name, for a timeout's message
         return saved
-
-    def end_op(self, saved: str) -> None:
-        self.current_op = saved
 
     def agree_call(self, what: str) -> None:
         if not self.checking:  # checking, the collectives of the call are verified anyway
@@ -416,7 +421,7 @@ class DistImpl(MeshImpl):
         if whole is not None:
             shape[whole[0]] = whole[1]
         _SEQ[0] += 1
-        op = self.current_op if self.current_op and self.current_op != _AGREED else entry
+        op = self.op_name() or entry
         mine = (kind, axes, tuple(shape), str(tensor.dtype), phase, op, site, _SEQ[0])
         everyone = _gather(mine, self.timeout, f"{kind} over {axes} ({phase} of {op or 'an op'}, called at {site})")
         if not _agree(everyone, axis_groups(self.shape, axes)):
@@ -424,8 +429,9 @@ class DistImpl(MeshImpl):
 
     def _failed(self, kind: str, axes: tuple[str, ...], error: RuntimeError) -> CollectiveTimeout:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        op = self.op_name()
         return CollectiveTimeout(
-            f"rank {self.rank}: {kind} over {axes} did not complete within {self.timeout:.0f}s, or a rank "
+            f"rank {self.rank}: {kind} over {axes}{f' in {op}' if op else ''} did not complete within {self.timeout:.0f}s, or a rank "
             f"left ({first}). One of the ranks runs a different program, crashed, or is stuck. Fix: run "
             f"the same program on every rank; TORCHMESH_CHECK=1 names the first collective where the ranks "
             f"differ; the timeout is tm.Mesh(..., timeout=seconds) or TORCHMESH_TIMEOUT."

@@ -29,8 +29,6 @@ from torchmesh.placement.plan import Step
 Relayout = tuple[TensorLayout, tuple[Step, ...]]
 
 _ENABLED: ContextVar[bool] = ContextVar("torchmesh_regather", default=False)
-#: Devices whose tensors have storages the hooks can recognise saved views by.
-_STORAGE_DEVICES = ("cpu", "cuda", "meta")
 
 
 @contextmanager
@@ -53,8 +51,9 @@ def run_regathering(
     """Run `compute()`, replacing every tensor it saves for backward that is a view of a
     gathered input by a note; `sources` holds, per such input, (stored shards, gathered
     data, (its stored layout, the relayout steps that gathered it))."""
-    if any(t.device.type not in _STORAGE_DEVICES for _, gathered, _ in sources for t in gathered):
+    if not impl.can_regather:
         return compute()  # e.g. XLA tensors: no storages to recognise (and XLA plans memory itself)
+    op = impl.op_name()  # the op that gathered: its backward names the regather
     owners: dict[int, tuple[int, int]] = {}  # storage -> (source, device)
     for s, (_, gathered, _) in enumerate(sources):
         for d, t in enumerate(gathered):
@@ -70,7 +69,7 @@ def run_regathering(
     def regathered(s: int) -> Data:
         if s not in cache:
             shards, steps = stored[s]
-            with torch.no_grad():
+            with torch.no_grad(), impl.op_scope(f"regather for the backward of {op or 'an op'}"):
                 cache[s] = tuple(
                     _like(t, shape, stride) for t, (shape, stride, _) in zip(_replay(impl, shards, steps), geometry[s])
                 )

@@ -24,6 +24,10 @@ class SimImpl(MeshImpl):
     """Every device of the mesh lives in this process; Data holds one tensor per device."""
 
     name = "sim"
+    holds_every_shard = True
+    #: It keeps a tensor per device and computes every collective in one process, so a larger
+    #: mesh would run for hours; plan with backend="abstract" instead.
+    max_devices = 4096
 
     @cached_property
     def local_coords(self) -> tuple[tuple[int, ...], ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from torchmesh.comm.abstract import AbstractImpl
@@ -34,6 +35,9 @@ class Mesh:
     TORCHMESH_TIMEOUT) bounds every wait for the other ranks and `check=True` (or
     TORCHMESH_CHECK=1) checks every collective; see docs/reliability.md. The rules may be
     changed for a block of code with `with mesh.rules_scope("..."):`.
+
+    A Mesh is immutable once built (setting an attribute raises AttributeError): its tensors
+    refer to it, so a change would silently apply to all of them.
     """
 
     def __init__(
@@ -59,10 +63,28 @@ class Mesh:
             )
             rules = layout
         self.shape: MeshShape = MeshShape.parse(shape)
-        self.rules: LayoutRules = LayoutRules.parse(rules)
+        self._rules: LayoutRules = LayoutRules.parse(rules)
         check_rules_axes(self.rules, self.shape)
         self.backend = backend
         self.impl: MeshImpl = _make_impl(backend, self.shape, options, self.rules)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "impl" in self.__dict__:  # built: the backend is the last thing __init__ sets
+            raise AttributeError(
+                f"a tm.Mesh is immutable: cannot set mesh.{name}. Fix: change the rules for a block of "
+                f"code with `with mesh.rules_scope(...)`, or build another tm.Mesh."
+            )
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"a tm.Mesh is immutable: cannot delete mesh.{name}.")
+
+    @property
+    def rules(self) -> LayoutRules:
+        """The layout rules: those of the innermost `rules_scope` of this mesh around the running
+        code, else the mesh's own."""
+        scoped = _SCOPED_RULES.get()
+        return scoped.get(self, self._rules) if scoped else self._rules
 
     @property
     def axis_names(self) -> tuple[str, ...]:
@@ -81,18 +103,30 @@ class Mesh:
 
     def rules_scope(self, layout: RulesLike, replace: bool = False):
         """Context manager: inside the block these rules are added to the mesh's (overriding
-        rules for the same dims), or, with `replace=True`, are the mesh's only rules."""
+        rules for the same dims), or, with `replace=True`, are the mesh's only rules.
+
+        The scope is a context variable, not a change to the mesh: the mesh stays immutable,
+        its tensors (which refer to this very mesh) follow the scoped rules without being
+        rebound to another mesh object, and the scope is local to the thread or task that
+        opened it and ends with its block, even on an error.
+
+        >>> mesh = Mesh("tp:2", rules="ff:tp")
+        >>> with mesh.rules_scope("seq:tp"):
+        ...     str(mesh.rules)
+        'ff:tp;seq:tp'
+        >>> str(mesh.rules)
+        'ff:tp'
+        """
+        new = LayoutRules.parse(layout) if replace else self.rules.updated(layout)
+        check_rules_axes(new, self.shape)
 
         @contextmanager
         def scope():
-            saved = self.rules
-            new = LayoutRules.parse(layout) if replace else saved.updated(layout)
-            check_rules_axes(new, self.shape)
-            self.rules = new
+            token = _SCOPED_RULES.set({**(_SCOPED_RULES.get() or {}), self: new})
             try:
                 yield self
             finally:
-                self.rules = saved
+                _SCOPED_RULES.reset(token)
 
         return scope()
 
@@ -106,25 +140,24 @@ class Mesh:
         return f"Mesh({str(self.shape)!r}, rules={str(self.rules)!r}, backend={self.backend!r})"
 
 
-#: The most devices a sim mesh holds: it keeps a tensor per device and computes every collective
-#: in one process, so a larger one would run for hours; plan with backend="abstract" instead.
-SIM_MAX_DEVICES = 4096
+#: The rules of each mesh inside a `Mesh.rules_scope` block ({mesh: rules}, None outside any;
+#: never mutated: a scope sets a new dict).
+_SCOPED_RULES: ContextVar[dict[Mesh, LayoutRules] | None] = ContextVar("torchmesh_scoped_rules", default=None)
 
 
 def _make_impl(backend: str, shape: MeshShape, options: dict, rules: LayoutRules) -> MeshImpl:
     """The backend; on dist, every rank first checks that all build this mesh with these rules."""
-    if backend == "sim" and shape.size > SIM_MAX_DEVICES:
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}: choose one of {tuple(BACKENDS)}.")
+    impl = BACKENDS[backend]
+    if impl.max_devices is not None and shape.size > impl.max_devices:
         raise MeshError(
-            f"mesh {str(shape)!r} has {shape.size} devices; a sim mesh holds at most {SIM_MAX_DEVICES} "
+            f"mesh {str(shape)!r} has {shape.size} devices; a {backend} mesh holds at most {impl.max_devices} "
             f"(it keeps every device's shard in this process). Fix: backend='abstract' to evaluate shapes, "
             f"communication and memory without devices (as `python -m torchmesh plan` does), or a smaller mesh."
         )
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}: choose one of {tuple(BACKENDS)}.")
     _check_options(backend, options)
-    if backend == "dist":
-        return DistImpl(shape, rules=str(rules), **options)
-    return BACKENDS[backend](shape, **options)
+    return impl(shape, rules=str(rules), **options)
 
 
 def _check_options(backend: str, options: dict) -> None:

@@ -106,10 +106,11 @@ class MeshTensor:
     @property
     def local(self) -> torch.Tensor:
         """This process's shard (dist), or the global XLA tensor (xla). On sim use `.shards`."""
-        if len(self._data) != 1:
+        mesh = self._mesh
+        if mesh.impl.holds_every_shard and mesh.size > 1:
             raise BackendError(
-                f"x.local is this process's shard, but on the sim backend this process holds all "
-                f"{len(self._data)} devices' shards: use x.shards (a list in device order) or "
+                f"x.local is this process's shard, but on the {mesh.backend} backend this process holds all "
+                f"{mesh.size} devices' shards: use x.shards (a list in device order) or "
                 f"x.shard(dp=0, tp=1)."
             )
         return self._data[0]
@@ -140,9 +141,11 @@ class MeshTensor:
         every split axis gathered, then one local tensor."""
         replicated = TensorLayout(self._layout.dims, tuple(() for _ in self._layout.dims))
         steps = plan_relayout(self._layout, replicated)
+        impl = self._mesh.impl
         if steps:  # a collective: every rank must call it (a rank-0-only full() raises everywhere)
-            self._mesh.impl.agree_call("x.full()")
-        return self._mesh.impl.global_value(run_steps(self._mesh.impl, self._data, self._layout, steps))
+            impl.agree_call("x.full()")
+        with impl.op_scope("x.full()"):
+            return impl.global_value(run_steps(impl, self._data, self._layout, steps))
 
     # ---- autograd -------------------------------------------------------------------------
     @property
@@ -180,9 +183,9 @@ class MeshTensor:
         else:
             if gradient.dims != self.dims:
                 raise DimError(f"backward: the gradient's dims {gradient.dims} differ from the tensor's {self.dims}.")
-            grads = run_steps(
-                self._mesh.impl, gradient._data, gradient._layout, plan_relayout(gradient._layout, self._layout)
-            )
+            impl = self._mesh.impl
+            with impl.op_scope("x.backward(gradient)"):
+                grads = run_steps(impl, gradient._data, gradient._layout, plan_relayout(gradient._layout, self._layout))
         torch.autograd.backward(list(self._data), list(grads), retain_graph=retain_graph)
 
     def detach(self) -> MeshTensor:

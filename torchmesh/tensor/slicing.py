@@ -56,8 +56,9 @@ def slice(x: MeshTensor, dim: str, start: int, stop: int) -> MeshTensor:  # noqa
     stop = None if stop is None else integer(f"slice(x, {dim!r}, start, stop)", "stop", stop)
     start, stop, _ = builtins.slice(start, stop).indices(n)
     stop = max(stop, start)
-    whole, i = _whole_along(x, dim, "slice")
-    return _local_result(whole, i, stop - start, lambda t: t.narrow(i, start, stop - start))
+    with x.mesh.impl.op_scope(lambda: f"slice(x, {dim!r}, {start}, {stop}) of {x.tensor_layout}"):
+        whole, i = _whole_along(x, dim, "slice")
+        return _local_result(whole, i, stop - start, lambda t: t.narrow(i, start, stop - start))
 
 
 def concat(xs: Sequence[MeshTensor], dim: str) -> MeshTensor:
@@ -83,6 +84,12 @@ def concat(xs: Sequence[MeshTensor], dim: str) -> MeshTensor:
                 f"concat along {dim!r}: every tensor needs dim {dim!r} and the same other dims; "
                 f"got {[x.sizes for x in xs]}."
             )
+    with first.mesh.impl.op_scope(lambda: f"concat of {len(xs)} tensors along {dim!r}"):
+        return _concat(xs, dim)
+
+
+def _concat(xs: Sequence[MeshTensor], dim: str) -> MeshTensor:
+    first = xs[0]
     wholes = [_whole_along(x, dim, "concat")[0] for x in xs]
     i = first.dims.index(dim)
     target = wholes[0].tensor_layout
@@ -122,9 +129,10 @@ def pad(x: MeshTensor, dim: str, before: int, after: int, value: float = 0.0) ->
             f"{call}: before={before}, after={after} make a tensor of more than 2**62 elements, "
             f"which no device can hold. Fix: pad by a size that fits in memory."
         )
-    whole, i = _whole_along(x, dim, "pad")
-    spec = [0, 0] * (x.ndim - 1 - i) + [before, after]
-    return _local_result(whole, i, x.size(dim) + before + after, lambda t: F.pad(t, spec, value=value))
+    with x.mesh.impl.op_scope(lambda: f"{call} of {x.tensor_layout}"):
+        whole, i = _whole_along(x, dim, "pad")
+        spec = [0, 0] * (x.ndim - 1 - i) + [before, after]
+        return _local_result(whole, i, x.size(dim) + before + after, lambda t: F.pad(t, spec, value=value))
 
 
 def shift(x: MeshTensor, dim: str, offset: int, wrap: bool = False) -> MeshTensor:
@@ -142,6 +150,13 @@ def shift(x: MeshTensor, dim: str, offset: int, wrap: bool = False) -> MeshTenso
     if dim not in x.dims:
         raise DimError(errors.missing_dims("shift", [dim], x.dims))
     offset = integer(f"shift(x, {dim!r}, offset)", "offset", offset)
+    with x.mesh.impl.op_scope(
+        lambda: f"shift(x, {dim!r}, {offset}{', wrap=True' if wrap else ''}) of {x.tensor_layout}"
+    ):
+        return _shift(x, dim, offset, wrap)
+
+
+def _shift(x: MeshTensor, dim: str, offset: int, wrap: bool) -> MeshTensor:
     x = to_layout(x, x.mesh.layout_of(x.shape))
     impl = x.mesh.impl
     i = x.dims.index(dim)

@@ -103,8 +103,9 @@ class XlaImpl(MeshImpl):
 
     name = "xla"
     reads_values = False
+    can_regather = False  # XLA tensors have no storages (and XLA plans memory itself)
 
-    def __init__(self, shape: MeshShape) -> None:
+    def __init__(self, shape: MeshShape, rules: str = "") -> None:
         _require_torch_xla()
         import numpy as np
         import torch_xla
@@ -119,7 +120,7 @@ class XlaImpl(MeshImpl):
                 f"({xr.device_type()}). Fix: use a mesh whose axis sizes multiply to {n}, or, on CPU, "
                 f"set CPU_NUM_DEVICES={shape.size} (with PJRT_DEVICE=CPU) before torch_xla is imported."
             )
-        super().__init__(shape, MeshShape(tuple((name, 1) for name in shape.names)))
+        super().__init__(shape, MeshShape(tuple((name, 1) for name in shape.names)), rules)
         self.default_device = torch_xla.device()
         self.xla_mesh = xs.Mesh(np.arange(n), shape.sizes, shape.names)
         self._spec_text: dict[PartitionSpec, str] = {}
