@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)  # a Transformer LM on 4 CPU processes (dp x tp); --backend sim runs it in one
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 4 examples/train_lm.py --backend dist --mesh "dp:2;tp:2" --steps 300
 
-test: $(STAMP)
+test: $(STAMP)  # lint, format and type checks first (seconds), then the suite
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests
 
 clean:
