@@ -196,9 +196,9 @@ def test_clip_counts_replicated_shards_once():
 
 def test_plain_parameters_are_refused():
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="not MeshTensors"):
+    with pytest.raises(tm.ArgumentTypeError, match="not MeshTensors"):
         tm.optim.clip_grad_norm_(model, 1.0)
-    with pytest.raises(ValueError, match="takes a module or MeshTensors"):
+    with pytest.raises(tm.ArgumentTypeError, match="takes a module or MeshTensors"):
         tm.optim.Adafactor([torch.zeros(2, requires_grad=True)])
 
 

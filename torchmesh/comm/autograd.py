@@ -26,10 +26,6 @@ from torchmesh.comm import stats
 from torchmesh.comm.backend import Data, MeshImpl, OpScope, Sizes
 
 
-def _live(impl: MeshImpl, axes: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(a for a in axes if impl.axis_size(a) > 1)
-
-
 def _size(impl: MeshImpl, axes: tuple[str, ...]) -> int:
     k = 1
     for a in axes:
@@ -193,7 +189,7 @@ class _Shift(Function):
 # ---- the functions ops call ------------------------------------------------------------------
 def all_reduce(impl: MeshImpl, ts: Data, axes: tuple[str, ...], op: str = "sum") -> Data:
     """Sum (or max/min, not differentiable) over the devices of `axes`; result replicated."""
-    axes = _live(impl, axes)
+    axes = impl.slice_mesh.live_axes(axes)
     if not axes:
         return ts
     if op == "sum" and _needs_grad(ts):
@@ -203,7 +199,7 @@ def all_reduce(impl: MeshImpl, ts: Data, axes: tuple[str, ...], op: str = "sum")
 
 def sum_grad(impl: MeshImpl, ts: Data, axes: tuple[str, ...]) -> Data:
     """Identity forward; backward sums the gradient over `axes` (an input broadcast there)."""
-    axes = _live(impl, axes)
+    axes = impl.slice_mesh.live_axes(axes)
     if not axes or not _needs_grad(ts):
         return ts
     return _SumGrad.apply(impl, axes, *ts)
@@ -256,7 +252,7 @@ def all_to_all(
 
 
 def shift(impl: MeshImpl, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
-    axes = _live(impl, axes)
+    axes = impl.slice_mesh.live_axes(axes)
     k = _size(impl, axes)
     if wrap:  # a whole turn around the group is the identity
         offset %= k

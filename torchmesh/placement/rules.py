@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from torchmesh.errors import ParseError
+from torchmesh.errors import ParseError, TorchMeshError
 from torchmesh.placement.dims import check_name
 from torchmesh.placement.mesh_shape import MeshShape
 
@@ -99,11 +99,14 @@ def _parse_rules(text: str) -> LayoutRules:
             continue
         dim, sep, axes = part.partition(":")
         axes_t = tuple(a.strip() for a in axes.split(","))
-        if not sep or not all(axes_t):
+        if not sep or not dim.strip() or not all(axes_t):
             raise ParseError(
                 f"layout rules {text!r}: cannot read {part!r}. Write each rule as dim:axis (or "
                 f"dim:axis1,axis2 to split over several axes, major first), separated by ';', "
                 f"for example 'batch:dp;ff:tp'."
             )
         pairs.append((dim.strip(), axes_t))
-    return LayoutRules(tuple(pairs))
+    try:
+        return LayoutRules(tuple(pairs))
+    except TorchMeshError as e:  # a bad name or a repeated dim: said with the text it came from
+        raise type(e)(f"layout rules {text!r}: {e}") from None

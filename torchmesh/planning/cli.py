@@ -80,7 +80,9 @@ def parse_bandwidths(text: str) -> dict[str, float]:
     for part in filter(None, (p.strip() for p in text.split(";"))):
         axis, sep, value = part.partition(":")
         if not sep:
-            raise PlanningError(f"cannot read the bandwidth {part!r}: write axis:bytes-per-second, e.g. 'dp:25GB'.")
+            raise PlanningError(
+                f"cannot read the bandwidth {part!r} in {text!r}: write axis:bytes-per-second, e.g. 'dp:25GB'."
+            )
         out[axis.strip()] = float(parse_bytes(value))
         if out[axis.strip()] <= 0:
             raise PlanningError(f"the bandwidth {part!r} is not positive: write e.g. 'dp:25GB'.")

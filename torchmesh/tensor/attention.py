@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from torchmesh import errors
-from torchmesh.errors import ArgumentError, DimError
+from torchmesh.errors import ArgumentError, ArgumentTypeError, DimError
 from torchmesh.placement.dims import Dim
 from torchmesh.placement.mesh_shape import block_bounds
 from torchmesh.placement.op_plan import OpPlan
@@ -415,7 +415,7 @@ def _roles(
                 f"lack. Fix: a mask over some of the scores' dims (reduce or rename the others)."
             )
         if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-            raise DimError(
+            raise ArgumentTypeError(
                 f"attention: mask has dtype {mask.dtype}; it must be boolean (True where a query may "
                 f"attend a key) or floating point (added to the scores). Fix: mask != 0 or mask.float()."
             )

@@ -95,7 +95,7 @@ def from_local(
     impl = mesh.impl
     expected = len(impl.local_coords)
     if len(data) != expected:
-        raise DimError(f"from_local: got {len(data)} shards, but this process holds {expected} devices.")
+        raise ArgumentError(f"from_local: got {len(data)} shards, but this process holds {expected} devices.")
     named = _named_sizes(dims)
     names = tuple(n for n, _ in named)
     if any(t.dim() != len(names) for t in data):

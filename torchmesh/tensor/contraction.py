@@ -12,7 +12,7 @@ from torchmesh.comm import autograd as comm
 from torchmesh.comm import regather
 from torchmesh.comm.backend import Data
 from torchmesh.comm.executor import run_steps
-from torchmesh.errors import DimError
+from torchmesh.errors import MeshError
 from torchmesh.placement.op_plan import OpPlan, plan_op
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
@@ -42,7 +42,7 @@ def run_op(
     mesh = xs[0]._mesh
     for x in xs[1:]:
         if x._mesh is not mesh:
-            raise DimError(f"{what}: inputs live on different meshes ({mesh} and {x._mesh}).")
+            raise MeshError(f"{what}: inputs live on different meshes ({mesh} and {x._mesh}).")
     plan = plan_op(tuple(x._layout for x in xs), out_names, mesh.rules, mesh.shape, reduce_op, what)
     saved = mesh.impl.begin_op(
         plan,

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from torchmesh.errors import DimError, ParseError
+from torchmesh.errors import ArgumentTypeError, DimError, ParseError
 from torchmesh.placement.dims import Dim, DimsLike, check_name, parse_dims
 from torchmesh.placement.layout import local_shape
 from torchmesh.placement.op_plan import OpPlan
@@ -84,7 +84,7 @@ def einsum(
         raise DimError(f"einsum {equation!r} names {len(operands)} operands but got {len(xs)} tensors.")
     for i, (names, x) in enumerate(zip(operands, xs)):
         if not isinstance(x, MeshTensor):
-            raise DimError(
+            raise ArgumentTypeError(
                 f"einsum {equation!r}: operand {i} is a {type(x).__name__}, not a MeshTensor; "
                 f"wrap it with tm.distribute(tensor, '{' '.join(names)}', mesh)."
             )

@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from torchmesh import errors
-from torchmesh.errors import DimError, IndexRangeError
+from torchmesh.errors import ArgumentTypeError, DimError, IndexRangeError
 from torchmesh.placement.dims import Dim, parse_dims
 from torchmesh.placement.layout import TensorLayout, block_bounds
 from torchmesh.placement.op_plan import OpPlan
@@ -51,7 +51,7 @@ def check_lookup(x: MeshTensor, index: MeshTensor, dim: str, op: str) -> None:
     if dim in index.dims:
         raise DimError(f"{op} along {dim!r}: the index must not have dim {dim!r}; its dims are {index.dims}.")
     if index.dtype.is_floating_point or index.dtype.is_complex:
-        raise DimError(f"{op} along {dim!r}: the index has dtype {index.dtype}; use an integer tensor.")
+        raise ArgumentTypeError(f"{op} along {dim!r}: the index has dtype {index.dtype}; use an integer tensor.")
 
 
 def lookup(x: MeshTensor, index: MeshTensor, dim: str) -> MeshTensor:

@@ -29,7 +29,7 @@ from torch.autograd import Function
 from torchmesh import errors
 from torchmesh.comm import autograd as comm
 from torchmesh.comm.backend import MeshImpl
-from torchmesh.errors import DimError, LayoutError, ParseError
+from torchmesh.errors import DimError, LayoutError, MeshError, ParseError
 from torchmesh.placement.dims import Dim, check_name, check_unique
 from torchmesh.placement.layout import TensorLayout, check, local_shape
 from torchmesh.placement.mesh_shape import MeshShape, parts
@@ -216,7 +216,7 @@ def _check_inputs(args: Sequence[Any], xs: list[MeshTensor], what: str) -> None:
         )
     for x in xs[1:]:
         if x._mesh is not xs[0]._mesh:
-            raise DimError(f"{what}: inputs live on different meshes ({xs[0]._mesh} and {x._mesh}).")
+            raise MeshError(f"{what}: inputs live on different meshes ({xs[0]._mesh} and {x._mesh}).")
     for a in args:
         if isinstance(a, torch.Tensor) and a.requires_grad and torch.is_grad_enabled():
             raise DimError(

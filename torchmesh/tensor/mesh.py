@@ -101,7 +101,7 @@ class Mesh:
         """The layout the rules give a tensor with these dims (raises LayoutError if invalid)."""
         return resolve(dims, self.rules, self.shape)
 
-    def rules_scope(self, layout: RulesLike, replace: bool = False):
+    def rules_scope(self, rules: RulesLike, replace: bool = False):
         """Context manager: inside the block these rules are added to the mesh's (overriding
         rules for the same dims), or, with `replace=True`, are the mesh's only rules.
 
@@ -117,7 +117,7 @@ class Mesh:
         >>> str(mesh.rules)
         'ff:tp'
         """
-        new = LayoutRules.parse(layout) if replace else self.rules.updated(layout)
+        new = LayoutRules.parse(rules) if replace else self.rules.updated(rules)
         check_rules_axes(new, self.shape)
 
         @contextmanager

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchmesh.comm.executor import run_steps
-from torchmesh.errors import ArgumentTypeError, BackendError, DimError
+from torchmesh.errors import ArgumentTypeError, BackendError, DimError, MeshError
 from torchmesh.placement.dims import Dim
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.plan import plan_relayout
@@ -128,7 +128,7 @@ class MeshTensor:
         if coords is None:
             unknown = set(axis_coords) - set(names)
             if unknown:
-                raise DimError(f"x.shard: {sorted(unknown)} are not axes of the mesh {names}.")
+                raise MeshError(f"x.shard: {sorted(unknown)} are not axes of the mesh {names}.")
             coords = tuple(axis_coords.get(n, 0) for n in names)
         coords = tuple(coords)
         for c, data in impl.device_shards(self._data)[1]:  # on xla: that device's block, read back
@@ -498,7 +498,7 @@ def check_same_mesh(call: str, xs: Sequence[Any]) -> None:
             )
     for x in xs[1:]:
         if x.mesh is not xs[0].mesh:
-            raise DimError(
+            raise MeshError(
                 f"{call}: the inputs live on different meshes ({xs[0].mesh} and {x.mesh}). "
                 f"Fix: build every input on one Mesh object."
             )

@@ -118,7 +118,7 @@ def _select(x: MeshTensor, dim: str, k: int, largest: bool, what: str) -> tuple[
             f"k is an int from 1 to {size}."
         )
     if x.dtype == torch.bool or x.dtype.is_complex:
-        raise DimError(
+        raise ArgumentTypeError(
             f"{what} along {dim!r}: values of dtype {x.dtype} have no order here; cast first (x.to(torch.int32))."
         )
     x = _even_for_the_partitioner(x)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from torchmesh.errors import ArgumentTypeError, DimError
+from torchmesh.errors import ArgumentError, ArgumentTypeError, DimError, MeshError
 from torchmesh.placement.dims import Dim, check_name
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -38,12 +38,12 @@ def stack(xs: Sequence[MeshTensor], new_dim: str, *, axis: int = 0) -> MeshTenso
     """
     xs = list(xs)
     if not xs or not all(isinstance(x, MeshTensor) for x in xs):
-        raise DimError(f"stack along {new_dim!r} needs a non-empty list of MeshTensors; got {xs!r:.200}.")
+        raise ArgumentError(f"stack along {new_dim!r} needs a non-empty list of MeshTensors; got {xs!r:.200}.")
     check_name(new_dim)
     first, mesh = xs[0], xs[0].mesh
     for n, x in enumerate(xs):
         if x.mesh is not mesh:
-            raise DimError(f"stack along {new_dim!r}: tensor {n} lives on another mesh ({x.mesh} vs {mesh}).")
+            raise MeshError(f"stack along {new_dim!r}: tensor {n} lives on another mesh ({x.mesh} vs {mesh}).")
         if sorted(x.sizes.items()) != sorted(first.sizes.items()):
             raise DimError(
                 f"stack along {new_dim!r}: every tensor needs the same dims; tensor 0 has "
@@ -132,7 +132,7 @@ def split(x: MeshTensor, dim: str, sizes: int | Sequence[int]) -> list[MeshTenso
 def _piece_sizes(sizes: int | Sequence[int], n: int, dim: str, have: dict) -> list[int]:
     if isinstance(sizes, int) and not isinstance(sizes, bool):
         if sizes < 1:
-            raise DimError(f"split along {dim!r}: a piece size must be >= 1, got {sizes}.")
+            raise ArgumentError(f"split along {dim!r}: a piece size must be >= 1, got {sizes}.")
         return [min(sizes, n - s) for s in range(0, n, sizes)] or [0]
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
         raise ArgumentTypeError(
