@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # the gloo process harness
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))  # the gloo process harness (tests/support/harness.py)
 from op_overhead import median_us  # noqa: E402  (this folder is on the path of a script run from it)
 
 MLP = dict(B=64, D=256, F=1024)
