@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from torchmesh.errors import ConfigError
 from torchmesh.nn import init
 from torchmesh.nn.parameter import Module
+from torchmesh.nn.rope import rope
 from torchmesh.tensor.attention import attention
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 
 class MultiHeadAttention(Module):
     """Self-attention of a `batch seq d_model` tensor, returning the same dims.
+
+    `bias=True` adds biases to the q, k, v projections (`bq: heads d_head`, `bk`, `bv` over
+    the key/value heads) and the output (`bo: d_model`), as GPT-2 has; `rope_theta` (e.g.
+    10000.0) rotates q and k by their positions (`torchmesh.nn.rope`, Llama's RoPE).
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("tp:2", rules="heads:tp;kv_heads:tp")
@@ -47,6 +52,8 @@ class MultiHeadAttention(Module):
         causal: bool = True,
         dropout: float = 0.0,
         seed: int | None = None,
+        bias: bool = False,
+        rope_theta: float | None = None,
     ) -> None:
         super().__init__()
         if kv_heads is not None and (kv_heads <= 0 or heads % kv_heads):
@@ -67,12 +74,23 @@ class MultiHeadAttention(Module):
         self.wo = init.normal(
             f"heads:{heads} d_head:{d_head} d_model:{d_model}", mesh, s("wo"), (heads * d_head) ** -0.5
         )
+        self.has_bias, self.rope_theta = bias, rope_theta
+        if bias:
+            self.bq = init.zeros_param(f"heads:{heads} d_head:{d_head}", mesh)
+            self.bk = init.zeros_param(f"{kv}:{kv_size} d_head:{d_head}", mesh)
+            self.bv = init.zeros_param(f"{kv}:{kv_size} d_head:{d_head}", mesh)
+            self.bo = init.zeros_param(f"d_model:{d_model}", mesh)
 
     def forward(self, x: MeshTensor) -> MeshTensor:
         kv = "heads" if self.kv_heads is None else "kv_heads"
         q = einsum("batch seq d_model, d_model heads d_head -> batch seq heads d_head", x, self.wq)
-        k = einsum(f"batch seq d_model, d_model {kv} d_head -> batch seq {kv} d_head", x, self.wk).rename(seq="kv_seq")
-        v = einsum(f"batch seq d_model, d_model {kv} d_head -> batch seq {kv} d_head", x, self.wv).rename(seq="kv_seq")
+        k = einsum(f"batch seq d_model, d_model {kv} d_head -> batch seq {kv} d_head", x, self.wk)
+        v = einsum(f"batch seq d_model, d_model {kv} d_head -> batch seq {kv} d_head", x, self.wv)
+        if self.has_bias:
+            q, k, v = q + self.bq, k + self.bk, v + self.bv
+        if self.rope_theta is not None:
+            q, k = rope(q, self.rope_theta), rope(k, self.rope_theta)
+        k, v = k.rename(seq="kv_seq"), v.rename(seq="kv_seq")
         grouped = self.kv_heads is not None
         out = attention(
             q,
@@ -84,4 +102,5 @@ class MultiHeadAttention(Module):
             dropout=self.p,
             training=self.training,
         )
-        return einsum("batch seq heads d_head, heads d_head d_model -> batch seq d_model", out, self.wo)
+        y = einsum("batch seq heads d_head, heads d_head d_model -> batch seq d_model", out, self.wo)
+        return y + self.bo if self.has_bias else y

@@ -226,15 +226,30 @@ class Dropout(Module):
         return dropout(x, self.p, training=self.training)
 
 
+def gelu_tanh(x: Any) -> Any:
+    """GELU with the tanh approximation (GPT-2's "gelu_new", torch's `approximate="tanh"`)."""
+    return F.gelu(x, approximate="tanh")
+
+
 #: torch's functions, applied to MeshTensors through __torch_function__ (hence no narrower type).
-ACTIVATIONS: dict[str, Callable[..., Any]] = {"gelu": F.gelu, "relu": torch.relu, "silu": F.silu}
+ACTIVATIONS: dict[str, Callable[..., Any]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": gelu_tanh,
+    "relu": torch.relu,
+    "silu": F.silu,
+}
+#: Gated activations: act(x·W_gate) * (x·W_up), then W_down (Llama's SwiGLU), by the gate's activation.
+GATED: dict[str, Callable[..., Any]] = {"swiglu": F.silu}
 
 
 class FeedForward(Module):
     """The Transformer's MLP: `d_model -> ff -> d_model` with an activation between.
 
     With `ff` split over tp this is Megatron's column- then row-parallel pair: the first
-    matmul needs no communication, the second one all-reduce.
+    matmul needs no communication, the second one all-reduce. `activation` is one of
+    "gelu", "gelu_tanh", "relu", "silu" (weights `w_in`, `w_out`) or the gated "swiglu"
+    (Llama's: `w_down(silu(w_gate(x)) * w_up(x))`, three weights); `bias=False` drops the
+    linear biases.
 
     >>> import torchmesh as tm
     >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
@@ -244,18 +259,37 @@ class FeedForward(Module):
     ...     y = mlp(x)
     >>> y.sizes, stats.counts
     ({'batch': 4, 'd_model': 8}, {'all_reduce': 1})
+    >>> swiglu = tm.nn.FeedForward(mesh, "d_model:8", "ff:32", "swiglu", bias=False, seed=0)
+    >>> [name for name, _ in tm.nn.mesh_parameters(swiglu)]
+    ['w_gate.weight', 'w_up.weight', 'w_down.weight']
     """
 
     def __init__(
-        self, mesh: Mesh, d_model: DimsLike, ff: DimsLike, activation: str = "gelu", seed: int | None = None
+        self,
+        mesh: Mesh,
+        d_model: DimsLike,
+        ff: DimsLike,
+        activation: str = "gelu",
+        seed: int | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"FeedForward: unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+        if activation not in ACTIVATIONS and activation not in GATED:
+            raise ConfigError(
+                f"FeedForward: unknown activation {activation!r}; choose one of {sorted({*ACTIVATIONS, *GATED})}."
+            )
         seed = init.layer_seed(seed, mesh, "FeedForward")
         self.activation = activation
-        self.w_in = Linear(mesh, d_model, ff, seed=init.derive_seed(seed, "w_in"))
-        self.w_out = Linear(mesh, ff, d_model, seed=init.derive_seed(seed, "w_out"))
+        s = lambda name: init.derive_seed(seed, name)
+        if activation in GATED:
+            self.w_gate = Linear(mesh, d_model, ff, bias=bias, seed=s("w_gate"))
+            self.w_up = Linear(mesh, d_model, ff, bias=bias, seed=s("w_up"))
+            self.w_down = Linear(mesh, ff, d_model, bias=bias, seed=s("w_down"))
+        else:
+            self.w_in = Linear(mesh, d_model, ff, bias=bias, seed=s("w_in"))
+            self.w_out = Linear(mesh, ff, d_model, bias=bias, seed=s("w_out"))
 
     def forward(self, x: MeshTensor) -> MeshTensor:
+        if self.activation in GATED:
+            return self.w_down(GATED[self.activation](self.w_gate(x)) * self.w_up(x))
         return self.w_out(ACTIVATIONS[self.activation](self.w_in(x)))

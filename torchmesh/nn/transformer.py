@@ -8,17 +8,23 @@ for data x Megatron tensor parallelism with a vocab-parallel embedding and loss.
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from torchmesh.errors import ConfigError, DimError
-from torchmesh.nn import init
+from torchmesh.nn import hf, init
 from torchmesh.nn.attention import MultiHeadAttention
-from torchmesh.nn.layers import Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
+from torchmesh.nn.layers import ACTIVATIONS, GATED, Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
 from torchmesh.nn.moe import MoE
 from torchmesh.nn.parameter import Module
+from torchmesh.placement.rules import RulesLike
 from torchmesh.tensor.construct import zeros
+from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.mesh import Mesh
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.slicing import slice as tm_slice
@@ -26,14 +32,22 @@ from torchmesh.tensor.slicing import slice as tm_slice
 
 @dataclass(frozen=True, slots=True)
 class LMConfig:
-    """The shape of a TransformerLM. `seq` is the longest sequence (learned positions);
-    `kv_heads` < `heads` gives grouped-query attention; `num_experts > 0` makes every
-    block's feed-forward a Mixture of Experts (`torchmesh.nn.moe.MoE`).
+    """The shape of a TransformerLM. `seq` is the longest sequence (the learned position
+    table's length); `kv_heads` < `heads` gives grouped-query attention; `num_experts > 0`
+    makes every block's feed-forward a Mixture of Experts (`torchmesh.nn.moe.MoE`).
+
+    The family options (defaults: today's model, GPT-style with learned positions):
+    `positions` "learned" or "rope" (rotary, with `rope_theta`); `norm` "layernorm" (with a
+    bias) or "rmsnorm" (without), `norm_eps` (None: 1e-5 for layernorm, 1e-6 for rmsnorm);
+    `activation` "gelu", "gelu_tanh", "relu", "silu" or the gated "swiglu"; `bias` on the
+    attention and feed-forward linears (None: feed-forward only, True: both, False: neither);
+    `tie_embeddings`: the output layer uses the embedding table. `LMConfig.gpt2(...)` and
+    `LMConfig.llama(...)` give the families' settings.
 
     >>> import torchmesh as tm
     >>> config = tm.nn.LMConfig(vocab=64, d_model=16, heads=4, d_head=4, ff=64, layers=2, seq=32)
-    >>> config.norm, config.kv_heads
-    ('layernorm', None)
+    >>> config.norm, config.kv_heads, config.positions
+    ('layernorm', None, 'learned')
     """
 
     vocab: int
@@ -51,6 +65,11 @@ class LMConfig:
     aux_loss_weight: float = 0.01
     norm: str = "layernorm"  # or "rmsnorm"
     activation: str = "gelu"
+    positions: str = "learned"  # or "rope"
+    rope_theta: float = 10000.0
+    norm_eps: float | None = None
+    bias: bool | None = None
+    tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab", "d_model", "heads", "d_head", "ff", "layers", "seq"):
@@ -60,6 +79,60 @@ class LMConfig:
             raise ConfigError(f"LMConfig: norm={self.norm!r}; choose one of {sorted(NORMS)}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LMConfig: dropout must be in [0, 1); got {self.dropout}.")
+        if self.positions not in ("learned", "rope"):
+            raise ConfigError(f"LMConfig: positions={self.positions!r}; choose 'learned' or 'rope'.")
+        if self.positions == "rope" and (self.d_head % 2 or self.rope_theta <= 0):
+            raise ConfigError(
+                f"LMConfig: positions='rope' needs an even d_head and a positive rope_theta; "
+                f"got d_head={self.d_head}, rope_theta={self.rope_theta}."
+            )
+        if self.norm_eps is not None and self.norm_eps <= 0:
+            raise ConfigError(f"LMConfig: norm_eps must be positive; got {self.norm_eps}.")
+        if self.activation not in ACTIVATIONS and self.activation not in GATED:
+            raise ConfigError(
+                f"LMConfig: activation={self.activation!r}; choose one of {sorted({*ACTIVATIONS, *GATED})}."
+            )
+
+    @classmethod
+    def gpt2(cls, **overrides: Any) -> LMConfig:
+        """GPT-2 (small, 124M) and nanoGPT: learned positions, LayerNorm (eps 1e-5), tanh-GELU,
+        biases everywhere, the head tied to the embedding; any field can be overridden.
+
+        >>> import torchmesh as tm
+        >>> c = tm.nn.LMConfig.gpt2(layers=2, vocab=101)
+        >>> c.d_model, c.layers, c.activation, c.tie_embeddings
+        (768, 2, 'gelu_tanh', True)
+        """
+        fields: dict[str, Any] = dict(
+            vocab=50257, d_model=768, heads=12, d_head=64, ff=3072, layers=12, seq=1024,
+            norm="layernorm", norm_eps=1e-5, activation="gelu_tanh", positions="learned",
+            bias=True, tie_embeddings=True,
+        )  # fmt: skip
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def llama(cls, **overrides: Any) -> LMConfig:
+        """Llama (transformers' LlamaConfig defaults, 7B-sized) and Mistral without a sliding
+        window: RoPE (theta 10000), RMSNorm (eps 1e-6), SwiGLU, no biases, an untied head;
+        `kv_heads` < `heads` for grouped-query attention; any field can be overridden.
+
+        >>> import torchmesh as tm
+        >>> c = tm.nn.LMConfig.llama(d_model=64, heads=4, d_head=16, kv_heads=2, ff=128, layers=2)
+        >>> c.positions, c.norm, c.activation, c.bias, c.kv_heads
+        ('rope', 'rmsnorm', 'swiglu', False, 2)
+        """
+        fields: dict[str, Any] = dict(
+            vocab=32000, d_model=4096, heads=32, d_head=128, ff=11008, layers=32, seq=2048,
+            norm="rmsnorm", norm_eps=1e-6, activation="swiglu", positions="rope", rope_theta=10000.0,
+            bias=False, tie_embeddings=False,
+        )  # fmt: skip
+        return cls(**{**fields, **overrides})
+
+    def make_norm(self, mesh: Mesh) -> Module:
+        """A norm over `d_model` of this config's kind and eps (LayerNorm with a bias, RMSNorm without)."""
+        norm = NORMS[self.norm]
+        dim = f"d_model:{self.d_model}"
+        return norm(mesh, dim) if self.norm_eps is None else norm(mesh, dim, eps=self.norm_eps)
 
 
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
@@ -80,17 +153,29 @@ class TransformerBlock(Module):
         super().__init__()
         seed = init.layer_seed(seed, mesh, "TransformerBlock")
         c = config
-        norm = NORMS[c.norm]
-        self.norm1 = norm(mesh, f"d_model:{c.d_model}")
+        self.norm1 = c.make_norm(mesh)
         self.attn = MultiHeadAttention(
-            mesh, c.d_model, c.heads, c.d_head, c.kv_heads, dropout=c.dropout, seed=init.derive_seed(seed, "attn")
+            mesh,
+            c.d_model,
+            c.heads,
+            c.d_head,
+            c.kv_heads,
+            dropout=c.dropout,
+            seed=init.derive_seed(seed, "attn"),
+            bias=bool(c.bias),
+            rope_theta=c.rope_theta if c.positions == "rope" else None,
         )
-        self.norm2 = norm(mesh, f"d_model:{c.d_model}")
+        self.norm2 = c.make_norm(mesh)
         if c.num_experts > 0:
             self.ffn = _moe(mesh, c, init.derive_seed(seed, "ffn"))
         else:
             self.ffn = FeedForward(
-                mesh, f"d_model:{c.d_model}", f"ff:{c.ff}", c.activation, seed=init.derive_seed(seed, "ffn")
+                mesh,
+                f"d_model:{c.d_model}",
+                f"ff:{c.ff}",
+                c.activation,
+                seed=init.derive_seed(seed, "ffn"),
+                bias=c.bias is not False,
             )
         self.drop = Dropout(c.dropout)
 
@@ -105,8 +190,9 @@ def _moe(mesh: Mesh, config: LMConfig, seed: int) -> Module:
 
 
 class TransformerLM(Module):
-    """Token and learned position embeddings, `layers` blocks, a final norm, and an untied
-    output projection to `vocab`. `forward(ids)` maps `batch seq` ids to `batch seq vocab`
+    """Token embeddings (plus learned positions, or RoPE inside attention), `layers` blocks,
+    a final norm, and the output projection to `vocab` (`head`, or the embedding table when
+    `config.tie_embeddings`). `forward(ids)` maps `batch seq` ids to `batch seq vocab`
     logits; `aux_loss()` is the sum of the MoE blocks' load-balancing losses (0 if dense).
 
     Weights depend only on `seed` (see `torchmesh.nn.init`), never on the mesh; without
@@ -127,15 +213,17 @@ class TransformerLM(Module):
         c = self.config = config
         self.mesh = mesh
         self.embed = Embedding(mesh, f"vocab:{c.vocab}", f"d_model:{c.d_model}", seed=init.derive_seed(seed, "embed"))
-        self.pos = init.normal(f"seq:{c.seq} d_model:{c.d_model}", mesh, init.derive_seed(seed, "pos"), 0.02)
+        if c.positions == "learned":
+            self.pos = init.normal(f"seq:{c.seq} d_model:{c.d_model}", mesh, init.derive_seed(seed, "pos"), 0.02)
         self.drop = Dropout(c.dropout)
         self.blocks = torch.nn.ModuleList(
             TransformerBlock(mesh, c, seed=init.derive_seed(seed, f"blocks.{i}")) for i in range(c.layers)
         )
-        self.norm = NORMS[c.norm](mesh, f"d_model:{c.d_model}")
-        self.head = Linear(
-            mesh, f"d_model:{c.d_model}", f"vocab:{c.vocab}", bias=False, seed=init.derive_seed(seed, "head")
-        )
+        self.norm = c.make_norm(mesh)
+        if not c.tie_embeddings:
+            self.head = Linear(
+                mesh, f"d_model:{c.d_model}", f"vocab:{c.vocab}", bias=False, seed=init.derive_seed(seed, "head")
+            )
 
     def forward(self, ids: MeshTensor) -> MeshTensor:
         seq = ids.sizes.get("seq")
@@ -146,11 +234,50 @@ class TransformerLM(Module):
                 f"TransformerLM: seq={seq} is longer than config.seq={self.config.seq}; "
                 f"raise config.seq or feed shorter sequences."
             )
-        pos = self.pos if seq == self.config.seq else tm_slice(self.pos, "seq", 0, seq)
-        x = self.drop(self.embed(ids) + pos)
+        x = self.embed(ids)
+        if self.config.positions == "learned":
+            x = x + (self.pos if seq == self.config.seq else tm_slice(self.pos, "seq", 0, seq))
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        x = self.norm(x)
+        if self.config.tie_embeddings:
+            return einsum("batch seq d_model, vocab d_model -> batch seq vocab", x, self.embed.weight)
+        return self.head(x)
+
+    @classmethod
+    def from_hf(cls, source: Any, mesh: Mesh, rules: RulesLike = None) -> TransformerLM:
+        """A model loaded from Hugging Face: `source` is a directory written by `save_pretrained`
+        (config.json and safetensors) or a transformers model object, of the GPT-2 or Llama
+        family (anything else is a ConfigError naming the supported configs). Each device reads
+        only its block of each weight (on dist a rank reads its share of the file). `rules`:
+        the rules the weights are laid out by (default: the mesh's). Needs `torchmesh[hf]`.
+
+        >>> import tempfile, torch, transformers, torchmesh as tm
+        >>> hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        ...     vocab_size=101, n_embd=16, n_head=4, n_layer=1, n_positions=8)).eval()
+        >>> directory = tempfile.mkdtemp()
+        >>> hf_model.save_pretrained(directory)
+        >>> mesh = tm.Mesh("tp:2", rules="heads:tp;ff:tp;vocab:tp")
+        >>> model = tm.nn.TransformerLM.from_hf(directory, mesh).eval()
+        >>> ids = torch.randint(0, 101, (2, 8))
+        >>> logits = model(tm.distribute(ids, "batch seq", mesh)).full()
+        >>> torch.allclose(logits, hf_model(ids).logits, atol=1e-4)
+        True
+        """
+        source = hf.open_source(source)
+        config = LMConfig(**hf.lm_fields(source.config))
+        with nullcontext() if rules is None else mesh.rules_scope(rules):
+            model = cls(mesh, config, seed=0)
+            hf.load_weights(model, source)
+        return model
+
+    def to_hf(self, directory: str | os.PathLike[str]) -> Path:
+        """Write this model as a Hugging Face directory (config.json, model.safetensors) that
+        `transformers.AutoModelForCausalLM.from_pretrained` loads to the same logits; the
+        config must be of the GPT-2 or Llama family (`LMConfig.gpt2`, `LMConfig.llama`). On
+        dist, call it on every rank (the weights are gathered; the first process writes)."""
+        return hf.save(self, directory)
 
     def aux_loss(self) -> MeshTensor:
         """The sum of the blocks' MoE load-balancing losses from the last forward (a 0-d

@@ -1,0 +1,407 @@
+"""Hugging Face interop for `TransformerLM`: GPT-2 and Llama checkpoints in and out.
+
+`TransformerLM.from_hf(source, mesh)` and `model.to_hf(directory)` (torchmesh/nn/transformer.py)
+are built from the pieces here:
+
+- `open_source(source)`: a directory written by `save_pretrained` (config.json and
+  model.safetensors, or a sharded `model.safetensors.index.json`) or a `transformers` model
+  object; gives its config and a reader of tensor slices that counts the bytes it reads.
+- `lm_fields(hf_config)`: the `LMConfig` fields of a GPT2Config or LlamaConfig (GQA included);
+  any other config is a ConfigError naming its class and the supported ones.
+- `weight_map(config)`: where each of the model's weights lives in the Hugging Face state
+  dict: the tensor's name, which of our dims each of its axes merges (major first), and the
+  offset of our part along each axis (GPT-2's fused q/k/v). Weights are matched by dim name,
+  never by shape, so a square weight stored transposed (GPT-2's Conv1D keeps (in, out),
+  Llama's Linear (out, in)) loads right.
+- `load_weights(model, source)`: each device reads only its block of each weight
+  (`safetensors.safe_open(...).get_slice(name)[...]` with the block's bounds): on `dist` a
+  rank reads its share of the file, not a full copy.
+- `save(model, directory)`: gathers every weight (a collective: call it on every rank) and
+  writes config.json and model.safetensors from the first process.
+
+transformers and safetensors are optional (`pip install torchmesh[hf]`): they are imported
+only when these functions run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from torchmesh.errors import ArgumentError, ArgumentTypeError, ConfigError
+from torchmesh.nn.parameter import Module, mesh_parameters
+from torchmesh.placement.layout import local_slices
+from torchmesh.tensor.mesh_tensor import MeshTensor
+
+SUPPORTED = ("GPT2Config", "LlamaConfig")
+
+#: Hugging Face activation names and ours.
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+_GPT2_ACTIVATIONS |= {"silu": "silu", "swish": "silu"}
+_TO_HF_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+
+
+def _require(package: str) -> Any:
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ImportError(
+            f"Hugging Face interop needs the package {package!r}. Fix: pip install 'torchmesh[hf]' "
+            f"(transformers>=4.40 and safetensors>=0.4)."
+        ) from None
+
+
+# ---- where each weight lives ---------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class HFWeight:
+    """One of our weights inside a Hugging Face tensor: its name `key`; for each of its axes the
+    dims of ours merged into it (major first); our part's offset along each axis."""
+
+    key: str
+    axes: tuple[tuple[str, ...], ...]
+    offset: tuple[int, ...] = ()
+
+    def offsets(self) -> tuple[int, ...]:
+        return self.offset or (0,) * len(self.axes)
+
+
+def family(config: Any) -> str:
+    """'gpt2' or 'llama': the Hugging Face family an `LMConfig` is written as (ConfigError
+    when it is neither: learned positions + LayerNorm, or RoPE + RMSNorm + SwiGLU)."""
+    c = config
+    if c.num_experts:
+        raise ConfigError(
+            f"to_hf: a Mixture-of-Experts model (num_experts={c.num_experts}) has no GPT-2 or Llama form."
+        )
+    if c.positions == "learned" and c.norm == "layernorm" and c.activation in _TO_HF_ACTIVATIONS:
+        if c.bias is not True or c.kv_heads not in (None, c.heads) or c.heads * c.d_head != c.d_model:
+            raise ConfigError(
+                f"to_hf: a GPT-2 model needs bias=True, no grouped heads and heads * d_head == d_model; got "
+                f"bias={c.bias}, kv_heads={c.kv_heads}, heads={c.heads}, d_head={c.d_head}, d_model={c.d_model}. "
+                f"Fix: start from LMConfig.gpt2(...)."
+            )
+        return "gpt2"
+    if c.positions == "rope" and c.norm == "rmsnorm" and c.activation == "swiglu" and c.bias is not None:
+        return "llama"
+    raise ConfigError(
+        f"to_hf: this LMConfig is neither GPT-2 (positions='learned', norm='layernorm', bias=True) nor "
+        f"Llama (positions='rope', norm='rmsnorm', activation='swiglu', bias True or False); got "
+        f"positions={c.positions!r}, norm={c.norm!r}, activation={c.activation!r}, bias={c.bias}. "
+        f"Fix: start from LMConfig.gpt2(...) or LMConfig.llama(...)."
+    )
+
+
+def weight_map(config: Any) -> dict[str, HFWeight]:
+    """{our qualified parameter name: HFWeight} for an `LMConfig` of the GPT-2 or Llama family.
+
+    >>> import torchmesh as tm
+    >>> m = tm.nn.hf.weight_map(tm.nn.LMConfig.gpt2(layers=1))
+    >>> m["blocks.0.attn.wk"]
+    HFWeight(key='transformer.h.0.attn.c_attn.weight', axes=(('d_model',), ('heads', 'd_head')), offset=(0, 768))
+    >>> m["blocks.0.attn.wo"].axes  # Conv1D keeps (in, out): the square weight is not transposed
+    (('heads', 'd_head'), ('d_model',))
+    """
+    c = config
+    out: dict[str, HFWeight] = {}
+    d, hd, vec = ("d_model",), ("heads", "d_head"), lambda key, dims: HFWeight(key, (dims,))
+    if family(c) == "gpt2":
+        out["embed.weight"] = HFWeight("transformer.wte.weight", (("vocab",), d))
+        out["pos"] = HFWeight("transformer.wpe.weight", (("seq",), d))
+        width = c.heads * c.d_head
+        for i in range(c.layers):
+            p, q = f"blocks.{i}.", f"transformer.h.{i}."
+            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                out[f"{p}{ours}.weight"] = vec(f"{q}{theirs}.weight", d)
+                out[f"{p}{ours}.bias"] = vec(f"{q}{theirs}.bias", d)
+            for j, name in enumerate("qkv"):
+                out[f"{p}attn.w{name}"] = HFWeight(f"{q}attn.c_attn.weight", (d, hd), (0, j * width))
+                out[f"{p}attn.b{name}"] = HFWeight(f"{q}attn.c_attn.bias", (hd,), (j * width,))
+            out[f"{p}attn.wo"] = HFWeight(f"{q}attn.c_proj.weight", (hd, d))
+            out[f"{p}attn.bo"] = vec(f"{q}attn.c_proj.bias", d)
+            out[f"{p}ffn.w_in.weight"] = HFWeight(f"{q}mlp.c_fc.weight", (d, ("ff",)))
+            out[f"{p}ffn.w_in.bias"] = vec(f"{q}mlp.c_fc.bias", ("ff",))
+            out[f"{p}ffn.w_out.weight"] = HFWeight(f"{q}mlp.c_proj.weight", (("ff",), d))
+            out[f"{p}ffn.w_out.bias"] = vec(f"{q}mlp.c_proj.bias", d)
+        out["norm.weight"] = vec("transformer.ln_f.weight", d)
+        out["norm.bias"] = vec("transformer.ln_f.bias", d)
+    else:
+        kv = ("kv_heads" if c.kv_heads not in (None, c.heads) else "heads", "d_head")
+        out["embed.weight"] = HFWeight("model.embed_tokens.weight", (("vocab",), d))
+        for i in range(c.layers):
+            p, q = f"blocks.{i}.", f"model.layers.{i}."
+            out[f"{p}norm1.weight"] = vec(f"{q}input_layernorm.weight", d)
+            out[f"{p}norm2.weight"] = vec(f"{q}post_attention_layernorm.weight", d)
+            for name, dims in (("q", hd), ("k", kv), ("v", kv)):
+                out[f"{p}attn.w{name}"] = HFWeight(f"{q}self_attn.{name}_proj.weight", (dims, d))
+                if c.bias:
+                    out[f"{p}attn.b{name}"] = vec(f"{q}self_attn.{name}_proj.bias", dims)
+            out[f"{p}attn.wo"] = HFWeight(f"{q}self_attn.o_proj.weight", (d, hd))
+            for ours, theirs, axes in (("gate", "gate", (("ff",), d)), ("up", "up", (("ff",), d))):
+                out[f"{p}ffn.w_{ours}.weight"] = HFWeight(f"{q}mlp.{theirs}_proj.weight", axes)
+            out[f"{p}ffn.w_down.weight"] = HFWeight(f"{q}mlp.down_proj.weight", (d, ("ff",)))
+            if c.bias:
+                out[f"{p}attn.bo"] = vec(f"{q}self_attn.o_proj.bias", d)
+                out[f"{p}ffn.w_gate.bias"] = vec(f"{q}mlp.gate_proj.bias", ("ff",))
+                out[f"{p}ffn.w_up.bias"] = vec(f"{q}mlp.up_proj.bias", ("ff",))
+                out[f"{p}ffn.w_down.bias"] = vec(f"{q}mlp.down_proj.bias", d)
+        out["norm.weight"] = vec("model.norm.weight", d)
+    if not c.tie_embeddings:
+        out["head.weight"] = HFWeight("lm_head.weight", (("vocab",), d))
+    return out
+
+
+# ---- configs ---------------------------------------------------------------------------------
+def lm_fields(hf_config: Any) -> dict[str, Any]:
+    """The `LMConfig` fields of a transformers GPT2Config or LlamaConfig.
+
+    >>> from transformers import LlamaConfig
+    >>> import torchmesh as tm
+    >>> hf = LlamaConfig(vocab_size=101, hidden_size=16, intermediate_size=24, num_attention_heads=4,
+    ...                  num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=8)
+    >>> tm.nn.LMConfig(**tm.nn.hf.lm_fields(hf)).kv_heads
+    2
+    """
+    name = type(hf_config).__name__
+    kind = getattr(hf_config, "model_type", None)
+    if kind == "gpt2":
+        return _gpt2_fields(hf_config)
+    if kind == "llama":
+        return _llama_fields(hf_config)
+    raise ConfigError(
+        f"from_hf: the config is a {name} (model_type {kind!r}); TransformerLM.from_hf maps only "
+        f"{', '.join(SUPPORTED)}. Fix: load a GPT-2 or Llama checkpoint, or build the model with "
+        f"tm.nn.LMConfig and copy its weights yourself."
+    )
+
+
+def _gpt2_fields(h: Any) -> dict[str, Any]:
+    act = _GPT2_ACTIVATIONS.get(h.activation_function)
+    if act is None or h.scale_attn_by_inverse_layer_idx or not h.scale_attn_weights or h.add_cross_attention:
+        raise ConfigError(
+            f"from_hf: this GPT2Config cannot be mapped: activation_function={h.activation_function!r} "
+            f"(supported: {sorted(_GPT2_ACTIVATIONS)}), scale_attn_by_inverse_layer_idx="
+            f"{h.scale_attn_by_inverse_layer_idx}, scale_attn_weights={h.scale_attn_weights}, "
+            f"add_cross_attention={h.add_cross_attention}; TransformerLM supports GPT-2's defaults for the last three."
+        )
+    return dict(
+        vocab=h.vocab_size, d_model=h.n_embd, heads=h.n_head, d_head=h.n_embd // h.n_head,
+        ff=h.n_inner or 4 * h.n_embd, layers=h.n_layer, seq=h.n_positions, dropout=float(h.resid_pdrop),
+        norm="layernorm", norm_eps=float(h.layer_norm_epsilon), activation=act, positions="learned",
+        bias=True, tie_embeddings=bool(h.tie_word_embeddings),
+    )  # fmt: skip
+
+
+def _rope_theta(h: Any) -> float:
+    params = getattr(h, "rope_parameters", None) or {}
+    scaling = getattr(h, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise ConfigError(
+            f"from_hf: {type(h).__name__} uses RoPE scaling {rope_type!r}; TransformerLM supports plain "
+            f"RoPE (rope_type 'default') only."
+        )
+    return float(params.get("rope_theta", getattr(h, "rope_theta", 10000.0)))
+
+
+def _llama_fields(h: Any) -> dict[str, Any]:
+    if h.hidden_act != "silu" or bool(h.attention_bias) != bool(getattr(h, "mlp_bias", False)):
+        raise ConfigError(
+            f"from_hf: this LlamaConfig cannot be mapped: hidden_act={h.hidden_act!r} (supported: 'silu'), "
+            f"attention_bias={h.attention_bias}, mlp_bias={getattr(h, 'mlp_bias', False)} (must be equal: "
+            f"LMConfig has one bias switch)."
+        )
+    d_head = getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads
+    return dict(
+        vocab=h.vocab_size, d_model=h.hidden_size, heads=h.num_attention_heads, d_head=d_head,
+        ff=h.intermediate_size, layers=h.num_hidden_layers, seq=h.max_position_embeddings,
+        kv_heads=h.num_key_value_heads or None, norm="rmsnorm", norm_eps=float(h.rms_norm_eps),
+        activation="swiglu", positions="rope", rope_theta=_rope_theta(h), bias=bool(h.attention_bias),
+        tie_embeddings=bool(h.tie_word_embeddings),
+    )  # fmt: skip
+
+
+def hf_config(config: Any) -> Any:
+    """The transformers config (GPT2Config or LlamaConfig) of an `LMConfig`."""
+    transformers = _require("transformers")
+    c = config
+    if family(c) == "gpt2":
+        p = c.dropout
+        return transformers.GPT2Config(
+            vocab_size=c.vocab, n_embd=c.d_model, n_head=c.heads, n_layer=c.layers, n_positions=c.seq,
+            n_inner=c.ff, activation_function=_TO_HF_ACTIVATIONS[c.activation],
+            layer_norm_epsilon=1e-5 if c.norm_eps is None else c.norm_eps, tie_word_embeddings=c.tie_embeddings,
+            resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, architectures=["GPT2LMHeadModel"],
+        )  # fmt: skip
+    return transformers.LlamaConfig(
+        vocab_size=c.vocab, hidden_size=c.d_model, intermediate_size=c.ff, num_hidden_layers=c.layers,
+        num_attention_heads=c.heads, num_key_value_heads=c.kv_heads or c.heads, head_dim=c.d_head,
+        max_position_embeddings=c.seq, rms_norm_eps=1e-6 if c.norm_eps is None else c.norm_eps,
+        rope_theta=c.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        attention_bias=bool(c.bias), mlp_bias=bool(c.bias), tie_word_embeddings=c.tie_embeddings,
+        hidden_act="silu", architectures=["LlamaForCausalLM"],
+    )  # fmt: skip
+
+
+# ---- reading -----------------------------------------------------------------------------------
+@dataclass
+class HFSource:
+    """A checkpoint's config and a reader of slices of its tensors; `bytes_read` counts the
+    bytes of every slice read so far."""
+
+    config: Any
+    read_slice: Callable[[str, tuple[slice, ...]], torch.Tensor]
+    bytes_read: int = 0
+    keys: frozenset[str] = field(default_factory=frozenset)
+
+    def read(self, key: str, slices: tuple[slice, ...]) -> torch.Tensor:
+        if key not in self.keys:
+            raise ArgumentError(f"from_hf: the checkpoint has no tensor {key!r} (it has {len(self.keys)} tensors).")
+        t = self.read_slice(key, slices)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+def open_source(source: Any) -> HFSource:
+    """An `HFSource` over a `save_pretrained` directory or a transformers model object."""
+    if isinstance(source, torch.nn.Module):
+        config = getattr(source, "config", None)
+        if config is None:
+            raise ArgumentTypeError(
+                f"from_hf: got a {type(source).__name__} without a .config; pass a transformers model "
+                f"(e.g. GPT2LMHeadModel) or a directory written by its save_pretrained."
+            )
+        lm_fields(config)  # refuse an unsupported config before anything else
+        state = source.state_dict()
+        return HFSource(config, lambda key, slices: state[key][slices].detach().clone(), keys=frozenset(state))
+    if not isinstance(source, (str, os.PathLike)):
+        raise ArgumentTypeError(
+            f"from_hf: source is a {type(source).__name__}; pass a directory written by save_pretrained or a "
+            f"transformers model."
+        )
+    directory = Path(source)
+    if not (directory / "config.json").is_file():
+        raise ArgumentError(
+            f"from_hf: {str(directory)!r} has no config.json; pass a directory written by save_pretrained."
+        )
+    transformers = _require("transformers")
+    config = transformers.AutoConfig.from_pretrained(directory)
+    lm_fields(config)
+    safetensors = _require("safetensors")
+    files = _weight_files(directory)
+    handles = {f: safetensors.safe_open(str(directory / f), "pt") for f in set(files.values())}
+
+    def read_slice(key: str, slices: tuple[slice, ...]) -> torch.Tensor:
+        return handles[files[key]].get_slice(key)[slices]
+
+    return HFSource(config, read_slice, keys=frozenset(files))
+
+
+def _weight_files(directory: Path) -> dict[str, str]:
+    """{tensor name: file name} of a save_pretrained directory (one file, or a sharded index)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise ArgumentError(
+            f"from_hf: {str(directory)!r} has no model.safetensors (nor a sharded index); TransformerLM reads "
+            f"safetensors only. Fix: save_pretrained(directory, safe_serialization=True)."
+        )
+    safetensors = _require("safetensors")
+    with safetensors.safe_open(str(single), "pt") as f:
+        return dict.fromkeys(f.keys(), single.name)
+
+
+def read_block(
+    source: HFSource, weight: HFWeight, dims: tuple[str, ...], block: dict[str, slice], sizes: dict[str, int]
+) -> torch.Tensor:
+    """The block `block` ({dim: global range}) of our weight with dims `dims`, read from its
+    Hugging Face tensor: along each axis, the range of its major dim times the rest (exactly
+    the block when the minor dims are whole, the usual case), then the minor dims sliced."""
+    ranges: list[slice] = []
+    shape: list[int] = []
+    index: list[slice] = []
+    names: list[str] = []
+    for group, off in zip(weight.axes, weight.offsets()):
+        inner = math.prod(sizes[n] for n in group[1:])
+        major = block[group[0]]
+        ranges.append(slice(off + major.start * inner, off + major.stop * inner))
+        shape += [major.stop - major.start, *(sizes[n] for n in group[1:])]
+        index += [slice(None), *(block[n] for n in group[1:])]
+        names += group
+    t = source.read(weight.key, tuple(ranges)).reshape(shape)[tuple(index)]
+    return t.permute([names.index(n) for n in dims]).contiguous()
+
+
+def load_weights(model: Module, source: HFSource) -> None:
+    """Copy the checkpoint into `model` (a TransformerLM of the source's family): each device
+    reads only its block of each weight, and the weights keep their layout."""
+    mapping = weight_map(model.config)
+    params = dict(mesh_parameters(model))
+    missing = sorted(set(params) - set(mapping))
+    if missing:
+        raise ConfigError(f"from_hf: no Hugging Face tensor for the weights {missing}.")
+    owners = dict(model.named_modules())
+    for name, p in params.items():
+        impl = p.mesh.impl
+        layout = p.tensor_layout
+        blocks = []
+        for coords in impl.local_coords:
+            block = dict(zip(p.dims, local_slices(layout, impl.slice_mesh, coords)))
+            t = read_block(source, mapping[name], p.dims, block, p.sizes)
+            blocks.append(t.to(dtype=p.dtype, device=impl.default_device))
+        owner, _, attr = name.rpartition(".")
+        module = owners[owner]
+        assert isinstance(module, Module)  # mesh parameters live on tm.nn.Module
+        module.register_mesh_parameter(attr, MeshTensor(tuple(blocks), layout, p.mesh).requires_grad_(p.requires_grad))
+
+
+# ---- writing -----------------------------------------------------------------------------------
+def hf_state_dict(model: Module) -> dict[str, torch.Tensor]:
+    """The model's weights as the Hugging Face state dict of its family (global values: a
+    collective on dist, call it on every rank)."""
+    mapping = weight_map(model.config)
+    parts: dict[str, list[tuple[HFWeight, torch.Tensor]]] = {}
+    for name, p in mesh_parameters(model):
+        w = mapping[name]
+        names = [n for group in w.axes for n in group]
+        value = p.full().detach().cpu().permute([p.dims.index(n) for n in names])
+        value = value.reshape([math.prod(p.sizes[n] for n in group) for group in w.axes])
+        parts.setdefault(w.key, []).append((w, value))
+    out = {}
+    for key, pieces in parts.items():
+        shape = [
+            max(off + v.shape[j] for w, v in pieces for off in [w.offsets()[j]]) for j in range(pieces[0][1].dim())
+        ]
+        t = torch.empty(shape, dtype=pieces[0][1].dtype)
+        for w, v in pieces:
+            t[tuple(slice(off, off + n) for off, n in zip(w.offsets(), v.shape))] = v
+        out[key] = t.contiguous()
+    return out
+
+
+def save(model: Module, directory: str | os.PathLike[str]) -> Path:
+    """Write `model` as a Hugging Face directory (config.json, model.safetensors) that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads; on dist every rank calls it and
+    the first process writes."""
+    safetensors_torch = _require("safetensors.torch")
+    config = hf_config(model.config)
+    state = hf_state_dict(model)
+    impl = next(mesh_parameters(model))[1].mesh.impl
+    directory = Path(directory)
+    if not impl.multi_process or dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(directory)
+        safetensors_torch.save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if impl.multi_process:
+        dist.barrier()
+    return directory
