@@ -7,6 +7,7 @@ from torchmesh.nn.layers import Dropout, Embedding, FeedForward, LayerNorm, Line
 from torchmesh.nn.losses import cross_entropy
 from torchmesh.nn.moe import MoE
 from torchmesh.nn.parameter import Module, mesh_parameters
+from torchmesh.nn.t5 import EncoderDecoderConfig, EncoderDecoderLM
 from torchmesh.nn.transformer import LMConfig, TransformerBlock, TransformerLM
 
 __all__ = ["Module", "mesh_parameters"]
@@ -25,3 +26,4 @@ __all__ += [
 ]
 __all__ += ["MoE", "shard_parameters"]
 __all__ += ["num_parameters", "parameter_bytes"]
+__all__ += ["EncoderDecoderConfig", "EncoderDecoderLM"]
