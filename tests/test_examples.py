@@ -90,3 +90,79 @@ def test_torchrun_log_has_whole_step_lines_and_no_gloo_chatter():
     log = run_merged([str(ROOT / "examples" / "train_lm.py"), *flags], torchrun=2)
     step_lines(log, 2)  # rank 0's
     assert "[Gloo]" not in log
+
+
+# ---- examples/finetune_hf.py on tiny random Hugging Face models (nothing downloaded) -----------
+TINY = ["--batch", "4", "--seq", "16", "--samples", "2", "--prompt-len", "4", "--new-tokens", "3"]
+
+
+def tiny_hf_model(family: str, directory: Path):
+    """A random GPT-2 or Llama (grouped-query: 4 heads, 2 key/value heads) with vocab 101, saved
+    with save_pretrained into `directory` (no tokenizer: the example reads bytes modulo 101)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=101, n_embd=16, n_head=4, n_layer=2, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=101, hidden_size=16, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    return model.eval()
+
+
+def check_finetuned(log: str, steps: int, original, out: Path) -> None:
+    """Whole finite step lines; the saved directory loads with transformers, differs from the
+    original, and continues each printed sample's prompt with the example's own greedy tokens
+    (so it is the model the example fine-tuned and sampled from); from_hf reads it back to
+    transformers' logits on dp:2;tp:2."""
+    import ast
+    import math
+
+    import torch
+    import transformers
+
+    losses = [float(line.split()[3]) for line in step_lines(log, steps)]
+    assert all(math.isfinite(v) for v in losses), log
+    samples = [ast.literal_eval(line.split(": ", 1)[1]) for line in log.splitlines() if line.startswith("sample ")]
+    assert len(samples) == 2, log
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(tuned) is type(original)
+    for text in samples:  # bytes below the vocab (101): the text is its ids
+        ids = torch.tensor([list(text.encode("utf-8"))])
+        assert ids.shape == (1, 4 + 3) and int(ids.max()) < 101
+        with torch.no_grad():
+            for n in range(4, 7):
+                assert int(tuned(ids[:, :n]).logits[0, -1].argmax()) == int(ids[0, n]), (text, n)
+    ids = torch.randint(0, 101, (4, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = tuned(ids).logits
+        assert not torch.allclose(expected, original(ids).logits, atol=1e-3)  # it was fine-tuned
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;heads:tp;kv_heads:tp;ff:tp;vocab:tp")
+    ours = tm.nn.TransformerLM.from_hf(out, mesh).eval()
+    with torch.no_grad():
+        assert torch.allclose(ours(tm.distribute(ids, "batch seq", mesh)).full(), expected, atol=1e-4)
+
+
+def test_finetune_hf_gpt2_on_sim(tmp_path):
+    original = tiny_hf_model("gpt2", tmp_path / "gpt2")
+    flags = [*TINY, "--backend", "sim", "--mesh", "dp:2;tp:2", "--steps", "3", "--lr", "1e-2"]
+    example = str(ROOT / "examples" / "finetune_hf.py")
+    log = run_merged([example, "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "out"), *flags])
+    check_finetuned(log, 3, original, tmp_path / "out")
+
+
+def test_finetune_hf_llama_under_torchrun(tmp_path):
+    original = tiny_hf_model("llama", tmp_path / "llama")
+    flags = [*TINY, "--backend", "dist", "--mesh", "tp:2", "--steps", "2", "--lr", "1e-2"]
+    example = str(ROOT / "examples" / "finetune_hf.py")
+    log = run_merged([example, "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "out"), *flags], torchrun=2)
+    check_finetuned(log, 2, original, tmp_path / "out")
+    assert "[Gloo]" not in log
