@@ -25,7 +25,6 @@ only when these functions run.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ import torch.distributed as dist
 
 from torchmesh.errors import ArgumentError, ArgumentTypeError, ConfigError
 from torchmesh.nn.parameter import Module, mesh_parameters
+from torchmesh.nn.safetensors_io import require
 from torchmesh.placement.layout import local_slices
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
@@ -48,16 +48,6 @@ SUPPORTED = ("GPT2Config", "LlamaConfig")
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _GPT2_ACTIVATIONS |= {"silu": "silu", "swish": "silu"}
 _TO_HF_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
-
-
-def _require(package: str) -> Any:
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        raise ImportError(
-            f"Hugging Face interop needs the package {package!r}. Fix: pip install 'torchmesh[hf]' "
-            f"(transformers>=4.40 and safetensors>=0.4)."
-        ) from None
 
 
 # ---- where each weight lives ---------------------------------------------------------------
@@ -231,7 +221,7 @@ def _llama_fields(h: Any) -> dict[str, Any]:
 
 def hf_config(config: Any) -> Any:
     """The transformers config (GPT2Config or LlamaConfig) of an `LMConfig`."""
-    transformers = _require("transformers")
+    transformers = require("transformers", "from_hf")
     c = config
     if family(c) == "gpt2":
         p = c.dropout
@@ -292,10 +282,10 @@ def open_source(source: Any) -> HFSource:
         raise ArgumentError(
             f"from_hf: {str(directory)!r} has no config.json; pass a directory written by save_pretrained."
         )
-    transformers = _require("transformers")
+    transformers = require("transformers", "from_hf")
     config = transformers.AutoConfig.from_pretrained(directory)
     lm_fields(config)
-    safetensors = _require("safetensors")
+    safetensors = require("safetensors", "from_hf")
     files = _weight_files(directory)
     handles = {f: safetensors.safe_open(str(directory / f), "pt") for f in set(files.values())}
 
@@ -316,7 +306,7 @@ def _weight_files(directory: Path) -> dict[str, str]:
             f"from_hf: {str(directory)!r} has no model.safetensors (nor a sharded index); TransformerLM reads "
             f"safetensors only. Fix: save_pretrained(directory, safe_serialization=True)."
         )
-    safetensors = _require("safetensors")
+    safetensors = require("safetensors", "from_hf")
     with safetensors.safe_open(str(single), "pt") as f:
         return dict.fromkeys(f.keys(), single.name)
 
@@ -393,7 +383,7 @@ def save(model: Module, directory: str | os.PathLike[str]) -> Path:
     """Write `model` as a Hugging Face directory (config.json, model.safetensors) that
     `transformers.AutoModelForCausalLM.from_pretrained` loads; on dist every rank calls it and
     the first process writes."""
-    safetensors_torch = _require("safetensors.torch")
+    safetensors_torch = require("safetensors.torch", "to_hf")
     config = hf_config(model.config)
     state = hf_state_dict(model)
     impl = next(mesh_parameters(model))[1].mesh.impl
