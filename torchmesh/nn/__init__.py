@@ -1,8 +1,9 @@
 """`tm.nn`: torch.nn modules over named dims, whose parameters are MeshTensors."""
 
-from torchmesh.nn.attention import MultiHeadAttention
+from torchmesh.nn.attention import KVCache, MultiHeadAttention
 from torchmesh.nn.count import num_parameters, parameter_bytes
 from torchmesh.nn.fsdp import shard_parameters
+from torchmesh.nn.generate import generate, generate_seq2seq
 from torchmesh.nn.layers import Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
 from torchmesh.nn.losses import cross_entropy
 from torchmesh.nn.moe import MoE
@@ -27,3 +28,4 @@ __all__ += [
 __all__ += ["MoE", "shard_parameters"]
 __all__ += ["num_parameters", "parameter_bytes"]
 __all__ += ["EncoderDecoderConfig", "EncoderDecoderLM"]
+__all__ += ["KVCache", "generate", "generate_seq2seq"]

@@ -10,6 +10,10 @@ the output projection contracts `heads`: one all-reduce per layer (Megatron's at
 The attention itself is `tm.attention`: torch's fused kernel on each device's heads when the
 rules split neither `kv_seq` nor `d_head` and there is no attention dropout, MeshTensor
 einsums otherwise (exact on any layout).
+
+Decoding keeps a `KVCache` per layer: `forward(x, cache, start)` appends this call's keys and
+values (dims `batch kv_heads|heads kv_seq d_head`, laid out by the rules like the model's, so
+each device holds its heads) and attends the queries at positions start.. to all of them.
 """
 
 from __future__ import annotations
@@ -21,11 +25,45 @@ from torchmesh.nn import init
 from torchmesh.nn.parameter import Module
 from torchmesh.nn.rope import rope
 from torchmesh.tensor.attention import attention
+from torchmesh.tensor.construct import arange
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.tensor.slicing import concat
 
 if TYPE_CHECKING:
     from torchmesh.tensor.mesh import Mesh
+
+
+class KVCache:
+    """One attention layer's keys and values so far (None before the first call), dims
+    `batch kv_heads|heads kv_seq d_head`; `MultiHeadAttention.forward(x, cache, start)`
+    appends to it. `length` is the number of positions held.
+
+    >>> import torchmesh as tm
+    >>> mesh = tm.Mesh("tp:2", rules="heads:tp")
+    >>> attn = tm.nn.MultiHeadAttention(mesh, d_model=8, heads=2, d_head=4, seed=0)
+    >>> cache = tm.nn.KVCache()
+    >>> _ = attn(tm.randn("batch:1 seq:3 d_model:8", mesh, seed=1), cache)
+    >>> cache.length, cache.k.dims
+    (3, ('batch', 'heads', 'kv_seq', 'd_head'))
+    """
+
+    __slots__ = ("k", "v")
+
+    def __init__(self) -> None:
+        self.k: MeshTensor | None = None
+        self.v: MeshTensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.sizes["kv_seq"]
+
+    def append(self, k: MeshTensor, v: MeshTensor) -> tuple[MeshTensor, MeshTensor]:
+        """Keys and values so far followed by `k`, `v` (dims with `kv_seq`), kept and returned."""
+        if self.k is not None and self.v is not None:
+            k, v = concat([self.k, k], "kv_seq"), concat([self.v, v], "kv_seq")
+        self.k, self.v = k, v
+        return k, v
 
 
 class MultiHeadAttention(Module):
@@ -81,16 +119,29 @@ class MultiHeadAttention(Module):
             self.bv = init.zeros_param(f"{kv}:{kv_size} d_head:{d_head}", mesh)
             self.bo = init.zeros_param(f"d_model:{d_model}", mesh)
 
-    def forward(self, x: MeshTensor) -> MeshTensor:
+    def forward(self, x: MeshTensor, cache: KVCache | None = None, start: int = 0) -> MeshTensor:
+        """Attention of `x` (positions start.. of the sequence; `start` matters for RoPE). With
+        a `cache`, this call's keys and values are appended to it and the queries attend to
+        every cached position (causally: query start+i sees keys 0..start+i)."""
         kv = "heads" if self.kv_heads is None else "kv_heads"
+        kv_out = f"batch seq {kv} d_head" if cache is None else f"batch {kv} seq d_head"  # the cache's order
         q = einsum("batch seq d_model, d_model heads d_head -> batch seq heads d_head", x, self.wq)
-        k = einsum(f"batch seq d_model, d_model {kv} d_head -> batch seq {kv} d_head", x, self.wk)
-        v = einsum(f"batch seq d_model, d_model {kv} d_head -> batch seq {kv} d_head", x, self.wv)
+        k = einsum(f"batch seq d_model, d_model {kv} d_head -> {kv_out}", x, self.wk)
+        v = einsum(f"batch seq d_model, d_model {kv} d_head -> {kv_out}", x, self.wv)
         if self.has_bias:
             q, k, v = q + self.bq, k + self.bk, v + self.bv
         if self.rope_theta is not None:
-            q, k = rope(q, self.rope_theta), rope(k, self.rope_theta)
+            q, k = rope(q, self.rope_theta, offset=start), rope(k, self.rope_theta, offset=start)
         k, v = k.rename(seq="kv_seq"), v.rename(seq="kv_seq")
+        causal, mask = self.causal, None
+        if cache is not None:
+            k, v = cache.append(k, v)
+            if self.causal and k.sizes["kv_seq"] != q.sizes["seq"]:  # queries start.. see keys 0..start+i
+                causal = False
+                if q.sizes["seq"] > 1:
+                    mask = arange(f"seq:{q.sizes['seq']}", x.mesh) + (k.sizes["kv_seq"] - q.sizes["seq"]) >= arange(
+                        f"kv_seq:{k.sizes['kv_seq']}", x.mesh
+                    )
         grouped = self.kv_heads is not None
         out = attention(
             q,
@@ -98,7 +149,8 @@ class MultiHeadAttention(Module):
             v,
             heads="heads" if grouped else None,
             kv_heads="kv_heads" if grouped else None,
-            causal=self.causal,
+            causal=causal,
+            mask=mask,
             dropout=self.p,
             training=self.training,
         )

@@ -9,6 +9,7 @@ for data x Megatron tensor parallelism with a vocab-parallel embedding and loss.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import Any
 
 import torch
 
-from torchmesh.errors import ConfigError, DimError
+from torchmesh.errors import ArgumentError, ConfigError, DimError
 from torchmesh.nn import hf, init
-from torchmesh.nn.attention import MultiHeadAttention
+from torchmesh.nn.attention import KVCache, MultiHeadAttention
 from torchmesh.nn.layers import ACTIVATIONS, GATED, Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
 from torchmesh.nn.moe import MoE
 from torchmesh.nn.parameter import Module
@@ -179,8 +180,11 @@ class TransformerBlock(Module):
             )
         self.drop = Dropout(c.dropout)
 
-    def forward(self, x: MeshTensor) -> MeshTensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
+    def forward(self, x: MeshTensor, cache: KVCache | None = None, start: int = 0) -> MeshTensor:
+        """`x` at positions start.. of the sequence; `cache`: this layer's keys and values so
+        far, appended to (see `MultiHeadAttention.forward`)."""
+        h = self.norm1(x)
+        x = x + self.drop(self.attn(h, cache, start))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
@@ -225,21 +229,40 @@ class TransformerLM(Module):
                 mesh, f"d_model:{c.d_model}", f"vocab:{c.vocab}", bias=False, seed=init.derive_seed(seed, "head")
             )
 
-    def forward(self, ids: MeshTensor) -> MeshTensor:
+    def new_cache(self) -> list[KVCache]:
+        """An empty key/value cache, one `KVCache` per block, for `forward(ids, cache, start)`."""
+        return [KVCache() for _ in self.blocks]
+
+    def forward(self, ids: MeshTensor, cache: Sequence[KVCache] | None = None, start: int = 0) -> MeshTensor:
+        """Logits `batch seq vocab` of `ids` (`batch seq`) at positions start..start+seq-1
+        (learned positions sliced there, RoPE rotated by them). With `cache` (from `new_cache()`, holding positions 0..start-1), each block appends
+        this call's keys and values and attends to all of them: decoding one token at a time
+        (`torchmesh.nn.generate`)."""
         seq = ids.sizes.get("seq")
         if seq is None or "batch" not in ids.sizes or ids.ndim != 2:
             raise DimError(f"TransformerLM: ids must have dims (batch, seq); got {ids.dims}.")
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ArgumentError(
+                f"TransformerLM: cache has {len(cache)} entries for {len(self.blocks)} blocks. Fix: model.new_cache()."
+            )
         if seq > self.config.seq:
             raise DimError(
                 f"TransformerLM: seq={seq} is longer than config.seq={self.config.seq}; "
                 f"raise config.seq or feed shorter sequences."
             )
+        if self.config.positions == "learned" and start + seq > self.config.seq:
+            raise DimError(
+                f"TransformerLM: positions {start}..{start + seq - 1} reach past config.seq={self.config.seq} "
+                f"(the learned position table); raise config.seq or feed shorter sequences."
+            )
         x = self.embed(ids)
         if self.config.positions == "learned":
-            x = x + (self.pos if seq == self.config.seq else tm_slice(self.pos, "seq", 0, seq))
+            x = x + (
+                self.pos if start == 0 and seq == self.config.seq else tm_slice(self.pos, "seq", start, start + seq)
+            )
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache[i], start)
         x = self.norm(x)
         if self.config.tie_embeddings:
             return einsum("batch seq d_model, vocab d_model -> batch seq vocab", x, self.embed.weight)
