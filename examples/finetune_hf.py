@@ -71,33 +71,15 @@ class Tokens:
 
 
 # ---- sampling -----------------------------------------------------------------------------------
-@torch.no_grad()
-def greedy(model: tm.nn.TransformerLM, prompt: tm.MeshTensor, new_tokens: int) -> tm.MeshTensor:
-    """The prompt (`batch seq` ids) followed by `new_tokens` greedy tokens: the whole sequence
-    through the model for each one (no KV cache), the last position's argmax over the (split)
-    vocabulary appended. tm.nn.generate does this with a KV cache, and with sampling; this
-    loop stands in where it is absent."""
-    ids = prompt
-    for _ in range(new_tokens):
-        n = ids.sizes["seq"]
-        window = tm.slice(ids, "seq", max(0, n - model.config.seq), n)  # at most the model's positions
-        logits = model(window)
-        last = tm.slice(logits, "seq", window.sizes["seq"] - 1, window.sizes["seq"])
-        ids = tm.concat([ids, tm.argmax(last, "vocab")], "seq")
-    return ids
-
-
 def sample(model: tm.nn.TransformerLM, tokens: torch.Tensor, codec: Tokens, args: argparse.Namespace) -> list[str]:
-    """`--samples` continuations of prompts of `--prompt-len` tokens taken from the text."""
+    """`--samples` greedy continuations of prompts of `--prompt-len` tokens taken from the text.
+    tm.nn.generate keeps a key/value cache laid out like the model (with heads:tp each device
+    caches its own heads) and takes the argmax over the split vocabulary."""
     mesh = model.mesh
-    prompts = get_batch(tokens, args.steps, args.samples, args.prompt_len - 1, args.seed)  # as every rank
-    prompt = tm.distribute(prompts, "batch seq", mesh)
-    model.eval()
-    if hasattr(tm.nn, "generate"):
-        out = tm.nn.generate(model, prompt, args.new_tokens)
-    else:
-        out = greedy(model, prompt, args.new_tokens)
-    model.train()
+    length = min(args.prompt_len, args.seq)
+    prompts = get_batch(tokens, args.steps, args.samples, length - 1, args.seed)  # as on every rank
+    new_tokens = min(args.new_tokens, model.config.seq - length)  # the model's positions bound the length
+    out = tm.nn.generate(model, tm.distribute(prompts, "batch seq", mesh), new_tokens)
     return [codec.decode(row.tolist()) for row in out.full()]  # full(): a collective, on every rank
 
 

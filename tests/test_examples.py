@@ -166,3 +166,34 @@ def test_finetune_hf_llama_under_torchrun(tmp_path):
     log = run_merged([example, "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "out"), *flags], torchrun=2)
     check_finetuned(log, 2, original, tmp_path / "out")
     assert "[Gloo]" not in log
+
+
+def test_finetune_hf_tokenises_with_the_directory_tokenizer_else_bytes(tmp_path):
+    """A directory with a tokenizer (a 101-token BPE trained here on the corpus) is read with it
+    (AutoTokenizer); one without it as bytes modulo the vocabulary."""
+    import tokenizers
+    import torch
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from finetune_hf import CORPUS, Tokens
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    bpe = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    bpe.train([str(CORPUS)], trainers.BpeTrainer(vocab_size=101, special_tokens=["<unk>"]))
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>")
+    reference.save_pretrained(tmp_path)
+
+    text = "Shall I compare thee to a summer's day?"
+    codec = Tokens(tmp_path, vocab=101)
+    ids = codec.encode(text)
+    assert ids.tolist() == reference(text)["input_ids"] and int(ids.max()) < 101
+    assert codec.decode(ids.tolist()) == text
+
+    plain = Tokens(tmp_path / "none", vocab=101)  # no tokenizer files there
+    assert plain.tokenizer is None and plain.describe() == "bytes modulo 101"
+    assert torch.equal(plain.encode("ab\u00e9"), torch.tensor([97, 98, 0xC3 % 101, 0xA9 % 101]))
+    assert plain.decode(list(b"thee")) == "thee"
