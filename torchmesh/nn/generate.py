@@ -4,7 +4,8 @@ Decoder-only models (`TransformerLM`) prefill the prompt into a key/value cache 
 `KVCache` per block, its keys and values laid out like the model's: with `heads:tp` each
 device holds its heads), then feed one token per step at its absolute position (learned
 positions sliced at it, RoPE rotated by it). Encoder-decoder models (`EncoderDecoderLM`)
-encode once and grow `target_seq` from the decoder start token (`generate_seq2seq`).
+encode once and grow `target_seq` from the decoder start token (`generate_seq2seq`), caching
+the decoder self-attention's keys and values and the cross-attention's (computed once).
 
 Choosing a token: greedy (temperature 0) is `argmax` over `vocab`, which may be split
 (unevenly) over the mesh; sampling divides the logits by the temperature, keeps the `top_k`
@@ -119,10 +120,10 @@ def generate_seq2seq(
     loaded Hugging Face config's, else 0 as in T5) followed by `max_new_tokens` tokens, chosen
     as `generate` does (greedy equals transformers' T5 `generate(do_sample=False)`).
 
-    The encoder runs once; the decoder is recomputed over the whole `target_seq` at each step
-    (no decoder cache yet: T5's relative position bias and cross-attention make one a larger
-    change), which costs O(n^2) decoder positions for n new tokens. `use_cache` is accepted
-    for symmetry with `generate` and has no effect.
+    The encoder runs once. The decoder keeps a cache (`model.new_cache()`): per block, the
+    self-attention's keys and values, grown by one position per step, and the cross-attention's
+    keys and values of the encoder output, computed at the first step; `use_cache=False`
+    recomputes the decoder over the whole `target_seq` each step instead (the same tokens).
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;heads:tp;ff:tp;vocab:tp")
@@ -135,7 +136,6 @@ def generate_seq2seq(
     """
     if not isinstance(model, EncoderDecoderLM):
         raise ArgumentTypeError(f"generate_seq2seq(model={type(model).__name__}): model is a tm.nn.EncoderDecoderLM.")
-    del use_cache
     _check_ids(encoder_ids, "seq", "generate_seq2seq")
     pick = _chooser(model.config.vocab, max_new_tokens, temperature, top_k, seed, "generate_seq2seq")
     if decoder_start_token_id is None:
@@ -144,8 +144,13 @@ def generate_seq2seq(
         memory = model.encode(encoder_ids, encoder_mask)
         batch = encoder_ids.sizes["batch"]
         ids = full(f"batch:{batch} target_seq:1", decoder_start_token_id, encoder_ids.mesh, dtype=torch.int64)
+        cache = model.new_cache() if use_cache else None
         for step in range(max_new_tokens):
-            logits = model.decode(ids, memory, encoder_mask)
+            if cache is None:
+                logits = model.decode(ids, memory, encoder_mask)
+            else:
+                n = ids.sizes["target_seq"]
+                logits = model.decode(tm_slice(ids, "target_seq", n - 1, n), memory, encoder_mask, cache, n - 1)
             ids = _append(ids, pick(_last(logits, "target_seq"), step), "target_seq")
         return ids
 

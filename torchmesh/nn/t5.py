@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from torchmesh.errors import ArgumentTypeError, ConfigError, DimError
 from torchmesh.nn import init
+from torchmesh.nn.attention import KVCache
 from torchmesh.nn.layers import Dropout, Embedding, Linear, RMSNorm
 from torchmesh.nn.parameter import Module, mesh_parameters
 from torchmesh.nn.safetensors_io import (
@@ -42,7 +43,7 @@ from torchmesh.nn.safetensors_io import (
     writes_files,
 )
 from torchmesh.tensor.attention import attention
-from torchmesh.tensor.construct import distribute
+from torchmesh.tensor.construct import arange, distribute
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.elementwise import where
 from torchmesh.tensor.gather import embedding
@@ -147,8 +148,10 @@ def relative_position_bucket(
 
 
 @lru_cache(maxsize=64)
-def _bucket_table(queries: int, keys: int, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
-    relative = torch.arange(keys)[None, :] - torch.arange(queries)[:, None]
+def _bucket_table(
+    queries: int, keys: int, bidirectional: bool, num_buckets: int, max_distance: int, offset: int = 0
+) -> torch.Tensor:
+    relative = torch.arange(keys)[None, :] - torch.arange(offset, offset + queries)[:, None]
     return relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
 
 
@@ -178,19 +181,39 @@ class T5Attention(Module):
         self.p = c.dropout
         self.max_distance = c.relative_attention_max_distance
 
-    def position_bias(self, q_seq: str, queries: int, keys: int, bidirectional: bool, mesh: Mesh) -> MeshTensor:
-        """The bias `q_seq kv_seq heads` of each query, key and head, from the buckets table."""
+    def position_bias(
+        self, q_seq: str, queries: int, keys: int, bidirectional: bool, mesh: Mesh, offset: int = 0
+    ) -> MeshTensor:
+        """The bias `q_seq kv_seq heads` of each query (at positions offset..), key and head,
+        from the buckets table."""
         num_buckets, max_distance = self.relative_bias.sizes["buckets"], self.max_distance
-        table = _bucket_table(queries, keys, bidirectional, num_buckets, max_distance)
+        table = _bucket_table(queries, keys, bidirectional, num_buckets, max_distance, offset)
         ids = distribute(table.to(mesh.impl.default_device), f"{q_seq} kv_seq", mesh)
         return embedding(ids, self.relative_bias, "buckets")
 
     def forward(
-        self, x: MeshTensor, kv: MeshTensor, q_seq: str, kv_seq: str, bias: MeshTensor | None, causal: bool
+        self,
+        x: MeshTensor,
+        kv: MeshTensor,
+        q_seq: str,
+        kv_seq: str,
+        bias: MeshTensor | None,
+        causal: bool,
+        cache: KVCache | None = None,
+        fixed: bool = False,
     ) -> MeshTensor:
+        """With `cache`: self-attention appends this call's keys and values to it (the queries
+        are the last positions; the causal part then comes in `bias`); `fixed` (cross-attention)
+        computes them from `kv` on the first call and reuses them after."""
         q = einsum(f"batch {q_seq} d_model, d_model heads d_head -> batch heads {q_seq} d_head", x, self.wq)
-        k = einsum(f"batch {kv_seq} d_model, d_model heads d_head -> batch heads {kv_seq} d_head", kv, self.wk)
-        v = einsum(f"batch {kv_seq} d_model, d_model heads d_head -> batch heads {kv_seq} d_head", kv, self.wv)
+        if cache is not None and fixed and cache.k is not None and cache.v is not None:
+            k, v = cache.k, cache.v
+        else:
+            k = einsum(f"batch {kv_seq} d_model, d_model heads d_head -> batch heads {kv_seq} d_head", kv, self.wk)
+            v = einsum(f"batch {kv_seq} d_model, d_model heads d_head -> batch heads {kv_seq} d_head", kv, self.wv)
+            if cache is not None:
+                k, v = cache.append(k, v)
+                causal = causal and k.sizes[kv_seq] == q.sizes[q_seq]
         out = attention(
             q,
             k,
@@ -253,13 +276,18 @@ class T5Block(Module):
         self_bias: MeshTensor,
         memory: MeshTensor | None = None,
         cross_bias: MeshTensor | None = None,
+        cache: tuple[KVCache, KVCache] | None = None,
     ) -> MeshTensor:
+        """`cache`: the decoder's (self-attention, cross-attention) keys and values so far."""
+        self_cache, cross_cache = (None, None) if cache is None else cache
         h = self.self_norm(x)
         kv = h.rename({seq: "kv_seq"})
-        x = x + self.drop(self.self_attn(h, kv, seq, "kv_seq", self_bias, causal=self.decoder))
+        x = x + self.drop(self.self_attn(h, kv, seq, "kv_seq", self_bias, causal=self.decoder, cache=self_cache))
         if self.decoder and memory is not None:  # the decoder always gets the encoder's output
             h = self.cross_norm(x)
-            x = x + self.drop(self.cross_attn(h, memory, seq, "seq", cross_bias, causal=False))
+            x = x + self.drop(
+                self.cross_attn(h, memory, seq, "seq", cross_bias, causal=False, cache=cross_cache, fixed=True)
+            )
         return x + self.drop(self.ff(self.ff_norm(x)))
 
 
@@ -285,15 +313,21 @@ class T5Stack(Module):
         pad: MeshTensor | None,
         memory: MeshTensor | None = None,
         memory_pad: MeshTensor | None = None,
+        cache: list[tuple[KVCache, KVCache]] | None = None,
+        start: int = 0,
     ) -> MeshTensor:
+        """`x` at positions start..; `cache` (decoder): each block's keys and values so far."""
         first = cast(T5Block, self.blocks[0]).self_attn
         length = x.sizes[seq]
-        self_bias = first.position_bias(seq, length, length, not self.decoder, x.mesh)
+        self_bias = first.position_bias(seq, length, start + length, not self.decoder, x.mesh, start)
         if pad is not None:
             self_bias = self_bias + pad.rename(seq="kv_seq")
+        if cache is not None and start > 0 and length > 1:  # causal, offset: query start+i sees keys ..start+i
+            allowed = arange(f"{seq}:{length}", x.mesh) + start >= arange(f"kv_seq:{start + length}", x.mesh)
+            self_bias = self_bias + where(allowed, 0.0, torch.finfo(self_bias.dtype).min)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, seq, self_bias, memory, memory_pad)
+        for i, block in enumerate(self.blocks):
+            x = block(x, seq, self_bias, memory, memory_pad, None if cache is None else cache[i])
         return self.drop(self.final_norm(x))
 
 
@@ -336,11 +370,24 @@ class EncoderDecoderLM(Module):
         _check_ids(encoder_ids, "encoder_ids", "seq")
         return self.encoder(self.shared(encoder_ids), "seq", _padding(encoder_mask, encoder_ids))
 
-    def decode(self, decoder_ids: MeshTensor, memory: MeshTensor, encoder_mask: MeshTensor | None = None) -> MeshTensor:
-        """Logits `batch target_seq vocab` of `decoder_ids` attending to the encoder output `memory`."""
+    def new_cache(self) -> list[tuple[KVCache, KVCache]]:
+        """An empty decoder cache: per decoder block, (self-attention, cross-attention) keys and values."""
+        return [(KVCache(), KVCache()) for _ in self.decoder.blocks]
+
+    def decode(
+        self,
+        decoder_ids: MeshTensor,
+        memory: MeshTensor,
+        encoder_mask: MeshTensor | None = None,
+        cache: list[tuple[KVCache, KVCache]] | None = None,
+        start: int = 0,
+    ) -> MeshTensor:
+        """Logits `batch target_seq vocab` of `decoder_ids` attending to the encoder output `memory`.
+        With `cache` (`new_cache()`, holding target positions 0..start-1), `decoder_ids` are the
+        positions start.. and each block appends its keys and values (decoding step by step)."""
         _check_ids(decoder_ids, "decoder_ids", "target_seq")
         pad = _padding(encoder_mask, memory)
-        x = self.decoder(self.shared(decoder_ids), "target_seq", None, memory, pad)
+        x = self.decoder(self.shared(decoder_ids), "target_seq", None, memory, pad, cache, start)
         if self.config.tie_embeddings:
             return einsum(
                 "batch target_seq d_model, vocab d_model -> batch target_seq vocab",
