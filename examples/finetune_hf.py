@@ -2,6 +2,7 @@
 
     python examples/finetune_hf.py --model ./gpt2 --backend sim --mesh "dp:2;tp:2" --steps 20 --out ./gpt2-sonnets
     torchrun --standalone --nproc-per-node 4 examples/finetune_hf.py --model ./gpt2 --backend dist --mesh "dp:2;tp:2"
+    PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 python examples/finetune_hf.py --model ./gpt2 --backend xla --mesh "dp:2;tp:2"
 
 `--model` is a directory written by `save_pretrained` (config.json and safetensors) of a
 decoder-only GPT-2 or Llama model; nothing is downloaded at run time. For a real checkpoint,
@@ -97,7 +98,9 @@ def main() -> None:
     parser.add_argument("--lr", type=at_least(0.0, float), default=1e-4)
     parser.add_argument("--batch", type=at_least(1), default=8, help="global batch (sequences per step)")
     parser.add_argument("--seq", type=at_least(1), default=128, help="tokens per sequence (at most the model's)")
-    parser.add_argument("--samples", type=at_least(0), default=3, help="lines to sample after training")
+    parser.add_argument(
+        "--samples", type=at_least(0), default=4, help="lines to sample after training (on xla, a multiple of dp)"
+    )
     parser.add_argument("--prompt-len", type=at_least(1), default=8, help="prompt tokens per sample")
     parser.add_argument("--new-tokens", type=at_least(0), default=24, help="tokens to generate per sample")
     parser.set_defaults(
