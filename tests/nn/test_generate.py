@@ -1,14 +1,15 @@
 """Generation (torchmesh/nn/generate.py): greedy decoding equals transformers' own
 `generate(do_sample=False)` token for token for GPT-2, Llama (grouped-query, RoPE) and T5,
 loaded from `save_pretrained` directories onto sim meshes (1 device, dp:2;tp:2 with vocab 101
-split unevenly); the key/value cache gives the tokens of full recomputation; a seed samples
-the same tokens on every mesh; top_k=1 is greedy; lengths past the learned position table
+split unevenly) and on 2 gloo processes; the key/value cache gives the tokens of full
+recomputation; a seed samples the same tokens on every mesh and backend; top_k=1 is greedy; lengths past the learned position table
 are refused. References are transformers' models, never our code."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from harness import run_distributed
 
 import torchmesh as tm
 
@@ -85,9 +86,9 @@ def test_the_cache_equals_full_recomputation(saved):
     prompt = tm.distribute(PROMPT, "batch seq", mesh)
     cached = tm.nn.generate(model, prompt, NEW)
     assert torch.equal(cached.full(), tm.nn.generate(model, prompt, NEW, use_cache=False).full())
-    for options in (dict(temperature=0.8, seed=4), dict(temperature=1.5, top_k=5, seed=2)):
-        a = tm.nn.generate(model, prompt, NEW, **options).full()
-        assert torch.equal(a, tm.nn.generate(model, prompt, NEW, use_cache=False, **options).full())
+    sampled = tm.nn.generate(model, prompt, NEW, temperature=1.5, top_k=5, seed=2).full()
+    again = tm.nn.generate(model, prompt, NEW, temperature=1.5, top_k=5, seed=2, use_cache=False).full()
+    assert torch.equal(sampled, again)
 
 
 def test_cached_logits_equal_the_full_forward(saved):
@@ -119,6 +120,29 @@ def test_sampling_is_the_same_on_every_mesh(saved):
     assert not torch.equal(outs[0][0], outs[0][1])  # different settings, different draws
     other_seed = tm.nn.generate(model, prompt, NEW, temperature=1.0, seed=8).full()
     assert not torch.equal(other_seed, outs[-1][0])
+
+
+def _generate_on_rank(directory: str) -> tuple[list, list]:
+    """On each gloo rank: the Llama checkpoint on tp:2 (vocab 101: 51 and 50 rows), greedy and sampled."""
+    mesh = tm.Mesh("tp:2", rules="heads:tp;kv_heads:tp;ff:tp;vocab:tp", backend="dist")
+    model = tm.nn.TransformerLM.from_hf(directory, mesh)
+    prompt = tm.distribute(PROMPT, "batch seq", mesh)
+    greedy = tm.nn.generate(model, prompt, NEW).full()
+    sampled = tm.nn.generate(model, prompt, NEW, temperature=1.0, top_k=10, seed=7).full()
+    return greedy.tolist(), sampled.tolist()  # lists: a tensor's shared memory may go with its process
+
+
+def test_on_2_gloo_processes_the_tokens_are_sim_s(tmp_path):
+    hf_model = llama()
+    hf_model.save_pretrained(tmp_path)
+    mesh = tm.Mesh("dp:1;tp:1", rules=RULES)
+    model = tm.nn.TransformerLM.from_hf(tmp_path, mesh)
+    prompt = tm.distribute(PROMPT, "batch seq", mesh)
+    sampled = tm.nn.generate(model, prompt, NEW, temperature=1.0, top_k=10, seed=7).full()
+    reference = hf_greedy(hf_model, PROMPT, NEW, attention_mask=torch.ones_like(PROMPT))
+    for greedy, sample in run_distributed(_generate_on_rank, 2, args=(str(tmp_path),), timeout=180):
+        assert greedy == reference.tolist()
+        assert sample == sampled.tolist()
 
 
 def test_sampling_follows_the_distribution():
