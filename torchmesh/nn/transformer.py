@@ -262,7 +262,9 @@ class TransformerLM(Module):
             )
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache[i], start)
+            # Without a cache a block is called as block(x): wrappers around blocks (activation
+            # recomputation, hooks) keep the one-argument contract.
+            x = block(x) if cache is None else block(x, cache[i], start)
         x = self.norm(x)
         if self.config.tie_embeddings:
             return einsum("batch seq d_model, vocab d_model -> batch seq vocab", x, self.embed.weight)
