@@ -1,13 +1,4 @@
-"""Mesh TensorFlow's vocabulary over torchmesh, so a port is mostly mechanical.
-
-    import torchmesh.mtf as mtf
-    batch = mtf.Dimension("batch", 8)
-    y = mtf.einsum([x, w], output_shape=[batch, ff])
-    s = mtf.reduce_sum(y, reduced_dim=ff)
-
-Argument orders follow Mesh TF (`shift(x, offset, dim, wrap)`, `slice(x, begin, size,
-slice_dim_name)`); the table in docs/porting-from-mesh-tensorflow.md maps each name.
-"""
+"""Mesh TF's `mesh_tensorflow/ops.py` names over torchmesh (see `torchmesh.mtf`)."""
 
 from __future__ import annotations
 

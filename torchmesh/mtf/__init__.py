@@ -1,0 +1,16 @@
+"""Mesh TensorFlow's vocabulary over torchmesh, so a port is mostly mechanical.
+
+    import torchmesh.mtf as mtf
+    batch = mtf.Dimension("batch", 8)
+    y = mtf.einsum([x, w], output_shape=[batch, ff])
+    s = mtf.reduce_sum(y, reduced_dim=ff)
+
+Argument orders follow Mesh TF (`shift(x, offset, dim, wrap)`, `slice(x, begin, size,
+slice_dim_name)`); the table in docs/porting-from-mesh-tensorflow.md maps each name.
+Modules mirror Mesh TF's: `ops` (mesh_tensorflow/ops.py, re-exported here).
+"""
+
+from torchmesh.mtf.ops import *  # noqa: F403
+from torchmesh.mtf.ops import __all__ as _ops_all
+
+__all__ = [*_ops_all]
