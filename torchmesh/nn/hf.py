@@ -13,9 +13,10 @@ are built from the pieces here:
   offset of our part along each axis (GPT-2's fused q/k/v). Weights are matched by dim name,
   never by shape, so a square weight stored transposed (GPT-2's Conv1D keeps (in, out),
   Llama's Linear (out, in)) loads right.
-- `load_weights(model, source)`: each device reads only its block of each weight
-  (`safetensors.safe_open(...).get_slice(name)[...]` with the block's bounds): on `dist` a
-  rank reads its share of the file, not a full copy.
+- `load_weights(model, source)`: each device reads only its block of each weight through
+  `safetensors_io.read_mesh_tensor` (the one block reader, shared with T5; GPT-2's fused
+  q/k/v read as offsets into `c_attn`): on `dist` a rank reads its share of the file, not a
+  full copy.
 - `save(model, directory)`: gathers every weight (a collective: call it on every rank) and
   writes config.json and model.safetensors from the first process.
 
@@ -25,11 +26,9 @@ only when these functions run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,7 @@ import torch.distributed as dist
 
 from torchmesh.errors import ArgumentError, ArgumentTypeError, ConfigError
 from torchmesh.nn.parameter import Module, mesh_parameters
-from torchmesh.nn.safetensors_io import require
-from torchmesh.placement.layout import local_slices
-from torchmesh.tensor.mesh_tensor import MeshTensor
+from torchmesh.nn.safetensors_io import TensorSource, read_mesh_tensor, require
 
 SUPPORTED = ("GPT2Config", "LlamaConfig")
 
@@ -62,6 +59,11 @@ class HFWeight:
 
     def offsets(self) -> tuple[int, ...]:
         return self.offset or (0,) * len(self.axes)
+
+    def file_dims(self) -> str:
+        """The axes as `safetensors_io`'s file dims: (("heads", "d_head"), ("d_model",)) ->
+        "(heads d_head) d_model"."""
+        return " ".join(g[0] if len(g) == 1 else f"({' '.join(g)})" for g in self.axes)
 
 
 def family(config: Any) -> str:
@@ -244,20 +246,15 @@ def hf_config(config: Any) -> Any:
 # ---- reading -----------------------------------------------------------------------------------
 @dataclass
 class HFSource:
-    """A checkpoint's config and a reader of slices of its tensors; `bytes_read` counts the
-    bytes of every slice read so far."""
+    """A checkpoint's config and its tensors (a `safetensors_io.TensorSource`, which reads
+    blocks and counts the bytes it read: `bytes_read`)."""
 
     config: Any
-    read_slice: Callable[[str, tuple[slice, ...]], torch.Tensor]
-    bytes_read: int = 0
-    keys: frozenset[str] = field(default_factory=frozenset)
+    tensors: TensorSource
 
-    def read(self, key: str, slices: tuple[slice, ...]) -> torch.Tensor:
-        if key not in self.keys:
-            raise ArgumentError(f"from_hf: the checkpoint has no tensor {key!r} (it has {len(self.keys)} tensors).")
-        t = self.read_slice(key, slices)
-        self.bytes_read += t.numel() * t.element_size()
-        return t
+    @property
+    def bytes_read(self) -> int:
+        return self.tensors.bytes_read
 
 
 def open_source(source: Any) -> HFSource:
@@ -270,8 +267,7 @@ def open_source(source: Any) -> HFSource:
                 f"(e.g. GPT2LMHeadModel) or a directory written by its save_pretrained."
             )
         lm_fields(config)  # refuse an unsupported config before anything else
-        state = source.state_dict()
-        return HFSource(config, lambda key, slices: state[key][slices].detach().clone(), keys=frozenset(state))
+        return HFSource(config, TensorSource(source.state_dict()))
     if not isinstance(source, (str, os.PathLike)):
         raise ArgumentTypeError(
             f"from_hf: source is a {type(source).__name__}; pass a directory written by save_pretrained or a "
@@ -285,56 +281,13 @@ def open_source(source: Any) -> HFSource:
     transformers = require("transformers", "from_hf")
     config = transformers.AutoConfig.from_pretrained(directory)
     lm_fields(config)
-    safetensors = require("safetensors", "from_hf")
-    files = _weight_files(directory)
-    handles = {f: safetensors.safe_open(str(directory / f), "pt") for f in set(files.values())}
-
-    def read_slice(key: str, slices: tuple[slice, ...]) -> torch.Tensor:
-        return handles[files[key]].get_slice(key)[slices]
-
-    return HFSource(config, read_slice, keys=frozenset(files))
-
-
-def _weight_files(directory: Path) -> dict[str, str]:
-    """{tensor name: file name} of a save_pretrained directory (one file, or a sharded index)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return dict(json.loads(index.read_text())["weight_map"])
-    single = directory / "model.safetensors"
-    if not single.is_file():
-        raise ArgumentError(
-            f"from_hf: {str(directory)!r} has no model.safetensors (nor a sharded index); TransformerLM reads "
-            f"safetensors only. Fix: save_pretrained(directory, safe_serialization=True)."
-        )
-    safetensors = require("safetensors", "from_hf")
-    with safetensors.safe_open(str(single), "pt") as f:
-        return dict.fromkeys(f.keys(), single.name)
-
-
-def read_block(
-    source: HFSource, weight: HFWeight, dims: tuple[str, ...], block: dict[str, slice], sizes: dict[str, int]
-) -> torch.Tensor:
-    """The block `block` ({dim: global range}) of our weight with dims `dims`, read from its
-    Hugging Face tensor: along each axis, the range of its major dim times the rest (exactly
-    the block when the minor dims are whole, the usual case), then the minor dims sliced."""
-    ranges: list[slice] = []
-    shape: list[int] = []
-    index: list[slice] = []
-    names: list[str] = []
-    for group, off in zip(weight.axes, weight.offsets()):
-        inner = math.prod(sizes[n] for n in group[1:])
-        major = block[group[0]]
-        ranges.append(slice(off + major.start * inner, off + major.stop * inner))
-        shape += [major.stop - major.start, *(sizes[n] for n in group[1:])]
-        index += [slice(None), *(block[n] for n in group[1:])]
-        names += group
-    t = source.read(weight.key, tuple(ranges)).reshape(shape)[tuple(index)]
-    return t.permute([names.index(n) for n in dims]).contiguous()
+    return HFSource(config, TensorSource.from_directory(directory, "from_hf"))
 
 
 def load_weights(model: Module, source: HFSource) -> None:
     """Copy the checkpoint into `model` (a TransformerLM of the source's family): each device
-    reads only its block of each weight, and the weights keep their layout."""
+    reads only its block of each weight (`safetensors_io.read_mesh_tensor`; a part of a fused
+    tensor, GPT-2's q/k/v in `c_attn`, by its offset), and the weights keep their layout."""
     mapping = weight_map(model.config)
     params = dict(mesh_parameters(model))
     missing = sorted(set(params) - set(mapping))
@@ -342,17 +295,15 @@ def load_weights(model: Module, source: HFSource) -> None:
         raise ConfigError(f"from_hf: no Hugging Face tensor for the weights {missing}.")
     owners = dict(model.named_modules())
     for name, p in params.items():
-        impl = p.mesh.impl
-        layout = p.tensor_layout
-        blocks = []
-        for coords in impl.local_coords:
-            block = dict(zip(p.dims, local_slices(layout, impl.slice_mesh, coords)))
-            t = read_block(source, mapping[name], p.dims, block, p.sizes)
-            blocks.append(t.to(dtype=p.dtype, device=impl.default_device))
+        w = mapping[name]
+        value = read_mesh_tensor(
+            source.tensors, w.key, p.shape, p.mesh, w.file_dims(), dtype=p.dtype, offset=w.offsets(),
+            layout=p.tensor_layout,
+        )  # fmt: skip
         owner, _, attr = name.rpartition(".")
         module = owners[owner]
         assert isinstance(module, Module)  # mesh parameters live on tm.nn.Module
-        module.register_mesh_parameter(attr, MeshTensor(tuple(blocks), layout, p.mesh).requires_grad_(p.requires_grad))
+        module.register_mesh_parameter(attr, value.requires_grad_(p.requires_grad))
 
 
 # ---- writing -----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 
 from torchmesh.errors import BackendError, CheckpointError, DimError
 from torchmesh.placement.dims import Dim, DimsLike, parse_dims
-from torchmesh.placement.layout import local_slices
+from torchmesh.placement.layout import TensorLayout, local_slices
 from torchmesh.tensor.construct import zeros
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
@@ -54,6 +54,8 @@ class TensorSource:
     def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, files: dict[str, Any] | None = None):
         self._tensors = dict(tensors or {})
         self._files = files or {}  # key -> open safe_open handle
+        #: The bytes of every block `read` returned so far (what this process read).
+        self.bytes_read = 0
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike[str], what: str) -> TensorSource:
@@ -87,6 +89,11 @@ class TensorSource:
         return key in self._tensors or key in self._files
 
     def shape(self, key: str) -> tuple[int, ...]:
+        if key not in self:
+            raise CheckpointError(
+                f"the checkpoint has no tensor {key!r} (it has {len(self.keys())} tensors); the config does not "
+                f"fit these weights."
+            )
         if key in self._tensors:
             return tuple(self._tensors[key].shape)
         return tuple(self._files[key].get_slice(key).get_shape())
@@ -94,8 +101,11 @@ class TensorSource:
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """The block `index` of tensor `key` (only those bytes are read from a file)."""
         if key in self._tensors:
-            return self._tensors[key][index].detach().clone()
-        return self._files[key].get_slice(key)[index]
+            block = self._tensors[key][index].detach().clone()
+        else:
+            block = self._files[key].get_slice(key)[index]
+        self.bytes_read += block.numel() * block.element_size()
+        return block
 
 
 def parse_file_dims(file_dims: str) -> tuple[tuple[str, ...], ...]:
@@ -114,12 +124,16 @@ def read_mesh_tensor(
     mesh: Mesh,
     file_dims: str,
     dtype: torch.dtype | None = None,
+    offset: tuple[int, ...] | None = None,
+    layout: TensorLayout | None = None,
 ) -> MeshTensor:
-    """The tensor `key` of `source` as a MeshTensor with `dims`, laid out by the mesh's rules;
-    `file_dims` names how the file's axes group those dims ("(heads d_head) d_model"). Each
-    device reads only its block: along a file axis whose leading dim is split and whose other
-    dims are whole, one contiguous range; where an inner dim is split, the whole axis (then
-    sliced in memory).
+    """The tensor `key` of `source` as a MeshTensor with `dims`, laid out by `layout` (default:
+    the mesh's rules); `file_dims` names how the file's axes group those dims ("(heads d_head)
+    d_model"). Each device reads only its block: along a file axis whose leading dim is split
+    and whose other dims are whole, one contiguous range; where an inner dim is split, the
+    whole axis (then sliced in memory). `offset`: where our part starts along each file axis,
+    for a weight fused with others in one file tensor (GPT-2's `c_attn` holds q, k and v side
+    by side: k is at offset (0, d_model)); only our part's ranges are read.
 
     >>> import torch, torchmesh as tm
     >>> from torchmesh.nn.safetensors_io import TensorSource, read_mesh_tensor
@@ -140,12 +154,17 @@ def read_mesh_tensor(
         )
     want = tuple(math.prod(sizes[n] for n in g) for g in groups)
     have = source.shape(key)
-    if have != want:
+    starts = tuple(offset) if offset is not None else (0,) * len(groups)
+    fits = have == want if offset is None else len(have) == len(want) == len(starts)
+    if fits and offset is not None:
+        fits = all(0 <= o and o + w <= h for o, w, h in zip(starts, want, have))
+    if not fits:
+        at = "" if offset is None else f" at offset {list(starts)}"
         raise CheckpointError(
-            f"{key!r} has shape {list(have)} in the checkpoint, but the model expects {list(want)} "
+            f"{key!r} has shape {list(have)} in the checkpoint, but the model expects {list(want)}{at} "
             f"({file_dims} with {_sizes_text(shape)}); the config does not fit these weights."
         )
-    layout = mesh.layout_of(shape)
+    layout = mesh.layout_of(shape) if layout is None else layout
     impl = mesh.impl
     if not impl.holds_values:  # shapes only (abstract): nothing to read
         return zeros(shape, mesh, dtype=dtype)
@@ -155,15 +174,15 @@ def read_mesh_tensor(
     def block(coords: tuple[int, ...]) -> torch.Tensor:
         mine = dict(zip(names, local_slices(layout, impl.slice_mesh, coords)))
         index, after, post = [], [], []
-        for g in groups:
+        for g, start in zip(groups, starts):
             inner = math.prod(sizes[n] for n in g[1:])
             lead = mine[g[0]]
             if all((mine[n].start, mine[n].stop) == (0, sizes[n]) for n in g[1:]):
-                index.append(slice(lead.start * inner, lead.stop * inner))
+                index.append(slice(start + lead.start * inner, start + lead.stop * inner))
                 after += [lead.stop - lead.start] + [sizes[n] for n in g[1:]]
                 post += [slice(None)] * len(g)
             else:
-                index.append(slice(None))
+                index.append(slice(start, start + math.prod(sizes[n] for n in g)))
                 after += [sizes[n] for n in g]
                 post += [mine[n] for n in g]
         t = source.read(key, tuple(index)).reshape(after)[tuple(post)].permute(order)
