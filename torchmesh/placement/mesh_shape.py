@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from torchmesh.errors import ParseError
-from torchmesh.placement.dims import check_name
+from torchmesh.placement.dims import Dim, check_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +42,16 @@ class MeshShape:
 
     @staticmethod
     def parse(spec: MeshShapeLike) -> MeshShape:
-        """Read "dp:2;tp:4", a dict {"dp": 2, "tp": 4}, or a MeshShape."""
+        """Read "dp:2;tp:4", a dict {"dp": 2, "tp": 4}, a MeshShape, or a sequence of Dims (Mesh TF's
+        mesh `Shape`, e.g. from `mtf.convert_to_shape("b:2,m:2")`)."""
         if isinstance(spec, MeshShape):
             return spec
         if isinstance(spec, dict):
             return MeshShape(tuple((str(k), v) for k, v in spec.items()))
         if isinstance(spec, str):
             return _parse_mesh(spec)
+        if isinstance(spec, (tuple, list)) and all(isinstance(d, Dim) for d in spec):
+            return MeshShape(tuple((d.name, d.size) for d in spec))  # Mesh TF's mesh Shape
         raise ParseError(f"cannot read a mesh from {spec!r}: write it as 'dp:2;tp:4'.")
 
     @property
@@ -94,7 +97,7 @@ class MeshShape:
         return ";".join(f"{n}:{s}" for n, s in self.axes)
 
 
-MeshShapeLike = str | dict | MeshShape
+MeshShapeLike = str | dict | MeshShape | tuple | list
 
 
 @lru_cache(maxsize=256)
