@@ -8,8 +8,10 @@ weights load from Hugging Face without any permutation.
 
 The cos and sin tables are MeshTensors with dims `seq d_head`, laid out by the rules like
 any other tensor (a split `seq` gives each device the rows of its positions), so the result
-does not depend on the layout. With `d_head` whole on each device (the usual case) the
-rotation is one local function per device; a split `d_head` takes MeshTensor slices instead.
+does not depend on the layout. With `d_head` whole on each device and every split dim even
+(the usual case) the rotation is one local function per device (`local_map`); a split
+`d_head`, or a dim split unevenly (a batch of 3 over dp:2, which XLA's manual regions
+cannot hand a function), takes MeshTensor slices instead: the same numbers on every backend.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from functools import lru_cache
 import torch
 
 from torchmesh.errors import DimError
+from torchmesh.placement.layout import is_even
 from torchmesh.tensor.construct import distribute
 from torchmesh.tensor.local_map import local_map
 from torchmesh.tensor.mesh import Mesh
@@ -81,7 +84,8 @@ def rope(
     if cos.dtype != x.dtype:
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     i = x.dims.index(head_dim)
-    if not mesh.layout_of(x.shape).is_split(head_dim, mesh.impl.slice_mesh):
+    layout = x.tensor_layout
+    if not layout.is_split(head_dim, mesh.impl.slice_mesh) and is_even(layout, mesh.shape):
 
         def rotate(t: torch.Tensor) -> torch.Tensor:
             return rotate_half(t.movedim(i, -1)).movedim(-1, i)
