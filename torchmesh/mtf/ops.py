@@ -881,7 +881,27 @@ def reshape(x: MeshTensor, new_shape: Any, name: str = "reshape") -> MeshTensor:
         raise DimError(f"reshape: cannot reshape dims {x.shape} into {shape.to_string}; the sizes differ.")
     if tuple(x.shape) == tuple(shape):
         return x
-    groups = _reshape_groups(list(x.shape), list(shape))
+    if not x.ndim or not shape:  # to or from a scalar: every dim has size 1
+        return _arrange(x, shape)
+    # einops refuses names that start or end with '_' (Mesh TF's '_low', '_one'): stand-ins
+    in_map = {d.name: f"mtf_in_{i}" for i, d in enumerate(x.shape) if _unsafe(d.name)}
+    out_map = {d.name: f"mtf_out_{j}" for j, d in enumerate(shape) if _unsafe(d.name)}
+    if in_map:
+        x = rename(x, in_map)
+    dst = [Dim(out_map.get(d.name, d.name), d.size) for d in shape]
+    y = _reshape_named(x, dst)
+    if out_map:
+        y = rename(y, {v: k for k, v in out_map.items()})
+    return _arrange(y, shape)
+
+
+def _unsafe(name: str) -> bool:
+    return name.startswith("_") or name.endswith("_")
+
+
+def _reshape_named(x: MeshTensor, shape: list[Dim]) -> MeshTensor:
+    """`reshape` for dim names einops accepts."""
+    groups = _reshape_groups(list(x.shape), shape)
     merged_names: list[str] = []
     splits: list[tuple[str, list[Dim]]] = []
     renames: dict[str, str] = {}
@@ -914,7 +934,7 @@ def reshape(x: MeshTensor, new_shape: Any, name: str = "reshape") -> MeshTensor:
         pattern_out = " ".join(parts if n == tmp else n for n in names)
         pattern_in = " ".join(f"({parts}):{tmp}" if n == tmp else n for n in names)
         y = rearrange(y, f"{pattern_in} -> {pattern_out}", **sizes)
-    return _arrange(y, shape)
+    return y
 
 
 def rename_dimension(x: MeshTensor, old_name: str, new_name: str) -> MeshTensor:
