@@ -3,7 +3,8 @@ by transformers' own `save_pretrained` load onto sim meshes (1 device, dp:2;tp:2
 101 split unevenly) and give transformers' logits within 1e-4 relative; `to_hf` writes a
 directory transformers loads to the same logits; a square weight stored transposed loads right;
 an unsupported config is refused by name; on 2 gloo processes each rank reads at most 1.1x its
-share of the safetensors file. References are transformers' models, never our code."""
+share of the safetensors file; Mistral loads as Llama when its sliding window covers the
+sequence and is refused otherwise. References are transformers' models, never our code."""
 
 from __future__ import annotations
 
@@ -158,3 +159,36 @@ def test_each_rank_reads_its_share_on_gloo(tmp_path):
         assert read <= 1.1 * held, (read, held)
         assert read < 0.75 * file_bytes  # not a full copy per rank
         assert err < 1e-4
+
+
+def mistral(sliding_window: int | None) -> torch.nn.Module:
+    config = transformers.MistralConfig(
+        vocab_size=101, hidden_size=16, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, max_position_embeddings=8, rope_theta=500.0, sliding_window=sliding_window,
+    )  # fmt: skip
+    return _perturbed(transformers.MistralForCausalLM(config))
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_mistral_loads_when_its_window_covers_the_sequence(window, tmp_path):
+    """Mistral is Llama plus a sliding window; a window of at least max_position_embeddings (the
+    longest sequence the model takes) never applies: transformers' logits on dp:2;tp:2, and
+    to_hf writes a Llama directory transformers loads to the same logits."""
+    hf_model = mistral(window)
+    hf_model.save_pretrained(tmp_path / "in")
+    with torch.no_grad():
+        reference = hf_model(IDS).logits
+    mesh = tm.Mesh("dp:2;tp:2", rules=RULES)
+    model = tm.nn.TransformerLM.from_hf(tmp_path / "in", mesh).eval()
+    assert model.config.kv_heads == 2
+    assert rel_err(model(tm.distribute(IDS, "batch seq", mesh)).full().detach(), reference) < 1e-4
+    model.to_hf(tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert rel_err(back(IDS).logits, reference) < 1e-6
+
+
+def test_mistral_with_a_shorter_window_is_refused(tmp_path):
+    mistral(4).save_pretrained(tmp_path)
+    with pytest.raises(tm.ConfigError, match=r"sliding_window=4 < max_position_embeddings=8.*no sliding window"):
+        tm.nn.TransformerLM.from_hf(tmp_path, tm.Mesh("dp:1"))

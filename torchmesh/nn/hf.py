@@ -6,8 +6,10 @@ are built from the pieces here:
 - `open_source(source)`: a directory written by `save_pretrained` (config.json and
   model.safetensors, or a sharded `model.safetensors.index.json`) or a `transformers` model
   object; gives its config and a reader of tensor slices that counts the bytes it reads.
-- `lm_fields(hf_config)`: the `LMConfig` fields of a GPT2Config or LlamaConfig (GQA included);
-  any other config is a ConfigError naming its class and the supported ones.
+- `lm_fields(hf_config)`: the `LMConfig` fields of a GPT2Config, LlamaConfig (GQA included) or
+  MistralConfig (Llama's architecture; accepted when its sliding window covers config.seq);
+  any other config is a ConfigError naming its class and the supported ones. A Mistral model
+  is written back by `to_hf` as a LlamaConfig (the same weights and numbers).
 - `weight_map(config)`: where each of the model's weights lives in the Hugging Face state
   dict: the tensor's name, which of our dims each of its axes merges (major first), and the
   offset of our part along each axis (GPT-2's fused q/k/v). Weights are matched by dim name,
@@ -39,7 +41,7 @@ from torchmesh.errors import ArgumentError, ArgumentTypeError, ConfigError
 from torchmesh.nn.parameter import Module, mesh_parameters
 from torchmesh.nn.safetensors_io import TensorSource, read_mesh_tensor, require
 
-SUPPORTED = ("GPT2Config", "LlamaConfig")
+SUPPORTED = ("GPT2Config", "LlamaConfig", "MistralConfig")
 
 #: Hugging Face activation names and ours.
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -153,7 +155,7 @@ def weight_map(config: Any) -> dict[str, HFWeight]:
 
 # ---- configs ---------------------------------------------------------------------------------
 def lm_fields(hf_config: Any) -> dict[str, Any]:
-    """The `LMConfig` fields of a transformers GPT2Config or LlamaConfig.
+    """The `LMConfig` fields of a transformers GPT2Config, LlamaConfig or MistralConfig.
 
     >>> from transformers import LlamaConfig
     >>> import torchmesh as tm
@@ -168,9 +170,11 @@ def lm_fields(hf_config: Any) -> dict[str, Any]:
         return _gpt2_fields(hf_config)
     if kind == "llama":
         return _llama_fields(hf_config)
+    if kind == "mistral":
+        return _mistral_fields(hf_config)
     raise ConfigError(
         f"from_hf: the config is a {name} (model_type {kind!r}); TransformerLM.from_hf maps only "
-        f"{', '.join(SUPPORTED)}. Fix: load a GPT-2 or Llama checkpoint, or build the model with "
+        f"{', '.join(SUPPORTED)}. Fix: load a GPT-2, Llama or Mistral checkpoint, or build the model with "
         f"tm.nn.LMConfig and copy its weights yourself."
     )
 
@@ -205,20 +209,38 @@ def _rope_theta(h: Any) -> float:
 
 
 def _llama_fields(h: Any) -> dict[str, Any]:
-    if h.hidden_act != "silu" or bool(h.attention_bias) != bool(getattr(h, "mlp_bias", False)):
+    attention_bias, mlp_bias = bool(getattr(h, "attention_bias", False)), bool(getattr(h, "mlp_bias", False))
+    if h.hidden_act != "silu" or attention_bias != mlp_bias:
         raise ConfigError(
-            f"from_hf: this LlamaConfig cannot be mapped: hidden_act={h.hidden_act!r} (supported: 'silu'), "
-            f"attention_bias={h.attention_bias}, mlp_bias={getattr(h, 'mlp_bias', False)} (must be equal: "
-            f"LMConfig has one bias switch)."
+            f"from_hf: this {type(h).__name__} cannot be mapped: hidden_act={h.hidden_act!r} (supported: 'silu'), "
+            f"attention_bias={attention_bias}, mlp_bias={mlp_bias} (must be equal: LMConfig has one bias switch)."
         )
     d_head = getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads
     return dict(
         vocab=h.vocab_size, d_model=h.hidden_size, heads=h.num_attention_heads, d_head=d_head,
         ff=h.intermediate_size, layers=h.num_hidden_layers, seq=h.max_position_embeddings,
         kv_heads=h.num_key_value_heads or None, norm="rmsnorm", norm_eps=float(h.rms_norm_eps),
-        activation="swiglu", positions="rope", rope_theta=_rope_theta(h), bias=bool(h.attention_bias),
+        activation="swiglu", positions="rope", rope_theta=_rope_theta(h), bias=attention_bias,
         tie_embeddings=bool(h.tie_word_embeddings),
     )  # fmt: skip
+
+
+def _mistral_fields(h: Any) -> dict[str, Any]:
+    """Mistral is Llama's architecture plus a sliding attention window: each position attends
+    to the last `sliding_window` positions. TransformerLM attends to every earlier position,
+    which is the same wherever no sequence is longer than the window: accepted when
+    `sliding_window` is None or at least `max_position_embeddings` (config.seq, the longest
+    sequence the model takes)."""
+    window = getattr(h, "sliding_window", None)
+    if window is not None and window < h.max_position_embeddings:
+        raise ConfigError(
+            f"from_hf: this MistralConfig has sliding_window={window} < max_position_embeddings="
+            f"{h.max_position_embeddings}: positions more than {window} apart would not attend to each other, "
+            f"and TransformerLM has no sliding window (it attends to every earlier position). Fix: if you use "
+            f"sequences of at most {window} tokens, set max_position_embeddings={window} in config.json (or "
+            f"sliding_window=None where the checkpoint was trained without one)."
+        )
+    return _llama_fields(h)
 
 
 def hf_config(config: Any) -> Any:
