@@ -27,6 +27,7 @@ MODULES = (
     ("torchmesh.nn", "tm.nn", "torch.nn modules over named dims whose parameters are MeshTensors."),
     ("torchmesh.optim", "tm.optim", "optimizers and gradient clipping over MeshTensor parameters."),
     ("torchmesh.mtf", "mtf", "Mesh TensorFlow's names and argument orders (`import torchmesh.mtf as mtf`)."),
+    ("torchmesh.mtf.optimize", "mtf.optimize", "Mesh TF's optimizers with Mesh TF's update rules."),
     ("torchmesh.planning", "tm.planning", "abstract evaluation, cost model and layout search (docs/planning.md)."),
     ("torchmesh.xla", "torchmesh.xla", "helpers of the xla backend: shardings, device blocks, compiled HLO."),
 )

@@ -7,9 +7,11 @@
 
 Argument orders follow Mesh TF (`shift(x, offset, dim, wrap)`, `slice(x, begin, size,
 slice_dim_name)`); the table in docs/porting-from-mesh-tensorflow.md maps each name.
-Modules mirror Mesh TF's: `ops` (mesh_tensorflow/ops.py, re-exported here).
+Modules mirror Mesh TF's: `ops` (mesh_tensorflow/ops.py, re-exported here), `optimize`
+(mesh_tensorflow/optimize.py: `mtf.optimize.AdafactorOptimizer` and the others).
 """
 
+from torchmesh.mtf import optimize as optimize
 from torchmesh.mtf.ops import *  # noqa: F403
 from torchmesh.mtf.ops import __all__ as _ops_all
 
