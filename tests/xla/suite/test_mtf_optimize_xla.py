@@ -1,7 +1,7 @@
-"""mtf.optimize on XLA devices (b:2;m:2 on 4, b:2;m:4 on 8): a few of tests/mtf/test_optimize.py's cases (Adafactor
-factored and not, with beta1; BERT's Adam with decay; clip_by_global_norm) against the same
-plain-torch transcriptions of Mesh TF's formulas; the updated weight and its slots are
-checked device by device (each XLA device holds its block)."""
+"""mtf.optimize on XLA devices (b:2;m:2 on 4, b:2;m:4 on 8): a few cases of
+tests/mtf/test_optimize.py (Adafactor factored and not, with beta1; BERT's Adam with decay;
+clip_by_global_norm) against its plain-torch transcriptions of Mesh TF's formulas; the updated
+weight and its slots are checked device by device (each XLA device holds its block)."""
 
 from __future__ import annotations
 
