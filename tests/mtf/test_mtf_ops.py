@@ -56,6 +56,12 @@ def grad_of(y: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def tape(x: tm.MeshTensor) -> tm.MeshTensor:
+    """x on the autograd tape: on sim and dist a tensor imported from a torch tensor with
+    requires_grad stays on it; xla's import starts a new leaf (its device copy)."""
+    return x if x.requires_grad else x.requires_grad_(True)
+
+
 def leaf(*shape: int, seed: int = 0, lo: float = -2.0, hi: float = 2.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(*shape, generator=g) * (hi - lo) + lo).requires_grad_(True)
@@ -440,7 +446,7 @@ def case_top_k(mesh: tm.Mesh) -> None:
     a_dim, b_dim, k_dim = D("a", 6), D("b", 2), D("k", 2)
     inputs = torch.tensor([[1, 10], [2, 9], [3, 8], [4, 7], [5, 6], [6, 5]], dtype=torch.float32, requires_grad=True)
     d_values = torch.tensor([[11, 12], [13, 14]], dtype=torch.float32)
-    x = mtf.import_fully_replicated(mesh, inputs, shape=mtf.Shape([a_dim, b_dim]))
+    x = tape(mtf.import_fully_replicated(mesh, inputs, shape=mtf.Shape([a_dim, b_dim])))
     dv = mtf.import_tf_tensor(mesh, d_values, shape=mtf.Shape([b_dim, k_dim]))
     values, indices = mtf.top_k(x, reduced_dim=a_dim, k_dim=k_dim)
     (d_inputs,) = mtf.gradients([values], [x], [dv])
@@ -459,7 +465,8 @@ def case_nth_element(mesh: tm.Mesh) -> None:
 
 def case_x_squared_plus_x(mesh: tm.Mesh) -> None:
     """ops_test.py RecomputeGradTest's function: y = x^2 + x, dy/dx = 2x + 1."""
-    x = mtf.import_fully_replicated(mesh, torch.tensor([5.0, 10.0], requires_grad=True), shape=mtf.Shape([D("two", 2)]))
+    t = torch.tensor([5.0, 10.0], requires_grad=True)
+    x = tape(mtf.import_fully_replicated(mesh, t, shape=mtf.Shape([D("two", 2)])))
     dy = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 3.0]), shape=mtf.Shape([D("two", 2)]))
     y = x * x + x
     (dx,) = mtf.gradients([y], [x], [dy])
@@ -487,7 +494,7 @@ def case_selection(mesh: tm.Mesh) -> None:
         [[1.0, 9.0, 9.0, 3.0, 0.0], [4.0, 2.0, 8.0, 8.0, 1.0], [0.0, 0.0, 0.0, 5.0, 5.0], [7.0, 6.0, 5.0, 4.0, 3.0]]
     )
     t.requires_grad_(True)
-    x = mtf.import_tf_tensor(mesh, t, [BATCH, VOCAB])
+    x = tape(mtf.import_tf_tensor(mesh, t, [BATCH, VOCAB]))
     assert mtf.argmax(x, VOCAB).full().tolist() == [1, 2, 3, 0] and mtf.argmax(x, VOCAB).dtype == torch.int32
     v, i = mtf.top_1(x, VOCAB)
     assert v.full().tolist() == [9, 8, 5, 7] and i.full().tolist() == [1, 2, 3, 0]
@@ -499,7 +506,7 @@ def case_selection(mesh: tm.Mesh) -> None:
 
 def case_cumsum(mesh: tm.Mesh) -> None:
     t = leaf(4, 5, seed=18)
-    x = mtf.import_tf_tensor(mesh, t, [BATCH, VOCAB])
+    x = tape(mtf.import_tf_tensor(mesh, t, [BATCH, VOCAB]))
     close(mtf.cumsum(x, VOCAB).full(), t.cumsum(1), 1e-5)
     close(mtf.cumsum(x, VOCAB, exclusive=True).full(), t.cumsum(1) - t, 1e-5)
     close(mtf.cumsum(x, VOCAB, reverse=True).full(), t.flip(1).cumsum(1).flip(1), 1e-5)
@@ -518,7 +525,7 @@ def case_one_hot_gather(mesh: tm.Mesh) -> None:
     assert oh.dims == ("batch", "vocab") and torch.equal(oh.full(), want)
     assert torch.equal(mtf.one_hot(ids, VOCAB, dtype=torch.int32).full(), (want > 0).to(torch.int32))
     table = leaf(5, 6, seed=19)
-    w = mtf.import_tf_tensor(mesh, table, [VOCAB, DM])
+    w = tape(mtf.import_tf_tensor(mesh, table, [VOCAB, DM]))
     ok = mtf.import_tf_tensor(mesh, torch.tensor([0, 4, 2, 2]), [BATCH])
     y = mtf.gather(w, ok, VOCAB)
     close(y.full(), table[[0, 4, 2, 2]])
@@ -529,7 +536,7 @@ def case_one_hot_gather(mesh: tm.Mesh) -> None:
 
 def case_slicing(mesh: tm.Mesh) -> None:
     t = leaf(4, 6, seed=20)
-    x = mtf.import_tf_tensor(mesh, t, [BATCH, DM])
+    x = tape(mtf.import_tf_tensor(mesh, t, [BATCH, DM]))
     close(mtf.shift(x, 2, DM, wrap=False).full(), F.pad(t[:, :4], (2, 0)))
     close(mtf.shift(x, -1, "d", wrap=True).full(), t.roll(-1, 1))
     close(mtf.slice(x, 1, 3, "d").full(), t[:, 1:4])
