@@ -303,7 +303,12 @@ def tensor_dim_to_mesh_dim_size(layout: Any, mesh_shape: Any, tensor_dim: Dim) -
 
 
 def tensor_dim_to_size_per_split(layout: Any, mesh_shape: Any, tensor_dim: Dim) -> int:
-    """`mtf.tensor_dim_to_size_per_split`: the dim's size on each device (it must divide evenly)."""
+    """`mtf.tensor_dim_to_size_per_split`: the dim's size on each device (it must divide evenly).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mtf.tensor_dim_to_size_per_split("heads:m", "b:2,m:4", mtf.Dimension("heads", 8))
+    2
+    """
     n = tensor_dim_to_mesh_dim_size(layout, mesh_shape, tensor_dim)
     if tensor_dim.size % n:
         raise DimError(f"{tensor_dim} does not split evenly into {n} parts under the layout {layout!r}.")
@@ -413,7 +418,13 @@ def import_tf_tensor(mesh: Mesh, tf_tensor: Any, shape: Any = None, name: str | 
 
 def import_fully_replicated(mesh: Mesh, tf_tensor: Any, shape: Any, name: str | None = None) -> MeshTensor:
     """`mtf.import_fully_replicated`: the same as `import_tf_tensor` in value (Mesh TF imports it
-    replicated, then lays it out by the rules; here it is laid out by the rules directly)."""
+    replicated, then lays it out by the rules; here it is laid out by the rules directly).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> mtf.import_fully_replicated(mesh, torch.ones(3), "d:3").layout
+    {'d': 'b1'}
+    """
     return import_tf_tensor(mesh, tf_tensor, shape, name)
 
 
@@ -428,27 +439,57 @@ def constant(mesh: Mesh, value: Any, shape: Any = None, dtype: torch.dtype = tor
 
 
 def fill(mesh: Mesh, shape: Any, value: Any, dtype: torch.dtype = torch.float32) -> MeshTensor:
-    """Every element `value` (tf.fill's order of arguments after the mesh); see `constant`."""
+    """Every element `value` (tf.fill's order of arguments after the mesh); see `constant`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> mtf.fill(mesh, "d:2", 7.0).full()
+    tensor([7., 7.])
+    """
     return constant(mesh, value, shape, dtype)
 
 
 def zeros(mesh: Mesh, shape: Any, dtype: torch.dtype = torch.float32) -> MeshTensor:
-    """`mtf.zeros(mesh, shape, dtype)`."""
+    """`mtf.zeros(mesh, shape, dtype)`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> mtf.zeros(mesh, "d:3", dtype=torch.int32).full()
+    tensor([0, 0, 0], dtype=torch.int32)
+    """
     return constant(mesh, 0, shape, dtype)
 
 
 def ones(mesh: Mesh, shape: Any, dtype: torch.dtype = torch.float32) -> MeshTensor:
-    """`mtf.ones(mesh, shape, dtype)`."""
+    """`mtf.ones(mesh, shape, dtype)`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> mtf.ones(mesh, "d:3").full()
+    tensor([1., 1., 1.])
+    """
     return constant(mesh, 1, shape, dtype)
 
 
 def zeros_like(t: MeshTensor) -> MeshTensor:
-    """`mtf.zeros_like(t)`: zeros with t's mesh, dims and dtype."""
+    """`mtf.zeros_like(t)`: zeros with t's mesh, dims and dtype.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.zeros_like(x).full()
+    tensor([0., 0., 0.])
+    """
     return zeros(t.mesh, t.shape, t.dtype)
 
 
 def ones_like(t: MeshTensor) -> MeshTensor:
-    """`mtf.ones_like(t)`: ones with t's mesh, dims and dtype."""
+    """`mtf.ones_like(t)`: ones with t's mesh, dims and dtype.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.ones_like(x).full()
+    tensor([1., 1., 1.])
+    """
     return ones(t.mesh, t.shape, t.dtype)
 
 
@@ -466,12 +507,24 @@ def mtf_range(mesh: Mesh, dim: Any, dtype: torch.dtype, name: str | None = None)
 
 
 def stop_gradient(x: MeshTensor) -> MeshTensor:
-    """`mtf.stop_gradient`: the same values, off the autograd tape."""
+    """`mtf.stop_gradient`: the same values, off the autograd tape.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.stop_gradient(x).full()
+    tensor([-1.0000,  0.5000,  2.0000])
+    """
     return _check_tensor(x, "stop_gradient").detach()
 
 
 def identity(x: MeshTensor, name: str = "identity") -> MeshTensor:
-    """`mtf.identity`."""
+    """`mtf.identity`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.identity(x).full()
+    tensor([-1.0000,  0.5000,  2.0000])
+    """
     return _check_tensor(x, "identity")
 
 
@@ -479,107 +532,233 @@ def identity(x: MeshTensor, name: str = "identity") -> MeshTensor:
 
 
 def exp(x: MeshTensor, name: str = "exp") -> MeshTensor:
-    """`mtf.exp`."""
+    """`mtf.exp`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.exp(x).full()
+    tensor([0.3679, 1.6487, 7.3891])
+    """
     return _unary(torch.exp, x, "exp")
 
 
 def log(x: MeshTensor, name: str = "log") -> MeshTensor:
-    """`mtf.log`."""
+    """`mtf.log`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> p = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([0.5, 1.0, 4.0]), "d:3")
+    >>> mtf.log(p).full()
+    tensor([-0.6931,  0.0000,  1.3863])
+    """
     return _unary(torch.log, x, "log")
 
 
 def sqrt(x: MeshTensor, name: str = "sqrt") -> MeshTensor:
-    """`mtf.sqrt`."""
+    """`mtf.sqrt`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> p = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([0.5, 1.0, 4.0]), "d:3")
+    >>> mtf.sqrt(p).full()
+    tensor([0.7071, 1.0000, 2.0000])
+    """
     return _unary(torch.sqrt, x, "sqrt")
 
 
 def rsqrt(x: MeshTensor, name: str = "rsqrt") -> MeshTensor:
-    """`mtf.rsqrt`: 1 / sqrt(x)."""
+    """`mtf.rsqrt`: 1 / sqrt(x).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> p = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([0.5, 1.0, 4.0]), "d:3")
+    >>> mtf.rsqrt(p).full()
+    tensor([1.4142, 1.0000, 0.5000])
+    """
     return _unary(torch.rsqrt, x, "rsqrt")
 
 
 def square(x: MeshTensor, name: str = "square") -> MeshTensor:
-    """`mtf.square`."""
+    """`mtf.square`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.square(x).full()
+    tensor([1.0000, 0.2500, 4.0000])
+    """
     return _unary(torch.square, x, "square")
 
 
 def sin(x: MeshTensor, name: str = "sin") -> MeshTensor:
-    """`mtf.sin`."""
+    """`mtf.sin`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.sin(x).full()
+    tensor([-0.8415,  0.4794,  0.9093])
+    """
     return _unary(torch.sin, x, "sin")
 
 
 def cos(x: MeshTensor, name: str = "cos") -> MeshTensor:
-    """`mtf.cos`."""
+    """`mtf.cos`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.cos(x).full()
+    tensor([ 0.5403,  0.8776, -0.4161])
+    """
     return _unary(torch.cos, x, "cos")
 
 
 def sigmoid(x: MeshTensor, name: str = "sigmoid") -> MeshTensor:
-    """`mtf.sigmoid`."""
+    """`mtf.sigmoid`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.sigmoid(x).full()
+    tensor([0.2689, 0.6225, 0.8808])
+    """
     return _unary(torch.sigmoid, x, "sigmoid")
 
 
 def tanh(x: MeshTensor, name: str = "tanh") -> MeshTensor:
-    """`mtf.tanh`."""
+    """`mtf.tanh`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.tanh(x).full()
+    tensor([-0.7616,  0.4621,  0.9640])
+    """
     return _unary(torch.tanh, x, "tanh")
 
 
 def negative(x: MeshTensor, name: str = "negative") -> MeshTensor:
-    """`mtf.negative`: -x."""
+    """`mtf.negative`: -x.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.negative(x).full()
+    tensor([ 1.0000, -0.5000, -2.0000])
+    """
     return _unary(torch.neg, x, "negative")
 
 
 def reciprocal(x: MeshTensor, name: str = "reciprocal") -> MeshTensor:
-    """`mtf.reciprocal`: 1 / x."""
+    """`mtf.reciprocal`: 1 / x.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> p = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([0.5, 1.0, 4.0]), "d:3")
+    >>> mtf.reciprocal(p).full()
+    tensor([2.0000, 1.0000, 0.2500])
+    """
     return _unary(torch.reciprocal, x, "reciprocal")
 
 
 def sign(x: MeshTensor, name: str = "sign") -> MeshTensor:
-    """`mtf.sign` (gradient zero)."""
+    """`mtf.sign` (gradient zero).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.sign(x).full()
+    tensor([-1.,  1.,  1.])
+    """
     return _unary(torch.sign, x, "sign")
 
 
 def mtf_abs(x: MeshTensor) -> MeshTensor:
-    """`mtf.abs`: x * sign(x), as Mesh TF (gradient sign(x), zero at zero)."""
+    """`mtf.abs`: x * sign(x), as Mesh TF (gradient sign(x), zero at zero).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.mtf_abs(x).full()
+    tensor([1.0000, 0.5000, 2.0000])
+    """
     return _unary(lambda t: t * torch.sign(t).detach(), x, "abs")
 
 
 def mtf_pow(x: MeshTensor, y: Any) -> MeshTensor:
-    """`mtf.pow(x, y)`: exp(log(x) * y), Mesh TF's formula (so x must be positive)."""
+    """`mtf.pow(x, y)`: exp(log(x) * y), Mesh TF's formula (so x must be positive).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> p = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([0.5, 1.0, 4.0]), "d:3")
+    >>> mtf.mtf_pow(p, 2.0).full()
+    tensor([ 0.2500,  1.0000, 16.0000])
+    """
     return exp(multiply(log(x), y))
 
 
 def floor(x: MeshTensor) -> MeshTensor:
-    """Elementwise floor (gradient zero)."""
+    """Elementwise floor (gradient zero).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.floor(x).full()
+    tensor([-1.,  0.,  2.])
+    """
     return _unary(torch.floor, x, "floor")
 
 
 def ceil(x: MeshTensor) -> MeshTensor:
-    """Elementwise ceil (gradient zero)."""
+    """Elementwise ceil (gradient zero).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.ceil(x).full()
+    tensor([-1.,  1.,  2.])
+    """
     return _unary(torch.ceil, x, "ceil")
 
 
 def relu(x: MeshTensor, name: str = "relu") -> MeshTensor:
-    """`mtf.relu` (gradient 0 at 0, as Mesh TF)."""
+    """`mtf.relu` (gradient 0 at 0, as Mesh TF).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.relu(x).full()
+    tensor([0.0000, 0.5000, 2.0000])
+    """
     return _unary(torch.relu, x, "relu")
 
 
 def leaky_relu(x: MeshTensor, alpha: float = 0.2, name: str = "leaky_relu") -> MeshTensor:
-    """`mtf.leaky_relu(x, alpha=0.2)`: x where x > 0, else alpha * x."""
+    """`mtf.leaky_relu(x, alpha=0.2)`: x where x > 0, else alpha * x.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.leaky_relu(x).full()
+    tensor([-0.2000,  0.5000,  2.0000])
+    """
     return _unary(lambda t: F.leaky_relu(t, alpha), x, "leaky_relu")
 
 
 def elu(x: MeshTensor) -> MeshTensor:
-    """`mtf.elu`."""
+    """`mtf.elu`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.elu(x).full()
+    tensor([-0.6321,  0.5000,  2.0000])
+    """
     return _unary(F.elu, x, "elu")
 
 
 def selu(x: MeshTensor) -> MeshTensor:
-    """`mtf.selu`."""
+    """`mtf.selu`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.selu(x).full()
+    tensor([-1.1113,  0.5254,  2.1014])
+    """
     return _unary(F.selu, x, "selu")
 
 
 def softplus(x: MeshTensor) -> MeshTensor:
-    """`mtf.softplus`: log(1 + exp(x))."""
+    """`mtf.softplus`: log(1 + exp(x)).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.softplus(x).full()
+    tensor([0.3133, 0.9741, 2.1269])
+    """
     return _unary(F.softplus, x, "softplus")
 
 
@@ -601,33 +780,69 @@ def gelu(x: MeshTensor) -> MeshTensor:
 
 
 def swish(x: MeshTensor) -> MeshTensor:
-    """`mtf.swish`: x * sigmoid(x)."""
+    """`mtf.swish`: x * sigmoid(x).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.swish(x).full()
+    tensor([-0.2689,  0.3112,  1.7616])
+    """
     return _unary(lambda t: t * torch.sigmoid(t), x, "swish")
 
 
 def logical_not(x: MeshTensor, name: str = "logical_not") -> MeshTensor:
-    """`mtf.logical_not`."""
+    """`mtf.logical_not`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.logical_not(mtf.greater(x, 0.0)).full()
+    tensor([ True, False, False])
+    """
     return _unary(torch.logical_not, x, "logical_not")
 
 
 def cast(x: MeshTensor, dtype: torch.dtype, name: str = "cast") -> MeshTensor:
-    """`mtf.cast(x, dtype)` (the gradient is cast back)."""
+    """`mtf.cast(x, dtype)` (the gradient is cast back).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.cast(x, torch.int32).full()
+    tensor([-1,  0,  2], dtype=torch.int32)
+    """
     x = _check_tensor(x, "cast")
     return x if x.dtype == dtype else _tm_cast(x, dtype)
 
 
 def to_float(x: MeshTensor, name: str = "to_float") -> MeshTensor:
-    """`mtf.to_float`: cast to float32."""
+    """`mtf.to_float`: cast to float32.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.to_float(mtf.cast(x, torch.int32)).dtype
+    torch.float32
+    """
     return cast(x, torch.float32)
 
 
 def to_bfloat16(x: MeshTensor, name: str = "to_bfloat16") -> MeshTensor:
-    """`mtf.to_bfloat16`."""
+    """`mtf.to_bfloat16`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.to_bfloat16(x).dtype
+    torch.bfloat16
+    """
     return cast(x, torch.bfloat16)
 
 
 def to_int32(x: MeshTensor, name: str = "to_int32") -> MeshTensor:
-    """`mtf.to_int32`."""
+    """`mtf.to_int32`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> x = mtf.import_tf_tensor(tm.Mesh("b1:2", rules="d:b1"), torch.tensor([-1.0, 0.5, 2.0]), "d:3")
+    >>> mtf.to_int32(x).full()
+    tensor([-1,  0,  2], dtype=torch.int32)
+    """
     return cast(x, torch.int32)
 
 
@@ -648,29 +863,69 @@ def add(x1: Any, x2: Any, output_shape: Any = None, name: str | None = None) -> 
 
 
 def sub(x1: Any, x2: Any, output_shape: Any = None, name: str | None = None) -> MeshTensor:
-    """`mtf.sub`: x1 - x2."""
+    """`mtf.sub`: x1 - x2.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.sub(a, b).full()
+    tensor([-1.,  0.,  1.])
+    """
     return _binary(torch.sub, x1, x2, output_shape, "sub")
 
 
 def multiply(x1: Any, x2: Any, output_shape: Any = None, name: str | None = None) -> MeshTensor:
-    """`mtf.multiply`: x1 * x2 (an einsum in Mesh TF: `output_shape` may also drop dims, summing them)."""
+    """`mtf.multiply`: x1 * x2 (an einsum in Mesh TF: `output_shape` may also drop dims, summing them).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.multiply(a, b).full()
+    tensor([2., 4., 6.])
+    """
     return _binary(torch.mul, x1, x2, output_shape, "multiply")
 
 
 def divide(x1: Any, x2: Any, output_shape: Any = None, name: str | None = None) -> MeshTensor:
-    """`mtf.divide`: x1 * reciprocal(x2), Mesh TF's formula; a number x2 multiplies by 1 / x2."""
+    """`mtf.divide`: x1 * reciprocal(x2), Mesh TF's formula; a number x2 multiplies by 1 / x2.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.divide(a, b).full()
+    tensor([0.5000, 1.0000, 1.5000])
+    """
     if not isinstance(x2, MeshTensor):
         return _binary(torch.mul, x1, 1.0 / x2, output_shape, "divide")
     return multiply(x1, reciprocal(x2), output_shape)
 
 
 def minimum(x1: Any, x2: Any, output_shape: Any = None, name: str | None = None) -> MeshTensor:
-    """`mtf.minimum` (a number operand broadcasts)."""
+    """`mtf.minimum` (a number operand broadcasts).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.minimum(a, b).full()
+    tensor([1., 2., 2.])
+    """
     return _binary(torch.minimum if _both(x1, x2) else _scalar_op(torch.minimum), x1, x2, output_shape, "minimum")
 
 
 def maximum(x1: Any, x2: Any, output_shape: Any = None, name: str | None = None) -> MeshTensor:
-    """`mtf.maximum` (a number operand broadcasts)."""
+    """`mtf.maximum` (a number operand broadcasts).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.maximum(a, b).full()
+    tensor([2., 2., 3.])
+    """
     return _binary(torch.maximum if _both(x1, x2) else _scalar_op(torch.maximum), x1, x2, output_shape, "maximum")
 
 
@@ -690,62 +945,158 @@ def _scalar_op(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 
 
 def equal(x1: Any, x2: Any, output_shape: Any = None) -> MeshTensor:
-    """`mtf.equal` (bool)."""
+    """`mtf.equal` (bool).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.equal(a, b).full()
+    tensor([False,  True, False])
+    """
     return _binary(torch.eq, x1, x2, output_shape, "equal")
 
 
 def not_equal(x1: Any, x2: Any, output_shape: Any = None) -> MeshTensor:
-    """`mtf.not_equal` (bool)."""
+    """`mtf.not_equal` (bool).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.not_equal(a, b).full()
+    tensor([ True, False,  True])
+    """
     return _binary(torch.ne, x1, x2, output_shape, "not_equal")
 
 
 def less(x1: Any, x2: Any, output_shape: Any = None) -> MeshTensor:
-    """`mtf.less` (bool)."""
+    """`mtf.less` (bool).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.less(a, b).full()
+    tensor([ True, False, False])
+    """
     return _binary(torch.lt, x1, x2, output_shape, "less")
 
 
 def less_equal(x1: Any, x2: Any, output_shape: Any = None) -> MeshTensor:
-    """`mtf.less_equal` (bool)."""
+    """`mtf.less_equal` (bool).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.less_equal(a, b).full()
+    tensor([ True,  True, False])
+    """
     return _binary(torch.le, x1, x2, output_shape, "less_equal")
 
 
 def greater(x1: Any, x2: Any, output_shape: Any = None) -> MeshTensor:
-    """`mtf.greater` (bool)."""
+    """`mtf.greater` (bool).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.greater(a, b).full()
+    tensor([False, False,  True])
+    """
     return _binary(torch.gt, x1, x2, output_shape, "greater")
 
 
 def greater_equal(x1: Any, x2: Any, output_shape: Any = None) -> MeshTensor:
-    """`mtf.greater_equal` (bool)."""
+    """`mtf.greater_equal` (bool).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.greater_equal(a, b).full()
+    tensor([False,  True,  True])
+    """
     return _binary(torch.ge, x1, x2, output_shape, "greater_equal")
 
 
 def logical_and(x1: Any, x2: Any, output_shape: Any = None) -> MeshTensor:
-    """`mtf.logical_and` (bool)."""
+    """`mtf.logical_and` (bool).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.logical_and(mtf.greater(a, 1.5), mtf.less(b, 3.0)).full()
+    tensor([False,  True,  True])
+    """
     return _binary(torch.logical_and, x1, x2, output_shape, "logical_and")
 
 
 def logical_or(x1: Any, x2: Any, output_shape: Any = None) -> MeshTensor:
-    """`mtf.logical_or` (bool)."""
+    """`mtf.logical_or` (bool).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.logical_or(mtf.greater(a, 1.5), mtf.less(b, 3.0)).full()
+    tensor([True, True, True])
+    """
     return _binary(torch.logical_or, x1, x2, output_shape, "logical_or")
 
 
 def logical_xor(x1: Any, x2: Any, output_shape: Any = None) -> MeshTensor:
-    """Elementwise exclusive or (bool)."""
+    """Elementwise exclusive or (bool).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.logical_xor(mtf.greater(a, 1.5), mtf.less(b, 3.0)).full()
+    tensor([ True, False, False])
+    """
     return _binary(torch.logical_xor, x1, x2, output_shape, "logical_xor")
 
 
 def floordiv(x1: Any, x2: Any, output_shape: Any = None) -> MeshTensor:
-    """`mtf.floordiv`: x1 // x2."""
+    """`mtf.floordiv`: x1 // x2.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.floordiv(a, b).full()
+    tensor([0., 1., 1.])
+    """
     return _binary(torch.floor_divide, x1, x2, output_shape, "floordiv")
 
 
 def mod(x1: Any, x2: Any, output_shape: Any = None) -> MeshTensor:
-    """`mtf.mod`: x1 % x2 (the sign of x2, as Python and TF's floormod)."""
+    """`mtf.mod`: x1 % x2 (the sign of x2, as Python and TF's floormod).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.mod(a, b).full()
+    tensor([1., 0., 1.])
+    """
     return _binary(torch.remainder, x1, x2, output_shape, "mod")
 
 
 def add_n(xs: Sequence[Any]) -> Any:
-    """`mtf.add_n`: the sum of a list of tensors (0 for an empty list)."""
+    """`mtf.add_n`: the sum of a list of tensors (0 for an empty list).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.add_n([a, b, b]).full()
+    tensor([5., 6., 7.])
+    """
     if not xs:
         return 0
     out = xs[0]
@@ -758,7 +1109,15 @@ def where(condition: MeshTensor, if_true: Any, if_false: Any, output_shape: Any 
     """`mtf.where(condition, if_true, if_false)`: if_true where condition holds, else if_false;
     in if_true's dtype, dims ordered as Mesh TF's products order them (or `output_shape`).
     (Mesh TF computes if_true * c + if_false * (1 - c); this selects, so an inf or NaN in the
-    branch not taken stays out.)"""
+    branch not taken stays out.)
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.where(mtf.greater(a, 1.5), a, b).full()
+    tensor([2., 2., 3.])
+    """
     dtype = if_true.dtype if isinstance(if_true, MeshTensor) else if_false.dtype
     out = _tm_where(condition, if_true, if_false)
     out = cast(out, dtype)
@@ -813,17 +1172,41 @@ def einsum(
 def matmul(
     a: MeshTensor, b: MeshTensor, output_shape: Any = None, reduced_dims: Any = None, name: str | None = None
 ) -> MeshTensor:
-    """`mtf.matmul(a, b)`: `einsum([a, b], ...)`."""
+    """`mtf.matmul(a, b)`: `einsum([a, b], ...)`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.matmul(a, b).full()
+    tensor(12.)
+    """
     return einsum([a, b], output_shape, reduced_dims)
 
 
 def broadcast(x: MeshTensor, new_shape: Any) -> MeshTensor:
-    """`mtf.broadcast(x, new_shape)`: x repeated over the dims of new_shape it lacks, in its order."""
+    """`mtf.broadcast(x, new_shape)`: x repeated over the dims of new_shape it lacks, in its order.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.broadcast(a, "k:2 d:3").full()
+    tensor([[1., 2., 3.],
+            [1., 2., 3.]])
+    """
     return _arrange(_check_tensor(x, "broadcast"), new_shape)
 
 
 def transpose(x: MeshTensor, new_shape: Any, name: str = "transpose") -> MeshTensor:
-    """`mtf.transpose(x, new_shape)`: the same dims in new_shape's order."""
+    """`mtf.transpose(x, new_shape)`: the same dims in new_shape's order.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.arange(6.0).reshape(2, 3), "a:2 d:3")
+    >>> mtf.transpose(x, "d:3 a:2").dims
+    ('d', 'a')
+    """
     shape = convert_to_shape(new_shape) or Shape()
     if set(_check_tensor(x, "transpose").shape) != set(shape):
         raise DimError(f"transpose: new_shape {shape.to_string} must have the dims of x, {x.shape}.")
@@ -1028,7 +1411,14 @@ def reduce_mean(
     reduced_dim: Any = None,
     name: str | None = None,
 ) -> MeshTensor:
-    """`mtf.reduce_mean`: reduce_sum times (output size / input size), Mesh TF's formula."""
+    """`mtf.reduce_mean`: reduce_sum times (output size / input size), Mesh TF's formula.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.tensor([[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]), "a:2 d:3")
+    >>> mtf.reduce_mean(x, reduced_dim=mtf.Dimension("d", 3)).full()
+    tensor([2.6667, 3.3333])
+    """
     out = _reduction_shape(x, output_shape, reduced_dim, "reduce_mean")
     if not _reduced(x, out):
         return _arrange(x, out)
@@ -1075,7 +1465,14 @@ def reduce_min(
     reduced_dim: Any = None,
     name: str | None = None,
 ) -> MeshTensor:
-    """`mtf.reduce_min`; its gradient reaches every tied minimum whole, as in Mesh TF."""
+    """`mtf.reduce_min`; its gradient reaches every tied minimum whole, as in Mesh TF.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.tensor([[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]), "a:2 d:3")
+    >>> mtf.reduce_min(x, output_shape="d:3").full()
+    tensor([1., 0., 2.])
+    """
     return _extreme(x, _reduction_shape(x, output_shape, reduced_dim, "reduce_min"), "min")
 
 
@@ -1086,7 +1483,14 @@ def reduce_all(
     reduced_dim: Any = None,
     name: str | None = None,
 ) -> MeshTensor:
-    """`mtf.reduce_all` (bool)."""
+    """`mtf.reduce_all` (bool).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.tensor([[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]), "a:2 d:3")
+    >>> mtf.reduce_all(mtf.greater(x, 0.5), reduced_dim=mtf.Dimension("a", 2)).full()
+    tensor([ True, False,  True])
+    """
     out = _reduction_shape(x, output_shape, reduced_dim, "reduce_all")
     names = _reduced(x, out)
     return _arrange(_reduce.reduce_all(x, names) if names else x != 0, out)
@@ -1099,7 +1503,14 @@ def reduce_any(
     reduced_dim: Any = None,
     name: str | None = None,
 ) -> MeshTensor:
-    """`mtf.reduce_any` (bool)."""
+    """`mtf.reduce_any` (bool).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.tensor([[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]), "a:2 d:3")
+    >>> mtf.reduce_any(mtf.greater(x, 5.0), reduced_dim=mtf.Dimension("d", 3)).full()
+    tensor([False,  True])
+    """
     out = _reduction_shape(x, output_shape, reduced_dim, "reduce_any")
     names = _reduced(x, out)
     return _arrange(_reduce.reduce_any(x, names) if names else x != 0, out)
@@ -1127,7 +1538,15 @@ def reduce_logsumexp(x: MeshTensor, reduced_dim: Any, extra_logit: Any = None, n
 
 
 def log_softmax(x: MeshTensor, reduced_dim: Any, extra_logit: Any = None, name: str | None = None) -> MeshTensor:
-    """`mtf.log_softmax`: x - reduce_logsumexp(x, reduced_dim, extra_logit)."""
+    """`mtf.log_softmax`: x - reduce_logsumexp(x, reduced_dim, extra_logit).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.tensor([[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]), "a:2 d:3")
+    >>> mtf.log_softmax(x, mtf.Dimension("d", 3)).full()
+    tensor([[-4.0659, -0.0659, -3.0659],
+            [-2.1291, -6.1291, -0.1291]])
+    """
     return sub(x, reduce_logsumexp(x, reduced_dim, extra_logit))
 
 
@@ -1143,21 +1562,42 @@ def softmax(x: MeshTensor, reduced_dim: Any, extra_logit: Any = None, name: str 
 
 
 def reduce_first(tensor: MeshTensor, reduced_dim: Any) -> MeshTensor:
-    """`mtf.reduce_first`: the first element along `reduced_dim` (the dim removed)."""
+    """`mtf.reduce_first`: the first element along `reduced_dim` (the dim removed).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.tensor([[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]), "a:2 d:3")
+    >>> mtf.reduce_first(x, mtf.Dimension("d", 3)).full()
+    tensor([1., 4.])
+    """
     return reduce_sum(mtf_slice(tensor, 0, 1, _name(reduced_dim)), reduced_dim=_name(reduced_dim))
 
 
 def pool_tensor_1d(
     tensor: MeshTensor, pool_dim: Dim, reduce_fn: Callable[..., MeshTensor] = reduce_mean, pool_size: int = 2
 ) -> MeshTensor:
-    """`mtf.pool_tensor_1d`: reduce each run of `pool_size` elements along `pool_dim`."""
+    """`mtf.pool_tensor_1d`: reduce each run of `pool_size` elements along `pool_dim`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.arange(8.0), "d:8")
+    >>> mtf.pool_tensor_1d(x, mtf.Dimension("d", 8), pool_size=4).full()
+    tensor([1.5000, 5.5000])
+    """
     high = Dim(pool_dim.name, pool_dim.size // pool_size)
     low = Dim("_low", pool_size)
     return reduce_fn(replace_dimensions(tensor, pool_dim, [high, low]), reduced_dim=low)
 
 
 def stride_tensor_1d(tensor: MeshTensor, pool_dim: Dim, pool_size: int = 2) -> MeshTensor:
-    """`mtf.stride_tensor_1d`: every `pool_size`-th element along `pool_dim`."""
+    """`mtf.stride_tensor_1d`: every `pool_size`-th element along `pool_dim`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.arange(8.0), "d:8")
+    >>> mtf.stride_tensor_1d(x, mtf.Dimension("d", 8), pool_size=4).full()
+    tensor([0., 4.])
+    """
     return pool_tensor_1d(tensor, pool_dim, reduce_fn=reduce_first, pool_size=pool_size)
 
 
@@ -1235,14 +1675,29 @@ def split(
 
 
 def stack(xs: Sequence[MeshTensor], dim_name: str, axis: int = 0, name: str | None = None) -> MeshTensor:
-    """`mtf.stack(xs, dim_name, axis=0)`: a new dim of size len(xs) at position `axis`."""
+    """`mtf.stack(xs, dim_name, axis=0)`: a new dim of size len(xs) at position `axis`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> a = mtf.import_tf_tensor(mesh, torch.tensor([1.0, 2.0, 3.0]), "d:3")
+    >>> b = mtf.import_tf_tensor(mesh, torch.tensor([2.0, 2.0, 2.0]), "d:3")
+    >>> mtf.stack([a, b], "pair", axis=-1).dims
+    ('d', 'pair')
+    """
     if axis < 0:
         axis = xs[0].ndim + 1 + axis
     return _stacking.stack(xs, dim_name, axis=axis)
 
 
 def unstack(x: MeshTensor, dim: Any, name: str | None = None) -> list[MeshTensor]:
-    """`mtf.unstack(x, dim)`: dim.size tensors without `dim`."""
+    """`mtf.unstack(x, dim)`: dim.size tensors without `dim`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.tensor([[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]), "a:2 d:3")
+    >>> [t.full().tolist() for t in mtf.unstack(x, mtf.Dimension("a", 2))]
+    [[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]
+    """
     return _stacking.unstack(x, _name(dim))
 
 
@@ -1304,14 +1759,28 @@ def top_k(x: MeshTensor, reduced_dim: Dim, k_dim: Dim, name: str | None = None) 
 
 def top_1(x: MeshTensor, reduced_dim: Any, name: str | None = None) -> tuple[MeshTensor, MeshTensor]:
     """`mtf.top_1(x, reduced_dim)`: (max, int32 argmax); the gradient reaches the one selected
-    element (the first of ties), as Mesh TF's."""
+    element (the first of ties), as Mesh TF's.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.tensor([[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]), "a:2 d:3")
+    >>> mtf.top_1(x, mtf.Dimension("d", 3))[1].full()
+    tensor([1, 2], dtype=torch.int32)
+    """
     one = Dim("_one", 1)
     values, indices = top_k(x, _dim_of(x, reduced_dim), one)
     return _reduce.reduce_sum(values, "_one"), _tm_cast(_reduce.reduce_sum(indices, "_one"), torch.int32)
 
 
 def argmax(x: MeshTensor, reduced_dim: Any, name: str | None = None) -> MeshTensor:
-    """`mtf.argmax(x, reduced_dim)`: the int32 index of the first maximum."""
+    """`mtf.argmax(x, reduced_dim)`: the int32 index of the first maximum.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.tensor([[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]), "a:2 d:3")
+    >>> mtf.argmax(x, mtf.Dimension("d", 3)).full()
+    tensor([1, 2], dtype=torch.int32)
+    """
     return _tm_cast(_selection.argmax(_check_tensor(x, "argmax"), _name(reduced_dim)), torch.int32)
 
 
@@ -1329,14 +1798,28 @@ def cumsum(x: MeshTensor, dim: Any, exclusive: bool = False, reverse: bool = Fal
 
 
 def nth_largest_element(x: MeshTensor, n: int, reduced_dim: Any, name: str | None = None) -> MeshTensor:
-    """`mtf.nth_largest_element`: the n-th largest (0-based) value along reduced_dim."""
+    """`mtf.nth_largest_element`: the n-th largest (0-based) value along reduced_dim.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.tensor([[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]), "a:2 d:3")
+    >>> mtf.nth_largest_element(x, 1, mtf.Dimension("d", 3)).full()
+    tensor([2., 4.])
+    """
     k = Dim("_k", n + 1)
     values, _ = top_k(x, _dim_of(x, reduced_dim), k)
     return reduce_sum(mtf_slice(values, n, 1, "_k"), reduced_dim="_k")
 
 
 def nth_smallest_element(x: MeshTensor, n: int, reduced_dim: Any, name: str | None = None) -> MeshTensor:
-    """`mtf.nth_smallest_element`: -nth_largest_element(-x)."""
+    """`mtf.nth_smallest_element`: -nth_largest_element(-x).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.tensor([[1.0, 5.0, 2.0], [4.0, 0.0, 6.0]]), "a:2 d:3")
+    >>> mtf.nth_smallest_element(x, 0, mtf.Dimension("d", 3)).full()
+    tensor([1., -0.])
+    """
     return negative(nth_largest_element(negative(x), n, reduced_dim))
 
 
@@ -1375,7 +1858,14 @@ def random_normal(
     name: str | None = None,
 ) -> MeshTensor:
     """`mtf.random_normal(mesh, shape, mean=0, stddev=1, dtype=..., seed=None)`: normal values, for
-    a seed the same on every mesh and layout (drawn by `tm.randn`)."""
+    a seed the same on every mesh and layout (drawn by `tm.randn`).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> z = mtf.random_normal(mesh, "d:1000", mean=1.0, stddev=0.5, seed=0)
+    >>> round(z.full().mean().item(), 1), round(z.full().std().item(), 1)
+    (1.0, 0.5)
+    """
     z = randn(list(convert_to_shape(shape) or ()), mesh, seed=seed, dtype=dtype)
     return z if (mean, stddev) == (0.0, 1.0) else z * stddev + mean
 
@@ -1463,7 +1953,14 @@ def gradients(
 
 class VariableDType:
     """Mesh TF's `mtf.VariableDType`: the dtypes a variable is stored (master, slice) and read
-    (activation) in; here master and slice are the stored value's dtype."""
+    (activation) in; here master and slice are the stored value's dtype.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> w = mtf.get_variable(mesh, "w", "d:2", dtype=mtf.VariableDType(torch.float32, torch.float32, torch.bfloat16))
+    >>> w.dtype, w.operation.value.dtype
+    (torch.bfloat16, torch.float32)
+    """
 
     def __init__(
         self,
@@ -1480,7 +1977,14 @@ class VariableDType:
 
 
 class VariableTensor(MeshTensor):
-    """The MeshTensor `get_variable` returns: a MeshTensor whose `.operation` is its `Variable`."""
+    """The MeshTensor `get_variable` returns: a MeshTensor whose `.operation` is its `Variable`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> w = mtf.get_variable(mesh, "w", "d:2", initializer=mtf.zeros_initializer())
+    >>> isinstance(w, mtf.VariableTensor), w.operation.name
+    (True, 'w')
+    """
 
     __slots__ = ("operation",)
 
@@ -1492,7 +1996,16 @@ class VariableTensor(MeshTensor):
 class Variable:
     """Mesh TF's `mtf.Variable`, eager: `.value` is the current MeshTensor (a leaf with
     `requires_grad` when trainable, stored in the slice dtype); `assign` and friends update
-    it in place, so tensors already read from it stay current."""
+    it in place, so tensors already read from it stay current.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> w = mtf.get_variable(mesh, "w", "d:2", initializer=mtf.zeros_initializer())
+    >>> w.operation
+    Variable('w', Shape[d=2], trainable=True)
+    >>> w.operation.value is w, w.operation.trainable
+    (True, True)
+    """
 
     def __init__(
         self, mesh: Mesh, name: str, shape: Shape, dtype: VariableDType, value: MeshTensor, trainable: bool
@@ -1620,7 +2133,13 @@ def _generator() -> torch.Generator:
 
 def glorot_uniform_initializer(seed: int | None = None) -> Callable[..., torch.Tensor]:
     """TF's `glorot_uniform_initializer` (the default of `get_variable` for floats): uniform in
-    +-sqrt(6 / (fan_in + fan_out)), fans from the last two dims (TF's guess)."""
+    +-sqrt(6 / (fan_in + fan_out)), fans from the last two dims (TF's guess).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> w = mtf.glorot_uniform_initializer(seed=0)([6, 10])
+    >>> bool(w.abs().max() <= (6 / 16) ** 0.5)
+    True
+    """
 
     def init(shape: Sequence[int], dtype: torch.dtype = torch.float32, partition_info: Any = None) -> torch.Tensor:
         fan_in, fan_out = _fans(list(shape))
@@ -1632,17 +2151,32 @@ def glorot_uniform_initializer(seed: int | None = None) -> Callable[..., torch.T
 
 
 def zeros_initializer() -> Callable[..., torch.Tensor]:
-    """TF's `zeros_initializer()` in TF's initializer contract."""
+    """TF's `zeros_initializer()` in TF's initializer contract.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mtf.zeros_initializer()([2], dtype=torch.float32)
+    tensor([0., 0.])
+    """
     return constant_initializer(0.0)
 
 
 def ones_initializer() -> Callable[..., torch.Tensor]:
-    """TF's `ones_initializer()`."""
+    """TF's `ones_initializer()`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mtf.ones_initializer()([2], dtype=torch.float32)
+    tensor([1., 1.])
+    """
     return constant_initializer(1.0)
 
 
 def constant_initializer(value: float = 0.0) -> Callable[..., torch.Tensor]:
-    """TF's `constant_initializer(value)`: every element `value`."""
+    """TF's `constant_initializer(value)`: every element `value`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mtf.constant_initializer(0.5)([2], dtype=torch.float32, partition_info=None)
+    tensor([0.5000, 0.5000])
+    """
 
     def init(shape: Sequence[int], dtype: torch.dtype = torch.float32, partition_info: Any = None) -> torch.Tensor:
         return torch.full(list(shape), value, dtype=dtype)
@@ -1654,7 +2188,13 @@ def random_normal_initializer(
     mean: float = 0.0, stddev: float = 1.0, seed: int | None = None
 ) -> Callable[..., torch.Tensor]:
     """TF's `random_normal_initializer(mean, stddev)` (torch's normal numbers, seeded from
-    torchmesh's stream, so the same on every rank and mesh)."""
+    torchmesh's stream, so the same on every rank and mesh).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> w = mtf.random_normal_initializer(stddev=0.02, seed=0)([100, 100])
+    >>> round(w.std().item(), 2)
+    0.02
+    """
 
     def init(shape: Sequence[int], dtype: torch.dtype = torch.float32, partition_info: Any = None) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed) if seed is not None else _generator()
@@ -1666,7 +2206,13 @@ def random_normal_initializer(
 def truncated_normal_initializer(
     mean: float = 0.0, stddev: float = 1.0, seed: int | None = None
 ) -> Callable[..., torch.Tensor]:
-    """TF's `truncated_normal_initializer`: normal values redrawn beyond two stddevs."""
+    """TF's `truncated_normal_initializer`: normal values redrawn beyond two stddevs.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> w = mtf.truncated_normal_initializer(stddev=0.5, seed=0)([1000])
+    >>> bool(w.abs().max() <= 1.0)
+    True
+    """
 
     def init(shape: Sequence[int], dtype: torch.dtype = torch.float32, partition_info: Any = None) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed) if seed is not None else _generator()
@@ -1680,7 +2226,13 @@ def truncated_normal_initializer(
 def random_uniform_initializer(
     minval: float = -0.05, maxval: float = 0.05, seed: int | None = None
 ) -> Callable[..., torch.Tensor]:
-    """TF's `random_uniform_initializer(minval, maxval)`."""
+    """TF's `random_uniform_initializer(minval, maxval)`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> w = mtf.random_uniform_initializer(-1.0, 1.0, seed=0)([1000])
+    >>> bool(w.min() >= -1.0 and w.max() < 1.0)
+    True
+    """
 
     def init(shape: Sequence[int], dtype: torch.dtype = torch.float32, partition_info: Any = None) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed) if seed is not None else _generator()
@@ -1757,33 +2309,78 @@ def _variable(var: Any) -> Variable:
 
 
 def assign(var: Any, new_val: Any, assign_fn: Any = None, name: str | None = None) -> Variable:
-    """`mtf.assign(var, new_val)`: set the variable (or the tensor get_variable returned) now."""
+    """`mtf.assign(var, new_val)`: set the variable (or the tensor get_variable returned) now.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> w = mtf.get_variable(mesh, "w", "d:2", initializer=mtf.zeros_initializer())
+    >>> mtf.assign(w, mtf.ones_like(w)).value.full().tolist()
+    [1.0, 1.0]
+    """
     return _variable(var).assign(new_val, "set")
 
 
 def assign_add(var: Any, new_val: Any) -> Variable:
-    """`mtf.assign_add(var, val)`: add to the variable in place."""
+    """`mtf.assign_add(var, val)`: add to the variable in place.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> w = mtf.get_variable(mesh, "w", "d:2", initializer=mtf.zeros_initializer())
+    >>> mtf.assign_add(w, 2.0).value.full().tolist()
+    [2.0, 2.0]
+    """
     return _variable(var).assign(new_val, "add")
 
 
 def assign_sub(var: Any, new_val: Any) -> Variable:
-    """`mtf.assign_sub(var, val)`: subtract from the variable in place."""
+    """`mtf.assign_sub(var, val)`: subtract from the variable in place.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> w = mtf.get_variable(mesh, "w", "d:2", initializer=mtf.zeros_initializer())
+    >>> mtf.assign_sub(w.operation, 1.0).value.full().tolist()
+    [-1.0, -1.0]
+    """
     return _variable(var).assign(new_val, "sub")
 
 
 def all_variables(mesh: Mesh) -> list[Variable]:
     """The variables `get_variable` made on this mesh, in creation order (Mesh TF's
-    `graph.all_variables`)."""
+    `graph.all_variables`).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> w = mtf.get_variable(mesh, "w", "d:2", initializer=mtf.zeros_initializer())
+    >>> _ = mtf.get_variable(mesh, "step", [], dtype=torch.int32, trainable=False)
+    >>> [v.name for v in mtf.all_variables(mesh)]
+    ['w', 'step']
+    """
     return list(_VARIABLES.get(mesh, {}).values())
 
 
 def trainable_variables(mesh: Mesh) -> list[Variable]:
-    """The trainable variables made on this mesh (Mesh TF's `graph.trainable_variables`)."""
+    """The trainable variables made on this mesh (Mesh TF's `graph.trainable_variables`).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> w = mtf.get_variable(mesh, "w", "d:2", initializer=mtf.zeros_initializer())
+    >>> _ = mtf.get_variable(mesh, "step", [], dtype=torch.int32, trainable=False)
+    >>> [v.name for v in mtf.trainable_variables(mesh)]
+    ['w']
+    """
     return [v for v in all_variables(mesh) if v.trainable]
 
 
 def reset_variables(mesh: Mesh) -> None:
-    """Forget this mesh's variables (a fresh model on the same mesh)."""
+    """Forget this mesh's variables (a fresh model on the same mesh).
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="d:b1")
+    >>> w = mtf.get_variable(mesh, "w", "d:2", initializer=mtf.zeros_initializer())
+    >>> mtf.reset_variables(mesh)
+    >>> mtf.all_variables(mesh)
+    []
+    """
     _VARIABLES.pop(mesh, None)
 
 
