@@ -52,6 +52,7 @@ from torchmesh.tensor.construct import (
     zeros,
     zeros_like,
 )
+from torchmesh.tensor.conv import avg_pool1d, avg_pool2d, batch_norm, conv1d, conv2d, max_pool1d, max_pool2d
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.elementwise import cast, pointwise, where
 from torchmesh.tensor.gather import embedding, gather, one_hot
@@ -111,10 +112,15 @@ __all__ = [
     "argmax",
     "argmin",
     "attention",
+    "avg_pool1d",
+    "avg_pool2d",
+    "batch_norm",
     "cast",
     "check_replicas",
     "comm_stats",
     "concat",
+    "conv1d",
+    "conv2d",
     "cumsum",
     "distribute",
     "dropout",
@@ -133,6 +139,8 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "manual_seed",
+    "max_pool1d",
+    "max_pool2d",
     "one_hot",
     "ones",
     "ones_like",

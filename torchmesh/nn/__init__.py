@@ -1,6 +1,7 @@
 """`tm.nn`: torch.nn modules over named dims, whose parameters are MeshTensors."""
 
 from torchmesh.nn.attention import KVCache, MultiHeadAttention
+from torchmesh.nn.conv import AvgPool2d, BatchNorm, Conv1d, Conv2d, MaxPool2d
 from torchmesh.nn.count import num_parameters, parameter_bytes
 from torchmesh.nn.fsdp import shard_parameters
 from torchmesh.nn.generate import generate, generate_seq2seq
@@ -29,3 +30,4 @@ __all__ += ["MoE", "shard_parameters"]
 __all__ += ["num_parameters", "parameter_bytes"]
 __all__ += ["EncoderDecoderConfig", "EncoderDecoderLM"]
 __all__ += ["KVCache", "generate", "generate_seq2seq"]
+__all__ += ["AvgPool2d", "BatchNorm", "Conv1d", "Conv2d", "MaxPool2d"]
