@@ -196,7 +196,7 @@ def dense(
     The kernel 'kernel' [expert_dims + reduced_dims + new_dims] is drawn by
     `VarianceScalingInitializer()` (truncated normal, stddev 1/sqrt(fan_in)) unless
     `kernel_initializer` says otherwise; the bias 'bias' [expert_dims + new_dims] starts at
-    zero. A reduced dim with a new dim's name is renamed '_name' first, as Mesh TF does.
+    zero. A reduced dim with a new dim's name is renamed '_name' first (of any size).
     With name=None the kernel and bias scopes are made unique separately, as in Mesh TF
     ('dense/kernel' and 'dense_1/bias'); pass a name to keep them together.
 
@@ -212,8 +212,9 @@ def dense(
         variable_dtype = mtf.VariableDType(master_dtype, slice_dtype, x.dtype)
     experts = _dim_list(expert_dims)
     reduced = _dim_list(reduced_dims) if reduced_dims is not None else _dims(x)[-1:]
+    new_names = {d.name for d in new}
     for i, d in enumerate(reduced):
-        if d in new:
+        if d.name in new_names:  # by name (Mesh TF compares name and size; its testDense needs this)
             tmp = Dim("_" + d.name, d.size)
             x = mtf.rename_dimension(x, d.name, tmp.name)
             reduced[i] = tmp
