@@ -1,7 +1,7 @@
 """Generation (torchmesh/nn/generate.py): greedy decoding equals transformers' own
 `generate(do_sample=False)` token for token for GPT-2, Llama (grouped-query, RoPE) and T5,
 loaded from `save_pretrained` directories onto sim meshes (1 device, dp:2;tp:2 with vocab 101
-split unevenly) and on 2 gloo processes; the key/value cache gives the tokens of full
+split unevenly) and on 2 gloo processes (4: tests/nn/test_hf_four.py); the key/value cache gives the tokens of full
 recomputation; a seed samples the same tokens on every mesh and backend; top_k=1 is greedy; lengths past the learned position table
 are refused. References are transformers' models, never our code."""
 
@@ -122,27 +122,48 @@ def test_sampling_is_the_same_on_every_mesh(saved):
     assert not torch.equal(other_seed, outs[-1][0])
 
 
-def _generate_on_rank(directory: str) -> tuple[list, list]:
-    """On each gloo rank: the Llama checkpoint on tp:2 (vocab 101: 51 and 50 rows), greedy and sampled."""
+def _generate_on_rank(directories: dict[str, str], t5_mask: list) -> tuple[list, list, dict[str, list]]:
+    """On each gloo rank, on tp:2 (vocab 101: 51 and 50 rows): the Llama checkpoint greedy and
+    sampled, and the GPT-2 and T5 checkpoints greedy."""
     mesh = tm.Mesh("tp:2", rules="heads:tp;kv_heads:tp;ff:tp;vocab:tp", backend="dist")
-    model = tm.nn.TransformerLM.from_hf(directory, mesh)
+    model = tm.nn.TransformerLM.from_hf(directories["llama"], mesh)
     prompt = tm.distribute(PROMPT, "batch seq", mesh)
     greedy = tm.nn.generate(model, prompt, NEW).full()
     sampled = tm.nn.generate(model, prompt, NEW, temperature=1.0, top_k=10, seed=7).full()
-    return greedy.tolist(), sampled.tolist()  # lists: a tensor's shared memory may go with its process
+    others = {"gpt2": tm.nn.generate(tm.nn.TransformerLM.from_hf(directories["gpt2"], mesh), prompt, NEW).full()}
+    mask = tm.distribute(torch.tensor(t5_mask), "batch seq", mesh)
+    others["t5"] = tm.nn.generate(
+        tm.nn.EncoderDecoderLM.from_hf(directories["t5"], mesh), prompt, NEW, encoder_mask=mask
+    ).full()
+    # lists: a tensor's shared memory may go with its process
+    return greedy.tolist(), sampled.tolist(), {k: v.tolist() for k, v in others.items()}
 
 
 def test_on_2_gloo_processes_the_tokens_are_sim_s(tmp_path):
+    """Llama: transformers' greedy tokens and sim's seeded samples; GPT-2 and T5 (with an
+    encoder padding mask): transformers' greedy tokens."""
     hf_model = llama()
-    hf_model.save_pretrained(tmp_path)
+    hf_model.save_pretrained(tmp_path / "llama")
     mesh = tm.Mesh("dp:1;tp:1", rules=RULES)
-    model = tm.nn.TransformerLM.from_hf(tmp_path, mesh)
+    model = tm.nn.TransformerLM.from_hf(tmp_path / "llama", mesh)
     prompt = tm.distribute(PROMPT, "batch seq", mesh)
     sampled = tm.nn.generate(model, prompt, NEW, temperature=1.0, top_k=10, seed=7).full()
     reference = hf_greedy(hf_model, PROMPT, NEW, attention_mask=torch.ones_like(PROMPT))
-    for greedy, sample in run_distributed(_generate_on_rank, 2, args=(str(tmp_path),), timeout=180):
+    gpt2_model, t5_model = gpt2(), t5()
+    gpt2_model.save_pretrained(tmp_path / "gpt2")
+    t5_model.save_pretrained(tmp_path / "t5")
+    mask = torch.ones_like(PROMPT)
+    mask[1, 3:] = 0
+    others = {
+        "gpt2": hf_greedy(gpt2_model, PROMPT, NEW, attention_mask=torch.ones_like(PROMPT)).tolist(),
+        "t5": hf_greedy(t5_model, PROMPT, NEW, attention_mask=mask).tolist(),
+    }
+    directories = {name: str(tmp_path / name) for name in ("llama", "gpt2", "t5")}
+    results = run_distributed(_generate_on_rank, 2, args=(directories, mask.tolist()), timeout=180)
+    for greedy, sample, tokens in results:
         assert greedy == reference.tolist()
         assert sample == sampled.tolist()
+        assert tokens == others
 
 
 def test_sampling_follows_the_distribution():
