@@ -66,7 +66,7 @@ def check_grads(y, xs, ref, refs, dy_seed: int = 9, tol: float = 1e-5) -> None:
     dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(dy_seed))
     dy_m = mtf.import_tf_tensor(y.mesh, dy, y.shape)
     got = mtf.gradients([y], xs, [dy_m])
-    want = torch.autograd.grad(ref, refs, dy, allow_unused=True)
+    want = torch.autograd.grad(ref, refs, dy, allow_unused=True, retain_graph=True)
     for g, w in zip(got, want):
         close(g.full(), w, tol)
 
