@@ -11,7 +11,7 @@ import torch
 from harness import run_distributed
 
 import torchmesh as tm
-from torchmesh.nn import safetensors_io
+from torchmesh.nn import init, safetensors_io
 from torchmesh.nn.safetensors_io import TensorSource, file_tensor, read_mesh_tensor
 from torchmesh.nn.t5 import hf_names, relative_position_bucket
 
@@ -261,3 +261,17 @@ def test_ids_with_other_dims_are_refused():
     ids = tm.distribute(torch.zeros(2, 3, dtype=torch.long), "batch seq", mesh)
     with pytest.raises(tm.DimError, match="decoder_ids must have dims \\(batch, target_seq\\)"):
         model(ids, ids)
+
+
+def test_from_hf_draws_no_random_weights(hf, monkeypatch):
+    """Built on an abstract mesh (shapes only), every weight then read onto the real one."""
+    _, _, directory = hf
+    drawn = []
+    original = init.randn
+    monkeypatch.setattr(
+        init, "randn", lambda dims, mesh, **kw: drawn.append(mesh.backend) or original(dims, mesh, **kw)
+    )
+    mesh = tm.Mesh("dp:2;tp:2", rules=RULES)
+    model = tm.nn.EncoderDecoderLM.from_hf(directory, mesh)
+    assert drawn and set(drawn) == {"abstract"}
+    assert model.mesh is mesh and all(p.mesh is mesh for _, p in tm.nn.mesh_parameters(model))

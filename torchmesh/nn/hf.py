@@ -15,6 +15,9 @@ are built from the pieces here:
   offset of our part along each axis (GPT-2's fused q/k/v). Weights are matched by dim name,
   never by shape, so a square weight stored transposed (GPT-2's Conv1D keeps (in, out),
   Llama's Linear (out, in)) loads right.
+- `shapes_only(mesh)`: the mesh on the abstract backend; `from_hf` builds the model there (no
+  random weights drawn, then overwritten) and `load_weights(model, source, mesh)` reads the
+  checkpoint's onto the real mesh.
 - `load_weights(model, source)`: each device reads only its block of each weight through
   `safetensors_io.read_mesh_tensor` (the one block reader, shared with T5; GPT-2's fused
   q/k/v read as offsets into `c_attn`): on `dist` a rank reads its share of the file, not a
@@ -40,6 +43,7 @@ import torch.distributed as dist
 from torchmesh.errors import ArgumentError, ArgumentTypeError, ConfigError
 from torchmesh.nn.parameter import Module, mesh_parameters
 from torchmesh.nn.safetensors_io import TensorSource, read_mesh_tensor, require
+from torchmesh.tensor.mesh import Mesh
 
 SUPPORTED = ("GPT2Config", "LlamaConfig", "MistralConfig")
 
@@ -306,10 +310,19 @@ def open_source(source: Any) -> HFSource:
     return HFSource(config, TensorSource.from_directory(directory, "from_hf"))
 
 
-def load_weights(model: Module, source: HFSource) -> None:
+def shapes_only(mesh: Mesh) -> Mesh:
+    """A mesh of `mesh`'s shape and (current) rules on the `abstract` backend: a model built
+    on it has every weight's dims and layout and no values, so `from_hf` draws no random
+    weights it would overwrite; `load_weights(model, source, mesh)` then reads the real ones."""
+    return Mesh(mesh.shape, rules=mesh.rules, backend="abstract")
+
+
+def load_weights(model: Module, source: HFSource, mesh: Mesh | None = None) -> None:
     """Copy the checkpoint into `model` (a TransformerLM of the source's family): each device
     reads only its block of each weight (`safetensors_io.read_mesh_tensor`; a part of a fused
-    tensor, GPT-2's q/k/v in `c_attn`, by its offset), and the weights keep their layout."""
+    tensor, GPT-2's q/k/v in `c_attn`, by its offset). `mesh`: the mesh the weights go to,
+    laid out by its rules (default: each weight's own mesh and layout; a model built on
+    `shapes_only(mesh)` is filled this way)."""
     mapping = weight_map(model.config)
     params = dict(mesh_parameters(model))
     missing = sorted(set(params) - set(mapping))
@@ -319,8 +332,8 @@ def load_weights(model: Module, source: HFSource) -> None:
     for name, p in params.items():
         w = mapping[name]
         value = read_mesh_tensor(
-            source.tensors, w.key, p.shape, p.mesh, w.file_dims(), dtype=p.dtype, offset=w.offsets(),
-            layout=p.tensor_layout,
+            source.tensors, w.key, p.shape, mesh or p.mesh, w.file_dims(), dtype=p.dtype, offset=w.offsets(),
+            layout=None if mesh else p.tensor_layout,
         )  # fmt: skip
         owner, _, attr = name.rpartition(".")
         module = owners[owner]

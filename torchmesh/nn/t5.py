@@ -428,7 +428,8 @@ class EncoderDecoderLM(Module):
                 f"save_pretrained or a transformers model such as T5ForConditionalGeneration."
             )
         config = config_from_hf(hf_config)
-        model = cls(mesh, config, seed=0)
+        model = cls(Mesh(mesh.shape, rules=mesh.rules, backend="abstract"), config, seed=0)  # shapes only
+        model.mesh = mesh  # each weight is read onto `mesh` below: no random values drawn to overwrite
         model.hf_config = hf_config.to_dict()
         shapes = {name: p.shape for name, p in mesh_parameters(model)}
         for name, key, file_dims in hf_names(config):

@@ -293,8 +293,9 @@ class TransformerLM(Module):
         source = hf.open_source(source)
         config = LMConfig(**hf.lm_fields(source.config))
         with nullcontext() if rules is None else mesh.rules_scope(rules):
-            model = cls(mesh, config, seed=0)
-            hf.load_weights(model, source)
+            model = cls(hf.shapes_only(mesh), config, seed=0)  # no values drawn: the checkpoint's are read
+            hf.load_weights(model, source, mesh)
+        model.mesh = mesh
         return model
 
     def to_hf(self, directory: str | os.PathLike[str]) -> Path:
