@@ -28,7 +28,11 @@ MODULES = (
     ("torchmesh.optim", "tm.optim", "optimizers and gradient clipping over MeshTensor parameters."),
     ("torchmesh.mtf", "mtf", "Mesh TensorFlow's names and argument orders (`import torchmesh.mtf as mtf`)."),
     ("torchmesh.mtf.optimize", "mtf.optimize", "Mesh TF's optimizers with Mesh TF's update rules."),
-    ("torchmesh.mtf.layers", "mtf.layers", "Mesh TF's layers (dense, layer_norm, attention, losses) and their variables."),
+    (
+        "torchmesh.mtf.layers",
+        "mtf.layers",
+        "Mesh TF's layers (dense, layer_norm, attention, losses) and their variables.",
+    ),
     ("torchmesh.mtf.transformer.attention", "mtf.transformer.attention", "Mesh TF's transformer attention."),
     ("torchmesh.mtf.transformer.moe", "mtf.transformer.moe", "Mesh TF's mixture of experts: top-2 gating, capacity."),
     ("torchmesh.planning", "tm.planning", "abstract evaluation, cost model and layout search (docs/planning.md)."),

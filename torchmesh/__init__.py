@@ -52,7 +52,18 @@ from torchmesh.tensor.construct import (
     zeros,
     zeros_like,
 )
-from torchmesh.tensor.conv import avg_pool1d, avg_pool2d, batch_norm, conv1d, conv2d, max_pool1d, max_pool2d
+from torchmesh.tensor.conv import (
+    avg_pool1d,
+    avg_pool2d,
+    avg_pool3d,
+    batch_norm,
+    conv1d,
+    conv2d,
+    conv3d,
+    max_pool1d,
+    max_pool2d,
+    max_pool3d,
+)
 from torchmesh.tensor.einsum import einsum
 from torchmesh.tensor.elementwise import cast, pointwise, where
 from torchmesh.tensor.gather import embedding, gather, one_hot
@@ -114,6 +125,7 @@ __all__ = [
     "attention",
     "avg_pool1d",
     "avg_pool2d",
+    "avg_pool3d",
     "batch_norm",
     "cast",
     "check_replicas",
@@ -121,6 +133,7 @@ __all__ = [
     "concat",
     "conv1d",
     "conv2d",
+    "conv3d",
     "cumsum",
     "distribute",
     "dropout",
@@ -141,6 +154,7 @@ __all__ = [
     "manual_seed",
     "max_pool1d",
     "max_pool2d",
+    "max_pool3d",
     "one_hot",
     "ones",
     "ones_like",

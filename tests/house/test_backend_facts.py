@@ -83,12 +83,20 @@ def test_the_check_passes_a_clean_line(line):
 
 
 # ---- each backend's facts ---------------------------------------------------------------------
-FACTS = ("holds_every_shard", "multi_process", "reads_values", "holds_values", "can_regather", "checkpoint_form")
+FACTS = (
+    "holds_every_shard",
+    "multi_process",
+    "reads_values",
+    "holds_values",
+    "can_regather",
+    "checkpoint_form",
+    "defers_grad_sync",
+)
 EXPECTED = {
-    SimImpl: (True, False, True, True, True, "global"),
-    DistImpl: (False, True, True, True, True, "per_rank"),
-    AbstractImpl: (False, False, False, False, True, "global"),
-    XlaImpl: (False, False, False, True, False, "global"),
+    SimImpl: (True, False, True, True, True, "global", True),
+    DistImpl: (False, True, True, True, True, "per_rank", True),
+    AbstractImpl: (False, False, False, False, True, "global", True),
+    XlaImpl: (False, False, False, True, False, "global", False),
 }
 
 

@@ -197,19 +197,26 @@ def test_training_step_equals_transformers(family):
         assert close(grad, ref), name
 
 
-def test_tied_table_gradient_all_reduces():
-    """Measured: on dp:2 the tied table's gradient is all-reduced once per use (the embedding
-    lookup's backward and the output projection's), twice per step. Ops sum a broadcast
-    weight's partial gradients inside their own backward, so one all-reduce for both uses
-    needs a partial-sum gradient carried across ops (not in the op planner yet)."""
+def test_tied_table_gradient_all_reduces_once():
+    """On dp:2 the tied table's gradient is all-reduced once per step, not once per use: its
+    two partial gradients (the embedding lookup's and the output projection's) are summed
+    before the data-parallel reduction (`torchmesh.comm.grad_sync`). Untied, the head is
+    its own parameter, so the step all-reduces one more table's bytes; with bucketing off,
+    every use reduces on its own and the tied table costs two all-reduces."""
     mesh = tm.Mesh("dp:2", rules="batch:dp")
-    counts = {}
-    for tie in (False, True):
-        model = tm.nn.TransformerLM(mesh, tm.nn.LMConfig.gpt2(**SMALL, tie_embeddings=tie), seed=0)
-        ids = tm.distribute(IDS, "batch seq", mesh)
-        with tm.comm_stats() as stats:
-            tm.nn.cross_entropy(model(ids), ids).backward()
-        table = [r for r in stats.records if r.kind == "all_reduce" and sorted(r.shape) == [16, 101]]
-        counts[tie] = (len(table), len(stats.records))
-    assert counts[True] == (2, counts[False][1])  # the same number of collectives, tied or not
-    assert counts[False][0] == 2  # untied: one for the embedding, one for the head
+    table_bytes = 16 * 101 * 4
+    reduced = {}
+    for bucketed in (True, False):
+        tm.nn.configure_grad_sync(mesh, enabled=bucketed)
+        for tie in (False, True):
+            model = tm.nn.TransformerLM(mesh, tm.nn.LMConfig.gpt2(**SMALL, tie_embeddings=tie), seed=0)
+            ids = tm.distribute(IDS, "batch seq", mesh)
+            with tm.comm_stats() as stats:
+                tm.nn.cross_entropy(model(ids), ids).backward()
+            backward = [r for r in stats.records if r.kind == "all_reduce" and r.phase == "backward"]
+            tables = [r for r in backward if sorted(r.shape) == [16, 101]]
+            reduced[bucketed, tie] = (sum(r.bytes for r in backward), len(tables))
+    tm.nn.configure_grad_sync(mesh)
+    assert reduced[True, False][0] - reduced[True, True][0] == table_bytes  # tied: one table fewer
+    assert reduced[False, True] == (reduced[False, False][0], 2)  # per use: the table twice
+    assert reduced[False, False][1] == 2  # untied: the embedding and the head

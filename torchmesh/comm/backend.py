@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -26,6 +27,22 @@ from torchmesh.placement.op_plan import OpPlan
 Data = tuple[torch.Tensor, ...]
 #: Per local tensor, the size a dim has once gathered (None: blocks are even).
 Sizes = tuple[int, ...] | None
+
+
+class Pending(Protocol):
+    """A collective in flight: `wait()` blocks until it is done and gives its result."""
+
+    def wait(self) -> Data: ...
+
+
+@dataclass(frozen=True)
+class Done:
+    """A collective that finished when it was started."""
+
+    result: Data
+
+    def wait(self) -> Data:
+        return self.result
 
 
 class MeshImpl:
@@ -55,6 +72,9 @@ class MeshImpl:
     device_mesh: Any = None
     #: The most devices a mesh of this backend may have (None: no limit of its own).
     max_devices: int | None = None
+    #: Whether parameter gradients are reduced once per backward in buckets (`comm.grad_sync`)
+    #: rather than at each use (false on xla, whose compiler schedules the collectives).
+    defers_grad_sync: bool = True
 
     # ---- check mode and the running op -------------------------------------------------------
     #: True when every collective is first verified across ranks (`verify`); ops then also
@@ -103,6 +123,11 @@ class MeshImpl:
     # ---- raw collectives (no autograd; `comm/autograd.py` wraps them) ---------------------
     def all_reduce(self, ts: Data, axes: tuple[str, ...], op: str) -> Data:
         raise NotImplementedError
+
+    def all_reduce_async(self, ts: Data, axes: tuple[str, ...], op: str = "sum") -> Pending:
+        """Start `all_reduce` of `ts` (which it may overwrite); `.wait()` gives the result.
+        Backends without asynchronous collectives finish it here."""
+        return Done(self.all_reduce(ts, axes, op))
 
     def all_gather(self, ts: Data, axis: str, dim: int, sizes: Sizes = None) -> Data:
         """Concatenate the group's blocks along `dim`, in group order. `sizes` (one per local

@@ -216,6 +216,22 @@ def _first_use(key, value=None) -> bool:
 _GROUPS: dict[tuple, object] = {}
 
 
+class _InFlight:
+    """An asynchronous all-reduce of one tensor over `axes` (the first in flight)."""
+
+    def __init__(self, impl: DistImpl, tensor: torch.Tensor, work: Any, axes: tuple[str, ...], op: str) -> None:
+        self.impl, self.tensor, self.work, self.axes, self.op = impl, tensor, work, axes, op
+
+    def wait(self) -> Data:
+        try:
+            self.work.wait()
+            for axis in self.axes[1:]:
+                dist.all_reduce(self.tensor, _OPS[self.op], group=self.impl._groups[axis])
+        except RuntimeError as e:
+            raise self.impl._failed("all_reduce", self.axes, e) from None
+        return (self.tensor,)
+
+
 def _device_mesh(device_type: str, shape: MeshShape):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -451,6 +467,17 @@ class DistImpl(MeshImpl):
         except RuntimeError as e:
             raise self._failed("all_reduce", axes, e) from None
         return (out.to(torch.bool) if t.dtype == torch.bool else out,)
+
+    def all_reduce_async(self, ts: Data, axes: tuple[str, ...], op: str = "sum") -> _InFlight:
+        """The first axis's all-reduce runs in the background (overlapping what the caller does
+        next); further axes, rare for gradients, follow when it is waited for."""
+        t = ts[0]
+        self._guard("all_reduce", axes, t)
+        try:
+            work = dist.all_reduce(t, _OPS[op], group=self._groups[axes[0]], async_op=True)
+        except RuntimeError as e:
+            raise self._failed("all_reduce", axes, e) from None
+        return _InFlight(self, t, work, axes, op)
 
     def _member(self, axis: str) -> int:
         """This rank's position in its group over `axis` (its block index there)."""

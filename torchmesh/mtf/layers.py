@@ -13,8 +13,9 @@ same values on every mesh and layout. Random draws are torchmesh's, not TensorFl
 What differs from Mesh TF: no gin, so `unit_scaling_convention()` is False unless a caller
 passes True (as gin would configure it); `left_halo_exchange`/`halo_exchange` are written here
 with `mtf.shift`, `mtf.slice` and `mtf.concat`, exactly as Mesh TF's ops.py writes them.
-The convolution, pooling and batch-norm layers come in a later step (torchmesh's own
-spatially split convolution).
+The convolution, pooling and batch-norm layers (conv2d, conv2d_with_blocks, max_pool2d,
+batch_norm...) live in `torchmesh.mtf.conv_layers`, over torchmesh's spatially split
+convolution, and are re-exported here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,22 @@ import torch
 
 from torchmesh.errors import ArgumentError, ConfigError, DimError
 from torchmesh.mtf import ops as mtf
+from torchmesh.mtf.conv_layers import (
+    avg_pool2d,
+    avg_pool3d,
+    batch_norm,
+    conv1d,
+    conv2d,
+    conv2d_transpose,
+    conv2d_transpose_with_blocks,
+    conv2d_with_blocks,
+    conv3d,
+    conv3d_transpose,
+    conv3d_with_blocks,
+    max_pool2d,
+    max_pool3d,
+    separable_conv1d,
+)
 from torchmesh.placement.dims import Dim
 from torchmesh.tensor.mesh import Mesh
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -1003,7 +1020,18 @@ __all__ = [
     "attention_mask_autoregressive",
     "attention_mask_ignore_padding",
     "attention_mask_same_segment",
+    "avg_pool2d",
+    "avg_pool3d",
+    "batch_norm",
     "compress_mean",
+    "conv1d",
+    "conv2d",
+    "conv2d_transpose",
+    "conv2d_transpose_with_blocks",
+    "conv2d_with_blocks",
+    "conv3d",
+    "conv3d_transpose",
+    "conv3d_with_blocks",
     "dense",
     "dense_product",
     "dense_relu_dense",
@@ -1015,6 +1043,8 @@ __all__ = [
     "layer_norm",
     "left_halo_exchange",
     "masked_local_attention_1d",
+    "max_pool2d",
+    "max_pool3d",
     "multihead_attention",
     "multihead_attention_params",
     "multihead_attention_vars",
@@ -1023,6 +1053,7 @@ __all__ = [
     "multihead_self_attention_memory_compressed",
     "multiplicative_jitter",
     "rename_length_to_memory_length",
+    "separable_conv1d",
     "sigmoid_cross_entropy_with_logits",
     "softmax_cross_entropy_with_logits",
     "unit_scaling_convention",

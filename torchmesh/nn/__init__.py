@@ -8,7 +8,7 @@ from torchmesh.nn.generate import generate, generate_seq2seq
 from torchmesh.nn.layers import Dropout, Embedding, FeedForward, LayerNorm, Linear, RMSNorm
 from torchmesh.nn.losses import cross_entropy
 from torchmesh.nn.moe import MoE
-from torchmesh.nn.parameter import Module, mesh_parameters
+from torchmesh.nn.parameter import Module, configure_grad_sync, mesh_parameters
 from torchmesh.nn.t5 import EncoderDecoderConfig, EncoderDecoderLM
 from torchmesh.nn.transformer import LMConfig, TransformerBlock, TransformerLM
 
@@ -30,4 +30,5 @@ __all__ += ["MoE", "shard_parameters"]
 __all__ += ["num_parameters", "parameter_bytes"]
 __all__ += ["EncoderDecoderConfig", "EncoderDecoderLM"]
 __all__ += ["KVCache", "generate", "generate_seq2seq"]
+__all__ += ["configure_grad_sync"]
 __all__ += ["AvgPool2d", "BatchNorm", "Conv1d", "Conv2d", "MaxPool2d"]

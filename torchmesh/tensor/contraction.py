@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from torchmesh.comm import autograd as comm
-from torchmesh.comm import regather
+from torchmesh.comm import grad_sync, regather
 from torchmesh.comm.backend import Data
 from torchmesh.comm.executor import run_steps
 from torchmesh.errors import MeshError
@@ -18,13 +18,16 @@ from torchmesh.tensor.mesh_tensor import MeshTensor
 
 
 def prepare_inputs(plan: OpPlan, xs: Sequence[MeshTensor]) -> list[Data]:
-    """Each input's data relaid out for the computation, with `sum_grad` where broadcast."""
+    """Each input's data relaid out for the computation, its gradient summed where broadcast
+    (a parameter used as it is laid out: deferred to one bucketed all-reduce per backward)."""
     impl = xs[0]._mesh.impl
     datas = []
     for x, steps, bcast, gather_rs in zip(xs, plan.in_steps, plan.in_bcast, plan.in_gather_rs):
-        d = run_steps(impl, x._data, x._layout, steps, gather_rs) if steps else x._data
-        if bcast:
-            d = comm.sum_grad(impl, d, bcast)
+        if steps:
+            d = run_steps(impl, x._data, x._layout, steps, gather_rs)
+            d = comm.sum_grad(impl, d, bcast) if bcast else d
+        else:
+            d = grad_sync.reduce_grad(impl, x._data, bcast) if bcast else x._data
         datas.append(d)
     return datas
 

@@ -49,6 +49,8 @@ _POOL: dict[tuple[str, int], Callable[..., torch.Tensor]] = {
     ("max", 2): F.max_pool2d,
     ("avg", 1): F.avg_pool1d,
     ("avg", 2): F.avg_pool2d,
+    ("max", 3): F.max_pool3d,
+    ("avg", 3): F.avg_pool3d,
 }
 
 
@@ -126,6 +128,32 @@ def conv2d(
     ({'h': 'hp', 'w': 'wp'}, True)
     """
     return _conv(x, weight, bias, tuple(spatial), tuple(kernel), channels, stride, padding, "conv2d", 2)
+
+
+def conv3d(
+    x: MeshTensor,
+    weight: MeshTensor,
+    bias: MeshTensor | None = None,
+    *,
+    spatial: Sequence[str] = ("d", "h", "w"),
+    kernel: Sequence[str] = ("kd", "kh", "kw"),
+    channels: tuple[str, str] = ("in_ch", "out_ch"),
+    stride: int | Sequence[int] = 1,
+    padding: str = "SAME",
+) -> MeshTensor:
+    """3-D convolution (`F.conv3d`) over the three named dims `spatial` (Mesh TF's `conv3d`,
+    a volume split into blocks along any of them); dims, padding, stride and communication
+    as `conv2d`.
+
+    >>> import torch, torch.nn.functional as F, torchmesh as tm
+    >>> mesh = tm.Mesh("dp:2;hp:2", rules="d:dp;h:hp")
+    >>> xv, wv = torch.randn(1, 4, 4, 4, 2), torch.randn(3, 2, 3, 3, 3)   # batch d h w in_ch; out_ch in_ch kd kh kw
+    >>> y = tm.conv3d(tm.distribute(xv, "batch d h w in_ch", mesh), tm.distribute(wv, "out_ch in_ch kd kh kw", mesh))
+    >>> ref = F.conv3d(xv.permute(0, 4, 1, 2, 3), wv, padding="same").permute(0, 2, 3, 4, 1)
+    >>> y.layout, torch.allclose(y.full(), ref, atol=1e-5)
+    ({'d': 'dp', 'h': 'hp'}, True)
+    """
+    return _conv(x, weight, bias, tuple(spatial), tuple(kernel), channels, stride, padding, "conv3d", 3)
 
 
 def _conv(
@@ -387,6 +415,33 @@ def avg_pool2d(x: MeshTensor, window: int | Sequence[int] = 2, *, spatial: Seque
             [11.5000]])
     """
     return _pool(x, window, tuple(spatial), "avg", "avg_pool2d", 2)
+
+
+def max_pool3d(
+    x: MeshTensor, window: int | Sequence[int] = 2, *, spatial: Sequence[str] = ("d", "h", "w")
+) -> MeshTensor:
+    """`max_pool2d` over three dims (`F.max_pool3d` with stride = window; Mesh TF's `max_pool3d`).
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.arange(8.0).reshape(2, 2, 2), "d h w", tm.Mesh("dp:2", rules="h:dp"))
+    >>> tm.max_pool3d(x, (2, 1, 2)).full()
+    tensor([[[5.],
+             [7.]]])
+    """
+    return _pool(x, window, tuple(spatial), "max", "max_pool3d", 3)
+
+
+def avg_pool3d(
+    x: MeshTensor, window: int | Sequence[int] = 2, *, spatial: Sequence[str] = ("d", "h", "w")
+) -> MeshTensor:
+    """`avg_pool2d` over three dims (`F.avg_pool3d` with stride = window; Mesh TF's `avg_pool3d`).
+
+    >>> import torch, torchmesh as tm
+    >>> x = tm.distribute(torch.arange(8.0).reshape(2, 2, 2), "d h w", tm.Mesh("dp:2", rules="h:dp"))
+    >>> tm.avg_pool3d(x, 2).full()
+    tensor([[[3.5000]]])
+    """
+    return _pool(x, window, tuple(spatial), "avg", "avg_pool3d", 3)
 
 
 def max_pool1d(x: MeshTensor, window: int = 2, *, spatial: str | Sequence[str] = ("w",)) -> MeshTensor:

@@ -27,7 +27,7 @@ import torch
 from torch.autograd import Function
 
 from torchmesh import errors
-from torchmesh.comm import autograd as comm
+from torchmesh.comm import grad_sync
 from torchmesh.comm.backend import MeshImpl
 from torchmesh.errors import DimError, LayoutError, MeshError, ParseError
 from torchmesh.placement.dims import Dim, check_name, check_unique
@@ -140,7 +140,7 @@ def plan_local_map(
 
 # ---- sim, dist: fn on each local block ---------------------------------------------------------
 def _run_on_blocks(impl: MeshImpl, call, plan: LocalMapPlan, xs: list[MeshTensor], outs, what):
-    datas = [comm.sum_grad(impl, x._data, b) for x, b in zip(xs, plan.in_bcast)]
+    datas = [grad_sync.reduce_grad(impl, x._data, b) for x, b in zip(xs, plan.in_bcast)]
     per_device = impl.slicewise_at(lambda coords, *blocks: call(blocks), *datas)
     results = []
     for j, (names_sizes, axes, once) in enumerate(zip(outs, plan.out_axes, plan.out_once)):

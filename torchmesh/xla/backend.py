@@ -104,6 +104,7 @@ class XlaImpl(MeshImpl):
     name = "xla"
     reads_values = False
     can_regather = False  # XLA tensors have no storages (and XLA plans memory itself)
+    defers_grad_sync = False  # the compiler schedules (and may overlap) the collectives
 
     def __init__(self, shape: MeshShape, rules: str = "") -> None:
         _require_torch_xla()
