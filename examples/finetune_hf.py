@@ -99,7 +99,10 @@ def main() -> None:
     parser.add_argument("--batch", type=at_least(1), default=8, help="global batch (sequences per step)")
     parser.add_argument("--seq", type=at_least(1), default=128, help="tokens per sequence (at most the model's)")
     parser.add_argument(
-        "--samples", type=at_least(0), default=4, help="lines to sample after training (on xla, a multiple of dp)"
+        "--samples",
+        type=at_least(0),
+        default=4,
+        help="lines to sample after training (any number: the batch may split unevenly)",
     )
     parser.add_argument("--prompt-len", type=at_least(1), default=8, help="prompt tokens per sample")
     parser.add_argument("--new-tokens", type=at_least(0), default=24, help="tokens to generate per sample")
