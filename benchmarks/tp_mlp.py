@@ -3,9 +3,11 @@ version (raw torch.distributed calls) and against DTensor's parallelize_module.
 
     python benchmarks/tp_mlp.py                 # ~2 minutes on 2 cores
     python benchmarks/tp_mlp.py --steps 50      # a quicker, noisier run
+    python benchmarks/tp_mlp.py --backend nccl  # 2 GPUs (--nproc N for more: tp:N)
 
-It starts 2 processes itself (gloo on 127.0.0.1, one thread each) and prints three tables:
-1. fwd+bwd step time of a TP MLP (B=64 D=256 F=1024) and of a Transformer block
+It starts 2 processes itself under torchrun (gloo on 127.0.0.1, one thread each; NCCL, one
+GPU each, with `--backend nccl`) and prints three tables:
+1. fwd+bwd step time of a TP MLP (B=8 D=64 F=256 and B=64 D=256 F=1024) and of a Transformer block
    (attention with heads split + MLP), the three versions interleaved step by step,
    medians of many steps, ratios to the raw version;
 2. eager per-op overhead on small tensors (einsum, add, sum; layouts that need no
@@ -21,19 +23,20 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from launch import add_launch_args, init_process_group, relaunch_under_torchrun, synchronize
+from op_overhead import median_us
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "support"))  # the gloo process harness (tests/support/harness.py)
-from op_overhead import median_us  # noqa: E402  (this folder is on the path of a script run from it)
+DEVICE = torch.device("cpu")  # this rank's device: set by main (a GPU with --backend nccl)
 
 MLP = dict(B=64, D=256, F=1024)
+SMALL_MLP = dict(B=8, D=64, F=256)  # where the eager overhead shows most
 BLOCK = dict(B=8, S=128, D=256, H=8, DH=32, F=1024)
 
 
@@ -72,18 +75,19 @@ def local_cols(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def causal_mask(s: int) -> torch.Tensor:
-    return torch.full((s, s), float("-inf")).triu(1)
+    return torch.full((s, s), float("-inf"), device=DEVICE).triu(1)
 
 
 # ---- the three versions of each workload -------------------------------------------------------
-def mlp_versions(mesh, device_mesh):
+def mlp_versions(mesh, device_mesh, shape: dict = MLP):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     import torchmesh as tm
 
-    B, D, Fd = MLP["B"], MLP["D"], MLP["F"]
+    B, D, Fd = shape["B"], shape["D"], shape["F"]
     torch.manual_seed(0)
-    x, w1, w2 = torch.randn(B, D), torch.randn(D, Fd) / D**0.5, torch.randn(Fd, D) / Fd**0.5
+    x = torch.randn(B, D, device=DEVICE)
+    w1, w2 = torch.randn(D, Fd, device=DEVICE) / D**0.5, torch.randn(Fd, D, device=DEVICE) / Fd**0.5
 
     tx = tm.distribute(x, "batch d_model", mesh)
     tw1 = tm.distribute(w1, "d_model ff", mesh, requires_grad=True)
@@ -107,9 +111,9 @@ def mlp_versions(mesh, device_mesh):
         return loss.item()
 
     model = nn.Sequential()
-    model.add_module("w1", nn.Linear(D, Fd, bias=False))
+    model.add_module("w1", nn.Linear(D, Fd, bias=False, device=DEVICE))
     model.add_module("relu", nn.ReLU())
-    model.add_module("w2", nn.Linear(Fd, D, bias=False))
+    model.add_module("w2", nn.Linear(Fd, D, bias=False, device=DEVICE))
     with torch.no_grad():
         model.w1.weight.copy_(w1.T)
         model.w2.weight.copy_(w2.T)
@@ -150,8 +154,8 @@ def block_versions(mesh, device_mesh):
 
     B, S, D, H, DH, Fd = (BLOCK[k] for k in ("B", "S", "D", "H", "DH", "F"))
     torch.manual_seed(0)
-    ref = Block(D, H, DH, Fd)
-    x = torch.randn(B, S, D)
+    ref = Block(D, H, DH, Fd).to(DEVICE)
+    x = torch.randn(B, S, D, device=DEVICE)
     mask = causal_mask(S)
 
     # torchmesh: the weights by name, heads and ff split over tp by the rules.
@@ -246,12 +250,12 @@ def op_overhead_us(mesh, device_mesh, iters: int) -> list[dict]:
 
     import torchmesh as tm
 
-    a, b = torch.randn(8, 16), torch.randn(16, 32)
+    a, b = torch.randn(8, 16, device=DEVICE), torch.randn(16, 32, device=DEVICE)
     x, w = tm.distribute(a, "batch d", mesh), tm.distribute(b, "d ff", mesh)
     h = tm.einsum("batch d, d ff -> batch ff", x, w)
     da, db = distribute_tensor(a, device_mesh, [Replicate()]), distribute_tensor(b, device_mesh, [Shard(1)])
     dh = da @ db
-    la, lb = a, b.chunk(2, 1)[dist.get_rank()].contiguous()
+    la, lb = a, b.chunk(dist.get_world_size(), 1)[dist.get_rank()].contiguous()
     lh = la @ lb
     cases = {
         "einsum": (lambda: tm.einsum("batch d, d ff -> batch ff", x, w), lambda: da @ db, lambda: la @ lb),
@@ -313,11 +317,15 @@ def dtensor_bytes_mode():
 def rank_body(steps: int, op_iters: int) -> dict:
     import torchmesh as tm
 
-    torch.set_num_threads(1)
-    mesh = tm.Mesh("tp:2", rules="ff:tp;heads:tp", backend="dist")
+    mesh = tm.Mesh(f"tp:{dist.get_world_size()}", rules="ff:tp;heads:tp", backend="dist")
     device_mesh = mesh.impl.device_mesh
     out = {}
-    for name, build in (("mlp", mlp_versions), ("block", block_versions)):
+    workloads = (
+        ("mlp_small", lambda m, d: mlp_versions(m, d, SMALL_MLP)),
+        ("mlp", mlp_versions),
+        ("block", block_versions),
+    )
+    for name, build in workloads:
         versions = build(mesh, device_mesh)
         losses = {n: fn() for n, fn in versions.items()}
         ref = losses["raw"]
@@ -329,20 +337,30 @@ def rank_body(steps: int, op_iters: int) -> dict:
 
 
 def main() -> None:
-    from harness import run_distributed
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--op-iters", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "tp_mlp.json")
+    add_launch_args(parser, nproc=2)
     args = parser.parse_args()
-    result = run_distributed(rank_body, 2, args=(args.steps, args.op_iters), timeout=3600)[0]
+    relaunch_under_torchrun(args, default_nproc=2)
+    global DEVICE
+    DEVICE = init_process_group(args)
+    result = rank_body(args.steps, args.op_iters)
+    synchronize(DEVICE)
+    if dist.get_rank() == 0:
+        report(args, result)
+    dist.barrier()
+    dist.destroy_process_group()
 
-    print(f"fwd+bwd step, 2 gloo processes, medians of {args.steps} interleaved steps")
+
+def report(args: argparse.Namespace, result: dict) -> None:
+    world = dist.get_world_size()
+    print(f"fwd+bwd step, {world} {args.backend} processes, medians of {args.steps} interleaved steps")
     print(
         f"{'workload':<8} {'torchmesh ms':>13} {'raw ms':>8} {'dtensor ms':>11} {'tm/raw':>7} {'dtensor/raw':>12} {'tm/dtensor':>11}"
     )
-    for name in ("mlp", "block"):
+    for name in ("mlp_small", "mlp", "block"):
         ms = result[name]["ms"]
         print(
             f"{name:<8} {ms['torchmesh']:>13.3f} {ms['raw']:>8.3f} {ms['dtensor']:>11.3f} "
@@ -356,7 +374,7 @@ def main() -> None:
             f"{r['torchmesh_us'] / r['dtensor_us']:>11.2f}"
         )
     print("\nbytes each device sends per step (ring formulas)")
-    for name in ("mlp", "block"):
+    for name in ("mlp_small", "mlp", "block"):
         b = result[name]["bytes"]
         print(
             f"{name:<8} torchmesh {b['torchmesh']['bytes']:>9} {b['torchmesh']['counts']}   "
@@ -365,7 +383,14 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
-            {"args": {**vars(args), "out": str(args.out)}, "mlp_shape": MLP, "block_shape": BLOCK, **result}, indent=2
+            {
+                "args": {**vars(args), "out": str(args.out)},
+                "mlp_small_shape": SMALL_MLP,
+                "mlp_shape": MLP,
+                "block_shape": BLOCK,
+                **result,
+            },
+            indent=2,
         )
     )
     print(f"\nsaved {args.out}")

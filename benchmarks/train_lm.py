@@ -4,8 +4,9 @@ torch Transformer, vocab-parallel embedding and loss_parallel), on 4 gloo proces
 
     python benchmarks/train_lm.py                          # meshes tp:4 and dp:2;tp:2, the demo's model
     python benchmarks/train_lm.py --d-model 256 --layers 4 --seq 128 --steps 20
+    python benchmarks/train_lm.py --backend nccl --meshes "tp:8,dp:2;tp:4" --d-model 1024 --layers 8
 
-It starts itself under torchrun (4 CPU processes). Both implementations start from the same
+It starts itself under torchrun (4 CPU processes; with `--backend nccl`, one per GPU). Both implementations start from the same
 global weights (torchmesh's, copied into the torch model) and are checked to give the same
 first loss; then their training steps run interleaved in the same processes, and the
 medians give tokens/s. Bytes per step and per device: torchmesh's `tm.comm_stats`, and
@@ -22,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from launch import add_launch_args, init_process_group, relaunch_under_torchrun
 
 import torchmesh as tm
 
@@ -239,20 +238,23 @@ def run_mesh(spec: str, args: argparse.Namespace) -> dict:
         layers=args.layers,
         seq=args.seq,
     )
-    mesh = tm.Mesh(spec, rules=rules, backend="dist")
+    mesh = tm.Mesh(spec, rules=rules, backend="dist")  # NCCL when the process group is
     model = tm.nn.TransformerLM(mesh, c, seed=0)
     weights = {n: p.full() for n, p in tm.nn.mesh_parameters(model)}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    device_mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
-    torch_model = TorchLM(c)
+    device_mesh = init_device_mesh(args.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    torch_model = TorchLM(c).to(args.device)
     load_weights(torch_model, weights, c)
     torch_model = parallelize(torch_model, device_mesh["tp"])
     torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-3)
     dp_group = device_mesh.get_group("dp")
 
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, c.vocab, (args.batch, c.seq + 1), generator=g) for _ in range(args.steps + 2)]
+    g = torch.Generator().manual_seed(0)  # the same batches on every rank and device
+    batches = [
+        torch.randint(0, c.vocab, (args.batch, c.seq + 1), generator=g, device="cpu").to(args.device)
+        for _ in range(args.steps + 2)
+    ]
     first_tm = tm_step(model, opt, mesh, batches[0])
     first_dt = dtensor_step(torch_model, torch_opt, dp_group, dp, batches[0])
     assert abs(first_tm - first_dt) <= 1e-4 * abs(first_tm), (first_tm, first_dt)
@@ -296,26 +298,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=128)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_lm.json"))
+    add_launch_args(parser, nproc=4)
     args = parser.parse_args()
-    if "RANK" not in os.environ:  # start ourselves on 4 processes
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "4",
-            __file__,
-            *sys.argv[1:],
-        ]
-        raise SystemExit(subprocess.call(cmd))
-
-    torch.set_num_threads(1)
+    relaunch_under_torchrun(args, default_nproc=4)
+    args.device = init_process_group(args)
     results = [run_mesh(spec, args) for spec in args.meshes.split(",")]
     if dist.get_rank() == 0:
         print(
             f"\nmodel: d_model {args.d_model}, heads {args.heads}, layers {args.layers}, seq {args.seq}, "
-            f"global batch {args.batch}, vocab {args.vocab}; 4 gloo processes, {args.steps} interleaved steps, medians"
+            f"global batch {args.batch}, vocab {args.vocab}; {dist.get_world_size()} {args.backend} processes, "
+            f"{args.steps} interleaved steps, medians"
         )
         print(
             "| mesh | torchmesh tokens/s | DTensor tokens/s | ratio | torchmesh bytes/step | DTensor bytes/step | "
@@ -329,7 +321,8 @@ def main() -> None:
                 f"{b['torchmesh']:,} | {b['dtensor']:,} | {n['torchmesh']} | {n['dtensor']} |"
             )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        saved = {k: v for k, v in vars(args).items() if k != "device"}
+        Path(args.out).write_text(json.dumps({"args": saved, "results": results}, indent=2))
         print(f"\nsaved {args.out}")
     dist.barrier()
 

@@ -22,8 +22,41 @@ def test_tp_benchmark_runs_and_moves_no_more_bytes_than_dtensor(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
-    for workload in ("mlp", "block"):
+    for workload in ("mlp_small", "mlp", "block"):
         sent = result[workload]["bytes"]
         assert 0 < sent["torchmesh"]["bytes"] <= sent["dtensor"]["bytes"]
         assert set(result[workload]["ms"]) == {"torchmesh", "raw", "dtensor"}
     assert "tm/raw" in run.stdout and "bytes each device sends per step" in run.stdout
+
+
+def test_train_lm_benchmark_sends_no_more_collectives_or_bytes_than_dtensor_ddp(tmp_path):
+    """Bucketed gradient sync (torchmesh.comm.grad_sync): on dp:2;tp:2 torchmesh's step runs at
+    most as many collectives as DTensor with DDP's one bucket, and no more bytes."""
+    out = tmp_path / "lm.json"
+    args = ["--steps", "1", "--meshes", "dp:2;tp:2", "--seq", "16", "--d-model", "32", "--layers", "1"]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_lm.py"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    counts, sent = row["collectives_per_step"], row["bytes_per_step"]
+    assert sum(counts["torchmesh"].values()) <= sum(counts["dtensor"].values()), counts
+    assert 0 < sent["torchmesh"] <= sent["dtensor"], sent
+
+
+def test_op_overhead_benchmark_runs(tmp_path):
+    out = tmp_path / "ops.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "op_overhead.py"), "--iters", "5", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["op"] for r in rows] == ["einsum", "add", "sum(ff)", "softmax(ff)"]
