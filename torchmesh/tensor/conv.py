@@ -34,9 +34,11 @@ from torchmesh.comm.executor import run_steps
 from torchmesh.errors import ArgumentError, ArgumentTypeError, DimError
 from torchmesh.placement.dims import Dim
 from torchmesh.placement.layout import TensorLayout
-from torchmesh.placement.op_plan import plan_op
+from torchmesh.placement.mesh_shape import parts
+from torchmesh.placement.op_plan import OpPlan, plan_op
 from torchmesh.placement.rules import LayoutRules
 from torchmesh.tensor.contraction import prepare_inputs
+from torchmesh.tensor.mesh import Mesh
 from torchmesh.tensor.mesh_tensor import MeshTensor, check_same_mesh
 from torchmesh.tensor.reduce import reduce_mean
 from torchmesh.tensor.relayout import to_layout
@@ -188,9 +190,22 @@ def _conv(
     # Plan as an einsum: the filter dims are never split, and a spatial dim whose blocks cannot
     # each be convolved in place (uneven, or not a multiple of the stride) is computed whole.
     unfit = {name for name in spatial if not _fits(impl, mesh.rules.axes_of(name), sizes[name], steps[name])}
-    rules = _without(mesh.rules, unfit | set(kernel))
     out_names = tuple(out_ch if name == in_ch else name for name in x.dims)
-    plan = plan_op((x.tensor_layout, w.tensor_layout), out_names, rules, mesh.shape, "sum", what)
+
+    def planned(whole: set[str]) -> OpPlan:
+        rules = _without(mesh.rules, whole | set(kernel))
+        return plan_op((x.tensor_layout, w.tensor_layout), out_names, rules, mesh.shape, "sum", what)
+
+    plan = planned(unfit)
+    # A spatial dim the backend's partitioner splits itself (xla): torch-xla 2.9's SPMD
+    # partitioner doubles the convolution or its filter gradient when an operand is split over
+    # some mesh axes but replicated over others, so then the dim is computed whole (its layout
+    # annotated on the inputs and the output, as no collective runs there) and split after.
+    by_partitioner = {name for name in spatial if name not in unfit and _partitioner_halo(mesh, impl, name)}
+    annotate = bool(by_partitioner) and not _whole_tiles(mesh, plan)
+    if annotate:
+        unfit |= by_partitioner
+        plan = planned(unfit)
     xl = plan.in_layouts[0]
     exchanged, final, local_pads = [], {}, {}
     for name in spatial:
@@ -208,6 +223,8 @@ def _conv(
     saved = impl.begin_op(plan, (x.dtype, w.dtype), lambda: f"{what} {x.tensor_layout} , {w.tensor_layout}")
     try:
         xd, wd = prepare_inputs(plan, [x, w])
+        if annotate:
+            xd, wd = impl.annotate(xd, plan.in_layouts[0]), impl.annotate(wd, plan.in_layouts[1])
         for name, before, after in exchanged:
             xd = halo_exchange(impl, xd, xl.names.index(name), xl.axes[xl.names.index(name)], before, after)
         fn = _conv_kernel(
@@ -215,6 +232,8 @@ def _conv(
         )
         data = impl.slicewise(fn, xd, wd)
         computed = _resized(plan.computed, final)
+        if annotate:  # (and the output's gradient in backward)
+            data = impl.annotate(data, computed)
         data = run_steps(impl, data, computed, plan.finish)
     finally:
         impl.end_op(saved)
@@ -297,6 +316,24 @@ def _fits(impl: MeshImpl, axes: tuple[str, ...], size: int, step: int) -> bool:
     """Whether a dim split over `axes` has even blocks, each a multiple of `step`."""
     blocks = _blocks(impl, axes)
     return blocks == 1 or (size % blocks == 0 and (size // blocks) % step == 0)
+
+
+def _partitioner_halo(mesh: Mesh, impl: MeshImpl, name: str) -> bool:
+    """Whether the dim `name` is split by the rules but whole in each local tensor: the backend's
+    own partitioner (xla's) exchanges its halo."""
+    axes = mesh.rules.axes_of(name)
+    return parts(mesh.shape, axes) > 1 and _blocks(impl, axes) == 1
+
+
+def _whole_tiles(mesh: Mesh, plan: OpPlan) -> bool:
+    """Whether the convolution's input, filter and output are each replicated or split over
+    every mesh axis (no operand split over some axes and replicated over the others)."""
+    live = {a for a in mesh.shape.names if mesh.shape.axis_size(a) > 1}
+    for layout in (*plan.in_layouts, plan.computed):
+        used = {a for axes in layout.axes for a in axes if a in live}
+        if used and used != live:
+            return False
+    return True
 
 
 def _blocks(impl: MeshImpl, axes: tuple[str, ...]) -> int:
