@@ -25,17 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "porting-from-mesh-tensorflow.md"
 DOCTEST_RUNNER = ("tests/test_api_docs.py", "test_docstring_example_holds")
 
-# ==== IN PROGRESS ==============================================================================
-# Names and paths another change is adding right now (mtf conv layers, the mnist port). Checks of
-# exactly these are skipped while they are missing (once present they are checked like the rest).
-# Leave this EMPTY once they have landed.
-IN_PROGRESS: frozenset[str] = frozenset(
-    [f"mtf.layers.{n}" for n in ("conv1d", "separable_conv1d", "conv2d", "conv2d_with_blocks", "conv2d_transpose")]
-    + [f"mtf.layers.{n}" for n in ("conv2d_transpose_with_blocks", "conv3d", "conv3d_with_blocks", "conv3d_transpose")]
-    + [f"mtf.layers.{n}" for n in ("max_pool2d", "max_pool3d", "avg_pool2d", "avg_pool3d", "batch_norm")]
-    + ["tests/mtf/test_mtf_conv_layers.py", "examples/mtf_mnist.py", "tests/test_mtf_examples.py"]
-)
-# ===============================================================================================
+# Names and paths a change in flight is adding (skipped while missing, checked once present).
+# Empty: everything the guide maps exists.
+IN_PROGRESS: frozenset[str] = frozenset()
 
 NAME = re.compile(r"(?<![\w.])mtf(?:\.[A-Za-z_]\w*)+")
 REF = re.compile(r"(?P<path>(?:tests|examples)/[\w/]+\.py)?(?:::(?P<test>\w+))?")
