@@ -57,9 +57,10 @@ def grad_of(y: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
 
 def tape(x: tm.MeshTensor) -> tm.MeshTensor:
-    """x on the autograd tape: on sim and dist a tensor imported from a torch tensor with
-    requires_grad stays on it; xla's import starts a new leaf (its device copy)."""
-    return x if x.requires_grad else x.requires_grad_(True)
+    """x, checked to be on the autograd tape: a tensor imported from a torch tensor with
+    requires_grad stays on it on every backend (xla's device copy included)."""
+    assert x.requires_grad, "import_tf_tensor dropped requires_grad"
+    return x
 
 
 def leaf(*shape: int, seed: int = 0, lo: float = -2.0, hi: float = 2.0) -> torch.Tensor:

@@ -137,7 +137,11 @@ class XlaImpl(MeshImpl):
 
     # ---- global values ---------------------------------------------------------------------
     def from_global(self, tensor: torch.Tensor, layout: TensorLayout) -> Data:
-        return (tensor.detach().to(self.default_device),)
+        """The tensor on the XLA device; a tensor on the autograd tape stays on it (its
+        gradient flows back to the source, as on the other backends)."""
+        if not tensor.requires_grad:
+            tensor = tensor.detach()
+        return (tensor.to(self.default_device),)
 
     def global_value(self, data: Data) -> torch.Tensor:
         """The value on the CPU, after running everything pending as one program (reading
