@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -40,7 +41,9 @@ def _entry(fn: Callable, rank: int, world: int, port: int, results: mp.Queue, ar
 
     torch.set_num_threads(1)
     try:
-        results.put((rank, "ok", fn(*args)))
+        # Pickled here by value: a queue would share tensors' storages by file descriptor,
+        # which fails when this process has exited before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(fn(*args))))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -72,7 +75,7 @@ def run_distributed(
                 break
             try:
                 rank, status, value = results.get(timeout=min(left, 1.0))
-                outcome[rank] = (status, value)
+                outcome[rank] = (status, pickle.loads(value) if status == "ok" else value)
             except queue_mod.Empty:
                 if all(p.exitcode is not None for p in procs) or (
                     not wait_all and any(p.exitcode not in (None, 0) for p in procs) and results.empty()

@@ -32,6 +32,7 @@ import torch
 
 from torchmesh.errors import ArgumentError, DimError
 from torchmesh.mtf import ops as mtf
+from torchmesh.mtf.halo import halo_exchange
 from torchmesh.placement.dims import Dim
 from torchmesh.tensor import conv as _tm
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -246,7 +247,6 @@ def conv2d_with_blocks(
     """
     if h_blocks_dim is None and w_blocks_dim is None:
         return conv2d(x, output_dim, filter_size, strides, padding, filter_initializer, variable_dtype, name)
-    from torchmesh.mtf.layers import halo_exchange  # layers re-exports this module
 
     sizes = _sizes("conv2d_with_blocks", "filter_size", filter_size, 2)
     if sizes[0] % 2 != 1 or sizes[1] % 2 != 1:
@@ -300,7 +300,6 @@ def conv3d_with_blocks(
     """
     if d_blocks_dim is None and h_blocks_dim is None:
         return conv3d(x, output_dim, filter_size, strides, padding, filter_initializer, variable_dtype, name)
-    from torchmesh.mtf.layers import halo_exchange  # layers re-exports this module
 
     sizes = _sizes("conv3d_with_blocks", "filter_size", filter_size, 3)
     if any(k % 2 != 1 for k in sizes):
@@ -469,7 +468,6 @@ def conv2d_transpose_with_blocks(
     """
     if h_blocks_dim is None and w_blocks_dim is None:
         return conv2d_transpose(x, output_dim, filter_size, strides, padding, filter_initializer, variable_dtype, name)
-    from torchmesh.mtf.layers import halo_exchange  # layers re-exports this module
 
     sizes = _sizes("conv2d_transpose_with_blocks", "filter_size", filter_size, 2)
     if sizes[0] % 2 != 0 or sizes[1] % 2 != 0:
@@ -492,62 +490,6 @@ def conv2d_transpose_with_blocks(
 
 
 # ---- separable convolution (Mesh TF's dense-based 1-D version) ---------------------------
-
-
-def separable_conv1d(
-    x: MeshTensor,
-    output_dim: Dim,
-    min_relative_pos: int = -1,
-    max_relative_pos: int = 1,
-    depthwise_filter_initializer_scale: float = 1.0,
-    pointwise_filter_initializer_scale: float = 1.0,
-    name: str | None = None,
-    use_bias: bool = True,
-    kernel_depth_weights: Sequence[MeshTensor] | None = None,
-) -> MeshTensor:
-    """`mtf.layers.separable_conv1d`: x [batch..., length, depth] (NWC); a depthwise filter
-    over relative positions min..max (for each position, x shifted along length by -pos,
-    times a per-depth weight 'depthwise_dense_i/kernel' [depth]; one bias), then a
-    pointwise `dense` to output_dim ('pointwise_dense'), in scope `name` (default
-    'separable_conv1d'), all as Mesh TF writes it with `mtf.shift` and `dense`.
-
-    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
-    >>> mesh = tm.Mesh("b1:2", rules="length:b1")
-    >>> x = mtf.import_tf_tensor(mesh, torch.ones(4, 2), "length:4 depth:2")
-    >>> y = mtf.layers.separable_conv1d(x, mtf.Dimension("out", 3), name="sep")
-    >>> y.dims, [v.name for v in mtf.all_variables(mesh)][:2]
-    (('length', 'out'), ['sep/depthwise_conv_hack/depthwise_dense_0/kernel', 'sep/depthwise_conv_hack/depthwise_dense_0/bias'])
-    """
-    from torchmesh.mtf import layers  # layers re-exports this module
-
-    depth_dim, length_dim = list(reversed(_last(x, 2, "separable_conv1d", "[length, depth] (NWC)")))
-    with mtf.variable_scope(name, default_name="separable_conv1d"):
-        kernel_size = max_relative_pos - min_relative_pos + 1
-        depthwise: Any = 0
-        with mtf.variable_scope(None, default_name="depthwise_conv_hack"):
-            for i in range(kernel_size):
-                relative_pos = min_relative_pos + i
-                shifted_input = mtf.shift(x, -relative_pos, length_dim, wrap=False)
-                depthwise = depthwise + layers.dense(
-                    shifted_input,
-                    new_dims=[],
-                    reduced_dims=[],
-                    expert_dims=[depth_dim],
-                    kernel_weights=kernel_depth_weights[i] if kernel_depth_weights else None,
-                    name=f"depthwise_dense_{i}",
-                    use_bias=use_bias and i == 0,
-                    kernel_initializer=layers.VarianceScalingInitializer(
-                        scale=depthwise_filter_initializer_scale / kernel_size
-                    ),
-                )
-        return layers.dense(
-            depthwise,
-            new_dims=[output_dim],
-            reduced_dims=[depth_dim],
-            name="pointwise_dense",
-            use_bias=use_bias,
-            kernel_initializer=layers.VarianceScalingInitializer(scale=pointwise_filter_initializer_scale),
-        )
 
 
 # ---- pooling -----------------------------------------------------------------------------
@@ -721,5 +663,4 @@ __all__ = [
     "conv3d_with_blocks",
     "max_pool2d",
     "max_pool3d",
-    "separable_conv1d",
 ]

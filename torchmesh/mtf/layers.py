@@ -29,6 +29,7 @@ import torch
 from torchmesh.errors import ArgumentError, ConfigError, DimError
 from torchmesh.mtf import ops as mtf
 from torchmesh.mtf.conv_layers import (
+    _last,
     avg_pool2d,
     avg_pool3d,
     batch_norm,
@@ -42,8 +43,8 @@ from torchmesh.mtf.conv_layers import (
     conv3d_with_blocks,
     max_pool2d,
     max_pool3d,
-    separable_conv1d,
 )
+from torchmesh.mtf.halo import halo_exchange, left_halo_exchange
 from torchmesh.placement.dims import Dim
 from torchmesh.tensor.mesh import Mesh
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -262,6 +263,60 @@ def dense(
     return y
 
 
+def separable_conv1d(
+    x: MeshTensor,
+    output_dim: Dim,
+    min_relative_pos: int = -1,
+    max_relative_pos: int = 1,
+    depthwise_filter_initializer_scale: float = 1.0,
+    pointwise_filter_initializer_scale: float = 1.0,
+    name: str | None = None,
+    use_bias: bool = True,
+    kernel_depth_weights: Sequence[MeshTensor] | None = None,
+) -> MeshTensor:
+    """`mtf.layers.separable_conv1d`: x [batch..., length, depth] (NWC); a depthwise filter
+    over relative positions min..max (for each position, x shifted along length by -pos,
+    times a per-depth weight 'depthwise_dense_i/kernel' [depth]; one bias), then a
+    pointwise `dense` to output_dim ('pointwise_dense'), in scope `name` (default
+    'separable_conv1d'), all as Mesh TF writes it with `mtf.shift` and `dense`.
+
+    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
+    >>> mesh = tm.Mesh("b1:2", rules="length:b1")
+    >>> x = mtf.import_tf_tensor(mesh, torch.ones(4, 2), "length:4 depth:2")
+    >>> y = mtf.layers.separable_conv1d(x, mtf.Dimension("out", 3), name="sep")
+    >>> y.dims, [v.name for v in mtf.all_variables(mesh)][:2]
+    (('length', 'out'), ['sep/depthwise_conv_hack/depthwise_dense_0/kernel', 'sep/depthwise_conv_hack/depthwise_dense_0/bias'])
+    """
+    depth_dim, length_dim = list(reversed(_last(x, 2, "separable_conv1d", "[length, depth] (NWC)")))
+    with mtf.variable_scope(name, default_name="separable_conv1d"):
+        kernel_size = max_relative_pos - min_relative_pos + 1
+        depthwise: Any = 0
+        with mtf.variable_scope(None, default_name="depthwise_conv_hack"):
+            for i in range(kernel_size):
+                relative_pos = min_relative_pos + i
+                shifted_input = mtf.shift(x, -relative_pos, length_dim, wrap=False)
+                depthwise = depthwise + dense(
+                    shifted_input,
+                    new_dims=[],
+                    reduced_dims=[],
+                    expert_dims=[depth_dim],
+                    kernel_weights=kernel_depth_weights[i] if kernel_depth_weights else None,
+                    name=f"depthwise_dense_{i}",
+                    use_bias=use_bias and i == 0,
+                    kernel_initializer=VarianceScalingInitializer(
+                        scale=depthwise_filter_initializer_scale / kernel_size
+                    ),
+                )
+        return dense(
+            depthwise,
+            new_dims=[output_dim],
+            reduced_dims=[depth_dim],
+            name="pointwise_dense",
+            use_bias=use_bias,
+            kernel_initializer=VarianceScalingInitializer(scale=pointwise_filter_initializer_scale),
+        )
+
+
 def dense_product(
     x: MeshTensor,
     reduced_dims: Any,
@@ -448,67 +503,6 @@ def dense_relu_dense(
             slice_dtype=slice_dtype,
             name="wo",
         )
-
-
-# ---- halo exchange (Mesh TF's ops.py, written with shift/slice/concat) ---------------------
-
-
-def halo_exchange(
-    x: MeshTensor, blocks_dim: Dim, block_size_dim: Dim, halo_size: int, wrap: bool = False
-) -> MeshTensor:
-    """Mesh TF's `halo_exchange`: each block (along blocks_dim) extended along block_size_dim
-    by `halo_size` elements of the neighbouring blocks on both sides (zeros past the ends
-    unless `wrap`); neighbours come by `mtf.shift` along blocks_dim, which is a neighbour
-    exchange when blocks_dim is split.
-
-    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
-    >>> mesh = tm.Mesh("b1:2", rules="blocks:b1")
-    >>> x = mtf.import_tf_tensor(mesh, torch.arange(6.0).reshape(3, 2), "blocks:3 block:2")
-    >>> mtf.layers.halo_exchange(x, mtf.Dimension("blocks", 3), mtf.Dimension("block", 2), 1).full()
-    tensor([[0., 0., 1., 2.],
-            [1., 2., 3., 4.],
-            [3., 4., 5., 0.]])
-    """
-    if halo_size == 0:
-        return x
-    partial, complete = halo_size % block_size_dim.size, halo_size // block_size_dim.size
-    parts = [x]
-    for i in range(1, complete + 1):
-        parts = [mtf.shift(x, i, blocks_dim, wrap), *parts, mtf.shift(x, -i, blocks_dim, wrap)]
-    if partial > 0:
-        left = mtf.slice(x, 0, partial, block_size_dim.name)
-        right = mtf.slice(x, block_size_dim.size - partial, partial, block_size_dim.name)
-        parts = [
-            mtf.shift(right, complete + 1, blocks_dim, wrap),
-            *parts,
-            mtf.shift(left, -(complete + 1), blocks_dim, wrap),
-        ]
-    return mtf.concat(parts, block_size_dim.name)
-
-
-def left_halo_exchange(
-    x: MeshTensor, blocks_dim: Dim, block_size_dim: Dim, halo_size: int, wrap: bool = False
-) -> MeshTensor:
-    """Mesh TF's `left_halo_exchange`: each block extended on the left only (see `halo_exchange`).
-
-    >>> import torch, torchmesh as tm, torchmesh.mtf as mtf
-    >>> mesh = tm.Mesh("b1:2", rules="blocks:b1")
-    >>> x = mtf.import_tf_tensor(mesh, torch.arange(6.0).reshape(3, 2), "blocks:3 block:2")
-    >>> mtf.layers.left_halo_exchange(x, mtf.Dimension("blocks", 3), mtf.Dimension("block", 2), 3).full()
-    tensor([[0., 0., 0., 0., 1.],
-            [0., 0., 1., 2., 3.],
-            [1., 2., 3., 4., 5.]])
-    """
-    if halo_size == 0:
-        return x
-    partial, complete = halo_size % block_size_dim.size, halo_size // block_size_dim.size
-    parts = [x]
-    for i in range(1, complete + 1):
-        parts = [mtf.shift(x, i, blocks_dim, wrap), *parts]
-    if partial > 0:
-        right = mtf.slice(x, block_size_dim.size - partial, partial, block_size_dim.name)
-        parts = [mtf.shift(right, complete + 1, blocks_dim, wrap), *parts]
-    return mtf.concat(parts, block_size_dim.name)
 
 
 # ---- attention -----------------------------------------------------------------------------

@@ -60,7 +60,11 @@ def parse_names(text: str) -> tuple[str, ...]:
         raise ParseError(f"expected dim names as a string like 'batch d', got {text!r}")
     names = tuple(t for t in re.split(r"[\s,]+", text.strip()) if t)
     for n in names:
-        check_name(n)
+        if not _NAME.fullmatch(n):
+            raise ParseError(
+                f"dims {text!r}: dim name {n!r} is not valid: use letters, digits and '_', not starting "
+                f"with a digit, separated by spaces (for example 'batch seq d_model')."
+            )
     check_unique(names, f"dims {text!r}")
     return names
 
