@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
 # Both create .venv (torch and torch-xla pinned to the CI versions) when it is missing.
 PYTHON ?= python3
+# pytest-xdist workers: much of the suite waits on gloo and XLA subprocesses, so 2 suit 2 cores
+TEST_WORKERS ?= 2
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -23,7 +25,7 @@ test: $(STAMP)  # lint, format and type checks first (seconds), then the suite
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
