@@ -60,3 +60,23 @@ def test_op_overhead_benchmark_runs(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["op"] for r in rows] == ["einsum", "add", "sum(ff)", "softmax(ff)"]
+
+
+def test_compile_lm_benchmark_runs(tmp_path):
+    """The compiled-step benchmark on 2 processes (tp:2), dynamo only (`--compile-backend
+    eager`: inductor's code generation takes minutes on CPU); it checks the three first losses."""
+    out = tmp_path / "compile.json"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = ["--meshes", "dp:1;tp:2", "--compile-backend", "eager", "--steps", "1", "--seq", "8"]
+    args += ["--d-model", "16", "--layers", "1", "--batch", "4", "--out", str(out)]
+    run = subprocess.run(
+        [*torchrun, str(ROOT / "benchmarks" / "compile_lm.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert set(row["tokens_per_s"]) == {"eager", "compiled", "dtensor_compiled"}
+    assert "compiled/eager" in run.stdout

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,10 @@ def test_docs_have_python_blocks():
 
 
 def exec_block(code: str) -> None:
-    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_block__"})
+    # A module in sys.modules: torch.compile (docs/compile.md) imports a function's module by name.
+    module = types.ModuleType("__doc_block__")
+    sys.modules[module.__name__] = module
+    exec(compile(code, "<doc>", "exec"), module.__dict__)
 
 
 @pytest.mark.parametrize("code", list(_blocks()))

@@ -23,7 +23,7 @@ import torch
 from torch.autograd import Function
 
 from torchmesh.comm import stats
-from torchmesh.comm.backend import Data, MeshImpl, OpScope, Sizes
+from torchmesh.comm.backend import Data, MeshImpl, OpScope, Sizes, compiling
 
 
 def _size(impl: MeshImpl, axes: tuple[str, ...]) -> int:
@@ -41,7 +41,10 @@ def _rec(
     impl: MeshImpl, kind: str, axes: tuple[str, ...], ts: Data, phase: str, whole: tuple[int, int] | None = None
 ) -> None:
     """Before every collective: verify ranks agree (when checking), then record it. `whole`
-    is (dim, gathered size) for gathers of blocks that may be uneven."""
+    is (dim, gathered size) for gathers of blocks that may be uneven. Neither inside
+    torch.compile: a check would read the host, a record would happen once, at tracing."""
+    if compiling():
+        return
     if impl.checking:
         impl.verify(kind, axes, ts[0], phase, whole)
     if stats.recording():
@@ -189,7 +192,7 @@ class _Shift(Function):
 # ---- the functions ops call ------------------------------------------------------------------
 def all_reduce(impl: MeshImpl, ts: Data, axes: tuple[str, ...], op: str = "sum") -> Data:
     """Sum (or max/min, not differentiable) over the devices of `axes`; result replicated."""
-    axes = impl.slice_mesh.live_axes(axes)
+    axes = impl.live_axes(axes)
     if not axes:
         return ts
     if op == "sum" and _needs_grad(ts):
@@ -199,7 +202,7 @@ def all_reduce(impl: MeshImpl, ts: Data, axes: tuple[str, ...], op: str = "sum")
 
 def sum_grad(impl: MeshImpl, ts: Data, axes: tuple[str, ...]) -> Data:
     """Identity forward; backward sums the gradient over `axes` (an input broadcast there)."""
-    axes = impl.slice_mesh.live_axes(axes)
+    axes = impl.live_axes(axes)
     if not axes or not _needs_grad(ts):
         return ts
     return _SumGrad.apply(impl, axes, *ts)
@@ -252,7 +255,7 @@ def all_to_all(
 
 
 def shift(impl: MeshImpl, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
-    axes = impl.slice_mesh.live_axes(axes)
+    axes = impl.live_axes(axes)
     k = _size(impl, axes)
     if wrap:  # a whole turn around the group is the identity
         offset %= k

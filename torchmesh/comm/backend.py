@@ -13,8 +13,9 @@ XLA partitioner does the cutting), so every collective short-circuits to the ide
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -104,6 +105,11 @@ class MeshImpl:
     def axis_size(self, axis: str) -> int:
         return self._axis_size[axis]
 
+    def live_axes(self, axes: Iterable[str]) -> tuple[str, ...]:
+        """`slice_mesh.live_axes(axes)` for axes of this mesh, by one dict lookup each (the
+        collectives' hot path, eager and traced)."""
+        return tuple(a for a in axes if self._axis_size[a] > 1)
+
     def coord(self, coords: tuple[int, ...], axis: str) -> int:
         return coords[self._axis_index[axis]]
 
@@ -190,10 +196,13 @@ class MeshImpl:
     ) -> None:
         """Called before each collective when `checking`: raise unless every rank agrees."""
 
-    def begin_op(self, plan: OpPlan, dtypes: tuple, describe: Callable[[], str]) -> tuple:
+    def begin_op(self, plan: OpPlan, dtypes: tuple, describe: Callable[[], str]) -> tuple | None:
         """An op with this cached plan (and input dtypes) starts; `describe()` names it. When
         checking, it becomes `current_op` (named by errors) until `end_op`; the dist backend also
-        agrees on each new plan with the other ranks here. Returns what `end_op` restores."""
+        agrees on each new plan with the other ranks here. Returns what `end_op` restores
+        (None inside torch.compile, which traces no naming: see `compiling`)."""
+        if compiling():
+            return None
         saved = (self.current_op, self._naming)
         if self.checking:
             self.current_op = self._naming = describe()
@@ -201,11 +210,12 @@ class MeshImpl:
             self._naming = describe
         return saved
 
-    def end_op(self, saved: tuple) -> None:
+    def end_op(self, saved: tuple | None) -> None:
         """The op begun by `begin_op` ended (or raised): the op named before it is current again."""
-        self.current_op, self._naming = saved
+        if saved is not None:
+            self.current_op, self._naming = saved
 
-    def op_scope(self, describe: str | Callable[[], str]) -> OpScope:
+    def op_scope(self, describe: str | Callable[[], str]) -> OpScope | contextlib.nullcontext:
         """Context manager: the collectives run in the block belong to the op `describe` names
         (a relayout, a shift, `x.full()`, the backward of an op), so a mismatch or a timeout
         names it; inside another op's scope the name is "<this> in <that>".
@@ -218,12 +228,20 @@ class MeshImpl:
         "relayout in slice(x, 'seq', 0, 2)"
         >>> impl.op_name()
         ''
+
+        Inside torch.compile, no scope (nothing is named there): a `nullcontext`, which dynamo
+        lets a graph break or a retrace cross, where it would refuse one inside a user's
+        context manager.
         """
+        if compiling():
+            return contextlib.nullcontext()
         return OpScope(self, describe)
 
     def op_name(self) -> str:
         """The running op as errors name it ("" when none). Only where ranks can disagree (check
         mode, or several processes) is a lazily named op described; elsewhere nothing reads it."""
+        if compiling():
+            return ""
         if self.checking or not self.multi_process:
             return self.current_op
         return _text(self._naming)
@@ -231,6 +249,14 @@ class MeshImpl:
     def agree_call(self, what: str) -> None:
         """Every rank must be making this call (`what`, e.g. "x.full()") now: the dist backend
         raises on every rank otherwise (a rank-0-only call), instead of hanging."""
+
+
+#: Whether torch.compile is tracing the running code (`torch.compiler.is_compiling`, which
+#: dynamo reads as True; bound here so the eager check is one call, ~80 ns, per op or
+#: collective). Compiled programs keep the values and the collectives but none of eager's
+#: bookkeeping: op names for error messages, first-use agreement and check mode (dist),
+#: `comm_stats` records and the bucketed gradient reduction (docs/compile.md).
+compiling = torch.compiler.is_compiling
 
 
 def _text(name: str | Callable[[], str]) -> str:

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from torchmesh.comm.backend import Data, MeshImpl, Sizes
+from torchmesh.comm import functional, traced
+from torchmesh.comm.backend import Data, MeshImpl, Sizes, compiling
 from torchmesh.errors import (
     BackendError,
     CollectiveMismatch,
@@ -344,6 +345,7 @@ class DistImpl(MeshImpl):
         self.default_device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.device_mesh = _device_mesh("cuda" if cuda else "cpu", shape)
         self._groups = {n: self.device_mesh.get_group(n) for n in shape.names}
+        self._group_names = {n: g.group_name for n, g in self._groups.items()}  # (functional collectives)
         for group in {*self._groups.values(), dist.group.WORLD}:
             _set_timeout(group, self.timeout)
         self.prints = self.rank == 0
@@ -369,10 +371,14 @@ class DistImpl(MeshImpl):
             )
 
     # ---- agreement: check mode (every collective) and first use (default mode) ---------------
-    def begin_op(self, plan: OpPlan, dtypes: tuple, describe) -> tuple:
+    def begin_op(self, plan: OpPlan, dtypes: tuple, describe) -> tuple | None:
         """An op with this (cached) plan starts: name it (check mode), or agree on it with the
         other ranks the first time this process uses it with these dtypes (default mode), so
-        that its collectives need no agreement of their own. Returns what `end_op` restores."""
+        that its collectives need no agreement of their own. Returns what `end_op` restores
+        (None inside torch.compile: a compiled program is agreed on by its first eager run, or
+        not at all; docs/compile.md)."""
+        if compiling():
+            return None
         saved = (self.current_op, self._naming)
         if self.checking:
             self.current_op = self._naming = describe()
@@ -459,6 +465,8 @@ class DistImpl(MeshImpl):
 
     def all_reduce(self, ts: Data, axes: tuple[str, ...], op: str) -> Data:
         t = ts[0]
+        if compiling():
+            return (functional.all_reduce(t, tuple(self._group_names[a] for a in axes), op),)
         self._guard("all_reduce", axes, t)
         out = t.to(torch.uint8) if t.dtype == torch.bool else t.clone(memory_format=torch.contiguous_format)
         try:
@@ -484,6 +492,9 @@ class DistImpl(MeshImpl):
         return self.coord(self._coords[0], axis)
 
     def all_gather(self, ts: Data, axis: str, dim: int, sizes: Sizes = None) -> Data:
+        if compiling():
+            whole = None if sizes is None else sizes[0]
+            return (functional.all_gather(ts[0], self._group_names[axis], self._static_size(axis), dim, whole),)
         self._guard("all_gather", (axis,), ts[0], None if sizes is None else (dim, sizes[0]))
         try:
             return self._all_gather(ts, axis, dim, sizes)
@@ -508,6 +519,9 @@ class DistImpl(MeshImpl):
         return (out.movedim(0, dim),)
 
     def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
+        if compiling():
+            k, member = self._static_size(axis), traced.static(self._member(axis))
+            return (functional.reduce_scatter(ts[0], self._group_names[axis], k, dim, member),)
         self._guard("reduce_scatter", (axis,), ts[0])
         try:
             return self._reduce_scatter(ts, axis, dim)
@@ -528,6 +542,10 @@ class DistImpl(MeshImpl):
         return (out[: blocks[self._member(axis)]].movedim(0, dim),)
 
     def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int, sizes: Sizes = None) -> Data:
+        if compiling():
+            k, member = self._static_size(axis), traced.static(self._member(axis))
+            group, whole = self._group_names[axis], None if sizes is None else sizes[0]
+            return (functional.all_to_all(ts[0], group, k, member, gather_dim, split_dim, whole),)
         self._guard("all_to_all", (axis,), ts[0], None if sizes is None else (gather_dim, sizes[0]))
         try:
             return self._all_to_all(ts, axis, gather_dim, split_dim, sizes)
@@ -566,6 +584,8 @@ class DistImpl(MeshImpl):
         return y.reshape(shape)
 
     def shift(self, ts: Data, axes: tuple[str, ...], offset: int, wrap: bool) -> Data:
+        if compiling():
+            return (self._shift_traced(ts[0], axes, offset, wrap),)
         self._guard("shift", axes, ts[0])
         try:
             return self._shift(ts, axes, offset, wrap)
@@ -592,6 +612,30 @@ class DistImpl(MeshImpl):
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
         return (out,)
+
+    def _shift_traced(self, t: torch.Tensor, axes: tuple[str, ...], offset: int, wrap: bool) -> torch.Tensor:
+        """`shift` inside torch.compile: over one axis, an all-to-all in its group; over several
+        (a group no single process group covers), an all-gather over each axis, then this rank's
+        sender's block picked out (more bytes, but every piece traceable)."""
+        if len(axes) == 1:
+            axis = axes[0]
+            k, member = self._static_size(axis), traced.static(self._member(axis))
+            return functional.shift(t, self._group_names[axis], k, member, offset, wrap)
+        rank = traced.static(self.rank)
+        group = next(g for g in traced.axis_groups_traced(self.shape, axes) if rank in g)
+        k, r = len(group), group.index(rank)
+        src = (r - offset) % k if wrap else r - offset
+        everyone = t.unsqueeze(0)
+        for axis in reversed(axes):  # minor axis first: blocks end up in group order (first axis major)
+            everyone = functional.all_gather(
+                everyone.contiguous(), self._group_names[axis], self._static_size(axis), 0, None
+            )
+        return everyone[src].clone() if 0 <= src < k else torch.zeros_like(t)
+
+    def _static_size(self, axis: str) -> int:
+        """The axis' size as a constant inside torch.compile (which makes a number symbolic
+        when it changed between compiles: the same function compiled for another mesh)."""
+        return traced.static(self.axis_size(axis))
 
     def global_value(self, data: Data) -> torch.Tensor:
         return data[0]

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torchmesh.comm import autograd as comm
-from torchmesh.comm.backend import Data, MeshImpl
+from torchmesh.comm import traced
+from torchmesh.comm.backend import Data, MeshImpl, compiling
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.plan import AllReduce, AllToAll, Gather, ReduceScatter, Slice, Step, step_sizes
 
@@ -32,7 +33,11 @@ def run_steps(
     steps = tuple(steps)
     if not steps:
         return data
-    for step, sizes in zip(steps, step_sizes(src, steps, impl.slice_mesh, impl.local_coords)):
+    if compiling():
+        all_sizes = traced.step_sizes_traced(src, steps, impl.slice_mesh, impl.local_coords)
+    else:
+        all_sizes = step_sizes(src, steps, impl.slice_mesh, impl.local_coords)
+    for step, sizes in zip(steps, all_sizes):
         if isinstance(step, Gather):
             data = comm.all_gather(
                 impl, data, step.axis, step.dim, phase=phase, reduce_grad=step.axis in gather_rs, sizes=sizes

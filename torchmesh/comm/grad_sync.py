@@ -33,7 +33,7 @@ from torch.autograd.graph import Node
 from torch.utils.weak import WeakIdKeyDictionary
 
 from torchmesh.comm.autograd import _all_reduce, _backward_of, _needs_grad, _rec, sum_grad
-from torchmesh.comm.backend import Data, MeshImpl
+from torchmesh.comm.backend import Data, MeshImpl, compiling
 
 #: DDP's default bucket size.
 DEFAULT_BUCKET_MB = 25.0
@@ -141,8 +141,10 @@ def tracked(ts: Data) -> ParamSync | None:
 def reduce_grad(impl: MeshImpl, ts: Data, axes: tuple[str, ...]) -> Data:
     """`sum_grad` for an op input: deferred and bucketed when `ts` are a tracked parameter's
     shards and its reducer is on, the plain per-use all-reduce otherwise."""
+    if compiling():  # engine callbacks and weak-keyed state do not trace: the plain rule (docs/compile.md)
+        return sum_grad(impl, ts, axes)
     param = tracked(ts)
-    axes = impl.slice_mesh.live_axes(axes)
+    axes = impl.live_axes(axes)
     if param is None or not param.reducer.enabled or not axes or not _needs_grad(ts):
         return sum_grad(impl, ts, axes)
     return _DeferredSumGrad.apply(impl, axes, param, param.anchor, *ts)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from torchmesh.comm.backend import Data, MeshImpl
+from torchmesh.comm.backend import Data, MeshImpl, compiling
 from torchmesh.comm.executor import run_steps
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.plan import Step
@@ -33,7 +33,12 @@ _ENABLED: ContextVar[bool] = ContextVar("torchmesh_regather", default=False)
 
 @contextmanager
 def regather_in_backward(enabled: bool = True):
-    """Within this block, ops do not keep their gathered sharded inputs for backward."""
+    """Within this block, ops do not keep their gathered sharded inputs for backward. Not
+    inside torch.compile (a context variable is not traced): there AOTAutograd's partitioner
+    chooses what backward saves and what it recomputes."""
+    if compiling():
+        yield
+        return
     token = _ENABLED.set(enabled)
     try:
         yield
@@ -42,7 +47,7 @@ def regather_in_backward(enabled: bool = True):
 
 
 def enabled() -> bool:
-    return _ENABLED.get() and torch.is_grad_enabled()
+    return not compiling() and _ENABLED.get() and torch.is_grad_enabled()
 
 
 def run_regathering(

@@ -10,7 +10,8 @@ from functools import cached_property, reduce
 
 import torch
 
-from torchmesh.comm.backend import Data, MeshImpl, Sizes
+from torchmesh.comm import traced
+from torchmesh.comm.backend import Data, MeshImpl, Sizes, compiling
 from torchmesh.placement.mesh_shape import axis_groups
 
 _REDUCE: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -34,6 +35,8 @@ class SimImpl(MeshImpl):
         return tuple(self.shape.coords(d) for d in range(self.shape.size))
 
     def _groups(self, axes: tuple[str, ...]):
+        if compiling():
+            return traced.axis_groups_traced(self.shape, axes)
         return axis_groups(self.shape, axes)
 
     def all_reduce(self, ts: Data, axes: tuple[str, ...], op: str) -> Data:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from torchmesh import errors
+from torchmesh.comm import traced
 from torchmesh.comm.regather import regather_in_backward
 from torchmesh.errors import ArgumentTypeError, LayoutError
 from torchmesh.nn.parameter import Module, mesh_parameters, own_mesh_parameters
@@ -103,7 +104,7 @@ def _stored_layout(layout: TensorLayout, rules: LayoutRules, mesh, name: str) ->
         extra = tuple(a for a in rules.axes_of(dim) if a not in used)
         used.update(extra)
         axes.append(have + extra)
-    target = TensorLayout(layout.dims, tuple(axes))
+    target = traced.layout(layout.dims, tuple(axes))
     try:
         return check(target, mesh.shape, f"{mesh.rules} + parameters {rules}")
     except LayoutError as e:

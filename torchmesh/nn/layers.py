@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from torchmesh import errors
+from torchmesh.comm import traced
+from torchmesh.comm.backend import compiling
 from torchmesh.errors import ConfigError, DimError
 from torchmesh.nn import init
 from torchmesh.nn.parameter import Module
@@ -72,7 +74,8 @@ class Linear(Module):
 
     def forward(self, x: MeshTensor) -> MeshTensor:
         w = self.weight
-        y = einsum(_linear_equation(x.dims, w.dims, tuple(d.name for d in self.in_dims)), x, w)
+        names = (x.dims, w.dims, tuple(d.name for d in self.in_dims))
+        y = einsum(traced.constant(_LINEAR, *names) if compiling() else _linear_equation(*names), x, w)
         return y + self.bias if self.has_bias else y
 
 
@@ -154,6 +157,10 @@ def _local_along(x: MeshTensor, name: str) -> bool:
 
 def _norm_kernel(fn, plan: OpPlan, name: str, eps: float):
     """fn(t, (size,), weight, [bias,] eps) over the dim `name` of the computed layout."""
+    if compiling():
+        return traced.constant(
+            _NORM_KERNEL, fn, plan.in_layouts[0].names, plan.computed.names, name, traced.static(eps)
+        )
     return _norm_kernel_for(fn, plan.in_layouts[0].names, plan.computed.names, name, eps)
 
 
@@ -293,3 +300,6 @@ class FeedForward(Module):
         if self.activation in GATED:
             return self.w_down(GATED[self.activation](self.w_gate(x)) * self.w_up(x))
         return self.w_out(ACTIVATIONS[self.activation](self.w_in(x)))
+
+
+_LINEAR, _NORM_KERNEL = traced.planner(_linear_equation), traced.planner(_norm_kernel_for)

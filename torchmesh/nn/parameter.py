@@ -123,7 +123,8 @@ def parameter_shards(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, 
         return (shard,)
     shards = module._modules[name]
     assert isinstance(shards, torch.nn.ParameterList)  # (sim)
-    return tuple(shards)
+    # In order; cheaper than iterating the list, eagerly and under torch.compile.
+    return tuple(p for p in shards._parameters.values() if p is not None)
 
 
 def _as_mesh_tensor(module: torch.nn.Module, name: str, spec: MeshParamSpec) -> MeshTensor:

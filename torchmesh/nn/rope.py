@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import torch
 
+from torchmesh.comm import traced
+from torchmesh.comm.backend import compiling
 from torchmesh.errors import DimError
 from torchmesh.placement.layout import is_even
 from torchmesh.tensor.construct import distribute
@@ -47,11 +49,15 @@ def rope_angles(seq: int, d_head: int, theta: float = 10000.0, offset: int = 0) 
     return angles.cos(), angles.sin()
 
 
-@lru_cache(maxsize=64)
-def _tables(mesh: Mesh, seq: int, d_head: int, theta: float, offset: int, names: tuple[str, str], rules: str):
+def _make_tables(mesh: Mesh, seq: int, d_head: int, theta: float, offset: int, names: tuple[str, str]):
     cos, sin = rope_angles(seq, d_head, theta, offset)
     dims = f"{names[0]} {names[1]}"
     return distribute(cos, dims, mesh), distribute(sin, dims, mesh)
+
+
+@lru_cache(maxsize=64)
+def _tables(mesh: Mesh, seq: int, d_head: int, theta: float, offset: int, names: tuple[str, str], rules: str):
+    return _make_tables(mesh, seq, d_head, theta, offset, names)
 
 
 def rotate_half(t: torch.Tensor) -> torch.Tensor:
@@ -80,12 +86,17 @@ def rope(
         if name not in x.dims:
             raise DimError(f"rope: x needs dims {seq!r} and {head_dim!r}; its dims are {x.dims}.")
     mesh = x.mesh
-    cos, sin = _tables(mesh, x.sizes[seq], x.sizes[head_dim], float(theta), offset, (seq, head_dim), str(mesh.rules))
+    table = (mesh, x.sizes[seq], x.sizes[head_dim], float(theta), offset, (seq, head_dim))
+    if compiling():  # made in the program (a cache of MeshTensors is not traced; the compiler folds them)
+        cos, sin = _make_tables(*table)
+    else:
+        cos, sin = _tables(*table, str(mesh.rules))
     if cos.dtype != x.dtype:
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     i = x.dims.index(head_dim)
     layout = x.tensor_layout
-    if not layout.is_split(head_dim, mesh.impl.slice_mesh) and is_even(layout, mesh.shape):
+    even = traced.is_even_traced(layout, mesh.shape) if compiling() else is_even(layout, mesh.shape)
+    if not layout.is_split(head_dim, mesh.impl.slice_mesh) and even:
 
         def rotate(t: torch.Tensor) -> torch.Tensor:
             return rotate_half(t.movedim(i, -1)).movedim(-1, i)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from torchmesh import errors
+from torchmesh.comm import traced
+from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentError, ArgumentTypeError, DimError
 from torchmesh.placement.dims import Dim
 from torchmesh.placement.mesh_shape import block_bounds
@@ -155,7 +157,9 @@ def attention(
 def _whole(mesh: Mesh, names: tuple[str, ...]) -> bool:
     """Whether the rules split none of `names` over an axis of size > 1 (on xla every axis
     of the slicing mesh has size 1: each device program sees whole tensors)."""
-    return not mesh.impl.slice_mesh.live_axes(a for n in names for a in mesh.rules.axes_of(n))
+    rules = mesh.rules
+    axes = traced.axes_of_traced(rules, names) if compiling() else tuple(rules.axes_of(n) for n in names)
+    return not mesh.impl.slice_mesh.live_axes(a for ax in axes for a in ax)
 
 
 def _fused(
@@ -167,9 +171,14 @@ def _fused(
 
     def local_fn(plan: OpPlan):
         seq_axes = plan.in_layouts[0].axes_of(dims.seq)
-        kernel = _kernel(
-            tuple(lay.names for lay in plan.in_layouts), plan.computed.names, dims, causal, scale, bool(seq_axes)
-        )
+        names = tuple(lay.names for lay in plan.in_layouts)
+        if compiling():
+            fields = (dims.seq, dims.kv_seq, dims.head_dim, dims.value_dim, dims.batch, dims.out)
+            kernel = traced.constant(
+                _KERNEL, names, plan.computed.names, fields, causal, traced.static(scale), bool(seq_axes)
+            )
+        else:
+            kernel = _kernel(names, plan.computed.names, dims, causal, scale, bool(seq_axes))
         if not seq_axes:
             return lambda coords, *ts: kernel(0, *ts)
         return lambda coords, *ts: kernel(block_bounds(seq_size, slicer, seq_axes, coords)[0], *ts)
@@ -421,3 +430,13 @@ def _roles(
             )
     out = tuple(value_dim if n == head_dim else n for n in q.dims) + kv_only
     return _Dims(seq, kv_seq, head_dim, value_dim, batch, out)
+
+
+def _kernel_of_fields(
+    names: tuple[tuple[str, ...], ...], out: tuple[str, ...], fields: tuple, causal: bool, scale: float, seq_split: bool
+):
+    """`_kernel` with `dims` given by its fields (Python constants: what compiled code passes)."""
+    return _kernel(names, out, _Dims(*fields), causal, scale, seq_split)
+
+
+_KERNEL = traced.planner(_kernel_of_fields)

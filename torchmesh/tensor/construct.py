@@ -10,6 +10,8 @@ import torch
 
 from torchmesh import arguments
 from torchmesh.comm import autograd as comm
+from torchmesh.comm import traced
+from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentError, ArgumentTypeError, DimError
 from torchmesh.placement.dims import Dim, DimsLike, check_name, check_unique, dim_names, parse_dims
 from torchmesh.placement.layout import TensorLayout, local_shape, local_slices, parts, resolve
@@ -52,7 +54,7 @@ def distribute(
                 f"distribute(tensor, {dims!r}, mesh): the tensor is a {type(tensor).__name__} "
                 f"torch cannot read ({e}). Fix: pass a torch.Tensor."
             ) from None
-    names = dim_names(dims)
+    names = traced.constant("dim_names", dims) if compiling() and isinstance(dims, str) else dim_names(dims)
     if len(names) != tensor.dim():
         raise DimError(
             f"distribute(tensor, {dims!r}): {len(names)} dim names {names} for a tensor with {tensor.dim()} dims "

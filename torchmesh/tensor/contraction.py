@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from torchmesh.comm import autograd as comm
-from torchmesh.comm import grad_sync, regather
-from torchmesh.comm.backend import Data
+from torchmesh.comm import grad_sync, regather, traced
+from torchmesh.comm.backend import Data, compiling
 from torchmesh.comm.executor import run_steps
 from torchmesh.errors import MeshError
 from torchmesh.placement.op_plan import OpPlan, plan_op
@@ -46,7 +46,11 @@ def run_op(
     for x in xs[1:]:
         if x._mesh is not mesh:
             raise MeshError(f"{what}: inputs live on different meshes ({mesh} and {x._mesh}).")
-    plan = plan_op(tuple(x._layout for x in xs), out_names, mesh.rules, mesh.shape, reduce_op, what)
+    layouts = tuple(x._layout for x in xs)
+    if compiling():
+        plan = traced.plan_op_traced(layouts, out_names, mesh.rules, mesh.shape, reduce_op, what)
+    else:
+        plan = plan_op(layouts, out_names, mesh.rules, mesh.shape, reduce_op, what)
     saved = mesh.impl.begin_op(
         plan,
         tuple(x._data[0].dtype for x in xs) if xs[0]._data else (),

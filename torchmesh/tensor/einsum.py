@@ -12,6 +12,8 @@ from functools import lru_cache
 
 import torch
 
+from torchmesh.comm import traced
+from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentTypeError, DimError, ParseError
 from torchmesh.placement.dims import Dim, DimsLike, check_name, parse_dims
 from torchmesh.placement.layout import local_shape
@@ -79,7 +81,7 @@ def einsum(
             new_sizes.update((d.name, d.size) for d in out_dims)
             implied = tuple(d.name for d in out_dims)
         equation = ", ".join(" ".join(ns) for ns in operand_dims) + " -> " + " ".join(implied)
-    operands, out = parse_equation(equation)
+    operands, out = traced.constant(_PARSE, equation) if compiling() else parse_equation(equation)
     if len(operands) != len(xs):
         raise DimError(f"einsum {equation!r} names {len(operands)} operands but got {len(xs)} tensors.")
     for i, (names, x) in enumerate(zip(operands, xs)):
@@ -146,11 +148,14 @@ def _sizes(xs: Sequence[MeshTensor]) -> dict[str, int]:
 def _local_einsum(plan: OpPlan):
     inputs = tuple(lay.names for lay in plan.in_layouts)
     out = plan.computed.names
-    if len(inputs) == 2:
-        lowered = _as_matmul(*inputs, out)
-        if lowered is not None:
-            return lowered
-    eq = _letters(inputs, out)
+    if compiling():
+        lowered = traced.constant(_AS_MATMUL, *inputs, out) if len(inputs) == 2 else None
+        eq = traced.constant(_LETTERS, inputs, out) if lowered is None else ""
+    else:
+        lowered = _as_matmul(*inputs, out) if len(inputs) == 2 else None
+        eq = _letters(inputs, out) if lowered is None else ""
+    if lowered is not None:
+        return lowered
     return lambda *ts: torch.einsum(eq, *ts)
 
 
@@ -206,3 +211,6 @@ def _letters(inputs: tuple[tuple[str, ...], ...], out: tuple[str, ...]) -> str:
                     raise DimError(f"einsum over more than {len(_LETTERS)} distinct dims is not supported.")
                 table[n] = _LETTERS[len(table)]
     return ",".join("".join(table[n] for n in ns) for ns in inputs) + "->" + "".join(table[n] for n in out)
+
+
+_PARSE, _AS_MATMUL, _LETTERS = traced.planner(parse_equation), traced.planner(_as_matmul), traced.planner(_letters)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from torchmesh import errors
+from torchmesh.comm import traced
+from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentTypeError, DimError
 from torchmesh.placement.op_plan import OpPlan
 from torchmesh.tensor.contraction import run_op
@@ -55,7 +57,11 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
     out_names = tuple(dict.fromkeys(n for x in xs for n in x.dims))
 
     def local_fn(plan: OpPlan):
-        aligners = [_aligner(lay.names, plan.computed.names) for lay in plan.in_layouts]
+        out = plan.computed.names
+        if compiling():
+            aligners = [traced.constant(_ALIGNER, lay.names, out) for lay in plan.in_layouts]
+        else:
+            aligners = [_aligner(lay.names, out) for lay in plan.in_layouts]
 
         def fn(*ts: torch.Tensor) -> torch.Tensor:
             a, kw = list(args), dict(kwargs)
@@ -109,6 +115,9 @@ def _aligner(src: tuple[str, ...], out: tuple[str, ...]) -> Callable[[torch.Tens
         return t
 
     return align
+
+
+_ALIGNER = traced.planner(_aligner)
 
 
 # ---- the explicit tables -------------------------------------------------------------------

@@ -16,9 +16,11 @@ from functools import lru_cache
 import torch
 
 from torchmesh import errors
+from torchmesh.comm import traced
+from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentTypeError, DimError, IndexRangeError
 from torchmesh.placement.dims import Dim, parse_dims
-from torchmesh.placement.layout import TensorLayout, block_bounds
+from torchmesh.placement.layout import block_bounds
 from torchmesh.placement.op_plan import OpPlan
 from torchmesh.tensor.contraction import run_op
 from torchmesh.tensor.mesh_tensor import MeshTensor
@@ -63,7 +65,8 @@ def lookup(x: MeshTensor, index: MeshTensor, dim: str) -> MeshTensor:
         xl, il = plan.in_layouts
         axes = xl.axes_of(dim)
         total = xl.sizes[dim]
-        kernel = _kernel(xl.names, il.names, dim, plan.computed.names)
+        names = (xl.names, il.names, dim, plan.computed.names)
+        kernel = traced.constant(_KERNEL, *names) if compiling() else _kernel(*names)
 
         def fn(coords, table, ids):
             start, stop = block_bounds(total, slicer, axes, coords)
@@ -101,17 +104,22 @@ def check_ids(index: MeshTensor, size: int, op: str, dim: str, ignore: int | Non
         return None
     axes = impl.slice_mesh.live_axes(sorted(index.tensor_layout.used_axes))
 
+    def agree_on_device(data: tuple[torch.Tensor, ...], op_name: str) -> tuple[torch.Tensor, ...]:
+        return impl.all_reduce(data, axes, op_name) if axes else data
+
     def agree(per_device, op_name: str) -> list[int]:
-        data = tuple(per_device)
-        if axes:
-            data = impl.all_reduce(data, axes, op_name)
-        return data[0].tolist()  # device 0's group over `axes` holds every distinct block once
+        # device 0's group over `axes` holds every distinct block once
+        return agree_on_device(tuple(per_device), op_name)[0].tolist()
 
     def counts(ids: torch.Tensor) -> torch.Tensor:
         kept = ids != ignore if ignore is not None else torch.ones_like(ids, dtype=torch.bool)
         bad = kept & ((ids < 0) | (ids >= size))
         return torch.stack([bad.sum(), kept.sum()]).to(torch.int64)
 
+    if compiling():  # no host read inside a compiled graph: assert on the device
+        bad = agree_on_device(tuple(counts(t)[0] for t in index._data), "sum")
+        torch._assert_async(bad[0] == 0, _out_of_range_compiled(op, dim, size, index.dims, ignore))
+        return None
     n_bad, n_kept = agree((counts(t) for t in index._data), "sum")
     if n_bad:
 
@@ -125,6 +133,17 @@ def check_ids(index: MeshTensor, size: int, op: str, dim: str, ignore: int | Non
         neg_lo, hi = agree((extremes(t) for t in index._data), "max")
         raise IndexRangeError(errors.ids_out_of_range(op, dim, size, index.dims, n_bad, n_kept, -neg_lo, hi, ignore))
     return n_kept
+
+
+def _out_of_range_compiled(op: str, dim: str, size: int, index_dims: tuple[str, ...], ignore: int | None) -> str:
+    """check_ids' message inside a torch.compile'd program, which asserts on the device and
+    so cannot name the ids it found (run the step eagerly for those)."""
+    other = "" if ignore is None else f" (other than ignore_index={ignore})"
+    return (
+        f"{op}: some ids{other} of the index {index_dims} lie outside the dim {dim!r} of size {size} "
+        f"(they must lie in [0, {size})). Fix: clamp or remap the ids; run the step without "
+        f"torch.compile to see how many and their range."
+    )
 
 
 @lru_cache(maxsize=1024)
@@ -158,6 +177,9 @@ def _kernel(xs: tuple[str, ...], ids: tuple[str, ...], dim: str, out: tuple[str,
         return picked.permute(out_perm) if out_perm != list(range(len(out))) else picked
 
     return kernel
+
+
+_KERNEL = traced.planner(_kernel)
 
 
 def embedding(ids: MeshTensor, table: MeshTensor, vocab_dim: str = "vocab") -> MeshTensor:
@@ -209,4 +231,4 @@ def one_hot(index: MeshTensor, dim: Dim | str, dtype: torch.dtype = torch.float3
 
     # The index keeps its (rules) layout; the new dim takes its rule.
     data = mesh.impl.slicewise_at(fn, index._data)
-    return MeshTensor(data, TensorLayout(dims, index.tensor_layout.axes + (axes,)), mesh)
+    return MeshTensor(data, traced.layout(dims, index.tensor_layout.axes + (axes,)), mesh)

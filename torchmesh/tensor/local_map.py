@@ -27,8 +27,8 @@ import torch
 from torch.autograd import Function
 
 from torchmesh import errors
-from torchmesh.comm import grad_sync
-from torchmesh.comm.backend import MeshImpl
+from torchmesh.comm import grad_sync, traced
+from torchmesh.comm.backend import MeshImpl, compiling
 from torchmesh.errors import DimError, LayoutError, MeshError, ParseError
 from torchmesh.placement.dims import Dim, check_name, check_unique
 from torchmesh.placement.layout import TensorLayout, check, local_shape
@@ -91,9 +91,13 @@ def local_map(fn: Callable[..., Any], *args: Any, out_dims: str | Sequence[str])
     single = isinstance(out_dims, str)
     outs = _out_dims(out_dims, xs, mesh.rules, mesh.shape, what)
     xs = [to_layout(x, mesh.layout_of(x.shape)) for x in xs]
-    plan = plan_local_map(
-        tuple(x._layout for x in xs), tuple(tuple(n for n, _ in o) for o in outs), mesh.rules, mesh.shape, what
-    )
+    layouts, out_names = tuple(x._layout for x in xs), tuple(tuple(n for n, _ in o) for o in outs)
+    if compiling():
+        frozen = tuple(traced.freeze_layout(lay) for lay in layouts)
+        rules, shape = traced.freeze_rules(mesh.rules), traced.freeze_shape(mesh.shape)
+        plan = traced.constant(_PLAN, frozen, out_names, rules, shape, what)
+    else:
+        plan = plan_local_map(layouts, out_names, mesh.rules, mesh.shape, what)
     for o, axes in zip(outs, plan.out_axes):  # two dims on one axis: an error before fn runs
         check(_known_layout(o, axes), mesh.shape, str(mesh.rules))
     impl = mesh.impl
@@ -136,6 +140,9 @@ def plan_local_map(
     summed = {a for b in in_bcast for a in b}
     out_once = tuple(tuple(a for a in mesh.names if a in summed and a not in used) for used in out_used)
     return LocalMapPlan(in_bcast, out_axes, out_once)
+
+
+_PLAN = traced.planner(plan_local_map)
 
 
 # ---- sim, dist: fn on each local block ---------------------------------------------------------
@@ -204,7 +211,7 @@ def _known_layout(names_sizes: OutDims, axes) -> TensorLayout:
     """An output's layout over the dims whose sizes are known before fn runs (the others are
     new dims no rule splits)."""
     pairs = [(Dim(n, s), a) for (n, s), a in zip(names_sizes, axes) if s is not None]
-    return TensorLayout(tuple(d for d, _ in pairs), tuple(a for _, a in pairs))
+    return traced.layout(tuple(d for d, _ in pairs), tuple(a for _, a in pairs))
 
 
 # ---- arguments and results ---------------------------------------------------------------------
@@ -305,7 +312,7 @@ def _out_layout(names_sizes: OutDims, axes, shapes: list, what: str, j: int) -> 
                 )
             size = seen[0]
         dims.append(Dim(name, size))
-    return TensorLayout(tuple(dims), axes)
+    return traced.layout(tuple(dims), axes)
 
 
 def _wrong_block(what: str, j: int, layout: TensorLayout, got: tuple, want: tuple, coords, mesh: MeshShape) -> str:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from torchmesh.comm import traced
 from torchmesh.comm.abstract import AbstractImpl
-from torchmesh.comm.backend import MeshImpl
+from torchmesh.comm.backend import MeshImpl, compiling
 from torchmesh.comm.dist import DistImpl
 from torchmesh.comm.sim import SimImpl
 from torchmesh.errors import ArgumentTypeError, BackendError, MeshError
@@ -83,6 +85,8 @@ class Mesh:
     def rules(self) -> LayoutRules:
         """The layout rules: those of the innermost `rules_scope` of this mesh around the running
         code, else the mesh's own."""
+        if not _SCOPES_OPEN[0]:  # no scope open anywhere: torch.compile traces this (not a ContextVar)
+            return self._rules
         scoped = _SCOPED_RULES.get()
         return scoped.get(self, self._rules) if scoped else self._rules
 
@@ -99,6 +103,8 @@ class Mesh:
 
     def layout_of(self, dims: tuple[Dim, ...]) -> TensorLayout:
         """The layout the rules give a tensor with these dims (raises LayoutError if invalid)."""
+        if compiling():
+            return traced.resolve_traced(dims, self.rules, self.shape)
         return resolve(dims, self.rules, self.shape)
 
     def rules_scope(self, rules: RulesLike, replace: bool = False):
@@ -123,9 +129,13 @@ class Mesh:
         @contextmanager
         def scope():
             token = _SCOPED_RULES.set({**(_SCOPED_RULES.get() or {}), self: new})
+            with _SCOPES_LOCK:
+                _SCOPES_OPEN[0] += 1
             try:
                 yield self
             finally:
+                with _SCOPES_LOCK:
+                    _SCOPES_OPEN[0] -= 1
                 _SCOPED_RULES.reset(token)
 
         return scope()
@@ -143,6 +153,10 @@ class Mesh:
 #: The rules of each mesh inside a `Mesh.rules_scope` block ({mesh: rules}, None outside any;
 #: never mutated: a scope sets a new dict).
 _SCOPED_RULES: ContextVar[dict[Mesh, LayoutRules] | None] = ContextVar("torchmesh_scoped_rules", default=None)
+#: How many `rules_scope` blocks are open, in every thread: while none is, `Mesh.rules` reads
+#: no context variable (torch.compile cannot trace one; it guards on this count instead).
+_SCOPES_OPEN = [0]
+_SCOPES_LOCK = threading.Lock()
 
 
 def _make_impl(backend: str, shape: MeshShape, options: dict, rules: LayoutRules) -> MeshImpl:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from torchmesh.comm import traced
 from torchmesh.comm.executor import run_steps
 from torchmesh.errors import ArgumentTypeError, BackendError, DimError, MeshError
 from torchmesh.placement.dims import Dim
@@ -139,7 +140,7 @@ class MeshTensor:
     def full(self) -> torch.Tensor:
         """The global value as one torch.Tensor (a collective on dist: call it on every rank):
         every split axis gathered, then one local tensor."""
-        replicated = TensorLayout(self._layout.dims, tuple(() for _ in self._layout.dims))
+        replicated = traced.layout(self._layout.dims, tuple(() for _ in self._layout.dims))
         steps = plan_relayout(self._layout, replicated)
         impl = self._mesh.impl
         if steps:  # a collective: every rank must call it (a rank-0-only full() raises everywhere)

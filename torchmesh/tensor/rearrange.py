@@ -20,6 +20,8 @@ from functools import lru_cache
 from einops import EinopsError
 from einops.parsing import ParsedExpression
 
+from torchmesh.comm import traced
+from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentTypeError, DimError, ParseError
 from torchmesh.placement.dims import Dim
 from torchmesh.placement.layout import TensorLayout, check, parts
@@ -149,11 +151,11 @@ def plan_rearrange(
         axes = rules.axes_of(name)
         if g[0] in firsts_left and (g[0] in passed or elem[g[0]] % parts(mesh, axes) == 0):
             comp[g[0]] = axes
-    source = TensorLayout(layout.dims, tuple(comp[g[0]] for g in left))
+    source = traced.layout(layout.dims, tuple(comp[g[0]] for g in left))
     check(source, mesh, str(rules))
     order = [p for g in left for p in g]
     perm = tuple(order.index(p) for p in flat_right)
-    computed = TensorLayout(out_dims, tuple(comp[g[0]] for g in right))
+    computed = traced.layout(out_dims, tuple(comp[g[0]] for g in right))
     return RearrangePlan(
         source,
         tuple(tuple(elem[p] for p in g) for g in left),
@@ -161,6 +163,9 @@ def plan_rearrange(
         perm,
         computed,
     )
+
+
+_PLAN = traced.planner(plan_rearrange)
 
 
 def _prod(values) -> int:
@@ -194,9 +199,13 @@ def rearrange(x: MeshTensor, pattern: str, **sizes: int) -> MeshTensor:
                 f"sizes are ints >= 0 (e.g. {name}=4)."
             )
     mesh = x.mesh
-    plan = plan_rearrange(
-        pattern, x.tensor_layout, tuple(sorted(sizes.items())), mesh.rules, mesh.shape, mesh.impl.slice_mesh
-    )
+    given = tuple(sorted(sizes.items()))
+    if compiling():
+        frozen = (traced.freeze_layout(x.tensor_layout), tuple((n, traced.static(s)) for n, s in given))
+        meshes = (traced.freeze_rules(mesh.rules), traced.freeze_shape(mesh.shape))
+        plan = traced.constant(_PLAN, pattern, *frozen, *meshes, traced.freeze_shape(mesh.impl.slice_mesh))
+    else:
+        plan = plan_rearrange(pattern, x.tensor_layout, given, mesh.rules, mesh.shape, mesh.impl.slice_mesh)
     src = to_layout(x, plan.source)
     out_dims = plan.computed.dims
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from torchmesh import errors
+from torchmesh.comm import traced
+from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentTypeError, DimError
 from torchmesh.placement.dims import Dim, dim_names, parse_dims
 from torchmesh.placement.op_plan import OpPlan
@@ -62,7 +64,7 @@ def reduced_names(
         dims = [n for n in x.dims if n not in keep]
     if dims is None:
         return x.dims
-    names = dim_names(dims)
+    names = traced.constant("dim_names", dims) if compiling() and isinstance(dims, str) else dim_names(dims)
     if any(n not in x.dims for n in names):
         raise DimError(errors.missing_dims(what, names, x.dims))
     return names
@@ -98,7 +100,8 @@ def _reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> Mesh
     reduce_op = "sum" if kind == "sum" else kind
 
     def local_fn(plan: OpPlan):
-        pos = _positions(plan.in_layouts[0].names, names)
+        have = plan.in_layouts[0].names
+        pos = traced.constant(_POSITIONS, have, names) if compiling() else _positions(have, names)
         if not pos:
             return lambda t: t
         if kind == "sum":
@@ -296,7 +299,7 @@ def logsumexp(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bo
         return run_op(
             [x],
             tuple(n for n in x.dims if n not in names),
-            lambda plan: _local_kernel(torch.logsumexp, plan.in_layouts[0].names, names),
+            lambda plan: local_kernel(torch.logsumexp, plan.in_layouts[0].names, names),
             what="logsumexp",
         )
     m = _stable_max(x, names)
@@ -318,7 +321,7 @@ def softmax(x: MeshTensor, dim: str, *, dtype: torch.dtype | None = None) -> Mes
     x = x if dtype is None else cast(x, dtype)
     local = _unsplit_along(x, names)
     if local is not None and len(names) == 1:
-        return local._map(_local_kernel(torch.softmax, local.dims, names))
+        return local._map(local_kernel(torch.softmax, local.dims, names))
     e = (x - _stable_max(x, names)).exp()
     return e / reduce_sum(e, names)
 
@@ -335,7 +338,7 @@ def log_softmax(x: MeshTensor, dim: str, *, dtype: torch.dtype | None = None) ->
     x = x if dtype is None else cast(x, dtype)
     local = _unsplit_along(x, names)
     if local is not None and len(names) == 1:
-        return local._map(_local_kernel(torch.log_softmax, local.dims, names))
+        return local._map(local_kernel(torch.log_softmax, local.dims, names))
     return x - logsumexp(x, names)
 
 
@@ -343,3 +346,11 @@ def log_softmax(x: MeshTensor, dim: str, *, dtype: torch.dtype | None = None) ->
 def _local_kernel(fn, have: tuple[str, ...], names: tuple[str, ...]):
     pos = _positions(have, names)
     return lambda t: fn(t, pos if len(pos) != 1 else pos[0])
+
+
+def local_kernel(fn, have: tuple[str, ...], names: tuple[str, ...]):
+    """`fn(t, positions of names in have)` as a function of a local tensor (cached)."""
+    return traced.constant(_LOCAL_KERNEL, fn, have, names) if compiling() else _local_kernel(fn, have, names)
+
+
+_POSITIONS, _LOCAL_KERNEL = traced.planner(_positions), traced.planner(_local_kernel)

@@ -7,6 +7,8 @@ a local slice where one is added, all-to-all where an axis moves between dims.
 from __future__ import annotations
 
 from torchmesh import errors
+from torchmesh.comm import traced
+from torchmesh.comm.backend import compiling
 from torchmesh.comm.executor import run_steps
 from torchmesh.errors import DimError
 from torchmesh.placement.dims import Dim, check_name
@@ -24,7 +26,8 @@ def to_layout(x: MeshTensor, layout: TensorLayout) -> MeshTensor:
         raise DimError(f"to_layout: target dims {layout.names} differ from the tensor's {x.dims}.")
     src, impl = x._layout, x._mesh.impl
     with impl.op_scope(lambda: f"relayout {src} -> {layout}"):
-        data = run_steps(impl, x._data, src, plan_relayout(src, layout))
+        steps = traced.plan_relayout_traced(src, layout) if compiling() else plan_relayout(src, layout)
+        data = run_steps(impl, x._data, src, steps)
     return MeshTensor(data, layout, x._mesh)
 
 
@@ -46,6 +49,9 @@ def relayout(x: MeshTensor, rules: RulesLike = None) -> MeshTensor:
     True
     """
     mesh = x._mesh
+    if compiling():
+        parsed = mesh.rules if rules is None else traced.parse_rules_traced(rules)
+        return to_layout(x, traced.resolve_traced(x._layout.dims, parsed, mesh.shape))
     parsed = mesh.rules if rules is None else LayoutRules.parse(rules)
     return to_layout(x, resolve(x._layout.dims, parsed, mesh.shape))
 
@@ -70,5 +76,5 @@ def rename(x: MeshTensor, mapping: dict[str, str] | None = None, **renames: str)
     names = [d.name for d in dims]
     if len(set(names)) != len(names):
         raise DimError(errors.rename_collision(x.sizes, renames, names))
-    relabelled = MeshTensor(x._data, TensorLayout(dims, x._layout.axes), x._mesh)
+    relabelled = MeshTensor(x._data, traced.layout(dims, x._layout.axes), x._mesh)
     return to_layout(relabelled, x._mesh.layout_of(dims))

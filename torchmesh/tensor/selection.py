@@ -15,6 +15,7 @@ import torch
 
 from torchmesh import errors
 from torchmesh.comm import autograd as comm
+from torchmesh.comm import traced
 from torchmesh.comm.backend import Data
 from torchmesh.errors import ArgumentTypeError, DimError
 from torchmesh.placement.dims import Dim, check_name
@@ -65,7 +66,7 @@ def top_k(
         )
     values, indices, lay, i = _select(x, dim, k, largest, "top_k")
     dims = lay.dims[:i] + (Dim(new_dim, k),) + lay.dims[i + 1 :]
-    out = TensorLayout(dims, lay.axes[:i] + ((),) + lay.axes[i + 1 :])  # the k best: on every device
+    out = traced.layout(dims, lay.axes[:i] + ((),) + lay.axes[i + 1 :])  # the k best: on every device
     target = x.mesh.layout_of(dims)
     return to_layout(MeshTensor(values, out, x.mesh), target), to_layout(MeshTensor(indices, out, x.mesh), target)
 
@@ -103,7 +104,7 @@ def _index_of(x: MeshTensor, dim: str, largest: bool, what: str) -> MeshTensor:
         x = x._map(torch.neg if x.dtype.is_floating_point else torch.bitwise_not)
     _, indices, lay, i = _select(x, dim, 1, True, what)
     data = x.mesh.impl.slicewise(lambda t: t.squeeze(i), indices)
-    out = TensorLayout(lay.dims[:i] + lay.dims[i + 1 :], lay.axes[:i] + lay.axes[i + 1 :])
+    out = traced.layout(lay.dims[:i] + lay.dims[i + 1 :], lay.axes[:i] + lay.axes[i + 1 :])
     return to_layout(MeshTensor(data, out, x.mesh), x.mesh.layout_of(out.dims))
 
 
@@ -158,7 +159,7 @@ def _even_for_the_partitioner(x: MeshTensor) -> MeshTensor:
     if impl.slice_mesh == impl.shape or not x.requires_grad or is_even(lay, impl.shape):
         return x
     axes = tuple(() if d.size % parts(impl.shape, ax) else ax for d, ax in zip(lay.dims, lay.axes))
-    return to_layout(x, TensorLayout(lay.dims, axes))
+    return to_layout(x, traced.layout(lay.dims, axes))
 
 
 def _never_chosen(dtype: torch.dtype, largest: bool) -> float | int:

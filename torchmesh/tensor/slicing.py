@@ -7,7 +7,6 @@ first and the result sliced back to the rules' layout (documented in docs/concep
 
 from __future__ import annotations
 
-import builtins
 from collections.abc import Sequence
 
 import torch
@@ -16,9 +15,9 @@ import torch.nn.functional as F
 from torchmesh import errors
 from torchmesh.arguments import integer
 from torchmesh.comm import autograd as comm
+from torchmesh.comm import traced
 from torchmesh.errors import ArgumentError, DimError
 from torchmesh.placement.dims import Dim
-from torchmesh.placement.layout import TensorLayout
 from torchmesh.tensor.mesh_tensor import MeshTensor, check_same_mesh
 from torchmesh.tensor.relayout import to_layout
 
@@ -30,14 +29,14 @@ def _whole_along(x: MeshTensor, dim: str, what: str) -> tuple[MeshTensor, int]:
     i = x.dims.index(dim)
     lay = x.tensor_layout
     axes = lay.axes[:i] + ((),) + lay.axes[i + 1 :]
-    return to_layout(x, TensorLayout(lay.dims, axes)), i
+    return to_layout(x, traced.layout(lay.dims, axes)), i
 
 
 def _local_result(x: MeshTensor, i: int, size: int, fn) -> MeshTensor:
     """Apply `fn` to local tensors whose dim i is whole; the result has dim i of `size`."""
     lay = x.tensor_layout
     dims = lay.dims[:i] + (Dim(lay.dims[i].name, size),) + lay.dims[i + 1 :]
-    out = MeshTensor(x.mesh.impl.slicewise(fn, x._data), TensorLayout(dims, lay.axes), x.mesh)
+    out = MeshTensor(x.mesh.impl.slicewise(fn, x._data), traced.layout(dims, lay.axes), x.mesh)
     return to_layout(out, x.mesh.layout_of(dims))
 
 
@@ -54,11 +53,18 @@ def slice(x: MeshTensor, dim: str, start: int, stop: int) -> MeshTensor:  # noqa
     n = x.size(dim) if dim in x.dims else 0
     start = None if start is None else integer(f"slice(x, {dim!r}, start, stop)", "start", start)
     stop = None if stop is None else integer(f"slice(x, {dim!r}, start, stop)", "stop", stop)
-    start, stop, _ = builtins.slice(start, stop).indices(n)
+    start, stop = _bounds(start, 0, n), _bounds(stop, n, n)  # slice.indices(n), which dynamo cannot trace
     stop = max(stop, start)
     with x.mesh.impl.op_scope(lambda: f"slice(x, {dim!r}, {start}, {stop}) of {x.tensor_layout}"):
         whole, i = _whole_along(x, dim, "slice")
         return _local_result(whole, i, stop - start, lambda t: t.narrow(i, start, stop - start))
+
+
+def _bounds(i: int | None, default: int, n: int) -> int:
+    """A slice bound in [0, n] (negative counts from the end, None is `default`), as Python's."""
+    if i is None:
+        return default
+    return min(max(i + n if i < 0 else i, 0), n)
 
 
 def concat(xs: Sequence[MeshTensor], dim: str) -> MeshTensor:
@@ -97,15 +103,15 @@ def _concat(xs: Sequence[MeshTensor], dim: str) -> MeshTensor:
     for w in wholes:
         # Put each tensor in the first one's dim order and layout (other dims), then cat locally.
         perm = [w.dims.index(n) for n in first.dims]
-        lay = TensorLayout(tuple(w.tensor_layout.dims[p] for p in perm), tuple(w.tensor_layout.axes[p] for p in perm))
+        lay = traced.layout(tuple(w.tensor_layout.dims[p] for p in perm), tuple(w.tensor_layout.axes[p] for p in perm))
         moved = MeshTensor(w.mesh.impl.slicewise(lambda t, perm=perm: t.permute(perm), w._data), lay, w.mesh)
-        want = TensorLayout(lay.dims, target.axes)
+        want = traced.layout(lay.dims, target.axes)
         aligned.append(to_layout(moved, want))
     size = sum(x.size(dim) for x in xs)
     lay = target
     dims = lay.dims[:i] + (Dim(dim, size),) + lay.dims[i + 1 :]
     data = first.mesh.impl.slicewise(lambda *ts: torch.cat(ts, i), *(a._data for a in aligned))
-    out = MeshTensor(data, TensorLayout(dims, lay.axes), first.mesh)
+    out = MeshTensor(data, traced.layout(dims, lay.axes), first.mesh)
     return to_layout(out, first.mesh.layout_of(dims))
 
 
@@ -169,7 +175,7 @@ def _shift(x: MeshTensor, dim: str, offset: int, wrap: bool) -> MeshTensor:
     length = x.size(dim) // blocks
     if length == 0:
         return x
-    q, r = divmod(offset, length)
+    q, r = offset // length, offset % length  # (not divmod: torch.compile traces these on symbolic sizes)
     if r == 0:  # whole blocks move (or none): one exchange, no empty one
         return MeshTensor(comm.shift(impl, x._data, axes, q, wrap), x.tensor_layout, x.mesh)
     # Block b of the result: the last r rows of block b-q-1, then the first L-r rows of block b-q.

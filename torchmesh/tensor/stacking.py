@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from torchmesh.comm import traced
 from torchmesh.errors import ArgumentError, ArgumentTypeError, DimError, MeshError
 from torchmesh.placement.dims import Dim, check_name
-from torchmesh.placement.layout import TensorLayout
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
 from torchmesh.tensor.selection import dim_name
@@ -62,10 +62,10 @@ def stack(xs: Sequence[MeshTensor], new_dim: str, *, axis: int = 0) -> MeshTenso
     dims = first.shape[:axis] + (Dim(new_dim, len(xs)),) + first.shape[axis:]
     out = mesh.layout_of(dims)
     # every input in the output's layout without the new dim (usually: as it is), first's dim order
-    lay = TensorLayout(first.shape, out.axes[:axis] + out.axes[axis + 1 :])
+    lay = traced.layout(first.shape, out.axes[:axis] + out.axes[axis + 1 :])
     aligned = [to_layout(_in_order(x, first.dims), lay) for x in xs]
     data = mesh.impl.slicewise(lambda *ts: torch.stack(ts, axis), *(x._data for x in aligned))
-    stacked = TensorLayout(dims, lay.axes[:axis] + ((),) + lay.axes[axis:])
+    stacked = traced.layout(dims, lay.axes[:axis] + ((),) + lay.axes[axis:])
     return to_layout(MeshTensor(data, stacked, mesh), out)
 
 
@@ -75,7 +75,7 @@ def _in_order(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor:
         return x
     perm = tuple(x.dims.index(n) for n in names)
     lay = x.tensor_layout
-    moved = TensorLayout(tuple(lay.dims[p] for p in perm), tuple(lay.axes[p] for p in perm))
+    moved = traced.layout(tuple(lay.dims[p] for p in perm), tuple(lay.axes[p] for p in perm))
     return MeshTensor(x.mesh.impl.slicewise(lambda t: t.permute(perm), x._data), moved, x.mesh)
 
 
@@ -92,7 +92,7 @@ def unstack(x: MeshTensor, dim: str) -> list[MeshTensor]:
     """
     whole, i = _whole_along(x, dim_name(x, dim, "unstack"), "unstack")
     lay = whole.tensor_layout
-    rest = TensorLayout(lay.dims[:i] + lay.dims[i + 1 :], lay.axes[:i] + lay.axes[i + 1 :])
+    rest = traced.layout(lay.dims[:i] + lay.dims[i + 1 :], lay.axes[:i] + lay.axes[i + 1 :])
     target = x.mesh.layout_of(rest.dims)
     impl = x.mesh.impl
     return [
