@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from launch import add_launch_args, init_process_group, relaunch_under_torchrun, synchronize
-from train_lm import RULES, TorchLM, load_weights, parallelize
+from train_lm import TorchLM, ddp_step, load_weights, mesh_setup, parallelize
 
 import torchmesh as tm
 
@@ -64,38 +64,13 @@ def dtensor_step(forward, model, optimizer, dp_group, dp: int, batch: torch.Tens
     with loss_parallel():  # (dynamo cannot trace loss_parallel: the loss runs eagerly on the DTensor logits)
         loss = F.cross_entropy(logits.flatten(0, 1), local[:, 1:].flatten(0, 1))
         loss.backward()
-    if dp > 1:  # DDP: one bucket of the (tp-local) gradients, averaged over dp
-        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads]) / dp
-        dist.all_reduce(flat, group=dp_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-    optimizer.step()
-    loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
-    if dp > 1:
-        loss = loss.detach().clone()
-        dist.all_reduce(loss, group=dp_group)
-        loss = loss / dp
-    return loss.item()
+    return ddp_step(model, optimizer, dp_group, dp, loss)
 
 
 def run_mesh(spec: str, args: argparse.Namespace) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    axes = dict(part.split(":") for part in spec.split(";"))
-    dp, tp = int(axes.get("dp", 1)), int(axes.get("tp", 1))
-    rules = ";".join(r for r in RULES.split(";") if r.split(":")[1] in axes)
-    c = tm.nn.LMConfig(
-        vocab=args.vocab,
-        d_model=args.d_model,
-        heads=args.heads,
-        d_head=args.d_model // args.heads,
-        ff=4 * args.d_model,
-        layers=args.layers,
-        seq=args.seq,
-    )
+    dp, tp, rules, c = mesh_setup(spec, args)
     mesh = tm.Mesh(spec, rules=rules, backend="dist")  # NCCL when the process group is
     eager_model, compiled_model = tm.nn.TransformerLM(mesh, c, seed=0), tm.nn.TransformerLM(mesh, c, seed=0)
     weights = {n: p.full() for n, p in tm.nn.mesh_parameters(eager_model)}

@@ -6,7 +6,7 @@
     relaunch_under_torchrun(args)       # returns only inside a torchrun worker
     device = init_process_group(args)   # cpu, or this rank's cuda device
 
-`--backend nccl` runs one process per GPU (`--nproc` defaults to every visible GPU); the
+`--backend nccl` runs one process per GPU (`--processes` defaults to every visible GPU); the
 benchmark puts its tensors and modules on the device `init_process_group` returns (not
 through torch.set_default_device, whose function mode would tax every op it times), and
 torchmesh's `dist` backend uses NCCL as soon as the process group does.
@@ -30,13 +30,13 @@ def add_launch_args(parser: argparse.ArgumentParser, nproc: int) -> None:
         "--backend", choices=("gloo", "nccl"), default="gloo", help="gloo: CPU processes; nccl: one process per GPU"
     )
     parser.add_argument(
-        "--nproc", type=int, default=None, help=f"processes (default: {nproc} on gloo, every visible GPU on nccl)"
+        "--processes", type=int, default=None, help=f"processes (default: {nproc} on gloo, every visible GPU on nccl)"
     )
 
 
 def world_size(args: argparse.Namespace, default: int) -> int:
-    if args.nproc is not None:
-        return args.nproc
+    if args.processes is not None:
+        return args.processes
     if args.backend == "nccl":
         if not torch.cuda.is_available():
             raise SystemExit("--backend nccl needs CUDA GPUs; none is visible (torch.cuda.is_available() is False).")
@@ -45,7 +45,7 @@ def world_size(args: argparse.Namespace, default: int) -> int:
 
 
 def relaunch_under_torchrun(args: argparse.Namespace, default_nproc: int) -> None:
-    """Start this script again under torchrun on `--nproc` processes, unless it is one of them."""
+    """Start this script again under torchrun on `--processes` processes, unless it is one of them."""
     if "RANK" in os.environ:
         return
     n = world_size(args, default_nproc)

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "op_overhead.json")
     args = parser.parse_args()
-    args.nproc = 1
+    args.processes = 1
     device = torch.device("cpu")
     if args.backend == "sim":
         torch.set_num_threads(1)

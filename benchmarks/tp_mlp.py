@@ -3,7 +3,7 @@ version (raw torch.distributed calls) and against DTensor's parallelize_module.
 
     python benchmarks/tp_mlp.py                 # ~2 minutes on 2 cores
     python benchmarks/tp_mlp.py --steps 50      # a quicker, noisier run
-    python benchmarks/tp_mlp.py --backend nccl  # 2 GPUs (--nproc N for more: tp:N)
+    python benchmarks/tp_mlp.py --backend nccl  # 2 GPUs (--processes N for more: tp:N)
 
 It starts 2 processes itself under torchrun (gloo on 127.0.0.1, one thread each; NCCL, one
 GPU each, with `--backend nccl`) and prints three tables:

@@ -155,6 +155,12 @@ def dtensor_step(model, optimizer, dp_group, dp: int, batch: torch.Tensor) -> fl
         loss = F.cross_entropy(logits.flatten(0, 1), local[:, 1:].flatten(0, 1))
         optimizer.zero_grad()
         loss.backward()
+    return ddp_step(model, optimizer, dp_group, dp, loss)
+
+
+def ddp_step(model, optimizer, dp_group, dp: int, loss) -> float:
+    """After backward: DDP's one bucket of the (tp-local) gradients, averaged over dp, the
+    optimizer step, and the loss averaged over dp."""
     if dp > 1:  # DDP: one bucket of the (tp-local) gradients, averaged over dp
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters()]
         flat = torch.cat([g.reshape(-1) for g in grads]) / dp
@@ -223,9 +229,8 @@ def _ring_bytes(name: str, s: int, k: int) -> float:
 
 
 # ---- the benchmark --------------------------------------------------------------------------
-def run_mesh(spec: str, args: argparse.Namespace) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-
+def mesh_setup(spec: str, args: argparse.Namespace) -> tuple[int, int, str, tm.nn.LMConfig]:
+    """The mesh's dp and tp sizes, the rules for its axes, and the model's config from the flags."""
     axes = dict(part.split(":") for part in spec.split(";"))
     dp, tp = int(axes.get("dp", 1)), int(axes.get("tp", 1))
     rules = ";".join(r for r in RULES.split(";") if r.split(":")[1] in axes)
@@ -238,6 +243,13 @@ def run_mesh(spec: str, args: argparse.Namespace) -> dict:
         layers=args.layers,
         seq=args.seq,
     )
+    return dp, tp, rules, c
+
+
+def run_mesh(spec: str, args: argparse.Namespace) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp, tp, rules, c = mesh_setup(spec, args)
     mesh = tm.Mesh(spec, rules=rules, backend="dist")  # NCCL when the process group is
     model = tm.nn.TransformerLM(mesh, c, seed=0)
     weights = {n: p.full() for n, p in tm.nn.mesh_parameters(model)}

@@ -11,16 +11,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a benchmark command from the repository root; fail with its output's tail unless it exits 0."""
+    run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
 def test_tp_benchmark_runs_and_moves_no_more_bytes_than_dtensor(tmp_path):
     out = tmp_path / "tp.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "tp_mlp.py"), "--steps", "2", "--op-iters", "5", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+    run = run_benchmark(
+        [sys.executable, str(ROOT / "benchmarks" / "tp_mlp.py"), "--steps", "2", "--op-iters", "5", "--out", str(out)]
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
     for workload in ("mlp_small", "mlp", "block"):
         sent = result[workload]["bytes"]
@@ -34,14 +36,7 @@ def test_train_lm_benchmark_sends_no_more_collectives_or_bytes_than_dtensor_ddp(
     most as many collectives as DTensor with DDP's one bucket, and no more bytes."""
     out = tmp_path / "lm.json"
     args = ["--steps", "1", "--meshes", "dp:2;tp:2", "--seq", "16", "--d-model", "32", "--layers", "1"]
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_lm.py"), *args, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_benchmark([sys.executable, str(ROOT / "benchmarks" / "train_lm.py"), *args, "--out", str(out)])
     (row,) = json.loads(out.read_text())["results"]
     counts, sent = row["collectives_per_step"], row["bytes_per_step"]
     assert sum(counts["torchmesh"].values()) <= sum(counts["dtensor"].values()), counts
@@ -50,14 +45,9 @@ def test_train_lm_benchmark_sends_no_more_collectives_or_bytes_than_dtensor_ddp(
 
 def test_op_overhead_benchmark_runs(tmp_path):
     out = tmp_path / "ops.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "op_overhead.py"), "--iters", "5", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
+    run_benchmark(
+        [sys.executable, str(ROOT / "benchmarks" / "op_overhead.py"), "--iters", "5", "--out", str(out)], timeout=300
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["op"] for r in rows] == ["einsum", "add", "sum(ff)", "softmax(ff)"]
 
@@ -69,14 +59,7 @@ def test_compile_lm_benchmark_runs(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     args = ["--meshes", "dp:1;tp:2", "--compile-backend", "eager", "--steps", "1", "--seq", "8"]
     args += ["--d-model", "16", "--layers", "1", "--batch", "4", "--out", str(out)]
-    run = subprocess.run(
-        [*torchrun, str(ROOT / "benchmarks" / "compile_lm.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_benchmark([*torchrun, str(ROOT / "benchmarks" / "compile_lm.py"), *args])
     (row,) = json.loads(out.read_text())["results"]
     assert set(row["tokens_per_s"]) == {"eager", "compiled", "dtensor_compiled"}
     assert "compiled/eager" in run.stdout

@@ -53,6 +53,19 @@ def _last(x: MeshTensor, n: int, what: str, layout: str) -> list[Dim]:
     return list(x.shape)[-n:]
 
 
+def _halo_or_pad(x: MeshTensor, along: Sequence[tuple[Dim | None, Dim, int]]) -> MeshTensor:
+    """Mesh TF's blocked-convolution prologue: for each (blocks dim or None, block size dim,
+    halo), extend every block by `halo` of its neighbours' rows (`halo_exchange`) when there
+    is a blocks dim, else zero-pad the dim by `halo` on both sides."""
+    for blocks_dim, block_size_dim, halo_size in along:
+        if halo_size > 0:
+            if blocks_dim is not None:
+                x = halo_exchange(x, blocks_dim, block_size_dim, halo_size)
+            else:
+                x = mtf.pad(x, [halo_size, halo_size], block_size_dim.name)
+    return x
+
+
 def _sizes(what: str, label: str, value: Sequence[int], n: int) -> tuple[int, ...]:
     if isinstance(value, int) or len(value) != n:
         raise ArgumentError(f"{what}: {label}={value!r}; give {n} integers, one per spatial dim (as Mesh TF).")
@@ -260,15 +273,7 @@ def conv2d_with_blocks(
             f"Fix: 'SAME', or conv2d on the whole image for 'VALID'."
         )
     h_dim, w_dim = _last(x, 3, "conv2d_with_blocks", "[h, w, in_channels] (NHWC)")[:2]
-    for blocks_dim, block_size_dim, halo_size in [
-        (h_blocks_dim, h_dim, sizes[0] // 2),
-        (w_blocks_dim, w_dim, sizes[1] // 2),
-    ]:
-        if halo_size > 0:
-            if blocks_dim is not None:
-                x = halo_exchange(x, blocks_dim, block_size_dim, halo_size)
-            else:
-                x = mtf.pad(x, [halo_size, halo_size], block_size_dim.name)
+    x = _halo_or_pad(x, [(h_blocks_dim, h_dim, sizes[0] // 2), (w_blocks_dim, w_dim, sizes[1] // 2)])
     return conv2d(x, output_dim, filter_size, strides, "VALID", filter_initializer, variable_dtype, name)
 
 
@@ -310,15 +315,7 @@ def conv3d_with_blocks(
     if str(padding).upper() != "SAME":
         raise ArgumentError(f"conv3d_with_blocks: padding={padding!r}; it requires padding='SAME' (as Mesh TF).")
     d_dim, h_dim, w_dim = _last(x, 4, "conv3d_with_blocks", "[d, h, w, in_channels] (NDHWC)")[:3]
-    for blocks_dim, block_size_dim, halo_size in [
-        (d_blocks_dim, d_dim, sizes[0] // 2),
-        (h_blocks_dim, h_dim, sizes[1] // 2),
-    ]:
-        if halo_size > 0:
-            if blocks_dim is not None:
-                x = halo_exchange(x, blocks_dim, block_size_dim, halo_size)
-            else:
-                x = mtf.pad(x, [halo_size, halo_size], block_size_dim.name)
+    x = _halo_or_pad(x, [(d_blocks_dim, d_dim, sizes[0] // 2), (h_blocks_dim, h_dim, sizes[1] // 2)])
     x = mtf.pad(x, [sizes[2] // 2, sizes[2] // 2], dim_name=w_dim.name)
     return conv3d(x, output_dim, filter_size, strides, "VALID", filter_initializer, variable_dtype, name)
 
@@ -477,19 +474,8 @@ def conv2d_transpose_with_blocks(
     if str(padding).upper() != "SAME":
         raise ArgumentError(f"conv2d_transpose_with_blocks: padding={padding!r}; it requires padding='SAME'.")
     h_dim, w_dim = _last(x, 3, "conv2d_transpose_with_blocks", "[h, w, in_channels] (NHWC)")[:2]
-    for blocks_dim, block_size_dim, halo_size in [
-        (h_blocks_dim, h_dim, sizes[0] // 2 - 1),
-        (w_blocks_dim, w_dim, sizes[1] // 2 - 1),
-    ]:
-        if halo_size > 0:
-            if blocks_dim is not None:
-                x = halo_exchange(x, blocks_dim, block_size_dim, halo_size)
-            else:
-                x = mtf.pad(x, [halo_size, halo_size], block_size_dim.name)
+    x = _halo_or_pad(x, [(h_blocks_dim, h_dim, sizes[0] // 2 - 1), (w_blocks_dim, w_dim, sizes[1] // 2 - 1)])
     return conv2d_transpose(x, output_dim, filter_size, strides, "VALID", filter_initializer, variable_dtype, name)
-
-
-# ---- separable convolution (Mesh TF's dense-based 1-D version) ---------------------------
 
 
 # ---- pooling -----------------------------------------------------------------------------
