@@ -13,8 +13,8 @@ import os  # noqa: E402
 
 def pytest_collection_modifyitems(config, items):
     """TORCHMESH_TEST_SAMPLE="k:i" keeps every k-th collected test starting at the i-th: used
-    where the op suite runs on 4 gloo processes on a 2-core machine (tests/tensor/test_ops_dist.py),
-    each mesh a different slice, so every case still runs on some 4-process mesh."""
+    where the op suite runs on gloo processes on a 2-core machine (tests/tensor/test_ops_dist.py),
+    each mesh a different slice."""
     sample = os.environ.get("TORCHMESH_TEST_SAMPLE")
     if sample:
         k, i = map(int, sample.split(":"))

@@ -109,10 +109,11 @@ def test_fsdp_training_matches_single_device_and_memory_falls(reference, mesh_sp
 
 @pytest.mark.parametrize("regather", [False, True])
 def test_fsdp_collectives_per_step(regather):
-    """Forward: one all-gather over dp per sharded parameter; backward: one reduce-scatter
-    each (no all-reduce over dp for them), and with `regather` an all-gather again for each
-    parameter the forward would have kept; all-gather + reduce-scatter bytes are those of
-    a dp all-reduce."""
+    """Forward: one all-gather over dp per sharded parameter; backward: their gradients'
+    reduce-scatters in one bucket (no all-reduce over dp for them), and with `regather` an
+    all-gather again for each parameter the forward would have kept; all-gather +
+    reduce-scatter bytes are those of a dp all-reduce. With gradient buckets off, one
+    reduce-scatter per parameter, the same bytes in all."""
     mesh = tm.Mesh("dp:2;tp:2", rules=RULES)
     model = tm.nn.shard_parameters(tm.nn.TransformerLM(mesh, CONFIG, seed=0), "d_model:dp", regather=regather)
     sharded = {n: p for n, p in tm.nn.mesh_parameters(model) if "dp" in p.tensor_layout.used_axes}
@@ -123,7 +124,7 @@ def test_fsdp_collectives_per_step(regather):
     # + the loss's mean over batch (forward) and the ff biases' gradients (backward, one bucket)
     assert on_dp == {
         ("all_gather", "forward"): len(sharded),
-        ("reduce_scatter", "backward"): len(sharded),
+        ("reduce_scatter", "backward"): 1,
         ("all_reduce", "forward"): 1,
         ("all_reduce", "backward"): 1,
     }
@@ -132,8 +133,12 @@ def test_fsdp_collectives_per_step(regather):
     gathered = sorted(r.bytes for r in stats.records if r.kind == "all_gather" and r.phase == "forward")
     expected = sorted(p.shards[0].numel() * F32 for p in sharded.values())  # (k-1) x shard, k = 2
     assert gathered == expected
-    scattered = sorted(r.bytes for r in stats.records if r.kind == "reduce_scatter")
-    assert scattered == expected  # (k-1)/k x the gathered gradient
+    scattered = [r.bytes for r in stats.records if r.kind == "reduce_scatter"]
+    assert scattered == [sum(expected)]  # (k-1)/k x the gathered gradients
+    tm.nn.configure_grad_sync(mesh, enabled=False)
+    with tm.comm_stats() as stats:
+        lm_step(model, mesh, 0).backward()
+    assert sorted(r.bytes for r in stats.records if r.kind == "reduce_scatter") == expected
 
 
 def live_bytes_after_forward(model: tm.nn.TransformerLM, mesh: tm.Mesh) -> tuple[int, tm.MeshTensor]:

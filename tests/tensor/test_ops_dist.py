@@ -3,10 +3,11 @@ every rank runs the same pytest session over the same cases, with `reference.mak
 building `dist` meshes; each case compares the output and every gradient shard with
 single-device torch, as on sim.
 
-Every case runs once on 2 processes (half of them on tp:2, the other half on dp:2) and once
-on 4 (slow on 2 cores: gloo's ranks take turns), a quarter of the cases in each of four runs:
-half of them on the 2-D mesh dp:2;tp:2, a quarter on tp:4 and a quarter on dp:1;tp:4 (a
-size-1 axis)."""
+Every case runs once on 2 processes (half of them on tp:2, the other half on dp:2). Every
+other case (the even-numbered ones, so each op with more than one case, and each layout of
+most) runs on 4 processes too (slow on 2 cores: gloo's ranks take turns), in four runs: half
+of them on the 2-D mesh dp:2;tp:2, a quarter on tp:4 and a quarter on dp:1;tp:4 (a size-1
+axis)."""
 
 from __future__ import annotations
 
@@ -47,10 +48,10 @@ def run_op_suite(mesh_spec: str, sample: str = "") -> tuple[int, str]:
     [
         ("tp:2", 2, "2:0"),
         ("dp:2", 2, "2:1"),
-        ("dp:2;tp:2", 4, "4:0"),
-        ("dp:2;tp:2", 4, "4:1"),
-        ("tp:4", 4, "4:2"),
-        ("dp:1;tp:4", 4, "4:3"),
+        ("dp:2;tp:2", 4, "8:0"),
+        ("dp:2;tp:2", 4, "8:4"),
+        ("tp:4", 4, "8:2"),
+        ("dp:1;tp:4", 4, "8:6"),
     ],
 )
 @pytest.mark.timeout(900)

@@ -23,7 +23,7 @@ import torch
 from torch.autograd import Function
 
 from torchmesh.comm import stats
-from torchmesh.comm.backend import Data, MeshImpl, OpScope, Sizes, compiling
+from torchmesh.comm.backend import Data, MeshImpl, OpScope, Pending, Sizes, compiling
 
 
 def _size(impl: MeshImpl, axes: tuple[str, ...]) -> int:
@@ -120,19 +120,20 @@ class _AllGather(Function):
     sums it and keeps one's own block: one reduce-scatter."""
 
     @staticmethod
-    def forward(ctx, impl, axis, dim, reduce_grad, sizes, *ts):
+    def forward(ctx, impl, axis, dim, reduce_grad, sizes, ready, *ts):
         ctx.impl, ctx.axis, ctx.dim, ctx.reduce_grad = impl, axis, dim, reduce_grad
         ctx.op = impl.op_name() if reduce_grad else ""
-        return _all_gather(impl, ts, axis, dim, sizes=sizes)
+        return ready.wait() if ready is not None else _all_gather(impl, ts, axis, dim, sizes=sizes)
 
     @staticmethod
     def backward(ctx, *grads):
         if ctx.reduce_grad:
             with _backward_of(ctx):
                 grads = _reduce_scatter(ctx.impl, tuple(g.contiguous() for g in grads), ctx.axis, ctx.dim, "backward")
+                grads = tuple(g.contiguous() for g in grads)
         else:
             grads = tuple(g.contiguous() for g in ctx.impl.split(grads, ctx.axis, ctx.dim))
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
 
 
 class _Split(Function):
@@ -216,16 +217,18 @@ def all_gather(
     phase: str = "forward",
     reduce_grad: bool = False,
     sizes: Sizes = None,
+    ready: Pending | None = None,
 ) -> Data:
     """`phase` labels a gather run outside autograd (e.g. "backward" for a regather).
     `reduce_grad`: the gathered input is then broadcast over `axis` (a fully sharded parameter
     meeting split activations), so its gradient is reduce-scattered, not sliced. `sizes`:
-    the gathered size along `dim` per local tensor, where blocks may be uneven."""
+    the gathered size along `dim` per local tensor, where blocks may be uneven. `ready`: this
+    gather, started (and recorded) earlier (`comm.prefetch`)."""
     if impl.axis_size(axis) == 1:
         return ts
     if _needs_grad(ts):
-        return _AllGather.apply(impl, axis, dim, reduce_grad, sizes, *ts)
-    return _all_gather(impl, ts, axis, dim, phase, sizes)
+        return _AllGather.apply(impl, axis, dim, reduce_grad, sizes, ready, *ts)
+    return ready.wait() if ready is not None else _all_gather(impl, ts, axis, dim, phase, sizes)
 
 
 def split(impl: MeshImpl, ts: Data, axis: str, dim: int) -> Data:

@@ -141,9 +141,19 @@ class MeshImpl:
         block has the local size); the blocks are then that size's balanced split."""
         raise NotImplementedError
 
+    def all_gather_async(self, ts: Data, axis: str, dim: int, sizes: Sizes = None) -> Pending:
+        """Start `all_gather`; `.wait()` gives the result (FSDP prefetch). Backends without
+        asynchronous collectives finish it here."""
+        return Done(self.all_gather(ts, axis, dim, sizes))
+
     def reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
         """Sum over the group and keep this device's balanced block along `dim`."""
         raise NotImplementedError
+
+    def reduce_scatter_async(self, ts: Data, axis: str, dim: int) -> Pending:
+        """Start `reduce_scatter` (blocks even); `.wait()` gives the result (FSDP's gradient
+        buckets). Backends without asynchronous collectives finish it here."""
+        return Done(self.reduce_scatter(ts, axis, dim))
 
     def all_to_all(self, ts: Data, axis: str, gather_dim: int, split_dim: int, sizes: Sizes = None) -> Data:
         """Split `split_dim` into the group's balanced blocks, send block j to member j, and

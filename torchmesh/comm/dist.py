@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from torchmesh.comm import functional, traced
-from torchmesh.comm.backend import Data, MeshImpl, Sizes, compiling
+from torchmesh.comm.backend import Data, Done, MeshImpl, Pending, Sizes, compiling
 from torchmesh.errors import (
     BackendError,
     CollectiveMismatch,
@@ -231,6 +231,21 @@ class _InFlight:
         except RuntimeError as e:
             raise self.impl._failed("all_reduce", self.axes, e) from None
         return (self.tensor,)
+
+
+class _Started:
+    """An asynchronous collective (`kind`) over `axis`; its result, `out`, is complete once
+    waited for."""
+
+    def __init__(self, impl: DistImpl, work: Any, out: torch.Tensor, kind: str, axis: str) -> None:
+        self.impl, self.work, self.out, self.kind, self.axis = impl, work, out, kind, axis
+
+    def wait(self) -> Data:
+        try:
+            self.work.wait()
+        except RuntimeError as e:
+            raise self.impl._failed(self.kind, (self.axis,), e) from None
+        return (self.out,)
 
 
 def _device_mesh(device_type: str, shape: MeshShape):
@@ -501,6 +516,21 @@ class DistImpl(MeshImpl):
         except RuntimeError as e:
             raise self._failed("all_gather", (axis,), e) from None
 
+    def all_gather_async(self, ts: Data, axis: str, dim: int, sizes: Sizes = None) -> Pending:
+        """Even blocks gather in the background (FSDP prefetch); uneven ones, rare for
+        parameters, here and now."""
+        k = self.axis_size(axis)
+        x = ts[0].movedim(dim, 0).contiguous()
+        if sizes is not None and sizes[0] != k * x.shape[0]:
+            return Done(self.all_gather(ts, axis, dim, sizes))
+        self._guard("all_gather", (axis,), ts[0], None if sizes is None else (dim, sizes[0]))
+        out = x.new_empty((k * x.shape[0], *x.shape[1:]))
+        try:
+            work = dist.all_gather_into_tensor(out, x, group=self._groups[axis], async_op=True)
+        except RuntimeError as e:
+            raise self._failed("all_gather", (axis,), e) from None
+        return _Started(self, work, out.movedim(0, dim), "all_gather", axis)
+
     def _all_gather(self, ts: Data, axis: str, dim: int, sizes: Sizes = None) -> Data:
         k = self.axis_size(axis)
         x = ts[0].movedim(dim, 0).contiguous()
@@ -527,6 +557,18 @@ class DistImpl(MeshImpl):
             return self._reduce_scatter(ts, axis, dim)
         except RuntimeError as e:
             raise self._failed("reduce_scatter", (axis,), e) from None
+
+    def reduce_scatter_async(self, ts: Data, axis: str, dim: int) -> Pending:
+        """Even blocks only (FSDP's gradient buckets)."""
+        k = self.axis_size(axis)
+        x = ts[0].movedim(dim, 0).contiguous()
+        self._guard("reduce_scatter", (axis,), ts[0])
+        out = x.new_empty((x.shape[0] // k, *x.shape[1:]))
+        try:
+            work = dist.reduce_scatter_tensor(out, x, group=self._groups[axis], async_op=True)
+        except RuntimeError as e:
+            raise self._failed("reduce_scatter", (axis,), e) from None
+        return _Started(self, work, out.movedim(0, dim), "reduce_scatter", axis)
 
     def _reduce_scatter(self, ts: Data, axis: str, dim: int) -> Data:
         k = self.axis_size(axis)

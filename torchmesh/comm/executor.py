@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torchmesh.comm import autograd as comm
-from torchmesh.comm import traced
+from torchmesh.comm import grad_sync, prefetch, traced
 from torchmesh.comm.backend import Data, MeshImpl, compiling
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.plan import AllReduce, AllToAll, Gather, ReduceScatter, Slice, Step, step_sizes
@@ -28,7 +28,8 @@ def run_steps(
 
     All-gathers over `gather_rs` axes reduce-scatter their gradient (the input is broadcast
     there: a fully sharded parameter). `phase="backward"` records the traffic as backward's
-    (FSDP's regather replays a forward relayout inside backward).
+    (FSDP's regather replays a forward relayout inside backward). A fully sharded
+    parameter's gather may have been started early (`comm.prefetch`).
     """
     steps = tuple(steps)
     if not steps:
@@ -37,6 +38,14 @@ def run_steps(
         all_sizes = traced.step_sizes_traced(src, steps, impl.slice_mesh, impl.local_coords)
     else:
         all_sizes = step_sizes(src, steps, impl.slice_mesh, impl.local_coords)
+    first = steps[0]
+    if len(steps) == 1 and isinstance(first, Gather) and (gather_rs or phase == "backward"):
+        # a fully sharded parameter (or its regather): maybe prefetched, its gradient bucketed
+        ready = prefetch.prefetched(impl, data, (first,), phase)
+        if first.axis in gather_rs:
+            return grad_sync.gather_param(impl, data, first, all_sizes[0], ready)
+        if ready is not None:
+            return comm.all_gather(impl, data, first.axis, first.dim, phase, ready=ready)
     for step, sizes in zip(steps, all_sizes):
         if isinstance(step, Gather):
             data = comm.all_gather(

@@ -17,7 +17,13 @@ parameter (ops that relay it out first, `local_map`, ...) keeps the plain rule, 
 `.grad` is always the plain-rule gradient plus the deferred sums: exact on every mix.
 
 Each use's buffer collects every use of the backward (a tied embedding's lookup and
-output projection): one all-reduce of their sum, not one per use. `torch.autograd.grad`
+output projection): one all-reduce of their sum, not one per use.
+
+Fully sharded parameters (`tm.nn.shard_parameters`) are all-gathered before use; their
+gradient is reduce-scattered back (FSDP). Those reduce-scatters are deferred alike: each
+use adds the gathered-shape partial gradient to the buffer, and a reduce-scatter bucket
+(same axis and dtype) lays its parameters' blocks out member by member (FSDP2's chunk-cat)
+so that one reduce-scatter leaves each device its block of every parameter. `torch.autograd.grad`
 (which runs no accumulator) and a reducer that is switched off fall back to the plain rule.
 """
 
@@ -32,8 +38,18 @@ from torch.autograd import Function
 from torch.autograd.graph import Node
 from torch.utils.weak import WeakIdKeyDictionary
 
-from torchmesh.comm.autograd import _all_reduce, _backward_of, _needs_grad, _rec, sum_grad
-from torchmesh.comm.backend import Data, MeshImpl, compiling
+from torchmesh.comm.autograd import (
+    _all_gather,
+    _all_reduce,
+    _backward_of,
+    _needs_grad,
+    _rec,
+    _reduce_scatter,
+    all_gather,
+    sum_grad,
+)
+from torchmesh.comm.backend import Data, MeshImpl, Pending, Sizes, compiling
+from torchmesh.placement.plan import Gather
 
 #: DDP's default bucket size.
 DEFAULT_BUCKET_MB = 25.0
@@ -47,16 +63,18 @@ class GradSync:
     impl: MeshImpl
     enabled: bool = True
     bucket_bytes: int = int(DEFAULT_BUCKET_MB * 2**20)
-    open: dict[tuple, _Bucket] = field(default_factory=dict)
-    launched: list[_Bucket] = field(default_factory=list)
+    open: dict[tuple, _Bucket | _ScatterBucket] = field(default_factory=dict)
+    launched: list[_Bucket | _ScatterBucket] = field(default_factory=list)
     callback_queued: bool = False
 
     def ready(self, param: ParamSync) -> None:
         """`param`'s uses in this backward are all done: bucket its partial sums."""
-        for axes, grads in param.partial.items():
-            key = (axes, grads[0].dtype, grads[0].device)
-            bucket = self.open.setdefault(key, _Bucket(axes))
-            bucket.add(param, grads)
+        for (kind, axes, dim), grads in param.partial.items():
+            key = (kind, axes, grads[0].dtype, grads[0].device)
+            bucket = self.open.get(key)
+            if bucket is None:
+                bucket = self.open[key] = _Bucket(axes) if kind == "all_reduce" else _ScatterBucket(axes[0])
+            bucket.add(param, grads, dim)
             if bucket.bytes >= self.bucket_bytes:
                 self.launched.append(bucket.launch(self.impl))
                 del self.open[key]
@@ -90,7 +108,8 @@ def grad_sync(impl: MeshImpl) -> GradSync:
 
 class ParamSync:
     """A parameter's deferred-gradient state: its shards (one per local device), the anchor
-    every deferred use takes as input, and this backward's partial sums per axes."""
+    every deferred use takes as input, and this backward's partial sums per (collective,
+    axes, dim)."""
 
     def __init__(self, impl: MeshImpl, shards: Sequence[torch.Tensor]) -> None:
         self.reducer = grad_sync(impl)
@@ -98,7 +117,7 @@ class ParamSync:
         device = self.shards[0].device
         self.anchor = torch.zeros((), device=device, requires_grad=True)
         self.zero = torch.zeros((), device=device)
-        self.partial: dict[tuple[str, ...], Data] = {}
+        self.partial: dict[tuple[str, tuple[str, ...], int], Data] = {}
         # The anchor's gradient accumulator, kept alive so the engine can be asked whether
         # this backward runs it (it does not under torch.autograd.grad).
         view = self.anchor.view_as(self.anchor)
@@ -111,9 +130,9 @@ class ParamSync:
         """Whether this backward defers: the reducer is on and the anchor's accumulator runs."""
         return self.reducer.enabled and torch._C._will_engine_execute_node(self.accumulator)
 
-    def add(self, axes: tuple[str, ...], grads: Data) -> None:
-        have = self.partial.get(axes)
-        self.partial[axes] = grads if have is None else tuple(a + b for a, b in zip(have, grads))
+    def add(self, key: tuple[str, tuple[str, ...], int], grads: Data) -> None:
+        have = self.partial.get(key)
+        self.partial[key] = grads if have is None else tuple(a + b for a, b in zip(have, grads))
 
     def _uses_done(self, anchor: torch.Tensor) -> None:
         anchor.grad = None
@@ -138,6 +157,39 @@ def tracked(ts: Data) -> ParamSync | None:
     return param
 
 
+def gather_param(impl: MeshImpl, ts: Data, step: Gather, sizes: Sizes, ready: Pending | None) -> Data:
+    """The all-gather of a fully sharded parameter's shards `ts` (broadcast over the axis
+    after it: its gradient is reduce-scattered), deferred and bucketed when `ts` are a
+    tracked parameter's, its reducer is on and the blocks are even; `ready`: the gather,
+    started earlier (`comm.prefetch`)."""
+    param = None if compiling() else tracked(ts)
+    k = impl.axis_size(step.axis)
+    even = sizes is None or all(n % k == 0 for n in sizes)
+    if param is None or not param.reducer.enabled or not even or k == 1 or not _needs_grad(ts):
+        return all_gather(impl, ts, step.axis, step.dim, reduce_grad=True, sizes=sizes, ready=ready)
+    return _DeferredGather.apply(impl, step, sizes, ready, param, param.anchor, *ts)
+
+
+class _DeferredGather(Function):
+    @staticmethod
+    def forward(ctx: Any, impl: MeshImpl, step: Gather, sizes: Sizes, ready, param: ParamSync, anchor, *ts):
+        ctx.impl, ctx.step, ctx.param, ctx.op = impl, step, param, impl.op_name()
+        if ready is not None:
+            return ready.wait()
+        return _all_gather(impl, ts, step.axis, step.dim, sizes=sizes)
+
+    @staticmethod
+    def backward(ctx: Any, *grads):
+        param: ParamSync = ctx.param
+        step: Gather = ctx.step
+        if param.deferring():
+            param.add(("reduce_scatter", (step.axis,), step.dim), grads)
+            return (None, None, None, None, None, param.zero, *(None for _ in grads))
+        with _backward_of(ctx):
+            grads = _reduce_scatter(ctx.impl, tuple(g.contiguous() for g in grads), step.axis, step.dim, "backward")
+        return (None, None, None, None, None, None, *(g.contiguous() for g in grads))
+
+
 def reduce_grad(impl: MeshImpl, ts: Data, axes: tuple[str, ...]) -> Data:
     """`sum_grad` for an op input: deferred and bucketed when `ts` are a tracked parameter's
     shards and its reducer is on, the plain per-use all-reduce otherwise."""
@@ -160,7 +212,7 @@ class _DeferredSumGrad(Function):
     def backward(ctx: Any, *grads):
         param: ParamSync = ctx.param
         if param.deferring():
-            param.add(ctx.axes, grads)
+            param.add(("all_reduce", ctx.axes, 0), grads)
             return (None, None, None, param.zero, *(None for _ in grads))
         with _backward_of(ctx):
             return (None, None, None, None, *_all_reduce(ctx.impl, grads, ctx.axes, "sum", "backward"))
@@ -176,7 +228,7 @@ class _Bucket:
         self.bytes = 0
         self.pending: Any = None
 
-    def add(self, param: ParamSync, grads: Data) -> None:
+    def add(self, param: ParamSync, grads: Data, dim: int = 0) -> None:
         self.entries.append((param, grads))
         self.bytes += grads[0].numel() * grads[0].element_size()
 
@@ -195,6 +247,49 @@ class _Bucket:
             for i, (shard, total, g) in enumerate(zip(param.shards, sums, grads)):
                 n = g.numel()
                 piece = total[offsets[i] : offsets[i] + n].view(shard.shape)
+                offsets[i] += n
+                if shard.grad is None:
+                    shard.grad = piece
+                else:
+                    shard.grad.add_(piece)
+
+
+class _ScatterBucket:
+    """Gathered-shape partial gradients of several parameters stored split over `axis`,
+    reduce-scattered in one collective: per device, the k blocks of every parameter (along
+    its split dim) are laid out block by block (all parameters' block 0, then block 1, ...),
+    so member j receives the sum of every parameter's block j, in order."""
+
+    def __init__(self, axis: str) -> None:
+        self.axis = axis
+        self.entries: list[tuple[ParamSync, Data, int]] = []
+        self.bytes = 0
+        self.pending: Any = None
+
+    def add(self, param: ParamSync, grads: Data, dim: int = 0) -> None:
+        self.entries.append((param, grads, dim))
+        self.bytes += grads[0].numel() * grads[0].element_size()
+
+    def launch(self, impl: MeshImpl) -> _ScatterBucket:
+        k = impl.axis_size(self.axis)
+        flats = tuple(
+            torch.cat([g[i].movedim(dim, 0).reshape(k, -1) for _, g, dim in self.entries], dim=1).reshape(-1)
+            for i in range(len(self.entries[0][1]))
+        )
+        with impl.op_scope("gradient bucket"):
+            _rec(impl, "reduce_scatter", (self.axis,), flats, "backward")
+            self.pending = impl.reduce_scatter_async(flats, self.axis, 0)
+        return self
+
+    def deliver(self) -> None:
+        blocks = self.pending.wait()
+        offsets = [0] * len(blocks)
+        for param, grads, dim in self.entries:
+            for i, (shard, total, g) in enumerate(zip(param.shards, blocks, grads)):
+                moved = g.movedim(dim, 0).shape
+                n = g.numel() // moved[0] * shard.shape[dim]
+                piece = total[offsets[i] : offsets[i] + n].view(shard.shape[dim], *moved[1:]).movedim(0, dim)
+                piece = piece.contiguous()  # the parameter's own layout (a copy only when dim > 0)
                 offsets[i] += n
                 if shard.grad is None:
                     shard.grad = piece

@@ -15,15 +15,23 @@ parameter + gradient + optimizer memory per device falls by the size of `dp`.
 The gathered parameters are not kept for backward (`regather=True`, the default): the
 backward gathers each again, so only one layer's full parameters are alive at a time.
 
+The gathers are prefetched (`prefetch=1`, the default; `torchmesh.comm.prefetch`): once the
+order of the reads is known (after the first step), the gathers of the next module's
+parameters start, asynchronously, when the current module's are taken, in forward and in
+backward, so communication overlaps computation (FSDP's forward and backward prefetch).
+
 An axis a parameter already uses (e.g. `experts:dp` for an MoE's expert weights) is not
 added twice: that parameter stays as the mesh's rules store it.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from torchmesh import errors
+from torchmesh.comm import prefetch as prefetching
 from torchmesh.comm import traced
 from torchmesh.comm.regather import regather_in_backward
 from torchmesh.errors import ArgumentTypeError, LayoutError
@@ -33,7 +41,9 @@ from torchmesh.placement.rules import LayoutRules, RulesLike
 from torchmesh.tensor.relayout import to_layout
 
 
-def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = True) -> torch.nn.Module:
+def shard_parameters(
+    model: torch.nn.Module, rules: RulesLike, regather: bool = True, prefetch: int = 1
+) -> torch.nn.Module:
     """Store every mesh parameter of `model` split by `rules` too ("d_model:dp"); returns
     `model`. Call it before building the optimizer: the parameters are replaced by their
     shards (new `nn.Parameter`s). Only mesh parameters (MeshTensors of `tm.nn` modules) are
@@ -45,6 +55,10 @@ def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = 
     communication, the full parameters of every layer alive until backward); use it for
     models whose blocks run under torch.utils.checkpoint, which frees them anyway.
 
+    `prefetch`: how many modules ahead the parameter gathers start (asynchronously, while the
+    current module computes; 0: each when it is needed). Up to `prefetch + 1` modules' full
+    parameters are then alive at a time.
+
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
     >>> m = tm.nn.Module()
@@ -55,8 +69,13 @@ def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = 
     """
     if next(mesh_parameters(model), None) is None:
         raise ArgumentTypeError(errors.shard_parameters_plain(type(model).__name__))
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ArgumentTypeError(
+            f"shard_parameters: prefetch={prefetch!r} must be a whole number of modules >= 0 (0: no prefetch)."
+        )
     parsed = LayoutRules.parse(rules)
     owners = []
+    prefetcher = None
     for mod_name, module in model.named_modules():
         specs = own_mesh_parameters(module)
         if not specs or not isinstance(module, Module):
@@ -69,27 +88,34 @@ def shard_parameters(model: torch.nn.Module, rules: RulesLike, regather: bool = 
                     sharded = to_layout(param, target)  # a local slice: no communication
                 module.register_mesh_parameter(name, sharded.requires_grad_(param.requires_grad))
                 owners.append(module)
-    if regather:
+                if prefetch:
+                    prefetcher = prefetcher or prefetching.Prefetcher(param.mesh.impl, prefetch)
+                    stored = getattr(module, name)
+                    prefetcher.add(stored.shards, stored.tensor_layout)
+    if regather or prefetcher is not None:
         for module in dict.fromkeys(owners):  # each once, in order
-            _regather_during_forward(module)
+            _hook_forward(module, regather)
     return model
 
 
-def _regather_during_forward(model: torch.nn.Module) -> None:
-    """Turn `regather_in_backward` on for every call of the forward of a module that owns
-    sharded parameters (also when torch.utils.checkpoint runs it again in backward, so the
-    recomputation saves what the forward saved)."""
+def _hook_forward(model: torch.nn.Module, regather: bool) -> None:
+    """Around every call of the forward of a module that owns sharded parameters: mark its
+    gathers as its group (for prefetch), and, with `regather`, turn `regather_in_backward`
+    on (also when torch.utils.checkpoint runs it again in backward, so the recomputation
+    saves what the forward saved)."""
     if hasattr(model, "_torchmesh_regather"):
         return
     active: list = []
 
     def enter(module, args):
-        ctx = regather_in_backward()
+        ctx = regather_in_backward() if regather else contextlib.nullcontext()
         ctx.__enter__()
-        active.append(ctx)
+        active.append((ctx, prefetching.enter_module(module)))
 
     def leave(module, args, output):
-        active.pop().__exit__(None, None, None)
+        ctx, token = active.pop()
+        prefetching.leave_module(token)
+        ctx.__exit__(None, None, None)
 
     handles = (model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True))
     object.__setattr__(model, "_torchmesh_regather", handles)  # a plain attribute: no tensor, no module

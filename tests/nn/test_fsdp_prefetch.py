@@ -1,0 +1,121 @@
+"""FSDP prefetch (`shard_parameters(..., prefetch=N)`) and bucketed gradient reduce-scatters:
+after the first step has taught the order of the parameter gathers, every gather but each
+phase's first group's is started ahead (at most N groups ahead); results are those of the
+unprefetched, unbucketed program bit for bit (sim, and 4 gloo processes with real
+asynchronous gathers and reduce-scatters), and prefetching records the same collectives."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from harness import run_distributed
+from test_fsdp import CONFIG, RULES, lm_step
+
+import torchmesh as tm
+from torchmesh.comm import prefetch
+
+STEPS = 4
+
+
+def train(mesh: tm.Mesh, depth: int, steps: int = STEPS, record_step: int | None = None, buckets: bool = True):
+    """Losses and final gradients of `steps` fsdp steps; with `record_step`, that step's
+    collectives on dp too. `buckets`: gradient reduce-scatters bucketed (the default) or one
+    per parameter use."""
+    tm.nn.configure_grad_sync(mesh, enabled=buckets)
+    model = tm.nn.shard_parameters(tm.nn.TransformerLM(mesh, CONFIG, seed=0), "d_model:dp", prefetch=depth)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses, records = [], None
+    for step in range(steps):
+        with tm.comm_stats() as stats:
+            loss = lm_step(model, mesh, step)
+            optimizer.zero_grad()
+            loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step == record_step:
+            records = Counter((r.kind, r.axes, r.phase, r.bytes) for r in stats.records)
+    grads = {n: torch.cat([s.grad.flatten() for s in p.shards]) for n, p in tm.nn.mesh_parameters(model)}
+    return losses, grads, records
+
+
+def test_prefetch_starts_every_later_group_ahead(monkeypatch):
+    mesh = tm.Mesh("dp:2;tp:2", rules=RULES)
+    taken: list[tuple[str, bool, int]] = []
+    original = prefetch.Prefetcher.take
+
+    def take(self, data, steps, phase):
+        pending = original(self, data, steps, phase)
+        groups = {self.phases[p].groups[self.phases[p].first[k]] for p, k in self.in_flight}
+        taken.append((phase, pending is not None, len(groups)))
+        return pending
+
+    monkeypatch.setattr(prefetch.Prefetcher, "take", take)
+    for depth in (1, 2):
+        model = tm.nn.shard_parameters(tm.nn.TransformerLM(mesh, CONFIG, seed=0), "d_model:dp", prefetch=depth)
+        for step in range(2):
+            taken.clear()
+            lm_step(model, mesh, step).backward()
+            ahead = Counter((phase, hit) for phase, hit, _ in taken)
+            if step == 0:  # learning the order: nothing to prefetch yet
+                assert not any(hit for _, hit, _ in taken)
+            else:  # all but the first group's (here, one parameter: the embedding's, the last block's)
+                assert ahead[("forward", False)] == 1 and ahead[("backward", False)] == 1, ahead
+                assert ahead[("forward", True)] > 20 and ahead[("backward", True)] > 15, ahead
+            # bounded: the rest of the current group and the next `depth` groups
+            assert max(n for *_, n in taken) <= depth + 1
+
+
+def test_prefetch_gives_the_same_numbers_and_collectives_on_sim():
+    mesh = tm.Mesh("dp:2;tp:2", rules=RULES)
+    plain, ahead = train(mesh, 0, record_step=2), train(mesh, 1, record_step=2)
+    assert plain[0] == ahead[0]
+    for name, g in plain[1].items():
+        assert torch.equal(g, ahead[1][name]), name
+    assert plain[2] == ahead[2]  # the same gathers (started earlier), counted once each
+
+
+def test_prefetch_relearns_when_the_order_changes():
+    """A forward that skips a block at one step and not at the next: the gathers it does not
+    take are dropped, the rest run; numbers equal the unprefetched program's."""
+    mesh = tm.Mesh("dp:2", rules="batch:dp")
+    results = []
+    for depth in (0, 1):
+        model = tm.nn.shard_parameters(tm.nn.TransformerLM(mesh, CONFIG, seed=0), "d_model:dp", prefetch=depth)
+        blocks = list(model.blocks)
+        losses = []
+        for step in range(4):
+            model.blocks = torch.nn.ModuleList(blocks[:1] if step == 2 else blocks)
+            loss = lm_step(model, mesh, step)
+            loss.backward()
+            losses.append(loss.item())
+        results.append(losses)
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_prefetch_must_be_a_count(bad):
+    mesh = tm.Mesh("dp:2", rules="batch:dp")
+    with pytest.raises(TypeError, match=r"prefetch=.* must be a whole number of modules >= 0"):
+        tm.nn.shard_parameters(tm.nn.TransformerLM(mesh, CONFIG, seed=0), "d_model:dp", prefetch=bad)
+
+
+def prefetch_on_ranks() -> tuple:
+    mesh = tm.Mesh("dp:2;tp:2", rules=RULES, backend="dist")
+    return train(mesh, 0, buckets=False), train(mesh, 2)
+
+
+def test_prefetch_and_buckets_on_gloo_are_bit_for_bit():
+    for plain, ahead in run_distributed(prefetch_on_ranks, 4):
+        assert plain[0] == ahead[0]
+        for name, g in plain[1].items():
+            assert torch.equal(g, ahead[1][name]), name
+
+
+def test_buckets_give_the_unbucketed_numbers_on_sim():
+    mesh = tm.Mesh("dp:4", rules="batch:dp")
+    plain, bucketed = train(mesh, 0, steps=2, buckets=False), train(mesh, 0, steps=2)
+    assert plain[0] == pytest.approx(bucketed[0], rel=1e-6)
+    for name, g in plain[1].items():
+        torch.testing.assert_close(g, bucketed[1][name], rtol=1e-5, atol=1e-7)

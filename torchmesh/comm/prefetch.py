@@ -1,0 +1,168 @@
+"""FSDP prefetch: the all-gathers of the parameters the program reads next, started early.
+
+With fully sharded parameters (`tm.nn.shard_parameters`) every read of a parameter is an
+all-gather over the axes it is stored split on (and, with regather, again in backward).
+Synchronous, each one stalls the computation. A `Prefetcher` learns the order of those
+gathers from the first step: a sequence of (parameter, relayout) keys, grouped by the module
+that read them (forward), or by the module whose backward regathers them (backward). From
+then on, when the gathers of group g are needed, the gathers of the next `depth` groups are
+started asynchronously (`MeshImpl.all_gather_async`): they run while group g computes. At
+most `depth + 1` groups' gathered parameters are alive at a time: the planner's
+`prefetch_bytes` (torchmesh.planning.profile).
+
+Results are the synchronous gathers' own (the same collective, started earlier). A program
+whose order of reads changes (a branch) re-learns it: a gather that is not where the
+sequence said runs synchronously, and started gathers nobody takes are waited for and
+dropped at the start of the next step's first group. Nothing is prefetched in check mode
+(each collective is verified as it runs) or inside torch.compile (the compiler schedules).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from torchmesh.comm import stats
+from torchmesh.comm.backend import Data, MeshImpl, Pending, Sizes, compiling
+from torchmesh.placement.layout import TensorLayout
+from torchmesh.placement.plan import Gather, Step, step_sizes
+
+#: The module whose forward is running (its id), set by `shard_parameters`' hooks: the group
+#: of the gathers made now.
+_MODULE: ContextVar[int] = ContextVar("torchmesh_prefetch_module", default=0)
+
+#: (parameter, relayout steps): one gather of one parameter.
+Key = tuple[int, tuple[Step, ...]]
+
+
+@dataclass
+class _Sequence:
+    """The learned order of one phase's gathers: keys, their group numbers (0, 1, ... in
+    order), and the keys of each group."""
+
+    keys: list[Key] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    members: list[list[Key]] = field(default_factory=list)  # group -> its keys
+    first: dict[Key, int] = field(default_factory=dict)  # key -> first position
+    last_tag: object = None
+    cursor: int = 0
+
+    def locate(self, key: Key, tag: object) -> int:
+        """The position of this gather: where the cursor is if it matches, else its first
+        position (a new step, or a branch), else a new entry (learning; `tag` names its
+        group: a new group starts where the tag changes)."""
+        if self.cursor < len(self.keys) and self.keys[self.cursor] == key:
+            pos = self.cursor
+        elif key in self.first:
+            pos = self.first[key]
+        else:
+            pos = len(self.keys)
+            if not self.members or tag != self.last_tag:
+                self.members.append([])
+            self.keys.append(key)
+            self.groups.append(len(self.members) - 1)
+            self.members[-1].append(key)
+            self.first[key], self.last_tag = pos, tag
+        self.cursor = pos + 1
+        return pos
+
+
+@dataclass
+class _Source:
+    """A sharded parameter: its shards and stored layout (what a gather starts from)."""
+
+    shards: Data
+    layout: TensorLayout
+
+
+class Prefetcher:
+    """The gathers of one model's sharded parameters on one backend: their learned order and
+    those in flight."""
+
+    def __init__(self, impl: MeshImpl, depth: int) -> None:
+        self.impl, self.depth = impl, depth
+        self.sources: dict[int, _Source] = {}  # id(first shard) -> source
+        self.phases = {"forward": _Sequence(), "backward": _Sequence()}
+        self.forward_group: dict[int, int] = {}  # id(first shard) -> group of its first forward read
+        self.in_flight: dict[tuple[str, Key], Pending] = {}
+        self.started: set[tuple[str, int]] = set()  # (phase, group) started this step
+
+    def add(self, shards: Data, layout: TensorLayout) -> None:
+        self.sources[id(shards[0])] = _Source(tuple(shards), layout)
+        _PREFETCHERS[shards[0]] = self
+
+    def take(self, data: Data, steps: tuple[Step, ...], phase: str) -> Pending | None:
+        """The gather of `data` (a source's shards) by `steps` if it was started early (None:
+        run it now); starts the gathers of the next `depth` groups."""
+        key: Key = (id(data[0]), steps)
+        seq = self.phases[phase]
+        before = seq.cursor
+        # forward: grouped by the module reading; backward: by the module that read in forward
+        tag = self.forward_group.get(key[0]) if phase == "backward" else _MODULE.get()
+        pos = seq.locate(key, tag)
+        if pos < before:  # back to the start: a new step
+            self._drop(phase)
+        group = seq.groups[pos]
+        if phase == "forward":
+            self.forward_group.setdefault(key[0], group)
+        self.started.add((phase, group))
+        pending = self.in_flight.pop((phase, key), None)
+        for g in range(group + 1, min(group + self.depth + 1, len(seq.members))):
+            if (phase, g) not in self.started:
+                self.started.add((phase, g))
+                for k in seq.members[g]:
+                    self._start(phase, k)
+        return pending
+
+    def _start(self, phase: str, key: Key) -> None:
+        source = self.sources.get(key[0])
+        if source is None or (phase, key) in self.in_flight:
+            return
+        steps = key[1]
+        (step,) = steps
+        assert isinstance(step, Gather)
+        impl = self.impl
+        (sizes,) = step_sizes(source.layout, steps, impl.slice_mesh, impl.local_coords)
+        shards = tuple(t.detach() for t in source.shards)
+        with impl.op_scope(f"prefetch ({phase})"):
+            _record(impl, shards, step, sizes, phase)
+            self.in_flight[(phase, key)] = impl.all_gather_async(shards, step.axis, step.dim, sizes)
+
+    def _drop(self, phase: str) -> None:
+        """A new step begins: gathers started for the last one and never taken are finished
+        and dropped (the collective ran on every rank alike; only its result goes)."""
+        for k in [k for k in self.in_flight if k[0] == phase]:
+            self.in_flight.pop(k).wait()
+        self.started = {s for s in self.started if s[0] != phase}
+
+
+def _record(impl: MeshImpl, shards: Data, step: Gather, sizes: Sizes, phase: str) -> None:
+    if stats.recording():
+        whole = None if sizes is None else (step.dim, sizes[0])
+        stats.record("all_gather", (step.axis,), impl.axis_size(step.axis), shards[0], phase, whole)
+
+
+_PREFETCHERS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # first shard -> Prefetcher
+
+
+def prefetched(impl: MeshImpl, data: Data, steps: tuple[Gather], phase: str) -> Pending | None:
+    """The started gather of `data` by `steps` if it is a prefetched parameter's (None: run
+    the gather now). Called by the executor for every single-gather relayout."""
+    if not data or impl.checking or compiling() or not torch.is_tensor(data[0]):
+        return None
+    prefetcher = _PREFETCHERS.get(data[0])
+    if prefetcher is None or prefetcher.impl is not impl or impl.axis_size(steps[0].axis) == 1:
+        return None  # not a prefetched parameter; or on xla (the partitioner gathers)
+    return prefetcher.take(data, steps, phase)
+
+
+def enter_module(module: object):
+    """Mark the gathers made until `leave_module` as `module`'s group; returns the token."""
+    return _MODULE.set(id(module))
+
+
+def leave_module(token) -> None:
+    _MODULE.reset(token)
