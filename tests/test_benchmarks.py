@@ -63,3 +63,16 @@ def test_compile_lm_benchmark_runs(tmp_path):
     (row,) = json.loads(out.read_text())["results"]
     assert set(row["tokens_per_s"]) == {"eager", "compiled", "dtensor_compiled"}
     assert "compiled/eager" in run.stdout
+
+
+def test_fsdp_benchmark_runs_against_fsdp2(tmp_path):
+    """The FSDP row (dp:4): both first losses agree (the script asserts it), and from the
+    second step torchmesh gathers each unit's parameters in one collective per phase: no
+    more all-gathers than two per unit (FSDP2 makes one per fully_shard unit and phase)."""
+    out = tmp_path / "fsdp.json"
+    args = ["--steps", "1", "--meshes", "dp:4", "--seq", "16", "--d-model", "32", "--layers", "1"]
+    run_benchmark([sys.executable, str(ROOT / "benchmarks" / "fsdp_lm.py"), *args, "--out", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    counts = row["collectives_per_step"]["torchmesh"]
+    assert counts["reduce_scatter"] <= 1 + 4 and counts["all_gather"] <= 2 * (1 + 4), counts
+    assert set(row["peak_bytes_per_rank"]) == {"torchmesh", "fsdp2"}

@@ -60,20 +60,30 @@ def test_prefetch_starts_every_later_group_ahead(monkeypatch):
             ahead = Counter((phase, hit) for phase, hit, _ in taken)
             if step == 0:  # learning the order: nothing to prefetch yet
                 assert not any(hit for _, hit, _ in taken)
-            else:  # all but the first group's (here, one parameter: the embedding's, the last block's)
-                assert ahead[("forward", False)] == 1 and ahead[("backward", False)] == 1, ahead
-                assert ahead[("forward", True)] > 20 and ahead[("backward", True)] > 15, ahead
+            else:  # every gather was started with its group, ahead of use but for each phase's first group
+                assert set(ahead) == {("forward", True), ("backward", True)}, ahead
             # bounded: the rest of the current group and the next `depth` groups
             assert max(n for *_, n in taken) <= depth + 1
 
 
-def test_prefetch_gives_the_same_numbers_and_collectives_on_sim():
+def test_prefetch_gives_the_same_numbers_and_bytes_in_fewer_gathers_on_sim():
+    """The units' (embedding, blocks, final norm, head, the model) gathers run as one flat all-gather
+    each: as many bytes as one per parameter, in a gather per unit and phase."""
     mesh = tm.Mesh("dp:2;tp:2", rules=RULES)
     plain, ahead = train(mesh, 0, record_step=2), train(mesh, 1, record_step=2)
     assert plain[0] == ahead[0]
     for name, g in plain[1].items():
         assert torch.equal(g, ahead[1][name]), name
-    assert plain[2] == ahead[2]  # the same gathers (started earlier), counted once each
+
+    def gathers(records, phase):
+        found = [(n, b) for (kind, axes, ph, b), n in records.items() if kind == "all_gather" and ph == phase]
+        return sum(n for n, _ in found), sum(n * b for n, b in found)
+
+    # embedding, positions (the model's own), each block, final norm, output head
+    assert gathers(plain[2], "forward")[0] == 27 and gathers(ahead[2], "forward")[0] == CONFIG.layers + 4
+    for phase in ("forward", "backward"):
+        assert gathers(plain[2], phase)[1] == gathers(ahead[2], phase)[1], phase
+    assert gathers(ahead[2], "backward")[0] <= CONFIG.layers + 4
 
 
 def test_prefetch_relearns_when_the_order_changes():
@@ -97,7 +107,7 @@ def test_prefetch_relearns_when_the_order_changes():
 @pytest.mark.parametrize("bad", [-1, 1.5, True])
 def test_prefetch_must_be_a_count(bad):
     mesh = tm.Mesh("dp:2", rules="batch:dp")
-    with pytest.raises(TypeError, match=r"prefetch=.* must be a whole number of modules >= 0"):
+    with pytest.raises(TypeError, match=r"prefetch=.* must be a whole number of units >= 0"):
         tm.nn.shard_parameters(tm.nn.TransformerLM(mesh, CONFIG, seed=0), "d_model:dp", prefetch=bad)
 
 
@@ -119,3 +129,20 @@ def test_buckets_give_the_unbucketed_numbers_on_sim():
     assert plain[0] == pytest.approx(bucketed[0], rel=1e-6)
     for name, g in plain[1].items():
         torch.testing.assert_close(g, bucketed[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_reduce_scatters_go_one_unit_at_a_time(monkeypatch):
+    """With units of at least UNIT_BUCKET_BYTES (here lowered to 1 byte), a unit's gradients
+    are reduce-scattered as soon as the next unit's come: one reduce-scatter per unit, the
+    same bytes as one bucket, and the same gradients."""
+    from torchmesh.comm import grad_sync
+
+    mesh = tm.Mesh("dp:2", rules="batch:dp")
+    one = train(mesh, 1, steps=2, record_step=1)
+    monkeypatch.setattr(grad_sync, "UNIT_BUCKET_BYTES", 1)
+    per_unit = train(mesh, 1, steps=2, record_step=1)
+    scatters = [{b: n for (kind, _, _, b), n in r.items() if kind == "reduce_scatter"} for r in (one[2], per_unit[2])]
+    assert sum(scatters[0].values()) == 1 and sum(scatters[1].values()) == CONFIG.layers + 4, scatters
+    assert sum(b * n for b, n in scatters[0].items()) == sum(b * n for b, n in scatters[1].items())
+    for name, g in one[1].items():
+        torch.testing.assert_close(g, per_unit[1][name], rtol=0, atol=0)

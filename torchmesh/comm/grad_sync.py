@@ -23,7 +23,10 @@ Fully sharded parameters (`tm.nn.shard_parameters`) are all-gathered before use;
 gradient is reduce-scattered back (FSDP). Those reduce-scatters are deferred alike: each
 use adds the gathered-shape partial gradient to the buffer, and a reduce-scatter bucket
 (same axis and dtype) lays its parameters' blocks out member by member (FSDP2's chunk-cat)
-so that one reduce-scatter leaves each device its block of every parameter. `torch.autograd.grad`
+so that one reduce-scatter leaves each device its block of every parameter. Where FSDP
+prefetch knows the units (blocks) that read the parameters, a bucket holds one unit's (or,
+under `UNIT_BUCKET_BYTES`, several): it is launched as soon as the next unit's gradients
+come, and the full-size gradients go. `torch.autograd.grad`
 (which runs no accumulator) and a reducer that is switched off fall back to the plain rule.
 """
 
@@ -53,6 +56,9 @@ from torchmesh.placement.plan import Gather
 
 #: DDP's default bucket size.
 DEFAULT_BUCKET_MB = 25.0
+#: A reduce-scatter bucket smaller than this at the end of its unit waits for the next
+#: unit's gradients: tiny collectives cost their latency and save no memory to speak of.
+UNIT_BUCKET_BYTES = 2**20
 
 
 @dataclass
@@ -72,8 +78,12 @@ class GradSync:
         for (kind, axes, dim), grads in param.partial.items():
             key = (kind, axes, grads[0].dtype, grads[0].device)
             bucket = self.open.get(key)
+            if isinstance(bucket, _ScatterBucket) and bucket.unit != param.unit and bucket.bytes >= UNIT_BUCKET_BYTES:
+                # FSDP: a unit's (a block's) gradients are done: scatter them, free the full-size ones
+                self.launched.append(bucket.launch(self.impl))
+                bucket = None
             if bucket is None:
-                bucket = self.open[key] = _Bucket(axes) if kind == "all_reduce" else _ScatterBucket(axes[0])
+                bucket = self.open[key] = _Bucket(axes) if kind == "all_reduce" else _ScatterBucket(axes[0], param.unit)
             bucket.add(param, grads, dim)
             if bucket.bytes >= self.bucket_bytes:
                 self.launched.append(bucket.launch(self.impl))
@@ -118,6 +128,9 @@ class ParamSync:
         self.anchor = torch.zeros((), device=device, requires_grad=True)
         self.zero = torch.zeros((), device=device)
         self.partial: dict[tuple[str, tuple[str, ...], int], Data] = {}
+        #: The unit (block) that reads it, where FSDP prefetch has learned it (`comm.prefetch`):
+        #: a reduce-scatter bucket holds one unit's gradients.
+        self.unit: int | None = None
         # The anchor's gradient accumulator, kept alive so the engine can be asked whether
         # this backward runs it (it does not under torch.autograd.grad).
         view = self.anchor.view_as(self.anchor)
@@ -260,8 +273,8 @@ class _ScatterBucket:
     its split dim) are laid out block by block (all parameters' block 0, then block 1, ...),
     so member j receives the sum of every parameter's block j, in order."""
 
-    def __init__(self, axis: str) -> None:
-        self.axis = axis
+    def __init__(self, axis: str, unit: int | None) -> None:
+        self.axis, self.unit = axis, unit
         self.entries: list[tuple[ParamSync, Data, int]] = []
         self.bytes = 0
         self.pending: Any = None

@@ -3,12 +3,12 @@
 With fully sharded parameters (`tm.nn.shard_parameters`) every read of a parameter is an
 all-gather over the axes it is stored split on (and, with regather, again in backward).
 Synchronous, each one stalls the computation. A `Prefetcher` learns the order of those
-gathers from the first step: a sequence of (parameter, relayout) keys, grouped by the module
-that read them (forward), or by the module whose backward regathers them (backward). From
-then on, when the gathers of group g are needed, the gathers of the next `depth` groups are
-started asynchronously (`MeshImpl.all_gather_async`): they run while group g computes. At
-most `depth + 1` groups' gathered parameters are alive at a time: the planner's
-`prefetch_bytes` (torchmesh.planning.profile).
+gathers from the first step: a sequence of (parameter, relayout) keys, grouped by the unit
+(a Transformer block, say: `shard_parameters` picks them) that read them (forward), or by
+the unit whose backward regathers them (backward). From then on, when the gathers of group g
+are needed, group g's are started as one flat all-gather (FSDP2's) and the next `depth`
+groups' too, asynchronously (`MeshImpl.all_gather_async`): they run while group g computes. At
+most `depth + 1` groups' gathered parameters are alive at a time.
 
 Results are the synchronous gathers' own (the same collective, started earlier). A program
 whose order of reads changes (a branch) re-learns it: a gather that is not where the
@@ -19,19 +19,20 @@ dropped at the start of the next step's first group. Nothing is prefetched in ch
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from torchmesh.comm import stats
+from torchmesh.comm import grad_sync, stats
 from torchmesh.comm.backend import Data, MeshImpl, Pending, Sizes, compiling
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.plan import Gather, Step, step_sizes
 
-#: The module whose forward is running (its id), set by `shard_parameters`' hooks: the group
-#: of the gathers made now.
+#: The unit (a block, or the model itself) whose forward is running (its id), set by
+#: `shard_parameters`' hooks: the group of the gathers made now.
 _MODULE: ContextVar[int] = ContextVar("torchmesh_prefetch_module", default=0)
 
 #: (parameter, relayout steps): one gather of one parameter.
@@ -106,26 +107,55 @@ class Prefetcher:
         if pos < before:  # back to the start: a new step
             self._drop(phase)
         group = seq.groups[pos]
-        if phase == "forward":
-            self.forward_group.setdefault(key[0], group)
+        if phase == "forward" and key[0] not in self.forward_group:
+            self.forward_group[key[0]] = group
+            synced = grad_sync.tracked(data)
+            if synced is not None:  # its gradient is reduce-scattered with its unit's
+                synced.unit = group
+        if (phase, group) not in self.started and len(seq.keys) <= before:  # known, not started: all of it now
+            self._start_group(phase, seq.members[group])
         self.started.add((phase, group))
         pending = self.in_flight.pop((phase, key), None)
         for g in range(group + 1, min(group + self.depth + 1, len(seq.members))):
             if (phase, g) not in self.started:
                 self.started.add((phase, g))
-                for k in seq.members[g]:
-                    self._start(phase, k)
+                self._start_group(phase, seq.members[g])
         return pending
 
-    def _start(self, phase: str, key: Key) -> None:
-        source = self.sources.get(key[0])
-        if source is None or (phase, key) in self.in_flight:
-            return
-        steps = key[1]
-        (step,) = steps
-        assert isinstance(step, Gather)
+    def _start_group(self, phase: str, keys: list[Key]) -> None:
+        """Start a group's gathers: those over the same axis with even blocks and one dtype
+        as one all-gather of their shards laid end to end (FSDP2's flat all-gather), the
+        others one by one."""
         impl = self.impl
-        (sizes,) = step_sizes(source.layout, steps, impl.slice_mesh, impl.local_coords)
+        buckets: dict[tuple, list[tuple[Key, _Source, Gather]]] = {}
+        for key in keys:
+            source = self.sources.get(key[0])
+            if source is None or (phase, key) in self.in_flight:
+                continue
+            (step,) = key[1]
+            assert isinstance(step, Gather)
+            (sizes,) = step_sizes(source.layout, key[1], impl.slice_mesh, impl.local_coords)
+            k = impl.axis_size(step.axis)
+            if sizes is None or all(n == k * t.shape[step.dim] for n, t in zip(sizes, source.shards)):
+                buckets.setdefault((step.axis, source.shards[0].dtype), []).append((key, source, step))
+            else:  # uneven blocks: a gather of its own
+                self._start_one(phase, key, source, step, sizes)
+        for (axis, _), members in buckets.items():
+            if len(members) == 1:
+                self._start_one(phase, *members[0], None)
+                continue
+            devices = len(members[0][1].shards)
+            flats = tuple(torch.cat([s.shards[i].detach().reshape(-1) for _, s, _ in members]) for i in range(devices))
+            with impl.op_scope(f"prefetch ({phase})"):
+                _record(impl, flats, Gather(axis, 0), None, phase)
+                started = _FlatGather(impl.all_gather_async(flats, axis, 0, None), impl.axis_size(axis))
+            offset = 0
+            for key, source, step in members:
+                self.in_flight[(phase, key)] = _Piece(started, offset, source.shards, step.dim)
+                offset += source.shards[0].numel()
+
+    def _start_one(self, phase: str, key: Key, source: _Source, step: Gather, sizes: Sizes) -> None:
+        impl = self.impl
         shards = tuple(t.detach() for t in source.shards)
         with impl.op_scope(f"prefetch ({phase})"):
             _record(impl, shards, step, sizes, phase)
@@ -137,6 +167,36 @@ class Prefetcher:
         for k in [k for k in self.in_flight if k[0] == phase]:
             self.in_flight.pop(k).wait()
         self.started = {s for s in self.started if s[0] != phase}
+
+
+class _FlatGather:
+    """One all-gather of several parameters' shards laid end to end; waited for once."""
+
+    def __init__(self, pending: Pending, k: int) -> None:
+        self.pending, self.k = pending, k
+        self.result: Data | None = None
+
+    def wait(self) -> Data:
+        if self.result is None:
+            self.result = self.pending.wait()
+        return self.result
+
+
+class _Piece:
+    """One parameter's gather out of a `_FlatGather`: every member's block of it, put
+    together along its split dim (the blocks of one member lie together in the flat)."""
+
+    def __init__(self, flat: _FlatGather, offset: int, shards: Data, dim: int) -> None:
+        self.flat, self.offset, self.dim = flat, offset, dim
+        self.shapes = tuple(t.shape for t in shards)
+
+    def wait(self) -> Data:
+        out = []
+        for whole, shape in zip(self.flat.wait(), self.shapes):
+            n, stride, at = shape.numel(), whole.numel() // self.flat.k, self.offset
+            blocks = [whole[j * stride + at : j * stride + at + n].view(shape) for j in range(self.flat.k)]
+            out.append(torch.cat(blocks, self.dim))
+        return tuple(out)
 
 
 def _record(impl: MeshImpl, shards: Data, step: Gather, sizes: Sizes, phase: str) -> None:
@@ -159,10 +219,12 @@ def prefetched(impl: MeshImpl, data: Data, steps: tuple[Gather], phase: str) -> 
     return prefetcher.take(data, steps, phase)
 
 
-def enter_module(module: object):
-    """Mark the gathers made until `leave_module` as `module`'s group; returns the token."""
-    return _MODULE.set(id(module))
-
-
-def leave_module(token) -> None:
-    _MODULE.reset(token)
+@contextmanager
+def gathers_of(module: object):
+    """The gathers made in this block belong to `module`'s group (`shard_parameters` runs
+    each unit's forward in it)."""
+    token = _MODULE.set(id(module))
+    try:
+        yield
+    finally:
+        _MODULE.reset(token)

@@ -16,17 +16,18 @@ The gathered parameters are not kept for backward (`regather=True`, the default)
 backward gathers each again, so only one layer's full parameters are alive at a time.
 
 The gathers are prefetched (`prefetch=1`, the default; `torchmesh.comm.prefetch`): once the
-order of the reads is known (after the first step), the gathers of the next module's
-parameters start, asynchronously, when the current module's are taken, in forward and in
-backward, so communication overlaps computation (FSDP's forward and backward prefetch).
+order of the reads is known (after the first step), each unit's parameters (the model's
+children and the members of its ModuleLists: a Transformer's blocks) are gathered in one
+flat all-gather, and the next unit's start, asynchronously, when the current unit's are
+taken, in forward and in backward, so communication overlaps computation (FSDP's forward
+and backward prefetch). Their gradients are reduce-scattered one unit at a time, deferred
+and bucketed (`torchmesh.comm.grad_sync`).
 
 An axis a parameter already uses (e.g. `experts:dp` for an MoE's expert weights) is not
 added twice: that parameter stays as the mesh's rules store it.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -55,9 +56,9 @@ def shard_parameters(
     communication, the full parameters of every layer alive until backward); use it for
     models whose blocks run under torch.utils.checkpoint, which frees them anyway.
 
-    `prefetch`: how many modules ahead the parameter gathers start (asynchronously, while the
-    current module computes; 0: each when it is needed). Up to `prefetch + 1` modules' full
-    parameters are then alive at a time.
+    `prefetch`: how many units (blocks) ahead the parameter gathers start (asynchronously,
+    while the current unit computes; 0: each when it is needed, one by one). Up to
+    `prefetch + 1` units' full parameters are then alive at a time.
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
@@ -71,7 +72,7 @@ def shard_parameters(
         raise ArgumentTypeError(errors.shard_parameters_plain(type(model).__name__))
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ArgumentTypeError(
-            f"shard_parameters: prefetch={prefetch!r} must be a whole number of modules >= 0 (0: no prefetch)."
+            f"shard_parameters: prefetch={prefetch!r} must be a whole number of units >= 0 (0: no prefetch)."
         )
     parsed = LayoutRules.parse(rules)
     owners = []
@@ -92,33 +93,46 @@ def shard_parameters(
                     prefetcher = prefetcher or prefetching.Prefetcher(param.mesh.impl, prefetch)
                     stored = getattr(module, name)
                     prefetcher.add(stored.shards, stored.tensor_layout)
-    if regather or prefetcher is not None:
+    if regather:
         for module in dict.fromkeys(owners):  # each once, in order
-            _hook_forward(module, regather)
+            _around_forward(module, "_torchmesh_regather", regather_in_backward)
+    if prefetcher is not None:
+        for unit in _units(model):
+            _around_forward(unit, "_torchmesh_prefetch_unit", lambda unit=unit: prefetching.gathers_of(unit))
     return model
 
 
-def _hook_forward(model: torch.nn.Module, regather: bool) -> None:
-    """Around every call of the forward of a module that owns sharded parameters: mark its
-    gathers as its group (for prefetch), and, with `regather`, turn `regather_in_backward`
-    on (also when torch.utils.checkpoint runs it again in backward, so the recomputation
-    saves what the forward saved)."""
-    if hasattr(model, "_torchmesh_regather"):
+def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose parameter gathers are started together (FSDP2's `fully_shard`
+    units, torchtitan's choice): the model, its children, and the members of its
+    ModuleLists, Sequentials and ModuleDicts (a Transformer's blocks)."""
+    units = [model]
+    for child in model.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
+            units.extend(child.children())
+        else:
+            units.append(child)
+    return units
+
+
+def _around_forward(model: torch.nn.Module, mark: str, context) -> None:
+    """Run every call of `model`'s forward inside `context()` (also when
+    torch.utils.checkpoint runs it again in backward, so the recomputation saves what the
+    forward saved); `mark` names the hooks' attribute (each kind installed once)."""
+    if hasattr(model, mark):
         return
     active: list = []
 
     def enter(module, args):
-        ctx = regather_in_backward() if regather else contextlib.nullcontext()
+        ctx = context()
         ctx.__enter__()
-        active.append((ctx, prefetching.enter_module(module)))
+        active.append(ctx)
 
     def leave(module, args, output):
-        ctx, token = active.pop()
-        prefetching.leave_module(token)
-        ctx.__exit__(None, None, None)
+        active.pop().__exit__(None, None, None)
 
     handles = (model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True))
-    object.__setattr__(model, "_torchmesh_regather", handles)  # a plain attribute: no tensor, no module
+    object.__setattr__(model, mark, handles)  # a plain attribute: no tensor, no module
 
 
 def _stored_layout(layout: TensorLayout, rules: LayoutRules, mesh, name: str) -> TensorLayout:
