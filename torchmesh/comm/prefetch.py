@@ -19,6 +19,7 @@ dropped at the start of the next step's first group. Nothing is prefetched in ch
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -92,8 +93,10 @@ class Prefetcher:
         self.started: set[tuple[str, int]] = set()  # (phase, group) started this step
 
     def add(self, shards: Data, layout: TensorLayout) -> None:
+        """Prefetch the gathers of this parameter. The model keeps its prefetcher alive;
+        the parameters point to it weakly (it holds them: a strong link would keep both)."""
         self.sources[id(shards[0])] = _Source(tuple(shards), layout)
-        _PREFETCHERS[shards[0]] = self
+        _PREFETCHERS[shards[0]] = weakref.ref(self)
 
     def take(self, data: Data, steps: tuple[Step, ...], phase: str) -> Pending | None:
         """The gather of `data` (a source's shards) by `steps` if it was started early (None:
@@ -205,7 +208,7 @@ def _record(impl: MeshImpl, shards: Data, step: Gather, sizes: Sizes, phase: str
         stats.record("all_gather", (step.axis,), impl.axis_size(step.axis), shards[0], phase, whole)
 
 
-_PREFETCHERS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # first shard -> Prefetcher
+_PREFETCHERS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # first shard -> weakref to its Prefetcher
 
 
 def prefetched(impl: MeshImpl, data: Data, steps: tuple[Gather], phase: str) -> Pending | None:
@@ -213,7 +216,8 @@ def prefetched(impl: MeshImpl, data: Data, steps: tuple[Gather], phase: str) -> 
     the gather now). Called by the executor for every single-gather relayout."""
     if not data or impl.checking or compiling() or not torch.is_tensor(data[0]):
         return None
-    prefetcher = _PREFETCHERS.get(data[0])
+    ref = _PREFETCHERS.get(data[0])
+    prefetcher = ref() if ref is not None else None
     if prefetcher is None or prefetcher.impl is not impl or impl.axis_size(steps[0].axis) == 1:
         return None  # not a prefetched parameter; or on xla (the partitioner gathers)
     return prefetcher.take(data, steps, phase)

@@ -76,7 +76,7 @@ def shard_parameters(
         )
     parsed = LayoutRules.parse(rules)
     owners = []
-    prefetcher = None
+    prefetcher = model.__dict__.get("_torchmesh_prefetcher")  # from an earlier call
     for mod_name, module in model.named_modules():
         specs = own_mesh_parameters(module)
         if not specs or not isinstance(module, Module):
@@ -97,6 +97,7 @@ def shard_parameters(
         for module in dict.fromkeys(owners):  # each once, in order
             _around_forward(module, "_torchmesh_regather", regather_in_backward)
     if prefetcher is not None:
+        object.__setattr__(model, "_torchmesh_prefetcher", prefetcher)  # the model keeps it alive
         for unit in _units(model):
             _around_forward(unit, "_torchmesh_prefetch_unit", lambda unit=unit: prefetching.gathers_of(unit))
     return model
