@@ -20,7 +20,7 @@ from torchmesh import errors
 from torchmesh.comm import traced
 from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentTypeError, DimError
-from torchmesh.placement.op_plan import OpPlan
+from torchmesh.placement.op_plan import OpPlan, plan_op
 from torchmesh.tensor.contraction import run_op
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
@@ -54,6 +54,9 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
             xs.append(v)
         elif isinstance(v, torch.Tensor) and (v.dim() > 0 or _tracked(v)):
             raise DimError(_plain_tensor(func, v))
+    fast = _same_layout_fast_path(func, args, kwargs, slots, xs)
+    if fast is not None:
+        return fast
     out_names = tuple(dict.fromkeys(n for x in xs for n in x.dims))
 
     def local_fn(plan: OpPlan):
@@ -75,6 +78,59 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
         return fn
 
     return run_op(xs, out_names, local_fn, what=name)
+
+
+#: (layout, rules, mesh shape) -> whether an elementwise op over inputs all laid out so is
+#: planned as nothing but the slice-wise computation (no relayout, no gradient sum, no
+#: finishing step, the output laid out alike): the eager fast path's cache.
+_TRIVIAL: dict[tuple, bool] = {}
+
+
+def _same_layout_fast_path(func, args, kwargs, slots, xs: list[MeshTensor]) -> MeshTensor | None:
+    """The result of an elementwise op whose MeshTensor inputs (positional) all have one
+    layout that the mesh's rules give their dims too, computed without the planner's
+    machinery: its plan is the slice-wise call alone (no collective, nothing to agree on or
+    name). None where that does not hold (the general path then runs)."""
+    if not xs or kwargs or compiling():
+        return None
+    first = xs[0]
+    layout, mesh = first._layout, first._mesh
+    impl = mesh.impl
+    if impl.checking:
+        return None
+    for x in xs[1:]:
+        if x._layout != layout or x._mesh is not mesh:
+            return None
+    key = (layout, mesh.rules, mesh.shape)
+    trivial = _TRIVIAL.get(key)
+    if trivial is None:
+        if len(_TRIVIAL) > 4096:  # bounded, as the planner's own cache
+            _TRIVIAL.clear()
+        plan = plan_op((layout,) * len(xs), layout.names, mesh.rules, mesh.shape, "sum", "op")
+        trivial = _TRIVIAL[key] = (
+            not any(plan.in_steps)
+            and not any(plan.in_bcast)
+            and not any(plan.in_gather_rs)
+            and not plan.finish
+            and plan.computed == layout
+            and plan.out == layout
+            and all(lay == layout for lay in plan.in_layouts)
+        )
+    if not trivial:
+        return None
+    if len(slots) == len(args):  # every argument a MeshTensor
+        data = impl.slicewise(func, *(x._data for x in xs))
+    else:
+        positions = [key for _, key in slots]
+
+        def fn(*ts: torch.Tensor) -> torch.Tensor:
+            a = list(args)
+            for i, t in zip(positions, ts):
+                a[i] = t
+            return func(*a)
+
+        data = impl.slicewise(fn, *(x._data for x in xs))
+    return MeshTensor(data, layout, mesh)
 
 
 def _tracked(t: torch.Tensor) -> bool:
