@@ -24,7 +24,6 @@ docs/compile.md); data parallelism on the DTensor side is DDP's one bucket per s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from launch import add_launch_args, init_process_group, relaunch_under_torchrun, synchronize
-from train_lm import TorchLM, ddp_step, load_weights, mesh_setup, parallelize
+from train_lm import TorchLM, ddp_step, load_weights, mesh_setup, model_line, parallelize, save_results
 
 import torchmesh as tm
 
@@ -148,8 +147,7 @@ def main() -> None:
     results = [run_mesh(spec, args) for spec in args.meshes.split(",")]
     if dist.get_rank() == 0:
         print(
-            f"\nmodel: d_model {args.d_model}, heads {args.heads}, layers {args.layers}, seq {args.seq}, "
-            f"global batch {args.batch}, vocab {args.vocab}; {dist.get_world_size()} {args.backend} processes, "
+            f"{model_line(args)}; {dist.get_world_size()} {args.backend} processes, "
             f"torch.compile backend {args.compile_backend}, {args.steps} interleaved steps, medians"
         )
         print(
@@ -164,10 +162,7 @@ def main() -> None:
                 f"{r['compiled_over_eager']:.2f}x | {r['compiled_over_dtensor']:.2f}x | "
                 f"{f['eager']:.1f}, {f['compiled']:.1f}, {f['dtensor_compiled']:.1f} |"
             )
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        saved = {k: v for k, v in vars(args).items() if k != "device"}
-        Path(args.out).write_text(json.dumps({"args": saved, "results": results}, indent=2))
-        print(f"\nsaved {args.out}")
+        save_results(args, results)
     dist.barrier()
 
 

@@ -18,16 +18,14 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from launch import add_launch_args, init_process_group, relaunch_under_torchrun
-from train_lm import TorchLM, load_weights, mesh_setup, parallelize, tm_step
+from train_lm import TorchLM, add_model_args, load_weights, mesh_setup, model_line, parallelize, save_results, tm_step
 
 import torchmesh as tm
 
@@ -159,15 +157,7 @@ def run_mesh(spec: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--meshes", default="dp:4,dp:2;tp:2")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps of each implementation")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=128)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fsdp_lm.json"))
+    add_model_args(parser, meshes="dp:4,dp:2;tp:2", steps=30, out="fsdp_lm.json")
     add_launch_args(parser, nproc=4)
     args = parser.parse_args()
     relaunch_under_torchrun(args, default_nproc=4)
@@ -175,8 +165,7 @@ def main() -> None:
     results = [run_mesh(spec, args) for spec in args.meshes.split(",")]
     if dist.get_rank() == 0:
         print(
-            f"\nmodel: d_model {args.d_model}, heads {args.heads}, layers {args.layers}, seq {args.seq}, "
-            f"global batch {args.batch}, vocab {args.vocab}; parameters sharded over dp; "
+            f"{model_line(args)}; parameters sharded over dp; "
             f"{dist.get_world_size()} {args.backend} processes, {args.steps} interleaved steps, medians"
         )
         print(
@@ -190,10 +179,7 @@ def main() -> None:
                 f"| {r['mesh']} | {t['torchmesh']:,.0f} | {t['fsdp2']:,.0f} | {r['speedup']:.2f}x | "
                 f"{m['torchmesh'] / 2**20:.2f} | {m['fsdp2'] / 2**20:.2f} | {n['torchmesh']} | {n['fsdp2']} |"
             )
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        saved = {k: v for k, v in vars(args).items() if k != "device"}
-        Path(args.out).write_text(json.dumps({"args": saved, "results": results}, indent=2))
-        print(f"\nsaved {args.out}")
+        save_results(args, results)
     dist.barrier()
 
 

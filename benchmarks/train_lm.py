@@ -246,6 +246,35 @@ def mesh_setup(spec: str, args: argparse.Namespace) -> tuple[int, int, str, tm.n
     return dp, tp, rules, c
 
 
+def add_model_args(parser: argparse.ArgumentParser, meshes: str, steps: int, out: str) -> None:
+    """The flags every LM benchmark takes: meshes, timed steps, batch and model sizes, output."""
+    parser.add_argument("--meshes", default=meshes)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps of each implementation")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=128)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / out))
+
+
+def model_line(args: argparse.Namespace) -> str:
+    """The table's first line: the model and the global batch."""
+    return (
+        f"\nmodel: d_model {args.d_model}, heads {args.heads}, layers {args.layers}, seq {args.seq}, "
+        f"global batch {args.batch}, vocab {args.vocab}"
+    )
+
+
+def save_results(args: argparse.Namespace, results: list[dict]) -> None:
+    """Write the flags and the rows to `args.out` as JSON."""
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    saved = {k: v for k, v in vars(args).items() if k != "device"}
+    Path(args.out).write_text(json.dumps({"args": saved, "results": results}, indent=2))
+    print(f"\nsaved {args.out}")
+
+
 def run_mesh(spec: str, args: argparse.Namespace) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -301,15 +330,7 @@ def run_mesh(spec: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--meshes", default="tp:4,dp:2;tp:2")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps of each implementation")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=128)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_lm.json"))
+    add_model_args(parser, meshes="tp:4,dp:2;tp:2", steps=30, out="train_lm.json")
     add_launch_args(parser, nproc=4)
     args = parser.parse_args()
     relaunch_under_torchrun(args, default_nproc=4)
@@ -317,8 +338,7 @@ def main() -> None:
     results = [run_mesh(spec, args) for spec in args.meshes.split(",")]
     if dist.get_rank() == 0:
         print(
-            f"\nmodel: d_model {args.d_model}, heads {args.heads}, layers {args.layers}, seq {args.seq}, "
-            f"global batch {args.batch}, vocab {args.vocab}; {dist.get_world_size()} {args.backend} processes, "
+            f"{model_line(args)}; {dist.get_world_size()} {args.backend} processes, "
             f"{args.steps} interleaved steps, medians"
         )
         print(
@@ -332,10 +352,7 @@ def main() -> None:
                 f"| {r['mesh']} | {t['torchmesh']:,.0f} | {t['dtensor']:,.0f} | {r['speedup']:.2f}x | "
                 f"{b['torchmesh']:,} | {b['dtensor']:,} | {n['torchmesh']} | {n['dtensor']} |"
             )
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        saved = {k: v for k, v in vars(args).items() if k != "device"}
-        Path(args.out).write_text(json.dumps({"args": saved, "results": results}, indent=2))
-        print(f"\nsaved {args.out}")
+        save_results(args, results)
     dist.barrier()
 
 
