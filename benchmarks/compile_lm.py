@@ -26,13 +26,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from launch import add_launch_args, init_process_group, relaunch_under_torchrun, synchronize
-from train_lm import TorchLM, ddp_step, load_weights, mesh_setup, model_line, parallelize, save_results
+from launch import synchronize
+from train_lm import (
+    TorchLM,
+    add_model_args,
+    ddp_step,
+    load_weights,
+    mesh_setup,
+    model_line,
+    parallelize,
+    run_meshes,
+    save_results,
+)
 
 import torchmesh as tm
 
@@ -128,23 +137,11 @@ def run_mesh(spec: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--meshes", default="dp:2;tp:2")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps of each variant")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=128)
+    add_model_args(parser, meshes="dp:2;tp:2", steps=20, out="compile_lm.json")
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile's backend: inductor, aot_eager, eager"
     )
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compile_lm.json"))
-    add_launch_args(parser, nproc=4)
-    args = parser.parse_args()
-    relaunch_under_torchrun(args, default_nproc=4)
-    args.device = init_process_group(args)
-    results = [run_mesh(spec, args) for spec in args.meshes.split(",")]
+    args, results = run_meshes(parser, run_mesh)
     if dist.get_rank() == 0:
         print(
             f"{model_line(args)}; {dist.get_world_size()} {args.backend} processes, "

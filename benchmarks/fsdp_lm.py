@@ -24,8 +24,17 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from launch import add_launch_args, init_process_group, relaunch_under_torchrun
-from train_lm import TorchLM, add_model_args, load_weights, mesh_setup, model_line, parallelize, save_results, tm_step
+from train_lm import (
+    TorchLM,
+    add_model_args,
+    load_weights,
+    mesh_setup,
+    model_line,
+    parallelize,
+    run_meshes,
+    save_results,
+    tm_step,
+)
 
 import torchmesh as tm
 
@@ -158,11 +167,7 @@ def run_mesh(spec: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, meshes="dp:4,dp:2;tp:2", steps=30, out="fsdp_lm.json")
-    add_launch_args(parser, nproc=4)
-    args = parser.parse_args()
-    relaunch_under_torchrun(args, default_nproc=4)
-    args.device = init_process_group(args)
-    results = [run_mesh(spec, args) for spec in args.meshes.split(",")]
+    args, results = run_meshes(parser, run_mesh)
     if dist.get_rank() == 0:
         print(
             f"{model_line(args)}; parameters sharded over dp; "

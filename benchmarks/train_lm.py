@@ -267,6 +267,16 @@ def model_line(args: argparse.Namespace) -> str:
     )
 
 
+def run_meshes(parser: argparse.ArgumentParser, run_mesh) -> tuple[argparse.Namespace, list[dict]]:
+    """Parse the flags (plus the launcher's), start under torchrun on 4 processes, and run
+    `run_mesh(spec, args)` for each mesh of `--meshes`: the flags and the rows."""
+    add_launch_args(parser, nproc=4)
+    args = parser.parse_args()
+    relaunch_under_torchrun(args, default_nproc=4)
+    args.device = init_process_group(args)
+    return args, [run_mesh(spec, args) for spec in args.meshes.split(",")]
+
+
 def save_results(args: argparse.Namespace, results: list[dict]) -> None:
     """Write the flags and the rows to `args.out` as JSON."""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -331,11 +341,7 @@ def run_mesh(spec: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, meshes="tp:4,dp:2;tp:2", steps=30, out="train_lm.json")
-    add_launch_args(parser, nproc=4)
-    args = parser.parse_args()
-    relaunch_under_torchrun(args, default_nproc=4)
-    args.device = init_process_group(args)
-    results = [run_mesh(spec, args) for spec in args.meshes.split(",")]
+    args, results = run_meshes(parser, run_mesh)
     if dist.get_rank() == 0:
         print(
             f"{model_line(args)}; {dist.get_world_size()} {args.backend} processes, "
