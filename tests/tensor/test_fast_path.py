@@ -5,10 +5,11 @@ gradients."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import torchmesh as tm
-from torchmesh.tensor import elementwise
+from torchmesh.tensor import elementwise, reduce
 
 
 def test_same_layout_inputs_take_the_fast_path_with_torchs_numbers(monkeypatch):
@@ -39,3 +40,76 @@ def test_other_layouts_take_the_planned_path_and_follow_the_rules():
     mixed = x + tm.distribute(t, "batch ff", mesh)
     assert mixed.layout == {"batch": "dp"}
     torch.testing.assert_close(mixed.full(), t + t)
+
+
+# ---- reductions and softmax (`tensor/reduce.py`, `contraction.local_only`) -------------------
+def _no_planned_reduce(monkeypatch) -> list:
+    planned: list = []
+    monkeypatch.setattr(reduce, "run_op", lambda *args, **kw: planned.append(args) or None)
+    return planned
+
+
+def test_reductions_over_unsplit_dims_skip_the_planner_with_torchs_numbers(monkeypatch):
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
+    a = torch.randn(4, 6, 5, requires_grad=True)
+    x = tm.distribute(a, "batch ff d", mesh)
+    planned = _no_planned_reduce(monkeypatch)
+    for _ in range(2):  # the first call fills the cache, the second reads it
+        outs = [x.sum("d"), x.mean("d"), x.max("d"), x.min("d"), tm.softmax(x, "d"), tm.log_softmax(x, "d")]
+    assert not planned
+    assert [o.layout for o in outs[:4]] == [{"batch": "dp", "ff": "tp"}] * 4
+    monkeypatch.undo()  # the total below sums over split dims: planned
+    total = sum((o * (i + 1)).sum() for i, o in enumerate(outs))
+    total.backward()
+    r = a.detach().clone().requires_grad_()
+    expected = [r.sum(2), r.mean(2), r.amax(2), r.amin(2), torch.softmax(r, 2), torch.log_softmax(r, 2)]
+    for o, e in zip(outs, expected):
+        torch.testing.assert_close(o.full(), e.detach())
+    sum((e * (i + 1)).sum() for i, e in enumerate(expected)).backward()
+    torch.testing.assert_close(a.grad, r.grad)
+
+
+def test_a_split_reduced_dim_still_all_reduces_on_every_call():
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
+    t = torch.randn(4, 6)
+    x = tm.distribute(t, "batch ff", mesh)
+    for _ in range(2):
+        with tm.comm_stats() as stats:
+            s, p = x.sum("ff"), tm.softmax(x, "ff")
+        assert stats.counts == {"all_reduce": 3}  # the sum; softmax's maximum and sum
+        torch.testing.assert_close(s.full(), t.sum(1))
+        torch.testing.assert_close(p.full(), torch.softmax(t, 1))
+
+
+def test_an_axis_of_size_one_needs_no_all_reduce():
+    mesh = tm.Mesh("dp:2;tp:1", rules="batch:dp;ff:tp")
+    t = torch.randn(4, 6)
+    with tm.comm_stats() as stats:
+        s = tm.distribute(t, "batch ff", mesh).sum("ff")
+    assert stats.counts == {}
+    torch.testing.assert_close(s.full(), t.sum(1))
+
+
+def test_the_cache_follows_scoped_rules_and_relayouts_once():
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp")
+    t = torch.randn(4, 6)
+    x = tm.distribute(t, "batch ff", mesh)
+    assert x.sum("ff").layout == {"batch": "dp"}
+    with mesh.rules_scope("ff:tp"):
+        with tm.comm_stats() as stats:
+            s = x.sum("ff")  # x is not in the scoped rules' layout: planned, relaid out
+        assert stats.counts  # ff is now split: a collective ran
+        torch.testing.assert_close(s.full(), t.sum(1))
+    y = x.relayout("ff:tp")  # not the rules' layout; softmax along ff relays it out once
+    for _ in range(2):
+        with tm.comm_stats() as stats:
+            p = tm.softmax(y, "ff")
+        assert sum(stats.counts.values()) == 1, stats.counts
+        torch.testing.assert_close(p.full(), torch.softmax(t, 1))
+
+
+def test_an_invalid_reduction_raises_on_every_call():
+    x = tm.zeros("batch:4 d:0", tm.Mesh("dp:2", rules="batch:dp"))
+    for _ in range(2):
+        with pytest.raises(tm.DimError, match="size 0"):
+            x.max("d")

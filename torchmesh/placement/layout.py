@@ -51,6 +51,9 @@ class TensorLayout:
     def __hash__(self) -> int:
         return self._hash
 
+    def __reduce__(self):  # rebuilt on unpickling: a string's hash differs between processes
+        return (TensorLayout, (self.dims, self.axes))
+
     @property
     def sizes(self) -> dict[str, int]:
         return {d.name: d.size for d in self.dims}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from torchmesh.errors import ParseError
@@ -29,8 +29,11 @@ class MeshShape:
     """
 
     axes: tuple[tuple[str, int], ...]
+    # Derived once: hashed on every op of the eager hot path (plan caches are keyed by it).
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(self.axes))
         seen = set()
         for name, size in self.axes:
             check_name(name, "mesh axis")
@@ -39,6 +42,12 @@ class MeshShape:
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ParseError(f"mesh axis {name!r} has size {size!r}; an axis size is an int >= 1.")
             seen.add(name)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self):  # rebuilt on unpickling: a string's hash differs between processes
+        return (MeshShape, (self.axes,))
 
     @staticmethod
     def parse(spec: MeshShapeLike) -> MeshShape:

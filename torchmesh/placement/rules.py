@@ -8,7 +8,7 @@ dp, and each dp block again over fsdp. A name without a rule is replicated.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from torchmesh.errors import ParseError, TorchMeshError
@@ -25,8 +25,11 @@ class LayoutRules:
     """
 
     rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Derived once: hashed on every op of the eager hot path (plan caches are keyed by it).
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(self.rules))
         seen: set[str] = set()
         for dim, axes in self.rules:
             check_name(dim)
@@ -39,6 +42,12 @@ class LayoutRules:
                 check_name(a, "mesh axis")
             if len(set(axes)) != len(axes):
                 raise ParseError(f"layout rules: dim {dim!r} names a mesh axis twice in {axes}.")
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self):  # rebuilt on unpickling: a string's hash differs between processes
+        return (LayoutRules, (self.rules,))
 
     @staticmethod
     def parse(spec: RulesLike) -> LayoutRules:

@@ -10,10 +10,11 @@ import torch
 
 from torchmesh.comm import autograd as comm
 from torchmesh.comm import grad_sync, regather, traced
-from torchmesh.comm.backend import Data, compiling
+from torchmesh.comm.backend import Data, MeshImpl, compiling
 from torchmesh.comm.executor import run_steps
 from torchmesh.errors import MeshError
 from torchmesh.placement.op_plan import OpPlan, plan_op
+from torchmesh.placement.plan import AllReduce
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 
@@ -51,6 +52,10 @@ def run_op(
         plan = traced.plan_op_traced(layouts, out_names, mesh.rules, mesh.shape, reduce_op, what)
     else:
         plan = plan_op(layouts, out_names, mesh.rules, mesh.shape, reduce_op, what)
+        impl = mesh.impl
+        if not impl.checking and local_only(plan, impl):  # the eager fast path
+            run = impl.slicewise_at if at else impl.slicewise
+            return MeshTensor(run(local_fn(plan), *(x._data for x in xs)), plan.out, mesh)
     saved = mesh.impl.begin_op(
         plan,
         tuple(x._data[0].dtype for x in xs) if xs[0]._data else (),
@@ -60,6 +65,33 @@ def run_op(
         return _run_planned(plan, xs, local_fn, reduce_op, at)
     finally:
         mesh.impl.end_op(saved)
+
+
+#: id(plan) -> (plan, the backend's slice mesh, whether running the plan there is the
+#: slice-wise call alone): `local_only`'s cache. The plan is kept, so its id is not reused.
+_LOCAL_ONLY: dict[int, tuple[OpPlan, object, bool]] = {}
+
+
+def local_only(plan: OpPlan, impl: MeshImpl) -> bool:
+    """Whether `plan` runs on `impl` as its slice-wise computation and nothing else: no input
+    relayout, gradient sum or regather, and finishing steps (all-reduces) only over axes of
+    size 1 there. Then no collective runs, so there is nothing to agree on with the other
+    ranks or to name in an error, and `run_op` skips that machinery (the eager hot path of
+    reductions over unsplit dims and of einsums needing no communication)."""
+    entry = _LOCAL_ONLY.get(id(plan))
+    if entry is not None and entry[0] is plan and entry[1] is impl.slice_mesh:
+        return entry[2]
+    if len(_LOCAL_ONLY) > 4096:  # bounded, as the planner's own cache
+        _LOCAL_ONLY.clear()
+    local = (
+        not any(plan.in_steps)
+        and not any(plan.in_bcast)
+        and not any(plan.in_gather_rs)
+        and all(isinstance(s, AllReduce) and not impl.live_axes(s.axes) for s in plan.finish)
+        and plan.out == plan.computed
+    )
+    _LOCAL_ONLY[id(plan)] = (plan, impl.slice_mesh, local)
+    return local
 
 
 def _run_planned(

@@ -20,8 +20,9 @@ from torchmesh.comm import traced
 from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentTypeError, DimError
 from torchmesh.placement.dims import Dim, dim_names, parse_dims
-from torchmesh.placement.op_plan import OpPlan
-from torchmesh.tensor.contraction import run_op
+from torchmesh.placement.layout import TensorLayout
+from torchmesh.placement.op_plan import OpPlan, plan_op
+from torchmesh.tensor.contraction import local_only, run_op
 from torchmesh.tensor.elementwise import cast, where
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
@@ -86,8 +87,41 @@ def check_output_shape(x: MeshTensor, out: tuple[Dim, ...], what: str) -> tuple[
     return out
 
 
+#: (layout, reduced names, kind, rules, mesh shape, slice mesh) -> (slice-wise function, output
+#: layout) where the reduction's plan is the slice-wise call alone (`contraction.local_only`),
+#: else None: the eager fast path's cache.
+_LOCAL: dict[tuple, tuple[Callable[[torch.Tensor], torch.Tensor], TensorLayout] | None] = {}
+
+
 def _reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> MeshTensor:
-    out = tuple(n for n in x.dims if n not in names)
+    mesh = x._mesh
+    impl = mesh.impl
+    if not impl.checking and not compiling():  # the eager fast path: a cached plan with no collective
+        key = (x._layout, names, kind, mesh.rules, mesh.shape, impl.slice_mesh)
+        try:
+            local = _LOCAL[key]
+        except KeyError:
+            local = _local_reduction(x, names, kind, what, key)
+        if local is not None:
+            return MeshTensor(impl.slicewise(local[0], x._data), local[1], mesh)
+    return _planned_reduce(x, names, kind, what)
+
+
+def _local_reduction(x: MeshTensor, names: tuple[str, ...], kind: str, what: str, key: tuple):
+    """The `_LOCAL` entry of `key` (computed once; an invalid reduction raises and is not cached)."""
+    _check_not_empty(x, names, kind, what)
+    mesh = x._mesh
+    plan = plan_op((x._layout,), tuple(n for n in x.dims if n not in names), mesh.rules, mesh.shape, kind, what)
+    local = None
+    if local_only(plan, mesh.impl):
+        local = (_local_fn(kind, _positions(x.dims, names)), plan.out)
+    if len(_LOCAL) > 4096:  # bounded, as the planner's own cache
+        _LOCAL.clear()
+    _LOCAL[key] = local
+    return local
+
+
+def _check_not_empty(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> None:
     empty = [n for n in names if x.sizes[n] == 0]
     if kind != "sum" and empty:  # as torch.amax: the extreme of no values is not defined
         raise DimError(
@@ -95,20 +129,31 @@ def _reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> Mesh
             f"values is not defined (torch.a{kind} raises too). Fix: reduce a non-empty dim, or "
             f"check the size first."
         )
-    reductions: dict[str, Callable[..., torch.Tensor]] = {"sum": torch.sum, "max": torch.amax, "min": torch.amin}
-    local = reductions[kind]
-    reduce_op = "sum" if kind == "sum" else kind
+
+
+@lru_cache(maxsize=1024)
+def _local_fn(kind: str, pos: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-device reduction over positions `pos` (an empty block of an uneven split gives
+    the value that loses to every other, so the all-reduce gives the true extreme)."""
+    if not pos:
+        return lambda t: t
+    if kind == "sum":
+        return lambda t: torch.sum(t, dim=pos)
+    local = torch.amax if kind == "max" else torch.amin
+    return lambda t: local(t, dim=pos) if all(t.shape[p] for p in pos) else _identity(t, pos, kind)
+
+
+def _planned_reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> MeshTensor:
+    out = tuple(n for n in x.dims if n not in names)
+    _check_not_empty(x, names, kind, what)
 
     def local_fn(plan: OpPlan):
         have = plan.in_layouts[0].names
-        pos = traced.constant(_POSITIONS, have, names) if compiling() else _positions(have, names)
-        if not pos:
-            return lambda t: t
-        if kind == "sum":
-            return lambda t: local(t, dim=pos)
-        return lambda t: local(t, dim=pos) if all(t.shape[p] for p in pos) else _identity(t, pos, kind)
+        if compiling():
+            return traced.constant(_LOCAL_FN, kind, traced.constant(_POSITIONS, have, names))
+        return _local_fn(kind, _positions(have, names))
 
-    return run_op([x], out, local_fn, reduce_op=reduce_op, what=what)
+    return run_op([x], out, local_fn, reduce_op=kind, what=what)
 
 
 def _identity(t: torch.Tensor, pos: tuple[int, ...], kind: str) -> torch.Tensor:
@@ -286,6 +331,40 @@ def _unsplit_along(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor | None:
     return to_layout(x, layout)
 
 
+#: (kernel, layout, names, rules, mesh shape, slice mesh) -> (the rules' layout, the slice-wise
+#: kernel) where no device holds part of `names` there, else None: `_along_unsplit`'s cache.
+_UNSPLIT: dict[tuple, tuple[TensorLayout, Callable[[torch.Tensor], torch.Tensor]] | None] = {}
+
+
+def _along_unsplit(x: MeshTensor, names: tuple[str, ...], kernel: Callable[..., torch.Tensor]) -> MeshTensor | None:
+    """`kernel(t, dim)` (torch.softmax, torch.log_softmax) along the one dim in `names`, computed
+    by each device on its block where that dim is not split in the rules' layout (relaying x
+    out to that layout first); None where it is split (the caller composes the op from
+    reductions). Eagerly, the answer for a layout is looked up, not planned again."""
+    if len(names) != 1:
+        return None
+    if compiling():
+        local = _unsplit_along(x, names)
+        return None if local is None else local._map(local_kernel(kernel, local.dims, names))
+    mesh = x._mesh
+    key = (kernel, x._layout, names, mesh.rules, mesh.shape, mesh.impl.slice_mesh)
+    try:
+        entry = _UNSPLIT[key]
+    except KeyError:
+        layout = mesh.layout_of(x.shape)
+        split = any(layout.is_split(n, mesh.impl.slice_mesh) for n in names)
+        entry = None if split else (layout, _local_kernel(kernel, layout.names, names))
+        if len(_UNSPLIT) > 4096:  # bounded, as the planner's own cache
+            _UNSPLIT.clear()
+        _UNSPLIT[key] = entry
+    if entry is None:
+        return None
+    layout, fn = entry
+    if layout is not x._layout:
+        x = to_layout(x, layout)
+    return MeshTensor(mesh.impl.slicewise(fn, x._data), layout, mesh)
+
+
 def logsumexp(x: MeshTensor, dims: Dims = None, *, dim: Dims = None, keepdim: bool = False) -> MeshTensor:
     """log(sum(exp(x))) over the named dims, shifted by the (global) maximum for stability.
 
@@ -319,9 +398,9 @@ def softmax(x: MeshTensor, dim: str, *, dtype: torch.dtype | None = None) -> Mes
     """
     names = reduced_names(x, dim, "softmax")
     x = x if dtype is None else cast(x, dtype)
-    local = _unsplit_along(x, names)
-    if local is not None and len(names) == 1:
-        return local._map(local_kernel(torch.softmax, local.dims, names))
+    local = _along_unsplit(x, names, torch.softmax)
+    if local is not None:
+        return local
     e = (x - _stable_max(x, names)).exp()
     return e / reduce_sum(e, names)
 
@@ -336,9 +415,9 @@ def log_softmax(x: MeshTensor, dim: str, *, dtype: torch.dtype | None = None) ->
     """
     names = reduced_names(x, dim, "log_softmax")
     x = x if dtype is None else cast(x, dtype)
-    local = _unsplit_along(x, names)
-    if local is not None and len(names) == 1:
-        return local._map(local_kernel(torch.log_softmax, local.dims, names))
+    local = _along_unsplit(x, names, torch.log_softmax)
+    if local is not None:
+        return local
     return x - logsumexp(x, names)
 
 
@@ -353,4 +432,8 @@ def local_kernel(fn, have: tuple[str, ...], names: tuple[str, ...]):
     return traced.constant(_LOCAL_KERNEL, fn, have, names) if compiling() else _local_kernel(fn, have, names)
 
 
-_POSITIONS, _LOCAL_KERNEL = traced.planner(_positions), traced.planner(_local_kernel)
+_POSITIONS, _LOCAL_KERNEL, _LOCAL_FN = (
+    traced.planner(_positions),
+    traced.planner(_local_kernel),
+    traced.planner(_local_fn),
+)
