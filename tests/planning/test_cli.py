@@ -134,3 +134,15 @@ def test_moe_lm_with_chosen_roles(capsys):
     assert "4 experts top-2" in out
     rules = next(line for line in out.splitlines() if line.startswith("rules: "))
     assert "experts:" in rules  # expert parallelism wins over replicating the experts
+
+
+def test_prefetch_depth_is_planned_and_printed(capsys):
+    """--prefetch: the gathered blocks it keeps alive are in the memory estimate, and the
+    printed shard_parameters call carries it (when not the default, 1)."""
+    args = ["--params", "300M", "--seq", "64", "--batch", "8", "--no-remat", "--mesh", "dp:4", "--memory", "3GB"]
+    args += ["--roles", "data=batch;weight=d_model"]
+    default, deeper = plan(capsys, *args), plan(capsys, *args, "--prefetch", "2")
+    assert "parameters: tm.nn.shard_parameters(model, 'd_model:dp')\n" in default
+    assert "parameters: tm.nn.shard_parameters(model, 'd_model:dp', prefetch=2)\n" in deeper
+    gb = lambda out: float(out.split("GB per device\n")[0].rsplit(", ", 1)[1])
+    assert gb(deeper) > gb(default)  # one more block's gathered parameters

@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--efficiency", type=float, default=None, help="override the fraction of peak reached")
     plan.add_argument("--bandwidth", default=None, help="override per-axis bandwidth, e.g. 'dp:25GB;tp:300GB'")
     plan.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor", "sgd"))
+    plan.add_argument(
+        "--prefetch",
+        type=_at_least(0),
+        default=1,
+        help="fully sharded parameters: units (blocks) gathered ahead, as tm.nn.shard_parameters(prefetch=) (default 1)",
+    )
     plan.add_argument("--roles", default=None, help="dims per role, e.g. 'data=batch;tensor=heads,ff'")
     plan.add_argument("--top", type=_at_least(0), default=0, help="show only the best N candidates (0: all)")
     return parser
@@ -178,13 +184,20 @@ def plan(args: argparse.Namespace) -> str:
     if args.model == "lm":
         header, profile, roles = _lm(args, mesh)
     else:
-        header, profile, roles = _user_model(args.model, mesh, args.optimizer)
+        header, profile, roles = _user_model(args.model, mesh, args.optimizer, args.prefetch)
     if args.roles:
         roles = parse_roles(args.roles)
     result = search(profile, mesh, hardware, memory, roles)
     remat = args.model == "lm" and args.remat
     return "\n".join(
-        [header, _describe(mesh, hardware, memory), "", _table(result, args.top), "", *_verdict(result, remat)]
+        [
+            header,
+            _describe(mesh, hardware, memory),
+            "",
+            _table(result, args.top),
+            "",
+            *_verdict(result, remat, args.prefetch),
+        ]
     )
 
 
@@ -214,12 +227,12 @@ def _lm(args: argparse.Namespace, mesh: MeshShape):
     roles = {r: d for r, d in DEFAULT_ROLES.items() if r != "expert" or config.num_experts}
 
     def profile(rules: str, param_rules: str):
-        return recipes.profile_lm(config, batch, mesh, rules, args.optimizer, param_rules, args.remat)
+        return recipes.profile_lm(config, batch, mesh, rules, args.optimizer, param_rules, args.remat, args.prefetch)
 
     return header, profile, roles
 
 
-def _user_model(spec: str, mesh: MeshShape, optimizer: str):
+def _user_model(spec: str, mesh: MeshShape, optimizer: str, prefetch: int = 1):
     module_name, sep, attr = spec.partition(":")
     if not sep or not attr:
         raise PlanningError(f"--model {spec!r}: write 'lm' or 'module:function', e.g. 'mypackage.models:build'.")
@@ -246,7 +259,11 @@ def _user_model(spec: str, mesh: MeshShape, optimizer: str):
     dims = model_dims(built)
     roles = roles_for(dims)
     header = f"model: {spec} (dims {', '.join(sorted(dims))}), {optimizer}"
-    return header, (lambda rules, param_rules: profile_step(built, mesh, rules, optimizer, param_rules)), roles
+
+    def profile(rules: str, param_rules: str):
+        return profile_step(built, mesh, rules, optimizer, param_rules, prefetch)
+
+    return header, profile, roles
 
 
 def _describe(mesh: MeshShape, hw: Hardware, memory: int) -> str:
@@ -264,7 +281,7 @@ def _table(result: SearchResult, top: int) -> str:
     return shown.table() + f"\n({len(result.candidates) - top} more candidates not shown)"
 
 
-def _verdict(result: SearchResult, remat: bool = False) -> list[str]:
+def _verdict(result: SearchResult, remat: bool = False, prefetch: int = 1) -> list[str]:
     data_parallel = result.find(f"data({','.join(result.mesh.names)})")
     best = result.best
     if best is None:
@@ -295,7 +312,8 @@ def _verdict(result: SearchResult, remat: bool = False) -> list[str]:
     lines.append(f"rules: {best.rules}")
     if best.param_rules:
         regather = ", regather=False" if remat else ""
-        lines.append(f"parameters: tm.nn.shard_parameters(model, {best.param_rules!r}{regather})")
+        ahead = f", prefetch={prefetch}" if prefetch != 1 else ""
+        lines.append(f"parameters: tm.nn.shard_parameters(model, {best.param_rules!r}{regather}{ahead})")
     if remat:
         lines.append(
             "blocks: rematerialized (torch.utils.checkpoint around each block, as "

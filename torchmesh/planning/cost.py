@@ -9,8 +9,9 @@ From a `StepProfile` (abstract evaluation: FLOPs, bytes per collective, memory) 
   slowest link among the collective's axes); ring algorithms, no latency term;
 - step time = compute time + communication time: no overlap of the two is assumed
   (conservative; a perfectly overlapped step would take their maximum, reported too);
-- it fits when peak memory (parameters + gradients + optimizer state + saved activations)
-  is at most the device memory.
+- it fits when peak memory (parameters + gradients + optimizer state + saved activations +
+  the gathered parameters FSDP prefetching keeps alive, `StepProfile.gathered_bytes`) is at
+  most the device memory.
 """
 
 from __future__ import annotations

@@ -14,8 +14,11 @@ the loss forward and backward, and records:
   tensors `saved_tensors_hooks` sees during forward, each storage once, parameters not
   counted twice; tensors a rematerialized block keeps, `note_saved`; tensors kept under
   other saved-tensor hooks, such as FSDP's regather, `_counting_nested_hooks`, while those
-  hooks' replacements, the regathered parameters, are not). Activations peak at
-  the end of forward; the reported peak is the sum of the four, an upper bound (gradients
+  hooks' replacements, the regathered parameters, are not); and, with fully sharded
+  parameters (`tm.nn.shard_parameters`), the gathered parameters alive at once: each FSDP
+  unit's gathered bytes (`gathered_units`) and the largest gathered parameter, from which
+  `StepProfile.gathered_bytes` bounds what prefetching keeps alive. Activations peak at
+  the end of forward; the reported peak is the sum of the five, an upper bound (gradients
   fill in as activations are freed).
 
 A model is given as a *builder*: `builder(mesh) -> (module, loss_fn)`, where `module` is a
@@ -27,6 +30,7 @@ draw nothing on the abstract backend.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,8 +41,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from torchmesh.comm.stats import comm_stats
 from torchmesh.errors import PlanningError
-from torchmesh.nn.fsdp import shard_parameters
-from torchmesh.nn.parameter import mesh_parameters
+from torchmesh.nn.fsdp import _units, shard_parameters
+from torchmesh.nn.parameter import mesh_parameters, own_mesh_parameters
+from torchmesh.placement.layout import local_shape, resolve
 from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
 from torchmesh.placement.rules import RulesLike
 from torchmesh.tensor.mesh import Mesh
@@ -55,7 +60,10 @@ class StepProfile:
     """Per-device counts of one training step (bytes, FLOPs), from abstract evaluation.
 
     Profiles are linear in the model's layers, so they add, subtract and scale
-    (`extrapolate` uses this to evaluate a deep model from one- and two-layer ones).
+    (`extrapolate` uses this to evaluate a deep model from one- and two-layer ones), but for
+    the gathered parameters of fully sharded models (`gathered_units`, `gathered_largest`),
+    which are per unit, not summed: a deeper model has more units of the same size, so
+    `combine` repeats the extra layer's units and keeps the largest parameter.
 
     >>> import torchmesh as tm
     >>> from torchmesh import planning
@@ -74,15 +82,50 @@ class StepProfile:
     grad_bytes: int
     optimizer_bytes: int
     activation_bytes: int
+    #: Fully sharded parameters: bytes per device of each FSDP unit's parameters once
+    #: gathered (the model's own first, then the units that have some, in the order their
+    #: forward runs; `tm.nn.shard_parameters` gathers a unit's parameters together); () if
+    #: none are gathered. Not linear in layers: `combine` repeats the extra layer's units.
+    gathered_units: tuple[int, ...] = ()
+    gathered_largest: int = 0  # the largest gathered parameter, bytes per device
+    prefetch: int = 1  # units gathered ahead (`shard_parameters(prefetch=)`)
 
     @property
     def comm_bytes(self) -> int:
         return sum(b for _, _, b in self.comm)
 
     @property
+    def gathered_bytes(self) -> int:
+        """Gathered parameters alive at once, bytes per device (0 unless parameters are fully
+        sharded). With `prefetch` p >= 1: the p + 1 consecutive units' flat all-gather buffers
+        (the unit in use and the p started ahead, in forward and again in backward), the most
+        over any such window (the model's own parameters, read somewhere inside its forward,
+        are counted next to every window of p units), plus the largest gathered parameter (an
+        op's copy of it out of its unit's buffer). With p = 0, gathers are synchronous, one op
+        at a time: the largest unit, an upper bound on one op's parameters.
+
+        >>> from torchmesh import planning
+        >>> p = planning.StepProfile("dp:2", "", "d_model:dp", (), 0, 0, 0, 0, 0, gathered_units=(8, 100, 500, 500, 100),
+        ...                          gathered_largest=50, prefetch=1)
+        >>> p.gathered_bytes   # two blocks, and one parameter out of a buffer
+        1050
+        >>> from dataclasses import replace
+        >>> replace(p, prefetch=2).gathered_bytes, replace(p, prefetch=0).gathered_bytes
+        (1150, 500)
+        """
+        if not self.gathered_units:
+            return 0
+        own, units = self.gathered_units[0], self.gathered_units[1:]
+        if self.prefetch == 0:
+            return max(self.gathered_units)
+        n = self.prefetch + 1
+        return max(_window(units, n), own + _window(units, n - 1)) + self.gathered_largest
+
+    @property
     def memory_bytes(self) -> int:
-        """Peak memory per device (upper bound): parameters, gradients, optimizer state, activations."""
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+        """Peak memory per device (upper bound): parameters, gradients, optimizer state,
+        activations, and the gathered parameters prefetching keeps alive (`gathered_bytes`)."""
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes + self.gathered_bytes
 
     def bytes_by_axes(self) -> dict[tuple[str, ...], int]:
         out: dict[tuple[str, ...], int] = {}
@@ -97,23 +140,63 @@ class StepProfile:
         return out
 
     def combine(self, other: StepProfile, a: int, b: int) -> StepProfile:
-        """The profile a * self + b * other (integer weights; used to extrapolate layers)."""
+        """The profile a * self + b * other (integer weights; used to extrapolate layers).
+
+        The gathered units do not add: with `a + b == 1` (extrapolation: self has n layers,
+        other n + 1, the result n + b), the units other has beyond self's, one layer's, are
+        repeated b times, and the largest gathered parameter is the larger of the two. Other
+        weights are a ValueError when the profiles gather parameters.
+        """
         comm: dict[CommKey, list[int]] = {}
         for weight, prof in ((a, self), (b, other)):
             for key, n, nbytes in prof.comm:
                 acc = comm.setdefault(key, [0, 0])
                 acc[0] += weight * n
                 acc[1] += weight * nbytes
+        if (self.gathered_units or other.gathered_units) and (a + b != 1 or b < 0 or self.prefetch != other.prefetch):
+            raise ValueError(
+                f"StepProfile.combine: gathered parameters only extrapolate over layers (a + b == 1, b >= 0, "
+                f"one prefetch depth); got a={a}, b={b}, prefetch {self.prefetch} and {other.prefetch}."
+            )
         return StepProfile(
             self.mesh,
             self.rules,
             self.param_rules,
             tuple(sorted((k, n, nb) for k, (n, nb) in comm.items() if n or nb)),
-            *(a * getattr(self, f) + b * getattr(other, f) for f in _LINEAR),
+            **{f: a * getattr(self, f) + b * getattr(other, f) for f in _LINEAR},
+            gathered_units=_more_layers(self.gathered_units, other.gathered_units, b),
+            gathered_largest=max(self.gathered_largest, other.gathered_largest),
+            prefetch=self.prefetch,
         )
 
 
 _LINEAR = ("flops", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes")
+
+
+def _window(units: tuple[int, ...], n: int) -> int:
+    """The largest sum of `n` consecutive units (of all of them, if fewer)."""
+    if n <= 0 or not units:
+        return 0
+    return max(sum(units[i : i + n]) for i in range(max(1, len(units) - n + 1)))
+
+
+def _more_layers(fewer: tuple[int, ...], more: tuple[int, ...], b: int) -> tuple[int, ...]:
+    """The gathered units of the model b layers past `fewer`, where `more` (one layer past
+    it) is `fewer` with one layer's units inserted: those units repeated b more times. If
+    `more` is not of that form (the layers differ), every unit is the largest (a bound)."""
+    if b == 0 or not (fewer or more):
+        return fewer
+    if fewer and more and fewer[0] == more[0]:  # the model's own parameters stay as they are
+        own, short, long = fewer[0], fewer[1:], more[1:]
+        k = len(long) - len(short)
+        for i in range(len(short) - k + 1) if k > 0 else ():
+            layer = short[i : i + k]
+            if long == short[: i + k] + layer + short[i + k :]:
+                return (own, *short[: i + k], *layer * b, *short[i + k :])
+        if k == 0 and long == short:
+            return fewer
+    largest = max(fewer + more)
+    return (largest,) * max(len(more), len(fewer) + b * max(1, len(more) - len(fewer)))
 
 
 def extrapolate(one_layer: StepProfile, two_layers: StepProfile, layers: int) -> StepProfile:
@@ -134,12 +217,19 @@ def extrapolate(one_layer: StepProfile, two_layers: StepProfile, layers: int) ->
 
 
 def profile_step(
-    builder: Builder, mesh: MeshShapeLike, rules: RulesLike, optimizer: str = "adamw", param_rules: str = ""
+    builder: Builder,
+    mesh: MeshShapeLike,
+    rules: RulesLike,
+    optimizer: str = "adamw",
+    param_rules: str = "",
+    prefetch: int = 1,
 ) -> StepProfile:
     """Evaluate one training step of `builder`'s model abstractly on `mesh` under `rules`;
     with `param_rules` ("d_model:dp"), its parameters are stored fully sharded by them too
-    (`tm.nn.shard_parameters`). `builder(mesh)` returns `(module, loss_fn)`; nothing is
-    computed and no device is needed, and the collectives are those a real run records.
+    (`tm.nn.shard_parameters`, gathering `prefetch` units ahead). `builder(mesh)` returns
+    `(module, loss_fn)`; nothing is computed and no device is needed, and the collectives
+    are those a real run records. A builder may shard the parameters itself: the memory
+    estimate then uses the prefetch depth it chose (`prefetch` if it chose none).
 
     >>> import torchmesh as tm
     >>> from torchmesh import planning
@@ -160,13 +250,16 @@ def profile_step(
     m = Mesh(mesh, rules=rules, backend="abstract")
     module, loss_fn = builder(m)
     if param_rules:
-        shard_parameters(module, param_rules)
+        shard_parameters(module, param_rules, prefetch=prefetch)
+    # the depth the model's prefetcher runs (a builder may have sharded it itself)
+    prefetch = getattr(module.__dict__.get("_torchmesh_prefetcher"), "depth", prefetch)
     params = list(module.parameters())
     saved = _SavedTensors(params)
+    units = _GatheredUnits(module, m)
     _COUNTING.append(saved)
     try:
         with comm_stats() as stats, FlopCounterMode(display=False) as flops, _counting_nested_hooks():
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), units.ordering():
                 loss = loss_fn()
             saved.counting = False  # what a recomputation saves in backward is not forward memory
             loss.backward()
@@ -188,7 +281,52 @@ def profile_step(
         grad_bytes=_nbytes(trainable),
         optimizer_bytes=optimizer_state_bytes(trainable, optimizer),
         activation_bytes=saved.total,
+        gathered_units=units.in_order(),
+        gathered_largest=units.largest,
+        prefetch=prefetch,
     )
+
+
+class _GatheredUnits:
+    """The bytes per device of each FSDP unit's fully sharded parameters once gathered (the
+    layout the rules give them, device 0's block), and the order the units' forwards run."""
+
+    def __init__(self, module: torch.nn.Module, mesh: Mesh) -> None:
+        self.units = _units(module)
+        owner = {id(sub): i for i, unit in enumerate(self.units[1:], 1) for sub in unit.modules()}
+        self.bytes = [0] * len(self.units)
+        self.largest = 0
+        for sub in module.modules():
+            for name in own_mesh_parameters(sub):
+                p = getattr(sub, name)
+                computed = resolve(p.tensor_layout.dims, mesh.rules, mesh.shape)
+                if computed == p.tensor_layout:  # stored as computed: never gathered
+                    continue
+                n = math.prod(local_shape(computed, mesh.shape)) * p.shards[0].element_size()
+                self.bytes[owner.get(id(sub), 0)] += n
+                self.largest = max(self.largest, n)
+        self.order: list[int] = []
+
+    @contextmanager
+    def ordering(self) -> Iterator[None]:
+        """Inside the block, note each unit (but the model) the first time its forward runs."""
+        hooks = [
+            unit.register_forward_pre_hook(lambda _m, _a, i=i: None if i in self.order else self.order.append(i))
+            for i, unit in enumerate(self.units[1:], 1)
+            if self.bytes[i]
+        ]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def in_order(self) -> tuple[int, ...]:
+        """The model's own gathered bytes, then each unit's that has some, in forward order
+        (units never run are never gathered); () if nothing is gathered."""
+        if not any(self.bytes):
+            return ()
+        return (self.bytes[0], *(self.bytes[i] for i in self.order))
 
 
 def optimizer_state_bytes(shards: Iterable[torch.Tensor], optimizer: str) -> int:

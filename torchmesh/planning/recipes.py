@@ -100,9 +100,10 @@ def lm_builder(config, batch: int, remat: bool = False) -> Builder:
     return sharded_lm_builder(config, batch, remat, "")
 
 
-def sharded_lm_builder(config, batch: int, remat: bool, param_rules: str) -> Builder:
+def sharded_lm_builder(config, batch: int, remat: bool, param_rules: str, prefetch: int = 1) -> Builder:
     """`lm_builder` whose parameters are fully sharded by `param_rules` ("d_model:dp",
-    `tm.nn.shard_parameters`; none if ""). With `remat`, without regathering in backward:
+    `tm.nn.shard_parameters`, gathered `prefetch` blocks ahead; none if ""). With `remat`,
+    without regathering in backward:
     inside a checkpointed block the gathered weights are dropped with the block's
     activations anyway, and regather's own saved-tensor hooks would keep the checkpoint from
     dropping the activations of the ops they wrap (innermost hooks win)."""
@@ -110,7 +111,7 @@ def sharded_lm_builder(config, batch: int, remat: bool, param_rules: str) -> Bui
     def build(mesh: Mesh) -> tuple[torch.nn.Module, Callable[[], MeshTensor]]:
         model = TransformerLM(mesh, config, seed=0)
         if param_rules:
-            shard_parameters(model, param_rules, regather=not remat)
+            shard_parameters(model, param_rules, regather=not remat, prefetch=prefetch)
         if remat:
             for i, block in enumerate(model.blocks):
                 model.blocks[i] = Rematerialized(block)
@@ -135,8 +136,10 @@ def profile_lm(
     optimizer: str = "adamw",
     param_rules: str = "",
     remat: bool = False,
+    prefetch: int = 1,
 ) -> StepProfile:
-    """The step profile of the full-depth model, from its 1- and 2-layer versions.
+    """The step profile of the full-depth model, from its 1- and 2-layer versions; with
+    `param_rules`, its parameters fully sharded by them, gathered `prefetch` blocks ahead.
 
     >>> import torchmesh as tm
     >>> from torchmesh import planning
@@ -148,7 +151,8 @@ def profile_lm(
 
     def run(layers: int, remat: bool) -> StepProfile:
         cfg = dataclasses.replace(config, layers=layers)
-        return profile_step(sharded_lm_builder(cfg, batch, remat, param_rules), mesh, rules, optimizer)
+        builder = sharded_lm_builder(cfg, batch, remat, param_rules, prefetch)
+        return profile_step(builder, mesh, rules, optimizer, prefetch=prefetch)
 
     full = run(config.layers, remat) if config.layers <= 2 else extrapolate(run(1, remat), run(2, remat), config.layers)
     if not remat:

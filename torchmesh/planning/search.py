@@ -257,6 +257,7 @@ def _largest_memory(p: StepProfile) -> str:
         "gradients": p.grad_bytes,
         "optimizer state": p.optimizer_bytes,
         "activations": p.activation_bytes,
+        "gathered parameters": p.gathered_bytes,
     }
     name = max(terms, key=terms.__getitem__)
     return f"{name} {_gb(terms[name])}"
