@@ -113,3 +113,35 @@ def test_an_invalid_reduction_raises_on_every_call():
     for _ in range(2):
         with pytest.raises(tm.DimError, match="size 0"):
             x.max("d")
+
+
+def test_operators_with_numbers_take_the_fast_path_in_python_s_argument_order(monkeypatch):
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
+    a = torch.randn(4, 6, requires_grad=True)
+    x = tm.distribute(a, "batch ff", mesh)
+    planned = []
+    monkeypatch.setattr(elementwise, "run_op", lambda *args, **kw: planned.append(args) or None)
+    outs = [2 - x, x - 2, 3.0 / (x * x + 1), x**2, 2**x, -x + 0.5, x % 2.5, (x // 1).detach()]
+    assert not planned
+    r = a.detach().clone().requires_grad_()
+    expected = [2 - r, r - 2, 3.0 / (r * r + 1), r**2, 2**r, -r + 0.5, r % 2.5, (r // 1).detach()]
+    monkeypatch.undo()
+    for o, e in zip(outs, expected):
+        assert o.tensor_layout == x.tensor_layout
+        torch.testing.assert_close(o.full(), e.detach())
+    sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+    sum((e * (i + 1)).sum() for i, e in enumerate(expected)).backward()
+    torch.testing.assert_close(a.grad, r.grad)
+
+
+def test_operators_on_other_operands_take_the_general_path():
+    mesh = tm.Mesh("dp:2", rules="batch:dp")
+    t = torch.randn(4, 6)
+    x = tm.distribute(t, "batch ff", mesh)
+    ints = tm.distribute(torch.arange(24).reshape(4, 6), "batch ff", mesh)
+    torch.testing.assert_close((ints + True).full(), torch.arange(24).reshape(4, 6) + True)  # bool: general
+    torch.testing.assert_close((ints / 2).full(), torch.arange(24).reshape(4, 6) / 2)  # torch's promotion
+    y = tm.distribute(torch.ones(6), "ff", mesh)  # other dims: broadcast by name
+    torch.testing.assert_close((x + y).full(), t + 1)
+    with pytest.raises(tm.DimError, match="no dim names"):
+        x + torch.ones(4, 6)

@@ -91,33 +91,16 @@ def _same_layout_fast_path(func, args, kwargs, slots, xs: list[MeshTensor]) -> M
     layout that the mesh's rules give their dims too, computed without the planner's
     machinery: its plan is the slice-wise call alone (no collective, nothing to agree on or
     name). None where that does not hold (the general path then runs)."""
-    if not xs or kwargs or compiling():
+    if not xs or kwargs:
         return None
     first = xs[0]
     layout, mesh = first._layout, first._mesh
-    impl = mesh.impl
-    if impl.checking:
-        return None
     for x in xs[1:]:
         if x._layout != layout or x._mesh is not mesh:
             return None
-    key = (layout, mesh.rules, mesh.shape)
-    trivial = _TRIVIAL.get(key)
-    if trivial is None:
-        if len(_TRIVIAL) > 4096:  # bounded, as the planner's own cache
-            _TRIVIAL.clear()
-        plan = plan_op((layout,) * len(xs), layout.names, mesh.rules, mesh.shape, "sum", "op")
-        trivial = _TRIVIAL[key] = (
-            not any(plan.in_steps)
-            and not any(plan.in_bcast)
-            and not any(plan.in_gather_rs)
-            and not plan.finish
-            and plan.computed == layout
-            and plan.out == layout
-            and all(lay == layout for lay in plan.in_layouts)
-        )
-    if not trivial:
+    if not _trivial(first, len(xs)):
         return None
+    impl = mesh.impl
     if len(slots) == len(args):  # every argument a MeshTensor
         data = impl.slicewise(func, *(x._data for x in xs))
     else:
@@ -131,6 +114,49 @@ def _same_layout_fast_path(func, args, kwargs, slots, xs: list[MeshTensor]) -> M
 
         data = impl.slicewise(fn, *(x._data for x in xs))
     return MeshTensor(data, layout, mesh)
+
+
+def _trivial(x: MeshTensor, inputs: int) -> bool:
+    """Whether an elementwise op over `inputs` tensors laid out as `x` is planned, eagerly, as
+    the slice-wise call alone (no relayout, no gradient sum, no finishing step, the output
+    laid out alike); checked once per layout (`_TRIVIAL`)."""
+    mesh = x._mesh
+    if mesh.impl.checking or compiling():
+        return False
+    layout = x._layout
+    key = (layout, mesh.rules, mesh.shape)
+    try:
+        return _TRIVIAL[key]
+    except KeyError:
+        pass
+    if len(_TRIVIAL) > 4096:  # bounded, as the planner's own cache
+        _TRIVIAL.clear()
+    plan = plan_op((layout,) * inputs, layout.names, mesh.rules, mesh.shape, "sum", "op")
+    trivial = _TRIVIAL[key] = (
+        not any(plan.in_steps)
+        and not any(plan.in_bcast)
+        and not any(plan.in_gather_rs)
+        and not plan.finish
+        and plan.computed == layout
+        and plan.out == layout
+        and all(lay == layout for lay in plan.in_layouts)
+    )
+    return trivial
+
+
+def binary(op: Callable[[Any, Any], Any], a: Any, b: Any) -> MeshTensor:
+    """`op(a, b)` for a Python operator (`x + y`, `2 * x`), one of a and b a MeshTensor: the
+    fast path where the other is a Python number or a MeshTensor of the same layout and that
+    layout is the rules' (the common case), else `pointwise`."""
+    x = a if isinstance(a, MeshTensor) else b
+    other = b if x is a else a
+    if isinstance(other, MeshTensor):
+        if (other._layout is x._layout or other._layout == x._layout) and other._mesh is x._mesh and _trivial(x, 2):
+            return MeshTensor(x._mesh.impl.slicewise(op, a._data, b._data), x._layout, x._mesh)
+    elif type(other) in (int, float) and isinstance(x, MeshTensor) and _trivial(x, 1):
+        fn = (lambda t: op(t, other)) if x is a else (lambda t: op(other, t))
+        return MeshTensor(x._mesh.impl.slicewise(fn, x._data), x._layout, x._mesh)
+    return pointwise(op, a, b)
 
 
 def _tracked(t: torch.Tensor) -> bool:

@@ -26,7 +26,7 @@ from torchmesh.tensor.mesh_tensor import MeshTensor
 # ---- operators and elementwise methods ------------------------------------------------------
 def _operator(op: Callable) -> Callable:
     def method(self: MeshTensor, other: Any) -> MeshTensor:
-        return ew.pointwise(op, self, other)
+        return ew.binary(op, self, other)
 
     method.__name__ = getattr(op, "__name__", "op")
     return method
@@ -34,7 +34,7 @@ def _operator(op: Callable) -> Callable:
 
 def _reflected(op: Callable) -> Callable:
     def method(self: MeshTensor, other: Any) -> MeshTensor:
-        return ew.pointwise(op, other, self)
+        return ew.binary(op, other, self)
 
     return method
 
