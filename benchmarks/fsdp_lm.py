@@ -9,8 +9,10 @@ on a dp x tp mesh after torchtitan's tensor-parallel plan), on 4 gloo processes.
 Both start from the same global weights and are checked to give the same first loss; their
 steps then run interleaved in the same processes (medians give tokens/s). Memory per rank:
 the parameter and optimizer-state bytes the rank holds, plus the peak of what one training
-step allocates on top (torch's profiler: each op's allocations and frees in time order;
-on CUDA, `max_memory_allocated`). Collectives per step: torchmesh's `tm.comm_stats`,
+step allocates on top, counted alike for both: every byte the process's allocator hands out,
+on any thread (collectives' own buffers, such as gloo's staging copy, included). On the CPU,
+the allocator's count of live bytes at each allocation and free that torch's profiler sees
+(`count_cpu_allocations`); on CUDA, `max_memory_allocated`. Collectives per step: torchmesh's `tm.comm_stats`,
 FSDP2's counted by `CommDebugMode`. The table is printed and saved as JSON under
 benchmarks/results/.
 """
@@ -88,6 +90,18 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def count_cpu_allocations() -> None:
+    """Have c10's CPU allocator count the bytes of every allocation and free on every thread.
+    By default it counts only where the profiler is on: a collective's buffers that gloo's
+    worker thread lets go last (it holds the collective until it has finished) would never
+    count as freed, and would inflate every later figure. Call it before the models are built."""
+    import ctypes
+    import os
+
+    c10 = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+    ctypes.c_bool.in_dll(c10, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+
+
 def step_peak_bytes(step, device: torch.device) -> int:
     """The most bytes one step has allocated at once on top of what was alive before it."""
     if device.type == "cuda":
@@ -100,12 +114,20 @@ def step_peak_bytes(step, device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    running = peak = 0
-    events = [e for e in prof.events() if e.name == "[memory]" or e.self_cpu_memory_usage]
-    for e in sorted(events, key=lambda e: e.time_range.start):
-        running += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        peak = max(peak, running)
-    return peak
+    # Each allocation and free the profiler records carries the allocator's count of the live
+    # bytes just after it (every thread's, see count_cpu_allocations): the peak is the highest
+    # count less the count before the first. (Summing the records themselves would miss the
+    # frees made on threads the profiler does not watch.)
+    found = []
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            found.append((node.start_time_ns, node.extra_fields))
+        nodes.extend(node.children)
+    found.sort(key=lambda f: f[0])
+    first = found[0][1]
+    return max(f.total_allocated for _, f in found) - (first.total_allocated - first.alloc_size)
 
 
 def collectives(step) -> dict:
@@ -118,6 +140,8 @@ def collectives(step) -> dict:
 
 def run_mesh(spec: str, args: argparse.Namespace) -> dict:
     dp, tp, rules, c = mesh_setup(spec, args)
+    if args.device.type == "cpu":
+        count_cpu_allocations()
     mesh = tm.Mesh(spec, rules=rules, backend="dist")
     model = tm.nn.TransformerLM(mesh, c, seed=0)
     weights = {n: p.full() for n, p in tm.nn.mesh_parameters(model)}
