@@ -80,6 +80,10 @@ class GradSync:
             bucket = self.open.get(key)
             if isinstance(bucket, _ScatterBucket) and bucket.unit != param.unit and bucket.bytes >= UNIT_BUCKET_BYTES:
                 # FSDP: a unit's (a block's) gradients are done: scatter them, free the full-size ones
+                # (and those of the units scattered before, whose reduce-scatters are done by now)
+                for earlier in self.launched:
+                    if isinstance(earlier, _ScatterBucket):
+                        earlier.settle()
                 self.launched.append(bucket.launch(self.impl))
                 bucket = None
             if bucket is None:
@@ -271,13 +275,16 @@ class _ScatterBucket:
     """Gathered-shape partial gradients of several parameters stored split over `axis`,
     reduce-scattered in one collective: per device, the k blocks of every parameter (along
     its split dim) are laid out block by block (all parameters' block 0, then block 1, ...),
-    so member j receives the sum of every parameter's block j, in order."""
+    so member j receives the sum of every parameter's block j, in order. Once launched it
+    keeps only the gradients' shapes; once settled, only the sums (`settle`)."""
 
     def __init__(self, axis: str, unit: int | None) -> None:
         self.axis, self.unit = axis, unit
         self.entries: list[tuple[ParamSync, Data, int]] = []
+        self.shapes: list[tuple[ParamSync, tuple[torch.Size, ...], int]] = []
         self.bytes = 0
         self.pending: Any = None
+        self.sums: Data | None = None
 
     def add(self, param: ParamSync, grads: Data, dim: int = 0) -> None:
         self.entries.append((param, grads, dim))
@@ -292,15 +299,25 @@ class _ScatterBucket:
         with impl.op_scope("gradient bucket"):
             _rec(impl, "reduce_scatter", (self.axis,), flats, "backward")
             self.pending = impl.reduce_scatter_async(flats, self.axis, 0)
+        # the full-size gradients go (the flats hold their values until the collective is done)
+        self.shapes = [(param, tuple(g.shape for g in grads), dim) for param, grads, dim in self.entries]
+        self.entries = []
         return self
 
+    def settle(self) -> None:
+        """Wait for the reduce-scatter; keep its sums, let its buffers (the full-size flats) go."""
+        if self.sums is None:
+            self.sums = self.pending.wait()
+            self.pending = None
+
     def deliver(self) -> None:
-        blocks = self.pending.wait()
-        offsets = [0] * len(blocks)
-        for param, grads, dim in self.entries:
-            for i, (shard, total, g) in enumerate(zip(param.shards, blocks, grads)):
-                moved = g.movedim(dim, 0).shape
-                n = g.numel() // moved[0] * shard.shape[dim]
+        self.settle()
+        assert self.sums is not None
+        offsets = [0] * len(self.sums)
+        for param, shapes, dim in self.shapes:
+            for i, (shard, total, shape) in enumerate(zip(param.shards, self.sums, shapes)):
+                moved = (shape[dim], *shape[:dim], *shape[dim + 1 :])  # the shape moved to put dim first
+                n = shape.numel() // moved[0] * shard.shape[dim]
                 piece = total[offsets[i] : offsets[i] + n].view(shard.shape[dim], *moved[1:]).movedim(0, dim)
                 piece = piece.contiguous()  # the parameter's own layout (a copy only when dim > 0)
                 offsets[i] += n

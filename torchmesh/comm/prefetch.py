@@ -5,10 +5,16 @@ all-gather over the axes it is stored split on (and, with regather, again in bac
 Synchronous, each one stalls the computation. A `Prefetcher` learns the order of those
 gathers from the first step: a sequence of (parameter, relayout) keys, grouped by the unit
 (a Transformer block, say: `shard_parameters` picks them) that read them (forward), or by
-the unit whose backward regathers them (backward). From then on, when the gathers of group g
-are needed, group g's are started as one flat all-gather (FSDP2's) and the next `depth`
-groups' too, asynchronously (`MeshImpl.all_gather_async`): they run while group g computes. At
-most `depth + 1` groups' gathered parameters are alive at a time.
+the unit whose backward regathers them (backward). From then on each group's gathers run as
+one flat all-gather (FSDP2's), started asynchronously (`MeshImpl.all_gather_async`) `depth`
+groups ahead: when group g's second gather is taken, the next `depth` groups' start, and they
+run while the rest of group g computes. When group g's first gather is taken, its started
+gathers are waited for: the collectives' own buffers go (their inputs, and gloo's staging
+copy of the result, which it holds while the gather runs), every parameter's gathered tensor
+is cut out of the flat result (FSDP2's copy-out) and the flat goes. So at most `depth + 1`
+groups' gathered parameters are alive at a time, and the next groups' buffers are not added
+to those of a unit's first op: in backward that op (the widest gradient of the first block,
+every activation still alive) is where a training step's memory peaks.
 
 Results are the synchronous gathers' own (the same collective, started earlier). A program
 whose order of reads changes (a branch) re-learns it: a gather that is not where the
@@ -28,7 +34,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from torchmesh.comm import grad_sync, stats
-from torchmesh.comm.backend import Data, MeshImpl, Pending, Sizes, compiling
+from torchmesh.comm.backend import Data, Done, MeshImpl, Pending, Sizes, compiling
 from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.plan import Gather, Step, step_sizes
 
@@ -91,6 +97,7 @@ class Prefetcher:
         self.forward_group: dict[int, int] = {}  # id(first shard) -> group of its first forward read
         self.in_flight: dict[tuple[str, Key], Pending] = {}
         self.started: set[tuple[str, int]] = set()  # (phase, group) started this step
+        self.finished: set[tuple[str, int]] = set()  # (phase, group) waited for this step
 
     def add(self, shards: Data, layout: TensorLayout) -> None:
         """Prefetch the gathers of this parameter. The model keeps its prefetcher alive;
@@ -100,7 +107,7 @@ class Prefetcher:
 
     def take(self, data: Data, steps: tuple[Step, ...], phase: str) -> Pending | None:
         """The gather of `data` (a source's shards) by `steps` if it was started early (None:
-        run it now); starts the gathers of the next `depth` groups."""
+        run it now); at its group's second gather, starts the gathers of the next `depth` groups."""
         key: Key = (id(data[0]), steps)
         seq = self.phases[phase]
         before = seq.cursor
@@ -118,12 +125,17 @@ class Prefetcher:
         if (phase, group) not in self.started and len(seq.keys) <= before:  # known, not started: all of it now
             self._start_group(phase, seq.members[group])
         self.started.add((phase, group))
-        pending = self.in_flight.pop((phase, key), None)
-        for g in range(group + 1, min(group + self.depth + 1, len(seq.members))):
-            if (phase, g) not in self.started:
-                self.started.add((phase, g))
-                self._start_group(phase, seq.members[g])
-        return pending
+        members = seq.members[group]
+        if key == members[min(1, len(members) - 1)]:  # the group's second gather (its first, if alone):
+            # the unit's first op has run; the next groups' gathers run while the rest computes
+            for g in range(group + 1, min(group + self.depth + 1, len(seq.members))):
+                if (phase, g) not in self.started:
+                    self.started.add((phase, g))
+                    self._start_group(phase, seq.members[g])
+        if (phase, group) not in self.finished:
+            self.finished.add((phase, group))
+            self._finish(phase, members)
+        return self.in_flight.pop((phase, key), None)
 
     def _start_group(self, phase: str, keys: list[Key]) -> None:
         """Start a group's gathers: those over the same axis with even blocks and one dtype
@@ -164,42 +176,74 @@ class Prefetcher:
             _record(impl, shards, step, sizes, phase)
             self.in_flight[(phase, key)] = impl.all_gather_async(shards, step.axis, step.dim, sizes)
 
+    def _finish(self, phase: str, keys: list[Key]) -> None:
+        """Wait for the started gathers of these keys (a group's, when its first is taken):
+        the collectives' own buffers go (their inputs; gloo's staging copy of the result),
+        each flat gather's members are cut out of it and the flat goes; the results stay
+        until taken."""
+        for key in keys:
+            pending = self.in_flight.get((phase, key))
+            if isinstance(pending, _Piece):
+                pending.flat.wait()
+            elif pending is not None and not isinstance(pending, Done):
+                self.in_flight[(phase, key)] = Done(pending.wait())
+
     def _drop(self, phase: str) -> None:
         """A new step begins: gathers started for the last one and never taken are finished
         and dropped (the collective ran on every rank alike; only its result goes)."""
         for k in [k for k in self.in_flight if k[0] == phase]:
             self.in_flight.pop(k).wait()
         self.started = {s for s in self.started if s[0] != phase}
+        self.finished = {s for s in self.finished if s[0] != phase}
 
 
 class _FlatGather:
-    """One all-gather of several parameters' shards laid end to end; waited for once."""
+    """One all-gather of several parameters' shards laid end to end. Once it is waited for,
+    every member's gathered tensors are cut out of it at once and the flat goes (FSDP2's
+    copy-out): each member's then lives until it is taken and used."""
 
     def __init__(self, pending: Pending, k: int) -> None:
-        self.pending, self.k = pending, k
+        self.pending: Pending | None = pending
+        self.k = k
+        self.members: dict[int, tuple[tuple[torch.Size, ...], int]] = {}  # offset -> (shapes, split dim)
+        self.pieces: dict[int, Data] | None = None
+
+    def wait(self) -> None:
+        if self.pieces is not None:
+            return
+        assert self.pending is not None
+        flat = self.pending.wait()
+        self.pending = None  # the collective's own buffers (its input, gloo's staging copy) go
+        self.pieces = {at: self._cut(flat, at, shapes, dim) for at, (shapes, dim) in self.members.items()}
+
+    def _cut(self, flat: Data, at: int, shapes: tuple[torch.Size, ...], dim: int) -> Data:
+        """A member's gathered tensors: its k blocks (which lie together in each member of
+        the flat, one per device of the axis) put together along its split dim."""
+        out = []
+        for whole, shape in zip(flat, shapes):
+            n, stride = shape.numel(), whole.numel() // self.k
+            blocks = [whole[j * stride + at : j * stride + at + n].view(shape) for j in range(self.k)]
+            out.append(torch.cat(blocks, dim))
+        return tuple(out)
+
+    def take(self, at: int) -> Data:
+        self.wait()
+        assert self.pieces is not None
+        return self.pieces.pop(at)
+
+
+class _Piece:
+    """One parameter's gather out of a `_FlatGather`, at `offset` in each of its members."""
+
+    def __init__(self, flat: _FlatGather, offset: int, shards: Data, dim: int) -> None:
+        self.flat, self.offset = flat, offset
+        flat.members[offset] = (tuple(t.shape for t in shards), dim)
         self.result: Data | None = None
 
     def wait(self) -> Data:
         if self.result is None:
-            self.result = self.pending.wait()
+            self.result = self.flat.take(self.offset)
         return self.result
-
-
-class _Piece:
-    """One parameter's gather out of a `_FlatGather`: every member's block of it, put
-    together along its split dim (the blocks of one member lie together in the flat)."""
-
-    def __init__(self, flat: _FlatGather, offset: int, shards: Data, dim: int) -> None:
-        self.flat, self.offset, self.dim = flat, offset, dim
-        self.shapes = tuple(t.shape for t in shards)
-
-    def wait(self) -> Data:
-        out = []
-        for whole, shape in zip(self.flat.wait(), self.shapes):
-            n, stride, at = shape.numel(), whole.numel() // self.flat.k, self.offset
-            blocks = [whole[j * stride + at : j * stride + at + n].view(shape) for j in range(self.flat.k)]
-            out.append(torch.cat(blocks, self.dim))
-        return tuple(out)
 
 
 def _record(impl: MeshImpl, shards: Data, step: Gather, sizes: Sizes, phase: str) -> None:

@@ -18,10 +18,10 @@ backward gathers each again, so only one layer's full parameters are alive at a 
 The gathers are prefetched (`prefetch=1`, the default; `torchmesh.comm.prefetch`): once the
 order of the reads is known (after the first step), each unit's parameters (the model's
 children and the members of its ModuleLists: a Transformer's blocks) are gathered in one
-flat all-gather, and the next unit's start, asynchronously, when the current unit's are
-taken, in forward and in backward, so communication overlaps computation (FSDP's forward
-and backward prefetch). Their gradients are reduce-scattered one unit at a time, deferred
-and bucketed (`torchmesh.comm.grad_sync`).
+flat all-gather, and the next unit's start, asynchronously, once the current unit's first
+op has run (at its second gather), in forward and in backward, so communication overlaps
+computation (FSDP's forward and backward prefetch). Their gradients are reduce-scattered
+one unit at a time, deferred and bucketed (`torchmesh.comm.grad_sync`).
 
 An axis a parameter already uses (e.g. `experts:dp` for an MoE's expert weights) is not
 added twice: that parameter stays as the mesh's rules store it.
@@ -57,8 +57,9 @@ def shard_parameters(
     models whose blocks run under torch.utils.checkpoint, which frees them anyway.
 
     `prefetch`: how many units (blocks) ahead the parameter gathers start (asynchronously,
-    while the current unit computes; 0: each when it is needed, one by one). Up to
-    `prefetch + 1` units' full parameters are then alive at a time.
+    while the current unit computes, from its second gather on; 0: each when it is needed,
+    one by one). Up to `prefetch + 1` units' full parameters are then alive at a time (on
+    gloo, a gather in flight also holds a staging copy of its result).
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
