@@ -26,7 +26,7 @@ from torchmesh.nn.parameter import Module
 from torchmesh.placement.dims import Dim, DimsLike, parse_dims
 from torchmesh.placement.op_plan import OpPlan
 from torchmesh.tensor.contraction import run_op
-from torchmesh.tensor.einsum import einsum
+from torchmesh.tensor.einsum import einsum, einsum_add
 from torchmesh.tensor.gather import embedding
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.random import dropout
@@ -43,8 +43,10 @@ class Linear(Module):
     """y = x·W + b, contracting `in_dims` and producing `out_dims` (each one or more dims).
 
     The weight has dims `in_dims + out_dims`; every other dim of `x` (batch, seq...) is
-    carried through. A split input dim makes partial sums (an all-reduce); a split output
-    dim needs no communication. Without `seed`, one is drawn from torch's default generator.
+    carried through. A split input dim makes partial sums (an all-reduce, then the bias); a
+    split output dim needs no communication, and each device computes its block as one
+    `addmm`, as torch.nn.Linear does. Without `seed`, one is drawn from torch's default
+    generator.
 
     >>> import torch, torchmesh as tm
     >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
@@ -75,8 +77,8 @@ class Linear(Module):
     def forward(self, x: MeshTensor) -> MeshTensor:
         w = self.weight
         names = (x.dims, w.dims, tuple(d.name for d in self.in_dims))
-        y = einsum(traced.constant(_LINEAR, *names) if compiling() else _linear_equation(*names), x, w)
-        return y + self.bias if self.has_bias else y
+        equation = traced.constant(_LINEAR, *names) if compiling() else _linear_equation(*names)
+        return einsum_add(equation, x, w, self.bias) if self.has_bias else einsum(equation, x, w)
 
 
 @lru_cache(maxsize=1024)

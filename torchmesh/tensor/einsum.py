@@ -17,8 +17,10 @@ from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentTypeError, DimError, ParseError
 from torchmesh.placement.dims import Dim, DimsLike, check_name, parse_dims
 from torchmesh.placement.layout import local_shape
-from torchmesh.placement.op_plan import OpPlan
+from torchmesh.placement.op_plan import OpPlan, plan_op
+from torchmesh.placement.plan import AllReduce
 from torchmesh.tensor.contraction import run_op
+from torchmesh.tensor.elementwise import _aligner
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -103,6 +105,86 @@ def einsum(
     if extra:  # each new dim joins as a ones operand: the product broadcasts, backward sums over it
         xs = xs + tuple(_ones(d, xs[0]) for d in extra)
     return run_op(xs, out, _local_einsum, what=what)
+
+
+def einsum_add(equation: str, x: MeshTensor, w: MeshTensor, bias: MeshTensor) -> MeshTensor:
+    """`einsum(equation, x, w) + bias` (a Linear layer: bias's dims are output dims), as one
+    op where the contraction needs no collective: each device then runs one `addmm`, as
+    torch.nn.Linear does, instead of a matmul and a separate broadcast add. Where the
+    contracted dims are split (a row-parallel weight), the bias joins after the all-reduce:
+    the einsum, then the add.
+
+    >>> import torch, torchmesh as tm
+    >>> from torchmesh.tensor.einsum import einsum_add
+    >>> mesh = tm.Mesh("tp:2", rules="ff:tp")
+    >>> x, w = tm.ones("batch:2 d:3", mesh), tm.ones("d:3 ff:4", mesh)
+    >>> b = tm.distribute(torch.arange(4.0), "ff", mesh)
+    >>> einsum_add("batch d, d ff -> batch ff", x, w, b).full()
+    tensor([[3., 4., 5., 6.],
+            [3., 4., 5., 6.]])
+    """
+    if compiling() or not isinstance(bias, MeshTensor) or bias._mesh is not x._mesh:
+        return einsum(equation, x, w) + bias
+    operands, out = parse_equation(equation)
+    if (
+        out is None
+        or len(operands) != 2
+        or set(operands[0]) != set(x.dims)
+        or set(operands[1]) != set(w.dims)
+        or any(n not in out for n in bias.dims)
+        or not (x.dtype == w.dtype == bias.dtype)
+    ):  # einsum and the add say what is wrong, or promote dtypes as torch does
+        return einsum(equation, x, w) + bias
+    mesh = x._mesh
+    what = f"einsum {equation!r} + bias"
+    plan = plan_op((x._layout, w._layout, bias._layout), out, mesh.rules, mesh.shape, "sum", what)
+    if any(not isinstance(step, AllReduce) or mesh.impl.live_axes(step.axes) for step in plan.finish):
+        return einsum(equation, x, w) + bias  # partial sums: the bias joins after their all-reduce
+    return run_op([x, w, bias], out, _local_einsum_add, what=what)
+
+
+def _local_einsum_add(plan: OpPlan):
+    a, b, c = (lay.names for lay in plan.in_layouts)
+    return _as_addmm(a, b, c, plan.computed.names)
+
+
+@lru_cache(maxsize=4096)
+def _as_addmm(a: tuple[str, ...], b: tuple[str, ...], c: tuple[str, ...], out: tuple[str, ...]):
+    """`a·b + c` per device: one `addmm` where the product is a plain matrix product with the
+    output in (left, right) order and c's dims are the right ones in order, else the matmul
+    (or torch.einsum) and a broadcast add."""
+    matmul = _as_matmul(a, b, out)
+    left = tuple(n for n in out if n in a and n not in b)
+    right = tuple(n for n in out if n in b and n not in a)
+    fused = (
+        matmul is not None
+        and not any(n in a and n in b for n in out)  # no batch dims
+        and out == left + right
+        and c == right
+    )
+    if not fused:
+        product = matmul if matmul is not None else _einsum_fn(_letters((a, b), out))
+        align = _aligner(c, out)
+        return lambda x, y, z: product(x, y) + align(z)
+    a_perm = tuple(a.index(n) for n in left) + tuple(a.index(n) for n in a if n not in left)
+    b_perm = tuple(b.index(n) for n in b if n not in right) + tuple(b.index(n) for n in right)
+    a_id, b_id = a_perm == tuple(range(len(a))), b_perm == tuple(range(len(b)))
+    nl, nr = len(left), len(right)
+
+    def addmm(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if not a_id:
+            x = x.permute(a_perm)
+        if not b_id:
+            y = y.permute(b_perm)
+        ls, rs, k = x.shape[:nl], y.shape[y.dim() - nr :], x.shape[nl:].numel()
+        r = torch.addmm(z.reshape(-1), x.reshape(ls.numel(), k), y.reshape(k, rs.numel()))
+        return r.view((*ls, *rs))
+
+    return addmm
+
+
+def _einsum_fn(eq: str):
+    return lambda x, y: torch.einsum(eq, x, y)
 
 
 def _broadcast_dims(
