@@ -99,12 +99,19 @@ def shard_parameters(
             _around_forward(module, "_torchmesh_regather", regather_in_backward)
     if prefetcher is not None:
         object.__setattr__(model, "_torchmesh_prefetcher", prefetcher)  # the model keeps it alive
-        for unit in _units(model):
+        for unit in units(model):
             _around_forward(unit, "_torchmesh_prefetch_unit", lambda unit=unit: prefetching.gathers_of(unit))
     return model
 
 
-def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
+def prefetch_depth(model: torch.nn.Module) -> int | None:
+    """How many units ahead `shard_parameters` prefetches this model's gathers (None if it
+    has no prefetcher: not sharded, or `regather=False`); the planner reads it."""
+    prefetcher = model.__dict__.get("_torchmesh_prefetcher")
+    return None if prefetcher is None else prefetcher.depth
+
+
+def units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules whose parameter gathers are started together (FSDP2's `fully_shard`
     units, torchtitan's choice): the model, its children, and the members of its
     ModuleLists, Sequentials and ModuleDicts (a Transformer's blocks)."""

@@ -41,7 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from torchmesh.comm.stats import comm_stats
 from torchmesh.errors import PlanningError
-from torchmesh.nn.fsdp import _units, shard_parameters
+from torchmesh.nn.fsdp import prefetch_depth, shard_parameters
+from torchmesh.nn.fsdp import units as fsdp_units
 from torchmesh.nn.parameter import mesh_parameters, own_mesh_parameters
 from torchmesh.placement.layout import local_shape, resolve
 from torchmesh.placement.mesh_shape import MeshShape, MeshShapeLike
@@ -252,7 +253,8 @@ def profile_step(
     if param_rules:
         shard_parameters(module, param_rules, prefetch=prefetch)
     # the depth the model's prefetcher runs (a builder may have sharded it itself)
-    prefetch = getattr(module.__dict__.get("_torchmesh_prefetcher"), "depth", prefetch)
+    depth = prefetch_depth(module)
+    prefetch = prefetch if depth is None else depth
     params = list(module.parameters())
     saved = _SavedTensors(params)
     units = _GatheredUnits(module, m)
@@ -292,7 +294,7 @@ class _GatheredUnits:
     layout the rules give them, device 0's block), and the order the units' forwards run."""
 
     def __init__(self, module: torch.nn.Module, mesh: Mesh) -> None:
-        self.units = _units(module)
+        self.units = fsdp_units(module)
         owner = {id(sub): i for i, unit in enumerate(self.units[1:], 1) for sub in unit.modules()}
         self.bytes = [0] * len(self.units)
         self.largest = 0

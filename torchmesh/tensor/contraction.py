@@ -81,7 +81,7 @@ def local_only(plan: OpPlan, impl: MeshImpl) -> bool:
     entry = _LOCAL_ONLY.get(id(plan))
     if entry is not None and entry[0] is plan and entry[1] is impl.slice_mesh:
         return entry[2]
-    if len(_LOCAL_ONLY) > 4096:  # bounded, as the planner's own cache
+    if len(_LOCAL_ONLY) > 256:  # small: it keeps plans alive (a new sequence length is a new plan)
         _LOCAL_ONLY.clear()
     local = (
         not any(plan.in_steps)

@@ -129,7 +129,7 @@ def _trivial(x: MeshTensor, inputs: int) -> bool:
         return _TRIVIAL[key]
     except KeyError:
         pass
-    if len(_TRIVIAL) > 4096:  # bounded, as the planner's own cache
+    if len(_TRIVIAL) > 256:  # small: a new sequence length is a new layout
         _TRIVIAL.clear()
     plan = plan_op((layout,) * inputs, layout.names, mesh.rules, mesh.shape, "sum", "op")
     trivial = _TRIVIAL[key] = (

@@ -115,7 +115,7 @@ def _local_reduction(x: MeshTensor, names: tuple[str, ...], kind: str, what: str
     local = None
     if local_only(plan, mesh.impl):
         local = (_local_fn(kind, _positions(x.dims, names)), plan.out)
-    if len(_LOCAL) > 4096:  # bounded, as the planner's own cache
+    if len(_LOCAL) > 256:  # small: a new sequence length is a new layout
         _LOCAL.clear()
     _LOCAL[key] = local
     return local
@@ -354,7 +354,7 @@ def _along_unsplit(x: MeshTensor, names: tuple[str, ...], kernel: Callable[..., 
         layout = mesh.layout_of(x.shape)
         split = any(layout.is_split(n, mesh.impl.slice_mesh) for n in names)
         entry = None if split else (layout, _local_kernel(kernel, layout.names, names))
-        if len(_UNSPLIT) > 4096:  # bounded, as the planner's own cache
+        if len(_UNSPLIT) > 256:  # small, as _LOCAL
             _UNSPLIT.clear()
         _UNSPLIT[key] = entry
     if entry is None:
