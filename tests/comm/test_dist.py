@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,43 @@ def test_torchrun_smoke(tmp_path):
     for rank in range(4):
         loss, ref = map(float, (tmp_path / f"rank{rank}.txt").read_text().split())
         assert abs(loss - ref) <= 1e-5 * abs(ref)  # the sum's order differs, so not bitwise
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    import torchmesh as tm
+
+    tm.Mesh("dp:2", backend="dist")  # the rendezvous on MASTER_PORT
+    return dist.get_rank(), dist.get_world_size()
+
+
+def test_a_port_taken_before_the_rendezvous_is_retried_on_another(monkeypatch):
+    """The harness's free port can be taken by another process (a parallel test worker)
+    before rank 0 listens on it: the ranks start again on a new port, quickly."""
+    import socket
+
+    import harness
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1]])
+        monkeypatch.setattr(harness, "free_port", lambda: next(ports, None) or free_port())
+        tries: list[str] = []
+        once = harness._run_once
+
+        def spy(*args):
+            try:
+                result = once(*args)
+            except harness.DistributedFailure as e:
+                tries.append("port taken" if harness._PORT_TAKEN in str(e) else "failed")
+                raise
+            tries.append("ok")
+            return result
+
+        monkeypatch.setattr(harness, "_run_once", spy)
+        t0 = time.monotonic()
+        assert run_distributed(_rank_and_world, nprocs=2, timeout=120) == [(0, 2), (1, 2)]
+        assert tries == ["port taken", "ok"]
+        assert time.monotonic() - t0 < 60  # not a rendezvous timeout

@@ -55,11 +55,29 @@ class DistributedFailure(AssertionError):
     """One or more ranks failed or timed out; the message holds every rank's traceback."""
 
 
+#: What a rank reports when another process took the free port before rank 0 listened on it.
+_PORT_TAKEN = "EADDRINUSE"
+
+
 def run_distributed(
     fn: Callable, nprocs: int, args: tuple = (), timeout: float = 180.0, wait_all: bool = False
 ) -> list[Any]:
     """`wait_all`: when a rank dies, still wait (up to `timeout`) for the others' reports (a
-    crashed-rank test asserts what the survivors raise)."""
+    crashed-rank test asserts what the survivors raise).
+
+    The free port is free when chosen, but another process (a parallel test worker) may
+    take it before rank 0 listens on it: then the ranks are stopped and started again on
+    another port (at most three tries)."""
+    for attempt in range(3):
+        try:
+            return _run_once(fn, nprocs, args, timeout, wait_all)
+        except DistributedFailure as e:
+            if _PORT_TAKEN not in str(e) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn: Callable, nprocs: int, args: tuple, timeout: float, wait_all: bool) -> list[Any]:
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     port = free_port()
@@ -76,6 +94,8 @@ def run_distributed(
             try:
                 rank, status, value = results.get(timeout=min(left, 1.0))
                 outcome[rank] = (status, pickle.loads(value) if status == "ok" else value)
+                if status == "error" and _PORT_TAKEN in value:
+                    break  # the others wait for a rendezvous that will not come: stop them
             except queue_mod.Empty:
                 if all(p.exitcode is not None for p in procs) or (
                     not wait_all and any(p.exitcode not in (None, 0) for p in procs) and results.empty()
