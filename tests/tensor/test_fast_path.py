@@ -145,3 +145,26 @@ def test_operators_on_other_operands_take_the_general_path():
     torch.testing.assert_close((x + y).full(), t + 1)
     with pytest.raises(tm.DimError, match="no dim names"):
         x + torch.ones(4, 6)
+
+
+def test_an_input_broadcast_over_an_axis_is_summed_only_when_it_needs_a_gradient(monkeypatch):
+    """x replicated over tp meets w split over tp: x's gradient would be summed over tp. An x
+    that needs none (a constant, or under no_grad) takes the fast path; one that does, the
+    planned path with its sum (torch's gradient)."""
+    from torchmesh.tensor import contraction
+
+    mesh = tm.Mesh("tp:2", rules="ff:tp")
+    a, b = torch.randn(4, 6), torch.randn(6, 8)
+    w = tm.distribute(b, "d ff", mesh, requires_grad=True)
+    planned = []
+    run_planned = contraction._run_planned
+    monkeypatch.setattr(contraction, "_run_planned", lambda *args: planned.append(1) or run_planned(*args))
+    y = tm.einsum("batch d, d ff -> batch ff", tm.distribute(a, "batch d", mesh), w)  # x: a constant
+    with torch.no_grad():
+        tm.einsum("batch d, d ff -> batch ff", tm.distribute(a, "batch d", mesh, requires_grad=True), w)
+    assert not planned
+    torch.testing.assert_close(y.full(), a @ b)
+    x = tm.distribute(a, "batch d", mesh, requires_grad=True)
+    tm.einsum("batch d, d ff -> batch ff", x, w).sum().backward()
+    assert len(planned) == 2  # the einsum, and the sum over ff (split)
+    torch.testing.assert_close(x.grad.full(), b.sum(1).expand(4, 6))

@@ -53,7 +53,7 @@ def run_op(
     else:
         plan = plan_op(layouts, out_names, mesh.rules, mesh.shape, reduce_op, what)
         impl = mesh.impl
-        if not impl.checking and local_only(plan, impl):  # the eager fast path
+        if not impl.checking and local_only(plan, impl, xs):  # the eager fast path
             run = impl.slicewise_at if at else impl.slicewise
             return MeshTensor(run(local_fn(plan), *(x._data for x in xs)), plan.out, mesh)
     saved = mesh.impl.begin_op(
@@ -68,30 +68,41 @@ def run_op(
 
 
 #: id(plan) -> (plan, the backend's slice mesh, whether running the plan there is the
-#: slice-wise call alone): `local_only`'s cache. The plan is kept, so its id is not reused.
-_LOCAL_ONLY: dict[int, tuple[OpPlan, object, bool]] = {}
+#: slice-wise call alone, the inputs whose gradient it would sum over axes of size above 1):
+#: `local_only`'s cache. The plan is kept, so its id is not reused.
+_LOCAL_ONLY: dict[int, tuple[OpPlan, object, bool, tuple[int, ...]]] = {}
 
 
-def local_only(plan: OpPlan, impl: MeshImpl) -> bool:
-    """Whether `plan` runs on `impl` as its slice-wise computation and nothing else: no input
-    relayout, gradient sum or regather, and finishing steps (all-reduces) only over axes of
-    size 1 there. Then no collective runs, so there is nothing to agree on with the other
-    ranks or to name in an error, and `run_op` skips that machinery (the eager hot path of
-    reductions over unsplit dims and of einsums needing no communication)."""
+def local_only(plan: OpPlan, impl: MeshImpl, xs: Sequence[MeshTensor] = ()) -> bool:
+    """Whether `plan` runs on `impl`, for inputs `xs`, as its slice-wise computation and
+    nothing else: no input relayout or regather, finishing steps (all-reduces) only over
+    axes of size 1 there, and no gradient sum (an input broadcast over an axis that needs no
+    gradient: a replicated activation under no_grad, a constant). Then no collective runs,
+    so there is nothing to agree on with the other ranks or to name in an error, and
+    `run_op` skips that machinery (the eager hot path of reductions over unsplit dims and of
+    einsums needing no communication)."""
     entry = _LOCAL_ONLY.get(id(plan))
-    if entry is not None and entry[0] is plan and entry[1] is impl.slice_mesh:
-        return entry[2]
-    if len(_LOCAL_ONLY) > 256:  # small: it keeps plans alive (a new sequence length is a new plan)
-        _LOCAL_ONLY.clear()
-    local = (
-        not any(plan.in_steps)
-        and not any(plan.in_bcast)
-        and not any(plan.in_gather_rs)
-        and all(isinstance(s, AllReduce) and not impl.live_axes(s.axes) for s in plan.finish)
-        and plan.out == plan.computed
-    )
-    _LOCAL_ONLY[id(plan)] = (plan, impl.slice_mesh, local)
-    return local
+    if entry is None or entry[0] is not plan or entry[1] is not impl.slice_mesh:
+        if len(_LOCAL_ONLY) > 256:  # small: it keeps plans alive (a new sequence length is a new plan)
+            _LOCAL_ONLY.clear()
+        local = (
+            not any(plan.in_steps)
+            and not any(plan.in_gather_rs)
+            and all(isinstance(s, AllReduce) and not impl.live_axes(s.axes) for s in plan.finish)
+            and plan.out == plan.computed
+        )
+        summed = tuple(i for i, axes in enumerate(plan.in_bcast) if impl.live_axes(axes))
+        entry = _LOCAL_ONLY[id(plan)] = (plan, impl.slice_mesh, local, summed)
+    if not entry[2]:
+        return False
+    summed = entry[3]
+    if not summed:
+        return True
+    if len(xs) != len(plan.in_bcast):  # asked without the inputs (a reduction's cache): a sum may run
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(xs[i]._data and xs[i]._data[0].requires_grad for i in summed)
 
 
 def _run_planned(
