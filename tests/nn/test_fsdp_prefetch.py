@@ -7,15 +7,13 @@ asynchronous gathers and reduce-scatters), and prefetching records the same coll
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections import Counter
 
 import pytest
 import torch
+from gathered import gathered_bytes
 from harness import run_distributed
 from test_fsdp import CONFIG, RULES, lm_step
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import torchmesh as tm
 from torchmesh.comm import prefetch
@@ -152,45 +150,6 @@ def test_reduce_scatters_go_one_unit_at_a_time(monkeypatch):
         torch.testing.assert_close(g, per_unit[1][name], rtol=0, atol=0)
 
 
-class _GatheredBytes(TorchDispatchMode):
-    """Bytes alive of device 0's gathered parameters: the all-gathers' results (flat or
-    not), their views, and the copies cut out of them, each followed until torch frees it;
-    and their peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.refs: dict[int, int] = {}  # storage -> live tensor objects viewing it
-        self.nbytes: dict[int, int] = {}
-        self.live = self.peak = 0
-
-    def track(self, t: torch.Tensor, new: bool) -> None:
-        key = t.untyped_storage()._cdata
-        if new and key not in self.refs:
-            self.refs[key], self.nbytes[key] = 0, t.untyped_storage().nbytes()
-            self.live += self.nbytes[key]
-            self.peak = max(self.peak, self.live)
-        self.refs[key] += 1
-        weakref.finalize(t, self._release, key)
-
-    def _release(self, key: int) -> None:
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            del self.refs[key]
-            self.live -= self.nbytes.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = [t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)]
-        inputs = {key for key in seen if key in self.refs}
-        if inputs:
-            for t in tree_flatten(out)[0]:
-                if torch.is_tensor(t):
-                    same = t.untyped_storage()._cdata in inputs
-                    if same or func.overloadpacket in (torch.ops.aten.cat, torch.ops.aten.clone):
-                        self.track(t, new=not same)
-        return out
-
-
 def test_prefetch_holds_at_most_two_units_of_gathered_parameters_on_sim():
     """prefetch=1: a unit's gathered parameters are cut out of its flat all-gather at once
     and the flat goes before the next unit's gather starts, so at no time are more than the
@@ -200,20 +159,8 @@ def test_prefetch_holds_at_most_two_units_of_gathered_parameters_on_sim():
     mesh = tm.Mesh("dp:2", rules="batch:dp")
     model = tm.nn.shard_parameters(tm.nn.TransformerLM(mesh, CONFIG, seed=0), "d_model:dp", prefetch=1)
     lm_step(model, mesh, 0).backward()  # the first step learns the order of the gathers
-    tracker = _GatheredBytes()
-    gather = mesh.impl.all_gather
-
-    def tracked_gather(ts, axis, dim, sizes=None):
-        out = gather(ts, axis, dim, sizes)
-        tracker.track(out[0], new=True)
-        return out
-
-    mesh.impl.all_gather = tracked_gather  # the instance's: prefetched gathers call it too
-    try:
-        with tracker:
-            lm_step(model, mesh, 1).backward()
-    finally:
-        del mesh.impl.all_gather
+    with gathered_bytes(mesh) as tracker:
+        lm_step(model, mesh, 1).backward()
     prefetcher = model._torchmesh_prefetcher
     k = mesh.impl.axis_size("dp")
 

@@ -14,12 +14,9 @@ p + 1 units' flat buffers and one parameter's copy); with prefetch 0 it is an up
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import pytest
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from gathered import gathered_bytes
 
 import torchmesh as tm
 from torchmesh.nn.transformer import LMConfig
@@ -32,52 +29,6 @@ MESH = "dp:2;tp:2"
 RULES = "batch:dp;heads:tp;kv_heads:tp;ff:tp;vocab:tp"
 PARAM_RULES = "d_model:dp"
 TOLERANCE = 0.15  # the estimate may exceed the measured peak by at most this fraction (prefetch >= 1)
-_COPIES = {torch.ops.aten.cat, torch.ops.aten.clone, torch.ops.aten._to_copy, torch.ops.aten.copy_}
-
-
-class GatheredBytes(TorchDispatchMode):
-    """Live bytes of the tracked tensors' storages (all-gather results, their views and
-    copies), and their peak. A storage is live while some tensor object viewing it is (torch
-    keeps a tensor's Python object while C++, autograd included, still holds the tensor)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.refs: dict[int, int] = {}  # storage -> live tensor objects
-        self.nbytes: dict[int, int] = {}
-        self.live = self.peak = 0
-
-    def track(self, t: torch.Tensor, new: bool) -> None:
-        key = t.untyped_storage()._cdata
-        if new and key not in self.refs:
-            self.refs[key] = 0
-            self.nbytes[key] = t.untyped_storage().nbytes()
-            self.live += self.nbytes[key]
-            self.peak = max(self.peak, self.live)
-        self.refs[key] += 1
-        weakref.finalize(t, self._release, key)
-
-    def _release(self, key: int) -> None:
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            del self.refs[key]
-            self.live -= self.nbytes.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage()._cdata
-            for t in tree_flatten((args, kwargs))[0]
-            if torch.is_tensor(t) and t.untyped_storage()._cdata in self.refs
-        }
-        if inputs:
-            for t in tree_flatten(out)[0]:
-                if not torch.is_tensor(t):
-                    continue
-                if t.untyped_storage()._cdata in inputs:  # a view (or an in-place result)
-                    self.track(t, new=False)
-                elif func.overloadpacket in _COPIES:  # a copy of gathered parameters
-                    self.track(t, new=True)
-        return out
 
 
 def measured_peak(prefetch: int, remat: bool = False) -> tuple[int, int]:
@@ -86,21 +37,8 @@ def measured_peak(prefetch: int, remat: bool = False) -> tuple[int, int]:
     mesh = tm.Mesh(MESH, rules=RULES, backend="sim")
     model, loss_fn = recipes.sharded_lm_builder(CONFIG, BATCH, remat, PARAM_RULES, prefetch)(mesh)
     loss_fn().backward()  # the first step learns the order of the gathers
-    tracker = GatheredBytes()
-    impl = mesh.impl
-    gather = impl.all_gather
-
-    def tracked_gather(ts, axis, dim, sizes=None):
-        out = gather(ts, axis, dim, sizes)
-        tracker.track(out[0], new=True)
-        return out
-
-    impl.all_gather = tracked_gather  # the instance's: prefetched (async) gathers call it too
-    try:
-        with tracker:
-            loss_fn().backward()
-    finally:
-        del impl.all_gather
+    with gathered_bytes(mesh) as tracker:
+        loss_fn().backward()
     return tracker.peak, tracker.live
 
 
