@@ -86,6 +86,7 @@ def _run_once(fn: Callable, nprocs: int, args: tuple, timeout: float, wait_all: 
         p.start()
     deadline = time.monotonic() + timeout
     outcome: dict[int, tuple[str, Any]] = {}
+    port_taken = False
     try:
         while len(outcome) < nprocs:
             left = deadline - time.monotonic()
@@ -95,7 +96,8 @@ def _run_once(fn: Callable, nprocs: int, args: tuple, timeout: float, wait_all: 
                 rank, status, value = results.get(timeout=min(left, 1.0))
                 outcome[rank] = (status, pickle.loads(value) if status == "ok" else value)
                 if status == "error" and _PORT_TAKEN in value:
-                    break  # the others wait for a rendezvous that will not come: stop them
+                    port_taken = True  # the others wait for a rendezvous that will not come:
+                    break  # stop them now
             except queue_mod.Empty:
                 if all(p.exitcode is not None for p in procs) or (
                     not wait_all and any(p.exitcode not in (None, 0) for p in procs) and results.empty()
@@ -105,7 +107,7 @@ def _run_once(fn: Callable, nprocs: int, args: tuple, timeout: float, wait_all: 
                         break
     finally:
         for p in procs:
-            p.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())))
+            p.join(timeout=0 if port_taken else max(0.0, min(10.0, deadline - time.monotonic())))
         for p in procs:
             if p.is_alive():
                 p.terminate()
