@@ -74,3 +74,9 @@ def test_a_linear_layer_runs_one_addmm_per_device():
     ops = {e.key for e in prof.key_averages()}
     assert "aten::addmm" in ops and "aten::add" not in ops and "aten::mm" not in ops
     torch.testing.assert_close(out, torch.einsum("bsd,dhe->bshe", x, w) + bias)
+
+
+def test_addmm_lowering_lines_up_contracted_dims_stored_in_different_orders():
+    fn = _as_addmm(("x", "k1", "k2"), ("k2", "k1", "y"), ("y",), ("x", "y"))
+    a, b, c = (torch.randn(s, dtype=torch.float64) for s in ((2, 3, 4), (4, 3, 5), (5,)))
+    torch.testing.assert_close(fn(a, b, c), torch.einsum("xij,jiy->xy", a, b) + c)

@@ -166,8 +166,9 @@ def _as_addmm(a: tuple[str, ...], b: tuple[str, ...], c: tuple[str, ...], out: t
         product = matmul if matmul is not None else _einsum_fn(_letters((a, b), out))
         align = _aligner(c, out)
         return lambda x, y, z: product(x, y) + align(z)
-    a_perm = tuple(a.index(n) for n in left) + tuple(a.index(n) for n in a if n not in left)
-    b_perm = tuple(b.index(n) for n in b if n not in right) + tuple(b.index(n) for n in right)
+    contracted = tuple(n for n in a if n not in left)  # in a's order, in both operands
+    a_perm = tuple(a.index(n) for n in left + contracted)
+    b_perm = tuple(b.index(n) for n in contracted + right)
     a_id, b_id = a_perm == tuple(range(len(a))), b_perm == tuple(range(len(b)))
     nl, nr = len(left), len(right)
 
