@@ -42,6 +42,16 @@ def test_other_layouts_take_the_planned_path_and_follow_the_rules():
     torch.testing.assert_close(mixed.full(), t + t)
 
 
+def assert_torchs_numbers(outs: list, expected: list, a: torch.Tensor, r: torch.Tensor) -> None:
+    """Each output's values equal torch's, and the gradient of a weighted sum of them reaches
+    the source `a` as it reaches torch's leaf `r` (the weights tell the outputs apart)."""
+    for o, e in zip(outs, expected):
+        torch.testing.assert_close(o.full(), e.detach())
+    sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+    sum((e * (i + 1)).sum() for i, e in enumerate(expected)).backward()
+    torch.testing.assert_close(a.grad, r.grad)
+
+
 # ---- reductions and softmax (`tensor/reduce.py`, `contraction.local_only`) -------------------
 def _no_planned_reduce(monkeypatch) -> list:
     planned: list = []
@@ -59,14 +69,9 @@ def test_reductions_over_unsplit_dims_skip_the_planner_with_torchs_numbers(monke
     assert not planned
     assert [o.layout for o in outs[:4]] == [{"batch": "dp", "ff": "tp"}] * 4
     monkeypatch.undo()  # the total below sums over split dims: planned
-    total = sum((o * (i + 1)).sum() for i, o in enumerate(outs))
-    total.backward()
     r = a.detach().clone().requires_grad_()
     expected = [r.sum(2), r.mean(2), r.amax(2), r.amin(2), torch.softmax(r, 2), torch.log_softmax(r, 2)]
-    for o, e in zip(outs, expected):
-        torch.testing.assert_close(o.full(), e.detach())
-    sum((e * (i + 1)).sum() for i, e in enumerate(expected)).backward()
-    torch.testing.assert_close(a.grad, r.grad)
+    assert_torchs_numbers(outs, expected, a, r)
 
 
 def test_a_split_reduced_dim_still_all_reduces_on_every_call():
@@ -126,12 +131,8 @@ def test_operators_with_numbers_take_the_fast_path_in_python_s_argument_order(mo
     r = a.detach().clone().requires_grad_()
     expected = [2 - r, r - 2, 3.0 / (r * r + 1), r**2, 2**r, -r + 0.5, r % 2.5, (r // 1).detach()]
     monkeypatch.undo()
-    for o, e in zip(outs, expected):
-        assert o.tensor_layout == x.tensor_layout
-        torch.testing.assert_close(o.full(), e.detach())
-    sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
-    sum((e * (i + 1)).sum() for i, e in enumerate(expected)).backward()
-    torch.testing.assert_close(a.grad, r.grad)
+    assert all(o.tensor_layout == x.tensor_layout for o in outs)
+    assert_torchs_numbers(outs, expected, a, r)
 
 
 def test_operators_on_other_operands_take_the_general_path():
