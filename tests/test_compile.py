@@ -12,6 +12,9 @@ docs/compile.md gives inductor's times).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from harness import run_distributed
@@ -152,3 +155,15 @@ def test_gloo_compiled_programs_use_functional_collectives_and_give_eager_values
         assert compiled == eager and from_eager == 0.0 and from_reference <= 1e-5, (eager, compiled, from_reference)
         for from_eager, from_plain in collectives:
             assert from_eager == (0.0, 0.0, 0.0) and from_plain <= 1e-5, collectives
+
+
+def test_the_trace_time_planner_is_marked_as_torchs_decorator_marks_a_function():
+    """torchmesh.comm.traced marks its planner call constant by hand (the decorator would import
+    torch._dynamo at `import torchmesh`, ~0.9 s per process): the mark must be the decorator's."""
+    from torchmesh.comm import traced
+
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    planner = vars(traced)["_plan"]
+    assert vars(marked) and all(getattr(planner, k, None) == v for k, v in vars(marked).items()), vars(marked)
+    code = "import sys, torchmesh; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -19,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from torchmesh.comm.backend import compiling
 from torchmesh.errors import TorchMeshError
 from torchmesh.placement.dims import Dim, dim_names
@@ -221,7 +219,6 @@ _PLANNED = _Planned()
 _ATTRS: dict[tuple, str] = {}  # (planner, frozen args) -> attribute of _PLANNED
 
 
-@torch.compiler.assume_constant_result
 def _plan(name: str, *frozen: Any) -> str:
     """Run the planner now (at trace time); the name of the attribute its result is kept in."""
     key = (name, frozen)
@@ -234,3 +231,9 @@ def _plan(name: str, *frozen: Any) -> str:
         attr = _ATTRS[key] = f"p{len(_ATTRS)}"  # an identifier: guards name it in code
         setattr(_PLANNED, attr, value)
     return attr
+
+
+# What `torch.compiler.assume_constant_result` does (torch 2.9: it sets this one attribute),
+# without importing torch._dynamo, which would add about 0.9 s to every `import torchmesh`
+# (every process of a torchrun job). tests/test_compile.py checks the decorator still does it.
+_plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
