@@ -16,6 +16,10 @@ groups' gathered parameters are alive at a time, and the next groups' buffers ar
 to those of a unit's first op: in backward that op (the widest gradient of the first block,
 every activation still alive) is where a training step's memory peaks.
 
+The model's own reads (the root's, outside the blocks) make a group wherever they run
+together: the embedding's before the blocks, the final norm's and head's after them
+(torchtitan's units).
+
 Results are the synchronous gathers' own (the same collective, started earlier). A program
 whose order of reads changes (a branch) re-learns it: a gather that is not where the
 sequence said runs synchronously, and started gathers nobody takes are waited for and

@@ -13,11 +13,13 @@ state built on the shards (torch.optim) are therefore laid out like the stored p
 parameter + gradient + optimizer memory per device falls by the size of `dp`.
 
 The gathered parameters are not kept for backward (`regather=True`, the default): the
-backward gathers each again, so only one layer's full parameters are alive at a time.
+backward gathers each again, so only one layer's full parameters are alive at a time; but
+those of the modules after the blocks (final norm, head) are, since backward starts with
+them (torchtitan's `reshard_after_forward=False` for them; `after_the_blocks`).
 
 The gathers are prefetched (`prefetch=1`, the default; `torchmesh.comm.prefetch`): once the
-order of the reads is known (after the first step), each unit's parameters (the model's
-children and the members of its ModuleLists: a Transformer's blocks) are gathered in one
+order of the reads is known (after the first step), each unit's parameters (each block,
+and the model's own read before and after the blocks: `units`) are gathered in one
 flat all-gather, and the next unit's start, asynchronously, once the current unit's first
 op has run (at its second gather), in forward and in backward, so communication overlaps
 computation (FSDP's forward and backward prefetch). Their gradients are reduce-scattered
@@ -51,7 +53,8 @@ def shard_parameters(
     sharded: a model with none (a plain torch module) is a TypeError.
 
     With `regather` (the default, FSDP's reshard-after-forward), the model's forward keeps
-    no gathered parameter for backward: backward gathers each again (one more all-gather
+    no gathered parameter for backward but those of the modules after its blocks (final
+    norm, head: backward starts with them): backward gathers each again (one more all-gather
     per parameter, `torchmesh.comm.regather`). `regather=False` keeps them instead (less
     communication, the full parameters of every layer alive until backward); use it for
     models whose blocks run under torch.utils.checkpoint, which frees them anyway.
@@ -95,8 +98,10 @@ def shard_parameters(
                     stored = getattr(module, name)
                     prefetcher.add(stored.shards, stored.tensor_layout)
     if regather:
+        kept = {id(m) for m in after_the_blocks(model)}
         for module in dict.fromkeys(owners):  # each once, in order
-            _around_forward(module, "_torchmesh_regather", regather_in_backward)
+            keep = id(module) in kept
+            _around_forward(module, "_torchmesh_regather", lambda keep=keep: regather_in_backward(not keep))
     if prefetcher is not None:
         object.__setattr__(model, "_torchmesh_prefetcher", prefetcher)  # the model keeps it alive
         for unit in units(model):
@@ -113,15 +118,46 @@ def prefetch_depth(model: torch.nn.Module) -> int | None:
 
 def units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules whose parameter gathers are started together (FSDP2's `fully_shard`
-    units, torchtitan's choice): the model, its children, and the members of its
-    ModuleLists, Sequentials and ModuleDicts (a Transformer's blocks)."""
-    units = [model]
-    for child in model.children():
-        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
-            units.extend(child.children())
-        else:
-            units.append(child)
-    return units
+    units): the model first, the root, which holds every parameter outside the blocks (its
+    reads before the blocks, the embedding's, and after them, the final norm's and head's,
+    make two groups: torchtitan's units), then the blocks: the members of every ModuleList,
+    Sequential and ModuleDict in it (a Transformer's blocks; an encoder's and a decoder's),
+    outermost first, in the order they are registered.
+
+    >>> import torchmesh as tm
+    >>> from torchmesh.nn.fsdp import units
+    >>> config = tm.nn.LMConfig(vocab=8, d_model=4, heads=1, d_head=4, ff=8, layers=2, seq=4)
+    >>> [type(u).__name__ for u in units(tm.nn.TransformerLM(tm.Mesh("dp:2"), config))]
+    ['TransformerLM', 'TransformerBlock', 'TransformerBlock']
+    """
+    found = [model]
+    lists = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
+
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, lists):
+                found.extend(child.children())
+            else:
+                visit(child)
+
+    if isinstance(model, lists):
+        found.extend(model.children())
+    else:
+        visit(model)
+    return found
+
+
+def after_the_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The root's modules registered after its last block (a Transformer's final norm and
+    head): `shard_parameters` keeps their gathered parameters for backward, which starts
+    with them (torchtitan's `reshard_after_forward=False` for them); none if no blocks."""
+    blocks = units(model)[1:]
+    if not blocks:
+        return []
+    inside = {id(m) for block in blocks for m in block.modules()}
+    order = list(model.modules())
+    last = max(i for i, m in enumerate(order) if id(m) in inside)
+    return [m for m in order[last + 1 :] if id(m) not in inside]
 
 
 def _around_forward(model: torch.nn.Module, mark: str, context) -> None:

@@ -100,10 +100,11 @@ class StepProfile:
         """Gathered parameters alive at once, bytes per device (0 unless parameters are fully
         sharded). With `prefetch` p >= 1: the p + 1 consecutive units' flat all-gather buffers
         (the unit in use and the p started ahead, in forward and again in backward), the most
-        over any such window (the model's own parameters, read somewhere inside its forward,
-        are counted next to every window of p units), plus the largest gathered parameter (an
+        over any such window (the model's own parameters, read before and after the blocks,
+        are counted next to every window of p blocks), plus the largest gathered parameter (an
         op's copy of it out of its unit's buffer). With p = 0, gathers are synchronous, one op
-        at a time: the largest unit, an upper bound on one op's parameters.
+        at a time: the largest block (an upper bound on one op's parameters) beside the model's
+        own (those read after the blocks are kept for backward, `tm.nn.shard_parameters`).
 
         >>> from torchmesh import planning
         >>> p = planning.StepProfile("dp:2", "", "d_model:dp", (), 0, 0, 0, 0, 0, gathered_units=(8, 100, 500, 500, 100),
@@ -112,15 +113,15 @@ class StepProfile:
         1050
         >>> from dataclasses import replace
         >>> replace(p, prefetch=2).gathered_bytes, replace(p, prefetch=0).gathered_bytes
-        (1150, 500)
+        (1150, 508)
         """
         if not self.gathered_units:
             return 0
-        own, units = self.gathered_units[0], self.gathered_units[1:]
+        own, blocks = self.gathered_units[0], self.gathered_units[1:]
         if self.prefetch == 0:
-            return max(self.gathered_units)
+            return own + max(blocks, default=0)
         n = self.prefetch + 1
-        return max(_window(units, n), own + _window(units, n - 1)) + self.gathered_largest
+        return max(_window(blocks, n), own + _window(blocks, n - 1)) + self.gathered_largest
 
     @property
     def memory_bytes(self) -> int:
