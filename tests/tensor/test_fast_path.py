@@ -169,3 +169,23 @@ def test_an_input_broadcast_over_an_axis_is_summed_only_when_it_needs_a_gradient
     tm.einsum("batch d, d ff -> batch ff", x, w).sum().backward()
     assert len(planned) == 2  # the einsum, and the sum over ff (split)
     torch.testing.assert_close(x.grad.full(), b.sum(1).expand(4, 6))
+
+
+def test_a_checked_einsum_skips_the_checks_only_for_the_same_equation_and_layouts(monkeypatch):
+    """The second call of an einsum with the same equation and layouts skips parsing and the
+    dim checks (the first call made them); anything else is checked, on every call."""
+    from torchmesh.tensor import einsum as einsum_module
+
+    mesh = tm.Mesh("tp:2", rules="ff:tp")
+    x, w = tm.randn("batch:4 d:8", mesh, seed=0), tm.randn("d:8 ff:6", mesh, seed=1)
+    parse, parsed = einsum_module.parse_equation, []
+    monkeypatch.setattr(einsum_module, "parse_equation", lambda eq: parsed.append(eq) or parse(eq))
+    for _ in range(3):
+        y = tm.einsum("batch d, d ff -> batch ff", x, w)
+    assert parsed == ["batch d, d ff -> batch ff"]
+    torch.testing.assert_close(y.full(), x.full() @ w.full())
+    for _ in range(2):  # the same equation, an operand with other dims: refused every time
+        with pytest.raises(ValueError, match="operand 1 is written"):
+            tm.einsum("batch d, d ff -> batch ff", x, tm.randn("d:8 e:6", mesh, seed=1))
+        with pytest.raises(TypeError, match="not a MeshTensor"):
+            tm.einsum("batch d, d ff -> batch ff", x, w.full())

@@ -17,7 +17,7 @@ of layouts and rules, decides:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from torchmesh import errors
@@ -42,16 +42,18 @@ class OpPlan:
     #: per input, the axes of its all-gathers whose backward is a reduce-scatter (they are
     #: broadcast axes too, and left out of `in_bcast`).
     in_gather_rs: tuple[tuple[str, ...], ...] = ()
+    #: whether running the op (forward or backward) needs a collective (derived once: read
+    #: on every op of the eager hot path)
+    communicates: bool = field(init=False, compare=False)
 
-    @property
-    def communicates(self) -> bool:
-        """Whether running the op (forward or backward) needs a collective."""
-        return bool(
+    def __post_init__(self) -> None:
+        communicates = bool(
             any(self.in_steps)
             or any(self.in_bcast)
             or any(self.in_gather_rs)
             or any(not isinstance(s, Slice) for s in self.finish)
         )
+        object.__setattr__(self, "communicates", communicates)
 
 
 @lru_cache(maxsize=1024)
