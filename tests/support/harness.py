@@ -18,6 +18,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
+from multiprocessing import reduction
 from typing import Any
 
 
@@ -27,7 +28,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn: Callable, rank: int, world: int, port: int, results: mp.Queue, args: tuple) -> None:
+class _ParentFd:
+    """A file descriptor of the test's process (its stdout, stderr: what pytest captures),
+    handed over to a rank started from the fork server (which has the server's own)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):  # pickled while the rank starts: the fd travels with it
+        return (_received, (reduction.DupFd(self.fd),))
+
+
+def _received(dup: Any) -> int:
+    return dup.detach()
+
+
+def _entry(
+    fn: Callable, rank: int, world: int, port: int, results: mp.Queue, args: tuple, environ: dict[str, str], fds: tuple
+) -> None:
+    os.environ.clear()  # the test's environment and output, as spawn would give them
+    os.environ.update(environ)
+    for fd, parents in zip((1, 2), fds):
+        os.dup2(parents, fd)
+        os.close(parents)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -77,11 +100,27 @@ def run_distributed(
     raise AssertionError("unreachable")
 
 
+def _context() -> Any:
+    """Ranks start from a fork server that has imported torch and torchmesh once (per test
+    worker): a fresh process each, as with spawn, without paying ~2 s of imports every time
+    (hundreds of ranks in a suite run). Nothing has run in the server, so no thread, process
+    group or cache is inherited; each rank gets the test's current environment."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torchmesh"])
+    return ctx
+
+
 def _run_once(fn: Callable, nprocs: int, args: tuple, timeout: float, wait_all: bool) -> list[Any]:
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results: mp.Queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, nprocs, port, results, args), daemon=True) for r in range(nprocs)]
+    environ = dict(os.environ)
+    procs = [
+        ctx.Process(
+            target=_entry, args=(fn, r, nprocs, port, results, args, environ, (_ParentFd(1), _ParentFd(2))), daemon=True
+        )
+        for r in range(nprocs)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
