@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import hashlib
 import os
-import pickle
 import sys
 import tempfile
 from types import FrameType
@@ -296,7 +295,8 @@ def _gather(payload: tuple, timeout: float, waiting: str) -> list:
         # Most agreements agree: one all-gather of a 16-byte digest settles them; only when the
         # digests differ (a mismatch, or shapes that legitimately differ between groups) does
         # every rank (each sees the same digests) gather the payloads themselves.
-        digest = hashlib.blake2b(pickle.dumps(payload), digest_size=16).digest()
+        # (repr, not pickle: pickle's bytes depend on which equal strings are one object)
+        digest = hashlib.blake2b(repr(payload).encode(), digest_size=16).digest()
         mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8)
         digests = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(digests, mine, group=group)
