@@ -32,6 +32,7 @@ come, and the full-size gradients go. `torch.autograd.grad`
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,8 +128,10 @@ class ParamSync:
 
     def __init__(self, impl: MeshImpl, shards: Sequence[torch.Tensor]) -> None:
         self.reducer = grad_sync(impl)
-        self.shards = tuple(shards)
-        device = self.shards[0].device
+        # Weakly: `_PARAMS` is keyed weakly by the first shard, and a value that held its key
+        # would keep every parameter (and the model's memory) alive after the model is deleted.
+        self._shards = tuple(weakref.ref(t) for t in shards)
+        device = shards[0].device
         self.anchor = torch.zeros((), device=device, requires_grad=True)
         self.zero = torch.zeros((), device=device)
         self.partial: dict[tuple[str, tuple[str, ...], int], Data] = {}
@@ -142,6 +145,11 @@ class ParamSync:
         assert accumulator is not None
         self.accumulator: Node = accumulator
         self.anchor.register_post_accumulate_grad_hook(self._uses_done)
+
+    @property
+    def shards(self) -> tuple[torch.Tensor, ...]:
+        """The parameter's shards (alive while the parameter is: its backward runs)."""
+        return tuple(ref() for ref in self._shards)  # type: ignore[misc]
 
     def deferring(self) -> bool:
         """Whether this backward defers: the reducer is on and the anchor's accumulator runs."""
