@@ -47,7 +47,7 @@ def run_op(
     for x in xs[1:]:
         if x._mesh is not mesh:
             raise MeshError(f"{what}: inputs live on different meshes ({mesh} and {x._mesh}).")
-    layouts = tuple(x._layout for x in xs)
+    layouts = tuple([x._layout for x in xs])
     if compiling():
         plan = traced.plan_op_traced(layouts, out_names, mesh.rules, mesh.shape, reduce_op, what)
     else:
@@ -58,7 +58,7 @@ def run_op(
             return MeshTensor(run(local_fn(plan), *(x._data for x in xs)), plan.out, mesh)
     saved = mesh.impl.begin_op(
         plan,
-        tuple(x._data[0].dtype for x in xs) if xs[0]._data else (),
+        tuple([x._data[0].dtype for x in xs]) if xs[0]._data else (),
         lambda: f"{what} {' , '.join(str(x._layout) for x in xs)} -> {plan.out}",
     )
     try:

@@ -7,7 +7,7 @@ reduce-scattered when the output is next split over that axis). The Mesh TF form
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 
 import torch
@@ -73,7 +73,7 @@ def einsum(
     """
     if sizes is None and output_shape is None and not compiling():  # the eager hot path
         try:
-            key = (equation, *(x._layout for x in xs))
+            key = (equation, *[x._layout for x in xs])
             known = _CHECKED.get(key)
         except (AttributeError, TypeError):  # not MeshTensors, or a list equation: checked below
             known = None
@@ -246,16 +246,30 @@ def _sizes(xs: Sequence[MeshTensor]) -> dict[str, int]:
 
 
 def _local_einsum(plan: OpPlan):
-    inputs = tuple(lay.names for lay in plan.in_layouts)
-    out = plan.computed.names
     if compiling():
+        inputs = tuple(lay.names for lay in plan.in_layouts)
+        out = plan.computed.names
         lowered = traced.constant(_AS_MATMUL, *inputs, out) if len(inputs) == 2 else None
         eq = traced.constant(_LETTERS, inputs, out) if lowered is None else ""
-    else:
-        lowered = _as_matmul(*inputs, out) if len(inputs) == 2 else None
-        eq = _letters(inputs, out) if lowered is None else ""
-    if lowered is not None:
-        return lowered
+        return lowered if lowered is not None else _einsum_of(eq)
+    known = _LOCAL_FNS.get(id(plan))
+    if known is not None and known[0] is plan:
+        return known[1]
+    inputs = tuple(lay.names for lay in plan.in_layouts)
+    out = plan.computed.names
+    lowered = _as_matmul(*inputs, out) if len(inputs) == 2 else None
+    fn = lowered if lowered is not None else _einsum_of(_letters(inputs, out))
+    if len(_LOCAL_FNS) >= 256:  # small: it keeps plans alive (a new sequence length is a new plan)
+        _LOCAL_FNS.clear()
+    _LOCAL_FNS[id(plan)] = (plan, fn)
+    return fn
+
+
+#: id(plan) -> (plan, its per-device function): eager einsums look theirs up once per plan.
+_LOCAL_FNS: dict[int, tuple[OpPlan, Callable[..., torch.Tensor]]] = {}
+
+
+def _einsum_of(eq: str) -> Callable[..., torch.Tensor]:
     return lambda *ts: torch.einsum(eq, *ts)
 
 
