@@ -201,8 +201,9 @@ def _as_addmm(a: tuple[str, ...], b: tuple[str, ...], c: tuple[str, ...], out: t
     return addmm
 
 
-def _einsum_fn(eq: str):
-    return lambda x, y: torch.einsum(eq, x, y)
+def _einsum_fn(eq: str) -> Callable[..., torch.Tensor]:
+    """Each device's torch.einsum of `eq` (letters), where no matmul lowering applies."""
+    return lambda *ts: torch.einsum(eq, *ts)
 
 
 def _broadcast_dims(
@@ -251,14 +252,14 @@ def _local_einsum(plan: OpPlan):
         out = plan.computed.names
         lowered = traced.constant(_AS_MATMUL, *inputs, out) if len(inputs) == 2 else None
         eq = traced.constant(_LETTERS, inputs, out) if lowered is None else ""
-        return lowered if lowered is not None else _einsum_of(eq)
+        return lowered if lowered is not None else _einsum_fn(eq)
     known = _LOCAL_FNS.get(id(plan))
     if known is not None and known[0] is plan:
         return known[1]
     inputs = tuple(lay.names for lay in plan.in_layouts)
     out = plan.computed.names
     lowered = _as_matmul(*inputs, out) if len(inputs) == 2 else None
-    fn = lowered if lowered is not None else _einsum_of(_letters(inputs, out))
+    fn = lowered if lowered is not None else _einsum_fn(_letters(inputs, out))
     if len(_LOCAL_FNS) >= 256:  # small: it keeps plans alive (a new sequence length is a new plan)
         _LOCAL_FNS.clear()
     _LOCAL_FNS[id(plan)] = (plan, fn)
@@ -267,10 +268,6 @@ def _local_einsum(plan: OpPlan):
 
 #: id(plan) -> (plan, its per-device function): eager einsums look theirs up once per plan.
 _LOCAL_FNS: dict[int, tuple[OpPlan, Callable[..., torch.Tensor]]] = {}
-
-
-def _einsum_of(eq: str) -> Callable[..., torch.Tensor]:
-    return lambda *ts: torch.einsum(eq, *ts)
 
 
 @lru_cache(maxsize=4096)
