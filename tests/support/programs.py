@@ -187,8 +187,40 @@ def random_ops_ref(mesh):
     return random_ops(one_device(mesh))
 
 
+REPEAT = {"x": "batch:8 d:16", "w1": "d:16 ff:32", "w2": "ff:32 d:16"}
+
+
+def repeated_steps(mesh):
+    """One step three times: after the first, each op repeats its cached run
+    (`contraction.cached_run`). Among them a row-parallel einsum, its result summed in place
+    on dist; the same einsum with a permuted (non-contiguous) result, summed by the autograd
+    all-reduce; a sum over a split dim; elementwise ops; x's gradient summed over tp."""
+    p = inputs(mesh, REPEAT)
+    for _ in range(3):
+        h = torch.relu(tm.einsum("batch d, d ff -> batch ff", p["x"], p["w1"]))
+        y = tm.einsum("batch ff, ff d -> batch d", h, p["w2"])
+        t = tm.einsum("batch ff, ff d -> d batch", h, p["w2"])
+        s = (h * h).sum("ff")
+        loss = (y * y).mean() + (t * 0.5).sum() + s.mean()
+        loss.backward()
+    return with_grads({"y": y, "t": t, "s": s, "loss": loss}, p)
+
+
+def repeated_steps_ref(mesh):
+    p = torch_inputs(mesh, REPEAT)
+    for _ in range(3):
+        h = torch.relu(p["x"] @ p["w1"])
+        y = h @ p["w2"]
+        t = (h @ p["w2"]).T
+        s = (h * h).sum(1)
+        loss = (y * y).mean() + (t * 0.5).sum() + s.mean()
+        loss.backward()
+    return with_grads({"y": y, "t": t, "s": s, "loss": loss}, p)
+
+
 PROGRAMS = {
     "mlp": (mlp, mlp_ref),
+    "repeated_steps": (repeated_steps, repeated_steps_ref),
     "attention": (attention, attention_ref),
     "vocab_parallel": (vocab_parallel, vocab_parallel_ref),
     "sequence_ops": (sequence_ops, sequence_ops_ref),

@@ -52,7 +52,7 @@ def assert_torchs_numbers(outs: list, expected: list, a: torch.Tensor, r: torch.
     torch.testing.assert_close(a.grad, r.grad)
 
 
-# ---- reductions and softmax (`tensor/reduce.py`, `contraction.local_only`) -------------------
+# ---- reductions and softmax (`tensor/reduce.py`, `contraction.cached_run`) -------------------
 def _no_planned_reduce(monkeypatch) -> list:
     planned: list = []
     monkeypatch.setattr(reduce, "run_op", lambda *args, **kw: planned.append(args) or None)
@@ -63,9 +63,13 @@ def test_reductions_over_unsplit_dims_skip_the_planner_with_torchs_numbers(monke
     mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
     a = torch.randn(4, 6, 5, requires_grad=True)
     x = tm.distribute(a, "batch ff d", mesh)
+
+    def reductions():
+        return [x.sum("d"), x.mean("d"), x.max("d"), x.min("d"), tm.softmax(x, "d"), tm.log_softmax(x, "d")]
+
+    reductions()  # the first call plans and fills the cache
     planned = _no_planned_reduce(monkeypatch)
-    for _ in range(2):  # the first call fills the cache, the second reads it
-        outs = [x.sum("d"), x.mean("d"), x.max("d"), x.min("d"), tm.softmax(x, "d"), tm.log_softmax(x, "d")]
+    outs = reductions()  # the second reads it
     assert not planned
     assert [o.layout for o in outs[:4]] == [{"batch": "dp", "ff": "tp"}] * 4
     monkeypatch.undo()  # the total below sums over split dims: planned
@@ -148,27 +152,28 @@ def test_operators_on_other_operands_take_the_general_path():
         x + torch.ones(4, 6)
 
 
-def test_an_input_broadcast_over_an_axis_is_summed_only_when_it_needs_a_gradient(monkeypatch):
-    """x replicated over tp meets w split over tp: x's gradient would be summed over tp. An x
-    that needs none (a constant, or under no_grad) takes the fast path; one that does, the
-    planned path with its sum (torch's gradient)."""
-    from torchmesh.tensor import contraction
-
+def test_an_input_broadcast_over_an_axis_is_summed_only_when_it_needs_a_gradient():
+    """x replicated over tp meets w split over tp: x's gradient is summed over tp. An x that
+    needs none (a constant, or under no_grad) runs no collective at all; one that does has
+    its gradient all-reduced in backward (torch's gradient), on every call."""
     mesh = tm.Mesh("tp:2", rules="ff:tp")
     a, b = torch.randn(4, 6), torch.randn(6, 8)
     w = tm.distribute(b, "d ff", mesh, requires_grad=True)
-    planned = []
-    run_planned = contraction._run_planned
-    monkeypatch.setattr(contraction, "_run_planned", lambda *args: planned.append(1) or run_planned(*args))
-    y = tm.einsum("batch d, d ff -> batch ff", tm.distribute(a, "batch d", mesh), w)  # x: a constant
-    with torch.no_grad():
-        tm.einsum("batch d, d ff -> batch ff", tm.distribute(a, "batch d", mesh, requires_grad=True), w)
-    assert not planned
-    torch.testing.assert_close(y.full(), a @ b)
-    x = tm.distribute(a, "batch d", mesh, requires_grad=True)
-    tm.einsum("batch d, d ff -> batch ff", x, w).sum().backward()
-    assert len(planned) == 2  # the einsum, and the sum over ff (split)
-    torch.testing.assert_close(x.grad.full(), b.sum(1).expand(4, 6))
+    for _ in range(2):
+        with tm.comm_stats() as stats:
+            y = tm.einsum("batch d, d ff -> batch ff", tm.distribute(a, "batch d", mesh), w)  # x: a constant
+            (y * y).mean("batch").backward(tm.ones("ff:8", mesh))
+            with torch.no_grad():
+                tm.einsum("batch d, d ff -> batch ff", tm.distribute(a, "batch d", mesh, requires_grad=True), w)
+        assert stats.counts == {}
+        torch.testing.assert_close(y.full(), a @ b)
+    for _ in range(2):
+        x = tm.distribute(a, "batch d", mesh, requires_grad=True)
+        y = tm.einsum("batch d, d ff -> batch ff", x, w)
+        with tm.comm_stats() as stats:
+            y.backward(tm.ones("batch:4 ff:8", mesh))
+        assert [(r.kind, r.phase) for r in stats.records] == [("all_reduce", "backward")]
+        torch.testing.assert_close(x.grad.full(), b.sum(1).expand(4, 6))
 
 
 def test_a_checked_einsum_skips_the_checks_only_for_the_same_equation_and_layouts(monkeypatch):
@@ -189,3 +194,54 @@ def test_a_checked_einsum_skips_the_checks_only_for_the_same_equation_and_layout
             tm.einsum("batch d, d ff -> batch ff", x, tm.randn("d:8 e:6", mesh, seed=1))
         with pytest.raises(TypeError, match="not a MeshTensor"):
             tm.einsum("batch d, d ff -> batch ff", x, w.full())
+
+
+# ---- ops planned once per layout and mesh (`contraction.cached_run`) --------------------------
+def _count_plans(monkeypatch) -> list:
+    from torchmesh.tensor import contraction
+
+    planned: list = []
+    plan_op = contraction.plan_op
+    monkeypatch.setattr(contraction, "plan_op", lambda *args: planned.append(args[-1]) or plan_op(*args))
+    return planned
+
+
+def test_a_repeated_op_is_not_planned_again_and_gives_torchs_numbers(monkeypatch):
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")
+    x, w = tm.randn("batch:4 d:8", mesh, seed=0), tm.randn("ff:6 d:8", mesh, seed=1, requires_grad=True)
+    ops = [
+        lambda: tm.einsum("batch d, ff d -> batch ff", x, w),  # no collective
+        lambda: tm.einsum("batch d, ff d -> batch", x, w),  # a finishing all-reduce over tp
+        lambda: w.sum("ff"),  # a sum over a split dim
+        lambda: w.mean("d"),  # a local sum and a product with a number
+    ]
+    first = [op() for op in ops]
+    planned = _count_plans(monkeypatch)
+    again = [op() for op in ops]
+    assert planned == []
+    for a, b in zip(first, again):
+        assert a.tensor_layout == b.tensor_layout
+        torch.testing.assert_close(a.full(), b.full())
+    tx, tw = x.full(), w.full()
+    torch.testing.assert_close(again[1].full(), (tx @ tw.T).sum(1))
+    torch.testing.assert_close(again[3].full(), tw.mean(1))
+
+
+def test_a_repeated_op_is_planned_again_under_other_rules_on_another_mesh_or_when_checking(monkeypatch):
+    mesh = tm.Mesh("dp:2;tp:2", rules="batch:dp")
+    t = torch.randn(4, 6)
+    x = tm.distribute(t, "batch ff", mesh)
+    assert x.sum("batch").layout == {}
+    planned = _count_plans(monkeypatch)
+    with mesh.rules_scope("ff:tp"):  # other rules, another plan: the result is split over tp
+        assert x.sum("batch").layout == {"ff": "tp"}
+    assert x.sum("batch").layout == {}  # the mesh's own rules again: the first run, kept
+    other = tm.Mesh("dp:2;tp:2", rules="batch:dp;ff:tp")  # the same layout on another mesh
+    assert tm.distribute(t, "batch ff", other).relayout("batch:dp").sum("batch").layout == {"ff": "tp"}
+    assert planned == ["sum", "sum"]
+    mesh.impl.checking = True  # check mode names every op: the general path
+    try:
+        torch.testing.assert_close(x.sum("batch").full(), t.sum(0))
+    finally:
+        mesh.impl.checking = False
+    assert len(planned) == 3

@@ -201,6 +201,21 @@ def all_reduce(impl: MeshImpl, ts: Data, axes: tuple[str, ...], op: str = "sum")
     return _all_reduce(impl, ts, axes, op)
 
 
+def all_reduce_fresh(impl: MeshImpl, ts: Data, axes: tuple[str, ...]) -> Data:
+    """`all_reduce` (a sum over live `axes`) of an op's own result, which the caller vouches is
+    fresh: no input's storage and saved by no autograd node (a matmul's or a sum's output).
+    Where the backend sums in place and the result is contiguous, it is summed where it lies:
+    no copy, and no autograd node, since a sum's gradient here is the identity."""
+    t = ts[0]
+    if not impl.all_reduces_in_place or not t.is_contiguous():
+        return all_reduce(impl, ts, axes)
+    if impl.checking:
+        impl.verify("all_reduce", axes, t, "forward")
+    if stats.recording():
+        stats.record("all_reduce", axes, _size(impl, axes), t, "forward")
+    return impl.all_reduce_inplace(ts, axes)
+
+
 def sum_grad(impl: MeshImpl, ts: Data, axes: tuple[str, ...]) -> Data:
     """Identity forward; backward sums the gradient over `axes` (an input broadcast there)."""
     axes = impl.live_axes(axes)

@@ -76,6 +76,11 @@ class MeshImpl:
     #: Whether parameter gradients are reduced once per backward in buckets (`comm.grad_sync`)
     #: rather than at each use (false on xla, whose compiler schedules the collectives).
     defers_grad_sync: bool = True
+    #: Whether `all_reduce_inplace` sums a local tensor where it lies (dist): an op's finishing
+    #: all-reduce of a result it just made then needs no copy and no autograd node.
+    all_reduces_in_place: bool = False
+    #: Whether `annotate` does anything (xla marks shardings): new MeshTensors skip the call otherwise.
+    annotates: bool = False
 
     # ---- check mode and the running op -------------------------------------------------------
     #: True when every collective is first verified across ranks (`verify`); ops then also
@@ -128,6 +133,11 @@ class MeshImpl:
 
     # ---- raw collectives (no autograd; `comm/autograd.py` wraps them) ---------------------
     def all_reduce(self, ts: Data, axes: tuple[str, ...], op: str) -> Data:
+        raise NotImplementedError
+
+    def all_reduce_inplace(self, ts: Data, axes: tuple[str, ...]) -> Data:
+        """Sum `ts` over `axes` in place and return them (where `all_reduces_in_place`). The
+        caller owns `ts`: fresh contiguous results no autograd node has saved."""
         raise NotImplementedError
 
     def all_reduce_async(self, ts: Data, axes: tuple[str, ...], op: str = "sum") -> Pending:
@@ -211,8 +221,10 @@ class MeshImpl:
         checking, it becomes `current_op` (named by errors) until `end_op`; the dist backend also
         agrees on each new plan with the other ranks here. Returns what `end_op` restores
         (None inside torch.compile, which traces no naming: see `compiling`)."""
-        if compiling():
-            return None
+        return None if compiling() else self.enter_op(plan, dtypes, describe)
+
+    def enter_op(self, plan: OpPlan, dtypes: tuple, describe: Callable[[], str]) -> tuple:
+        """`begin_op` in eager code (the caller knows torch.compile is not tracing)."""
         saved = (self.current_op, self._naming)
         if self.checking:
             self.current_op = self._naming = describe()
@@ -261,12 +273,14 @@ class MeshImpl:
         raises on every rank otherwise (a rank-0-only call), instead of hanging."""
 
 
-#: Whether torch.compile is tracing the running code (`torch.compiler.is_compiling`, which
-#: dynamo reads as True; bound here so the eager check is one call, ~80 ns, per op or
-#: collective). Compiled programs keep the values and the collectives but none of eager's
-#: bookkeeping: op names for error messages, first-use agreement and check mode (dist),
-#: `comm_stats` records and the bucketed gradient reduction (docs/compile.md).
-compiling = torch.compiler.is_compiling
+#: Whether torch.compile is tracing the running code (`torch.compiler.is_dynamo_compiling`,
+#: which dynamo reads as True; eagerly a function returning False, bound here so the check is
+#: one Python call per op or collective: `is_compiling` is two, and also true under non-strict
+#: torch.export, which runs this code as Python and needs no traced form). Compiled programs
+#: keep the values and the collectives but none of eager's bookkeeping: op names for error
+#: messages, first-use agreement and check mode (dist), `comm_stats` records and the bucketed
+#: gradient reduction (docs/compile.md).
+compiling = torch.compiler.is_dynamo_compiling
 
 
 def _text(name: str | Callable[[], str]) -> str:

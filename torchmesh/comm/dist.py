@@ -22,6 +22,7 @@ import hashlib
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -346,6 +347,7 @@ class DistImpl(MeshImpl):
 
     name = "dist"
     multi_process = True
+    all_reduces_in_place = True
     checkpoint_form = "per_rank"
 
     def __init__(
@@ -399,14 +401,12 @@ class DistImpl(MeshImpl):
             )
 
     # ---- agreement: check mode (every collective) and first use (default mode) ---------------
-    def begin_op(self, plan: OpPlan, dtypes: tuple, describe) -> tuple | None:
+    def enter_op(self, plan: OpPlan, dtypes: tuple, describe) -> tuple:
         """An op with this (cached) plan starts: name it (check mode), or agree on it with the
         other ranks the first time this process uses it with these dtypes (default mode), so
-        that its collectives need no agreement of their own. Returns what `end_op` restores
-        (None inside torch.compile: a compiled program is agreed on by its first eager run, or
-        not at all; docs/compile.md)."""
-        if compiling():
-            return None
+        that its collectives need no agreement of their own. Returns what `end_op` restores.
+        (Not inside torch.compile, see `begin_op`: a compiled program is agreed on by its first
+        eager run, or not at all; docs/compile.md.)"""
         saved = (self.current_op, self._naming)
         if self.checking:
             self.current_op = self._naming = describe()
@@ -491,6 +491,15 @@ class DistImpl(MeshImpl):
     def local_coords(self) -> tuple[tuple[int, ...], ...]:
         return self._coords
 
+    def slicewise(self, fn: Callable[..., torch.Tensor], *datas: Data) -> Data:
+        """`fn` on this rank's one local tensor of each input (written out for one and two
+        inputs: the eager hot path of every op)."""
+        if len(datas) == 1:
+            return (fn(datas[0][0]),)
+        if len(datas) == 2:
+            return (fn(datas[0][0], datas[1][0]),)
+        return (fn(*[d[0] for d in datas]),)
+
     def all_reduce(self, ts: Data, axes: tuple[str, ...], op: str) -> Data:
         t = ts[0]
         if compiling():
@@ -503,6 +512,19 @@ class DistImpl(MeshImpl):
         except RuntimeError as e:
             raise self._failed("all_reduce", axes, e) from None
         return (out.to(torch.bool) if t.dtype == torch.bool else out,)
+
+    def all_reduce_inplace(self, ts: Data, axes: tuple[str, ...]) -> Data:
+        """Sum this rank's tensor over `axes` where it lies (see `MeshImpl.all_reduce_inplace`):
+        on a detached alias, so autograd sees no in-place op (the gradient of a sum over
+        replicas is the identity, the result's own node)."""
+        self._guard("all_reduce", axes, ts[0])
+        t = ts[0].detach()
+        try:
+            for axis in axes:
+                dist.all_reduce(t, dist.ReduceOp.SUM, group=self._groups[axis])
+        except RuntimeError as e:
+            raise self._failed("all_reduce", axes, e) from None
+        return ts
 
     def all_reduce_async(self, ts: Data, axes: tuple[str, ...], op: str = "sum") -> _InFlight:
         """The first axis's all-reduce runs in the background (overlapping what the caller does

@@ -19,7 +19,7 @@ from torchmesh.placement.dims import Dim, DimsLike, check_name, parse_dims
 from torchmesh.placement.layout import local_shape
 from torchmesh.placement.op_plan import OpPlan, plan_op
 from torchmesh.placement.plan import AllReduce
-from torchmesh.tensor.contraction import run_op
+from torchmesh.tensor.contraction import cached_run, run_op
 from torchmesh.tensor.elementwise import _aligner
 from torchmesh.tensor.mesh_tensor import MeshTensor
 
@@ -71,14 +71,21 @@ def einsum(
             [1., 1.],
             [2., 2.]]))
     """
+    run_key: tuple | None = None
     if sizes is None and output_shape is None and not compiling():  # the eager hot path
         try:
-            key = (equation, *[x._layout for x in xs])
-            known = _CHECKED.get(key)
-        except (AttributeError, TypeError):  # not MeshTensors, or a list equation: checked below
-            known = None
+            if len(xs) == 2:
+                run_key = (equation, id(xs[0]._layout), id(xs[1]._layout), id(xs[0]._mesh))
+            else:
+                run_key = (equation, *[id(x._layout) for x in xs], id(xs[0]._mesh))
+            done = cached_run(run_key, xs)  # planned before, for these very layouts and mesh
+            if done is not None:
+                return done
+            known = _CHECKED.get((equation, *[x._layout for x in xs]))
+        except (AttributeError, TypeError, IndexError):  # not MeshTensors, or a list equation: checked below
+            known, run_key = None, None
         if known is not None:
-            return run_op(xs, known[0], _local_einsum, what=known[1])
+            return run_op(xs, known[0], _local_einsum, what=known[1], cache_key=run_key, fresh=True)
     new_sizes = dict(sizes or {})
     if not isinstance(equation, str):
         xs = tuple(equation) + xs
@@ -111,12 +118,12 @@ def einsum(
     what = f"einsum {equation!r}"
     extra = _broadcast_dims(what, out, _sizes(xs), new_sizes)
     if extra:  # each new dim joins as a ones operand: the product broadcasts, backward sums over it
-        xs = xs + tuple(_ones(d, xs[0]) for d in extra)
+        xs, run_key = xs + tuple(_ones(d, xs[0]) for d in extra), None
     elif not new_sizes and not compiling():
         if len(_CHECKED) >= 256:  # small: a new sequence length is a new entry
             _CHECKED.clear()
         _CHECKED[(equation, *(x._layout for x in xs))] = (out, what)
-    return run_op(xs, out, _local_einsum, what=what)
+    return run_op(xs, out, _local_einsum, what=what, cache_key=run_key, fresh=True)
 
 
 #: (equation, each operand's layout) -> (output dims, the op's name): calls already checked

@@ -80,10 +80,11 @@ def pointwise(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> M
     return run_op(xs, out_names, local_fn, what=name)
 
 
-#: (layout, rules, mesh shape) -> whether an elementwise op over inputs all laid out so is
-#: planned as nothing but the slice-wise computation (no relayout, no gradient sum, no
-#: finishing step, the output laid out alike): the eager fast path's cache.
-_TRIVIAL: dict[tuple, bool] = {}
+#: (id(layout), id(mesh), inputs) -> (rules, whether an elementwise op over `inputs` tensors
+#: laid out so is planned, under those rules, as nothing but the slice-wise computation: no
+#: relayout, no gradient sum, no finishing step, the output laid out alike; then the layout
+#: and mesh, kept alive so that their ids are not reused): the eager fast path's cache.
+_TRIVIAL: dict[tuple[int, int, int], tuple] = {}
 
 
 def _same_layout_fast_path(func, args, kwargs, slots, xs: list[MeshTensor]) -> MeshTensor | None:
@@ -116,23 +117,30 @@ def _same_layout_fast_path(func, args, kwargs, slots, xs: list[MeshTensor]) -> M
     return MeshTensor(data, layout, mesh)
 
 
+def unary(func: Callable[..., torch.Tensor], x: Any) -> MeshTensor:
+    """`func(x)` for an elementwise torch function of one argument (torch.relu(x)): slice-wise
+    where x has the rules' layout, else `pointwise`."""
+    if isinstance(x, MeshTensor) and _trivial(x, 1):
+        return MeshTensor(x._mesh.impl.slicewise(func, x._data), x._layout, x._mesh)
+    return pointwise(func, x)
+
+
 def _trivial(x: MeshTensor, inputs: int) -> bool:
     """Whether an elementwise op over `inputs` tensors laid out as `x` is planned, eagerly, as
     the slice-wise call alone (no relayout, no gradient sum, no finishing step, the output
-    laid out alike); checked once per layout (`_TRIVIAL`)."""
+    laid out alike); checked once per layout, mesh and rules (`_TRIVIAL`)."""
     mesh = x._mesh
     if mesh.impl.checking or compiling():
         return False
     layout = x._layout
-    key = (layout, mesh.rules, mesh.shape)
-    try:
-        return _TRIVIAL[key]
-    except KeyError:
-        pass
+    rules = mesh.rules
+    known = _TRIVIAL.get((id(layout), id(mesh), inputs))
+    if known is not None and known[0] is rules:
+        return known[1]
     if len(_TRIVIAL) > 256:  # small: a new sequence length is a new layout
         _TRIVIAL.clear()
-    plan = plan_op((layout,) * inputs, layout.names, mesh.rules, mesh.shape, "sum", "op")
-    trivial = _TRIVIAL[key] = (
+    plan = plan_op((layout,) * inputs, layout.names, rules, mesh.shape, "sum", "op")
+    trivial = (
         not any(plan.in_steps)
         and not any(plan.in_bcast)
         and not any(plan.in_gather_rs)
@@ -141,6 +149,7 @@ def _trivial(x: MeshTensor, inputs: int) -> bool:
         and plan.out == layout
         and all(lay == layout for lay in plan.in_layouts)
     )
+    _TRIVIAL[(id(layout), id(mesh), inputs)] = (rules, trivial, layout, mesh)
     return trivial
 
 

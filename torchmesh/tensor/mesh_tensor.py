@@ -40,7 +40,8 @@ class MeshTensor:
     __slots__ = ("__weakref__", "_data", "_layout", "_mesh")
 
     def __init__(self, data: Data, layout: TensorLayout, mesh: Mesh) -> None:
-        self._data = mesh.impl.annotate(data, layout)
+        impl = mesh.impl
+        self._data = impl.annotate(data, layout) if impl.annotates else data
         self._layout = layout
         self._mesh = mesh
 
@@ -175,18 +176,18 @@ class MeshTensor:
     def backward(self, gradient: MeshTensor | None = None, retain_graph: bool | None = None) -> None:
         """Backpropagate from this tensor; a 0-d tensor needs no `gradient`."""
         if gradient is None:
-            if self.ndim:
+            if self._layout.dims:
                 raise DimError(
                     f"backward() of a tensor with dims {self.dims} needs a gradient: reduce it first "
                     f"(y.sum().backward()) or pass gradient=<MeshTensor with the same dims>."
                 )
-            grads = tuple(torch.ones_like(t) for t in self._data)
-        else:
-            if gradient.dims != self.dims:
-                raise DimError(f"backward: the gradient's dims {gradient.dims} differ from the tensor's {self.dims}.")
-            impl = self._mesh.impl
-            with impl.op_scope("x.backward(gradient)"):
-                grads = run_steps(impl, gradient._data, gradient._layout, plan_relayout(gradient._layout, self._layout))
+            torch.autograd.backward(self._data, retain_graph=retain_graph)  # a scalar's gradient: one
+            return
+        if gradient.dims != self.dims:
+            raise DimError(f"backward: the gradient's dims {gradient.dims} differ from the tensor's {self.dims}.")
+        impl = self._mesh.impl
+        with impl.op_scope("x.backward(gradient)"):
+            grads = run_steps(impl, gradient._data, gradient._layout, plan_relayout(gradient._layout, self._layout))
         torch.autograd.backward(list(self._data), list(grads), retain_graph=retain_graph)
 
     def detach(self) -> MeshTensor:

@@ -394,6 +394,8 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
     if func in TORCH_FUNCTIONS:
         return TORCH_FUNCTIONS[func](*args, **kwargs)
     if func in ew.ELEMENTWISE:
+        if len(args) == 1 and not kwargs:
+            return ew.unary(func, args[0])
         return ew.pointwise(func, *args, **kwargs)
     module = getattr(func, "__module__", "") or ""
     short = getattr(func, "__name__", repr(func))

@@ -21,8 +21,8 @@ from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentTypeError, DimError
 from torchmesh.placement.dims import Dim, dim_names, parse_dims
 from torchmesh.placement.layout import TensorLayout
-from torchmesh.placement.op_plan import OpPlan, plan_op
-from torchmesh.tensor.contraction import local_only, run_op
+from torchmesh.placement.op_plan import OpPlan
+from torchmesh.tensor.contraction import cached_run, run_op
 from torchmesh.tensor.elementwise import cast, where
 from torchmesh.tensor.mesh_tensor import MeshTensor
 from torchmesh.tensor.relayout import to_layout
@@ -87,38 +87,14 @@ def check_output_shape(x: MeshTensor, out: tuple[Dim, ...], what: str) -> tuple[
     return out
 
 
-#: (layout, reduced names, kind, rules, mesh shape, slice mesh) -> (slice-wise function, output
-#: layout) where the reduction's plan is the slice-wise call alone (`contraction.local_only`),
-#: else None: the eager fast path's cache.
-_LOCAL: dict[tuple, tuple[Callable[[torch.Tensor], torch.Tensor], TensorLayout] | None] = {}
-
-
 def _reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> MeshTensor:
-    mesh = x._mesh
-    impl = mesh.impl
-    if not impl.checking and not compiling():  # the eager fast path: a cached plan with no collective
-        key = (x._layout, names, kind, mesh.rules, mesh.shape, impl.slice_mesh)
-        try:
-            local = _LOCAL[key]
-        except KeyError:
-            local = _local_reduction(x, names, kind, what, key)
-        if local is not None:
-            return MeshTensor(impl.slicewise(local[0], x._data), local[1], mesh)
-    return _planned_reduce(x, names, kind, what)
-
-
-def _local_reduction(x: MeshTensor, names: tuple[str, ...], kind: str, what: str, key: tuple):
-    """The `_LOCAL` entry of `key` (computed once; an invalid reduction raises and is not cached)."""
-    _check_not_empty(x, names, kind, what)
-    mesh = x._mesh
-    plan = plan_op((x._layout,), tuple(n for n in x.dims if n not in names), mesh.rules, mesh.shape, kind, what)
-    local = None
-    if local_only(plan, mesh.impl):
-        local = (_local_fn(kind, _positions(x.dims, names)), plan.out)
-    if len(_LOCAL) > 256:  # small: a new sequence length is a new layout
-        _LOCAL.clear()
-    _LOCAL[key] = local
-    return local
+    key = None
+    if not compiling():  # the eager hot path: a reduction planned before for this layout and mesh
+        key = (kind, names, id(x._layout), id(x._mesh))
+        done = cached_run(key, (x,))
+        if done is not None:
+            return done
+    return _planned_reduce(x, names, kind, what, key)
 
 
 def _check_not_empty(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> None:
@@ -143,7 +119,7 @@ def _local_fn(kind: str, pos: tuple[int, ...]) -> Callable[[torch.Tensor], torch
     return lambda t: local(t, dim=pos) if all(t.shape[p] for p in pos) else _identity(t, pos, kind)
 
 
-def _planned_reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> MeshTensor:
+def _planned_reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str, key: tuple | None) -> MeshTensor:
     out = tuple(n for n in x.dims if n not in names)
     _check_not_empty(x, names, kind, what)
 
@@ -153,7 +129,7 @@ def _planned_reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str)
             return traced.constant(_LOCAL_FN, kind, traced.constant(_POSITIONS, have, names))
         return _local_fn(kind, _positions(have, names))
 
-    return run_op([x], out, local_fn, reduce_op=kind, what=what)
+    return run_op([x], out, local_fn, reduce_op=kind, what=what, cache_key=key, fresh=kind == "sum")
 
 
 def _identity(t: torch.Tensor, pos: tuple[int, ...], kind: str) -> torch.Tensor:
@@ -354,7 +330,7 @@ def _along_unsplit(x: MeshTensor, names: tuple[str, ...], kernel: Callable[..., 
         layout = mesh.layout_of(x.shape)
         split = any(layout.is_split(n, mesh.impl.slice_mesh) for n in names)
         entry = None if split else (layout, _local_kernel(kernel, layout.names, names))
-        if len(_UNSPLIT) > 256:  # small, as _LOCAL
+        if len(_UNSPLIT) > 256:  # small: a new sequence length is a new layout
             _UNSPLIT.clear()
         _UNSPLIT[key] = entry
     if entry is None:

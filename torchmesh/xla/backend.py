@@ -152,6 +152,8 @@ class XlaImpl(MeshImpl):
         return data[0].to("cpu")
 
     # ---- sharding annotation -----------------------------------------------------------------
+    annotates = True
+
     def annotate(self, ts: Data, layout: TensorLayout) -> Data:
         """Mark the sharding `layout` implies on the (single) global tensor (its dims that their
         axes do not divide kept whole: see `placed_axes`)."""
