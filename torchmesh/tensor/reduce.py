@@ -114,6 +114,8 @@ def _local_fn(kind: str, pos: tuple[int, ...]) -> Callable[[torch.Tensor], torch
     if not pos:
         return lambda t: t
     if kind == "sum":
+        if pos == tuple(range(len(pos))):  # leading dims, maybe all: a full sum is torch's plain sum
+            return lambda t: torch.sum(t) if t.dim() == len(pos) else torch.sum(t, dim=pos)
         return lambda t: torch.sum(t, dim=pos)
     local = torch.amax if kind == "max" else torch.amin
     return lambda t: local(t, dim=pos) if all(t.shape[p] for p in pos) else _identity(t, pos, kind)
