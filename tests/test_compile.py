@@ -149,10 +149,12 @@ def _gloo_body() -> tuple:
 
 def test_gloo_compiled_programs_use_functional_collectives_and_give_eager_values():
     """4 processes: the LM on dp:2;tp:2, and every collective on dp:2;tp:2 and tp:4. Every
-    rank's compiled loss and gradients are eager's bit for bit (the same collectives in the
-    same order), and the LM's are the plain model's."""
+    rank's compiled loss is eager's bit for bit (the same collectives in the same order),
+    and the LM's gradients are eager's up to rounding (eager sums an activation's gradient
+    over tp once for the q, k and v projections; a compiled step, once per projection;
+    docs/compile.md) and the plain model's."""
     for (eager, compiled, from_eager, from_reference), collectives in run_distributed(_gloo_body, 4, timeout=300):
-        assert compiled == eager and from_eager == 0.0 and from_reference <= 1e-5, (eager, compiled, from_reference)
+        assert compiled == eager and from_eager <= 1e-6 and from_reference <= 1e-5, (eager, compiled, from_reference)
         for from_eager, from_plain in collectives:
             assert from_eager == (0.0, 0.0, 0.0) and from_plain <= 1e-5, collectives
 

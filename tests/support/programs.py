@@ -194,10 +194,12 @@ def repeated_steps(mesh):
     """One step three times: after the first, each op repeats its cached run
     (`contraction.cached_run`). Among them a row-parallel einsum, its result summed in place
     on dist; the same einsum with a permuted (non-contiguous) result, summed by the autograd
-    all-reduce; a sum over a split dim; elementwise ops; x's gradient summed over tp."""
+    all-reduce; a sum over a split dim; elementwise ops; x's gradient summed over tp, once
+    for its two einsums."""
     p = inputs(mesh, REPEAT)
     for _ in range(3):
         h = torch.relu(tm.einsum("batch d, d ff -> batch ff", p["x"], p["w1"]))
+        h = h + tm.einsum("batch d, d ff -> batch ff", p["x"], p["w1"] * 0.5)
         y = tm.einsum("batch ff, ff d -> batch d", h, p["w2"])
         t = tm.einsum("batch ff, ff d -> d batch", h, p["w2"])
         s = (h * h).sum("ff")
@@ -210,6 +212,7 @@ def repeated_steps_ref(mesh):
     p = torch_inputs(mesh, REPEAT)
     for _ in range(3):
         h = torch.relu(p["x"] @ p["w1"])
+        h = h + p["x"] @ (p["w1"] * 0.5)
         y = h @ p["w2"]
         t = (h @ p["w2"]).T
         s = (h * h).sum(1)

@@ -61,3 +61,20 @@ def test_other_dtypes_and_wrong_names_take_einsum_and_add():
     torch.testing.assert_close(y.full(), torch.full((2, 4), 3.0, dtype=torch.float64) + torch.arange(4.0))
     with pytest.raises(tm.DimError, match="operand 0"):
         einsum_add("batch e, d ff -> batch ff", x, w, b)
+
+
+def test_a_repeated_einsum_add_follows_the_dtypes():
+    """The second call with the same layouts runs as planned before; a bias of another dtype
+    (same layout) takes the einsum and the add, which promote as torch does."""
+    mesh = tm.Mesh("tp:2", rules="ff:tp")
+    x, w = tm.randn("batch:4 d:6", mesh, seed=0), tm.randn("d:6 ff:8", mesh, seed=1)
+    b = tm.randn("ff:8", mesh, seed=2)
+    for _ in range(2):
+        y = einsum_add("batch d, d ff -> batch ff", x, w, b)
+        assert y.dtype == torch.float32
+    wide = b.to(torch.float64)
+    assert wide.tensor_layout is b.tensor_layout
+    y = einsum_add("batch d, d ff -> batch ff", x, w, wide)
+    assert y.dtype == torch.float64
+    ref = F.linear(x.full(), w.full().T) + wide.full()
+    torch.testing.assert_close(y.full(), ref)

@@ -151,7 +151,13 @@ def save(
     if procs.rank == 0:
         _remove_stale(staging_root)
         try:
-            partial.mkdir(parents=True)
+            for attempt in range(8):  # a concurrent save may remove an empty staging root meanwhile
+                try:
+                    partial.mkdir(parents=True)
+                    break
+                except FileNotFoundError:
+                    if attempt == 7:
+                        raise
         except OSError as e:
             raise CheckpointError(
                 f"tm.save(path={str(final)!r}): cannot make {partial} ({e}); nothing was written."
@@ -342,9 +348,11 @@ def _staging_name() -> str:
 def _remove_stale(root: Path) -> None:
     """Remove the staging directories under `root` of saves killed on this machine (their
     process is gone); those of running saves, or of other machines, stay."""
-    if not root.is_dir():
+    try:
+        children = list(root.iterdir())
+    except (FileNotFoundError, NotADirectoryError):  # none, or a concurrent save just removed it
         return
-    for child in root.iterdir():
+    for child in children:
         parts = child.name.removesuffix(".old").rsplit("-", 2)
         if len(parts) != 3 or not parts[1].isdigit():
             continue

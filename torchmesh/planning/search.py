@@ -94,7 +94,7 @@ class SearchResult:
     >>> result.best.name, result.best.rules
     ('data(dp) tensor(tp)', 'batch:dp;heads:tp;ff:tp;vocab:tp')
     >>> result.why(result.find("tensor(dp,tp)"))   # 2 heads over 4 devices: two of them idle
-    'slower (1.43x the best): comm over dp,tp dominates (98% of the step)'
+    'slower (1.23x the best): comm over dp,tp dominates (98% of the step)'
     """
 
     mesh: MeshShape

@@ -28,9 +28,29 @@ def prepare_inputs(plan: OpPlan, xs: Sequence[MeshTensor]) -> list[Data]:
             d = run_steps(impl, x._data, x._layout, steps, gather_rs)
             d = comm.sum_grad(impl, d, bcast) if bcast else d
         else:
-            d = grad_sync.reduce_grad(impl, x._data, bcast) if bcast else x._data
+            live = impl.live_axes(bcast) if bcast else ()
+            d = summed_input(impl, x, live) if live else x._data
         datas.append(d)
     return datas
+
+
+def summed_input(impl: MeshImpl, x: MeshTensor, axes: tuple[str, ...]) -> Data:
+    """x's data as an op input broadcast over the live `axes`: its gradient summed there
+    (`grad_sync.reduce_grad`; a tracked parameter's sum is deferred to its bucket). The
+    summed form is kept on x, so every op that reads x so shares it and autograd adds their
+    gradients up before the sum: one all-reduce for all of them (the q, k and v projections
+    of one activation: one, not three, as a fused QKV weight gives). Kept while x's data is
+    not changed in place (a weight the optimizer steps is summed anew in the next step)."""
+    if compiling():  # nothing is kept on tensors in a traced program
+        return grad_sync.reduce_grad(impl, x._data, axes)
+    kept = x._summed
+    versions = tuple([t._version for t in x._data])
+    if kept is not None and kept[0] == axes and kept[2] == versions:
+        return kept[1]
+    data = grad_sync.reduce_grad(impl, x._data, axes)
+    if data is not x._data and grad_sync.tracked(x._data) is None:
+        x._summed = (axes, data, versions)  # a tensor changed in place since (an optimizer step) sums anew
+    return data
 
 
 def run_op(
@@ -165,7 +185,7 @@ def run_simple(
     try:
         if sums:
             for i, axes in eager.summed:
-                datas[i] = grad_sync.reduce_grad(impl, datas[i], axes)
+                datas[i] = summed_input(impl, xs[i], axes)
         out = run(fn, *datas)
         if eager.reduce_axes:
             reduce = comm.all_reduce_fresh if fresh else comm.all_reduce

@@ -37,13 +37,17 @@ class MeshTensor:
     (('batch', 'ff'), {'batch': 2, 'ff': 4}, {'ff': 'tp'})
     """
 
-    __slots__ = ("__weakref__", "_data", "_layout", "_mesh")
+    __slots__ = ("__weakref__", "_data", "_layout", "_mesh", "_summed")
 
     def __init__(self, data: Data, layout: TensorLayout, mesh: Mesh) -> None:
         impl = mesh.impl
         self._data = impl.annotate(data, layout) if impl.annotates else data
         self._layout = layout
         self._mesh = mesh
+        #: (axes, data whose gradient is summed over them, the versions of the local tensors
+        #: it was made from), once an op has broadcast this tensor over axes that need that
+        #: sum (`contraction.summed_input`)
+        self._summed: tuple[tuple[str, ...], Data, tuple[int, ...]] | None = None
 
     # ---- what it is ---------------------------------------------------------------------------
     @property
