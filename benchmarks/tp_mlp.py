@@ -38,6 +38,9 @@ DEVICE = torch.device("cpu")  # this rank's device: set by main (a GPU with --ba
 MLP = dict(B=64, D=256, F=1024)
 SMALL_MLP = dict(B=8, D=64, F=256)  # where the eager overhead shows most
 BLOCK = dict(B=8, S=128, D=256, H=8, DH=32, F=1024)
+#: The MLPs take about a millisecond a step, so their ratios are the noisiest: they are timed
+#: over this many times `--steps` steps (a few seconds more).
+MLP_STEPS = 5
 
 
 # ---- raw torch.distributed (Megatron's f and g operators) -----------------------------------
@@ -320,18 +323,18 @@ def rank_body(steps: int, op_iters: int) -> dict:
     mesh = tm.Mesh(f"tp:{dist.get_world_size()}", rules="ff:tp;heads:tp", backend="dist")
     device_mesh = mesh.impl.device_mesh
     out = {}
-    workloads = (
-        ("mlp_small", lambda m, d: mlp_versions(m, d, SMALL_MLP)),
-        ("mlp", mlp_versions),
-        ("block", block_versions),
+    workloads = (  # (name, build, how many times `steps` it is timed over)
+        ("mlp_small", lambda m, d: mlp_versions(m, d, SMALL_MLP), MLP_STEPS),
+        ("mlp", mlp_versions, MLP_STEPS),
+        ("block", block_versions, 1),
     )
-    for name, build in workloads:
+    for name, build, times in workloads:
         versions = build(mesh, device_mesh)
         losses = {n: fn() for n, fn in versions.items()}
         ref = losses["raw"]
         for n, v in losses.items():
             assert abs(v - ref) <= 1e-4 * abs(ref), f"{name}: {n} loss {v} != raw {ref}"
-        out[name] = {"ms": interleaved_ms(versions, steps), "bytes": step_bytes(mesh, versions), "loss": losses}
+        out[name] = {"ms": interleaved_ms(versions, steps * times), "bytes": step_bytes(mesh, versions), "loss": losses}
     out["ops"] = op_overhead_us(mesh, device_mesh, op_iters)
     return out
 
@@ -356,7 +359,10 @@ def main() -> None:
 
 def report(args: argparse.Namespace, result: dict) -> None:
     world = dist.get_world_size()
-    print(f"fwd+bwd step, {world} {args.backend} processes, medians of {args.steps} interleaved steps")
+    print(
+        f"fwd+bwd step, {world} {args.backend} processes, medians of {args.steps * MLP_STEPS} (MLPs) "
+        f"and {args.steps} (block) interleaved steps"
+    )
     print(
         f"{'workload':<8} {'torchmesh ms':>13} {'raw ms':>8} {'dtensor ms':>11} {'tm/raw':>7} {'dtensor/raw':>12} {'tm/dtensor':>11}"
     )

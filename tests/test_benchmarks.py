@@ -49,7 +49,7 @@ def test_op_overhead_benchmark_runs(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "op_overhead.py"), "--iters", "5", "--out", str(out)], timeout=300
     )
     rows = json.loads(out.read_text())["rows"]
-    assert [r["op"] for r in rows] == ["einsum", "add", "sum(ff)", "softmax(ff)"]
+    assert [r["op"] for r in rows] == ["einsum", "einsum vs @", "add", "sum(ff)", "softmax(ff)"]
 
 
 def test_compile_lm_benchmark_runs(tmp_path):

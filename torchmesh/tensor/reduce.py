@@ -20,7 +20,6 @@ from torchmesh.comm import traced
 from torchmesh.comm.backend import compiling
 from torchmesh.errors import ArgumentTypeError, DimError
 from torchmesh.placement.dims import Dim, dim_names, parse_dims
-from torchmesh.placement.layout import TensorLayout
 from torchmesh.placement.op_plan import OpPlan
 from torchmesh.tensor.contraction import cached_run, run_op
 from torchmesh.tensor.elementwise import cast, where
@@ -309,9 +308,10 @@ def _unsplit_along(x: MeshTensor, names: tuple[str, ...]) -> MeshTensor | None:
     return to_layout(x, layout)
 
 
-#: (kernel, layout, names, rules, mesh shape, slice mesh) -> (the rules' layout, the slice-wise
-#: kernel) where no device holds part of `names` there, else None: `_along_unsplit`'s cache.
-_UNSPLIT: dict[tuple, tuple[TensorLayout, Callable[[torch.Tensor], torch.Tensor]] | None] = {}
+#: (kernel, names, id(layout), id(mesh)) -> (the rules in force, then (the rules' layout, the
+#: slice-wise kernel) where no device holds part of `names` there, else None; then the layout
+#: and mesh, kept alive so that their ids are not reused): `_along_unsplit`'s cache.
+_UNSPLIT: dict[tuple, tuple] = {}
 
 
 def _along_unsplit(x: MeshTensor, names: tuple[str, ...], kernel: Callable[..., torch.Tensor]) -> MeshTensor | None:
@@ -325,19 +325,19 @@ def _along_unsplit(x: MeshTensor, names: tuple[str, ...], kernel: Callable[..., 
         local = _unsplit_along(x, names)
         return None if local is None else local._map(local_kernel(kernel, local.dims, names))
     mesh = x._mesh
-    key = (kernel, x._layout, names, mesh.rules, mesh.shape, mesh.impl.slice_mesh)
-    try:
-        entry = _UNSPLIT[key]
-    except KeyError:
+    rules = mesh.rules
+    key = (kernel, names, id(x._layout), id(mesh))
+    entry = _UNSPLIT.get(key)
+    if entry is None or entry[0] is not rules:
         layout = mesh.layout_of(x.shape)
         split = any(layout.is_split(n, mesh.impl.slice_mesh) for n in names)
-        entry = None if split else (layout, _local_kernel(kernel, layout.names, names))
+        found = None if split else (layout, _local_kernel(kernel, layout.names, names))
         if len(_UNSPLIT) > 256:  # small: a new sequence length is a new layout
             _UNSPLIT.clear()
-        _UNSPLIT[key] = entry
-    if entry is None:
+        entry = _UNSPLIT[key] = (rules, found, x._layout, mesh)
+    if entry[1] is None:
         return None
-    layout, fn = entry
+    layout, fn = entry[1]
     if layout is not x._layout:
         x = to_layout(x, layout)
     return MeshTensor(mesh.impl.slicewise(fn, x._data), layout, mesh)
