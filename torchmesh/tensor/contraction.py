@@ -68,8 +68,9 @@ def run_op(
 
     Eagerly, a simple plan (`EagerPlan`) runs in `run_simple`; with a `cache_key` the run is
     kept, and `cached_run(cache_key, xs)` repeats it without planning again. The key is the
-    caller's name for this call: what decides `out_names` and `local_fn(plan)` (an einsum's
-    equation), then `id()` of every input's layout and of the first input's mesh. `fresh`: the per-device function's results are its own (see
+    caller's name for this call: the op's name and what decides `out_names` and
+    `local_fn(plan)` (an einsum's equation), then `id()` of every input's layout and of the
+    first input's mesh. `fresh`: the per-device function's results are its own (see
     `comm.all_reduce_fresh`), so a finishing sum may overwrite them."""
     mesh = xs[0]._mesh
     for x in xs[1:]:

@@ -72,20 +72,21 @@ def einsum(
             [2., 2.]]))
     """
     run_key: tuple | None = None
-    if sizes is None and output_shape is None and not compiling():  # the eager hot path
-        try:
+    if sizes is None and output_shape is None and isinstance(equation, str) and not compiling():
+        try:  # the eager hot path: a call planned before, for these very layouts and mesh
             if len(xs) == 2:
-                run_key = (equation, id(xs[0]._layout), id(xs[1]._layout), id(xs[0]._mesh))
+                run_key = ("einsum", equation, id(xs[0]._layout), id(xs[1]._layout), id(xs[0]._mesh))
             else:
-                run_key = (equation, *[id(x._layout) for x in xs], id(xs[0]._mesh))
-            done = cached_run(run_key, xs)  # planned before, for these very layouts and mesh
+                run_key = ("einsum", equation, *[id(x._layout) for x in xs], id(xs[0]._mesh))
+        except (AttributeError, IndexError):  # not MeshTensors, or none: checked below
+            run_key = None
+        if run_key is not None:
+            done = cached_run(run_key, xs)
             if done is not None:
                 return done
-            known = _CHECKED.get((equation, *[x._layout for x in xs]))
-        except (AttributeError, TypeError, IndexError):  # not MeshTensors, or a list equation: checked below
-            known, run_key = None, None
-        if known is not None:
-            return run_op(xs, known[0], _local_einsum, what=known[1], cache_key=run_key, fresh=True)
+            known = _CHECKED.get((equation, *[x._layout for x in xs]))  # checked before, maybe planned anew
+            if known is not None:
+                return run_op(xs, known[0], _local_einsum, what=known[1], cache_key=run_key, fresh=True)
     new_sizes = dict(sizes or {})
     if not isinstance(equation, str):
         xs = tuple(equation) + xs
@@ -149,15 +150,17 @@ def einsum_add(equation: str, x: MeshTensor, w: MeshTensor, bias: MeshTensor) ->
     """
     if compiling() or not isinstance(bias, MeshTensor) or bias._mesh is not x._mesh:
         return einsum(equation, x, w) + bias
-    try:  # planned before, for these very layouts and mesh, and these dtypes (they choose the path)
-        dtypes = (x._data[0].dtype, w._data[0].dtype, bias._data[0].dtype)
-        key = ("+", equation, *dtypes, id(x._layout), id(w._layout), id(bias._layout), id(x._mesh))
-        run_key: tuple | None = key
-        done = cached_run(key, (x, w, bias))
-    except (AttributeError, TypeError, IndexError):  # not MeshTensors, or not an equation: said below
-        run_key, done = None, None
-    if done is not None:
-        return done
+    run_key: tuple | None = None
+    if isinstance(equation, str):  # planned before, for these layouts and mesh, and these dtypes (they choose the path)
+        try:
+            dtypes = (x._data[0].dtype, w._data[0].dtype, bias._data[0].dtype)
+            run_key = ("einsum_add", equation, *dtypes, id(x._layout), id(w._layout), id(bias._layout), id(x._mesh))
+        except (AttributeError, IndexError):  # not MeshTensors: said below
+            run_key = None
+    if run_key is not None:
+        done = cached_run(run_key, (x, w, bias))
+        if done is not None:
+            return done
     operands, out = parse_equation(equation)
     if (
         out is None

@@ -89,7 +89,7 @@ def check_output_shape(x: MeshTensor, out: tuple[Dim, ...], what: str) -> tuple[
 def _reduce(x: MeshTensor, names: tuple[str, ...], kind: str, what: str) -> MeshTensor:
     key = None
     if not compiling():  # the eager hot path: a reduction planned before for this layout and mesh
-        key = (kind, names, id(x._layout), id(x._mesh))
+        key = ("reduce", kind, names, id(x._layout), id(x._mesh))
         done = cached_run(key, (x,))
         if done is not None:
             return done
