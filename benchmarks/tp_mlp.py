@@ -9,7 +9,8 @@ It starts 2 processes itself under torchrun (gloo on 127.0.0.1, one thread each;
 GPU each, with `--backend nccl`) and prints three tables:
 1. fwd+bwd step time of a TP MLP (B=8 D=64 F=256 and B=64 D=256 F=1024) and of a Transformer block
    (attention with heads split + MLP), the three versions interleaved step by step,
-   medians of many steps, ratios to the raw version;
+   medians of many steps, ratios to the raw version (of the medians, and the median of each
+   round's ratio);
 2. eager per-op overhead on small tensors (einsum, add, sum; layouts that need no
    communication) against DTensor and plain torch on the local shards;
 3. bytes each device sends per step: torchmesh's comm_stats against DTensor's collectives
@@ -232,10 +233,12 @@ def block_versions(mesh, device_mesh):
 
 
 # ---- measuring ---------------------------------------------------------------------------------
-def interleaved_ms(fns: dict, steps: int, warmup: int = 10) -> dict[str, float]:
-    """Median step time of each version, the versions taking turns step by step."""
+def interleaved_ms(fns: dict, steps: int, warmup: int = 10) -> tuple[dict[str, float], dict[str, float]]:
+    """Median step time of each version, the versions taking turns step by step; and each
+    version's median ratio to "raw" over the rounds (paired: the two steps of a round run
+    moments apart, so load that drifts during the run cancels)."""
     names = list(fns)
-    samples = {n: [] for n in names}
+    samples: dict[str, list[float]] = {n: [] for n in names}
     for i in range(warmup + steps):
         for n in names[i % len(names) :] + names[: i % len(names)]:  # rotate who goes first
             dist.barrier()
@@ -244,7 +247,9 @@ def interleaved_ms(fns: dict, steps: int, warmup: int = 10) -> dict[str, float]:
             dt = time.perf_counter() - t0
             if i >= warmup:
                 samples[n].append(dt)
-    return {n: statistics.median(s) * 1e3 for n, s in samples.items()}
+    ms = {n: statistics.median(s) * 1e3 for n, s in samples.items()}
+    ratios = {n: statistics.median(a / b for a, b in zip(s, samples["raw"])) for n, s in samples.items()}
+    return ms, ratios
 
 
 def op_overhead_us(mesh, device_mesh, iters: int) -> list[dict]:
@@ -334,7 +339,8 @@ def rank_body(steps: int, op_iters: int) -> dict:
         ref = losses["raw"]
         for n, v in losses.items():
             assert abs(v - ref) <= 1e-4 * abs(ref), f"{name}: {n} loss {v} != raw {ref}"
-        out[name] = {"ms": interleaved_ms(versions, steps * times), "bytes": step_bytes(mesh, versions), "loss": losses}
+        ms, ratios = interleaved_ms(versions, steps * times)
+        out[name] = {"ms": ms, "ratio_to_raw": ratios, "bytes": step_bytes(mesh, versions), "loss": losses}
     out["ops"] = op_overhead_us(mesh, device_mesh, op_iters)
     return out
 
@@ -363,14 +369,17 @@ def report(args: argparse.Namespace, result: dict) -> None:
         f"fwd+bwd step, {world} {args.backend} processes, medians of {args.steps * MLP_STEPS} (MLPs) "
         f"and {args.steps} (block) interleaved steps"
     )
+    print("(tm/raw: the ratio of the medians; paired: the median of each round's ratio)")
     print(
-        f"{'workload':<8} {'torchmesh ms':>13} {'raw ms':>8} {'dtensor ms':>11} {'tm/raw':>7} {'dtensor/raw':>12} {'tm/dtensor':>11}"
+        f"{'workload':<9} {'torchmesh ms':>12} {'raw ms':>7} {'dtensor ms':>10} {'tm/raw':>6} {'paired':>6} "
+        f"{'dtensor/raw':>11} {'tm/dtensor':>10}"
     )
     for name in ("mlp_small", "mlp", "block"):
-        ms = result[name]["ms"]
+        ms, paired = result[name]["ms"], result[name]["ratio_to_raw"]
         print(
-            f"{name:<8} {ms['torchmesh']:>13.3f} {ms['raw']:>8.3f} {ms['dtensor']:>11.3f} "
-            f"{ms['torchmesh'] / ms['raw']:>7.2f} {ms['dtensor'] / ms['raw']:>12.2f} {ms['torchmesh'] / ms['dtensor']:>11.2f}"
+            f"{name:<9} {ms['torchmesh']:>12.3f} {ms['raw']:>7.3f} {ms['dtensor']:>10.3f} "
+            f"{ms['torchmesh'] / ms['raw']:>6.2f} {paired['torchmesh']:>6.2f} {ms['dtensor'] / ms['raw']:>11.2f} "
+            f"{ms['torchmesh'] / ms['dtensor']:>10.2f}"
         )
     print("\neager per-op time on small tensors (no communication), microseconds")
     print(f"{'op':<11} {'torchmesh':>10} {'dtensor':>9} {'torch':>7} {'tm/dtensor':>11}")
