@@ -91,12 +91,14 @@ FACTS = (
     "can_regather",
     "checkpoint_form",
     "defers_grad_sync",
+    "all_reduces_in_place",
+    "annotates",
 )
 EXPECTED = {
-    SimImpl: (True, False, True, True, True, "global", True),
-    DistImpl: (False, True, True, True, True, "per_rank", True),
-    AbstractImpl: (False, False, False, False, True, "global", True),
-    XlaImpl: (False, False, False, True, False, "global", False),
+    SimImpl: (True, False, True, True, True, "global", True, False, False),
+    DistImpl: (False, True, True, True, True, "per_rank", True, True, False),
+    AbstractImpl: (False, False, False, False, True, "global", True, False, False),
+    XlaImpl: (False, False, False, True, False, "global", False, False, True),
 }
 
 
