@@ -506,11 +506,7 @@ class DistImpl(MeshImpl):
             return (functional.all_reduce(t, tuple(self._group_names[a] for a in axes), op),)
         self._guard("all_reduce", axes, t)
         out = t.to(torch.uint8) if t.dtype == torch.bool else t.clone(memory_format=torch.contiguous_format)
-        try:
-            for axis in axes:  # a sum over several axes is a sum over each in turn
-                dist.all_reduce(out, _OPS[op], group=self._groups[axis])
-        except RuntimeError as e:
-            raise self._failed("all_reduce", axes, e) from None
+        self._reduce_where_it_lies(out, axes, op)
         return (out.to(torch.bool) if t.dtype == torch.bool else out,)
 
     def all_reduce_inplace(self, ts: Data, axes: tuple[str, ...]) -> Data:
@@ -518,13 +514,15 @@ class DistImpl(MeshImpl):
         on a detached alias, so autograd sees no in-place op (the gradient of a sum over
         replicas is the identity, the result's own node)."""
         self._guard("all_reduce", axes, ts[0])
-        t = ts[0].detach()
+        self._reduce_where_it_lies(ts[0].detach(), axes, "sum")
+        return ts
+
+    def _reduce_where_it_lies(self, t: torch.Tensor, axes: tuple[str, ...], op: str) -> None:
         try:
-            for axis in axes:
-                dist.all_reduce(t, dist.ReduceOp.SUM, group=self._groups[axis])
+            for axis in axes:  # a sum over several axes is a sum over each in turn
+                dist.all_reduce(t, _OPS[op], group=self._groups[axis])
         except RuntimeError as e:
             raise self._failed("all_reduce", axes, e) from None
-        return ts
 
     def all_reduce_async(self, ts: Data, axes: tuple[str, ...], op: str = "sum") -> _InFlight:
         """The first axis's all-reduce runs in the background (overlapping what the caller does
